@@ -1,0 +1,46 @@
+# The two README commands: `make demo` and `make test`. Both set everything up first and are
+# idempotent: the virtualenv, the Kafka jars and trained models are reused when present.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+EVENTS ?= 100000
+RATE ?= 5000
+
+.PHONY: setup kafka-jars kafka-up kafka-down models demo lint typecheck test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+kafka-jars: setup
+	$(BIN)/python -c "from pathlib import Path; from pipeline.kafka.broker import resolve_jars; resolve_jars(Path('var/kafka/libs'))"
+
+kafka-up: kafka-jars
+	$(BIN)/streamscore kafka up
+
+kafka-down: setup
+	$(BIN)/streamscore kafka down
+
+models: setup
+	$(BIN)/streamscore train --if-missing
+
+demo: kafka-up models
+	$(BIN)/streamscore demo --events $(EVENTS) --rate $(RATE)
+
+lint: setup
+	$(BIN)/ruff check pipeline engines schemas tests
+	$(BIN)/ruff format --check pipeline engines schemas tests
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck kafka-jars
+	$(BIN)/pytest
+
+clean:
+	rm -rf var/demo var/bench

@@ -1,0 +1,1 @@
+"""Models, their ONNX export and the inference backends that serve them."""

@@ -1,0 +1,32 @@
+"""The engine protocol every backend implements: load, infer a batch, close."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+Arrays = Mapping[str, np.ndarray]
+
+
+class EngineError(RuntimeError):
+    """An engine could not be built, loaded or run."""
+
+
+class Engine(Protocol):
+    """A loaded model on one backend. Batch splitting and padding live with the caller."""
+
+    name: str
+    version: str
+    backend: str
+    max_batch_size: int
+    manifest: dict[str, Any]
+
+    def infer(self, inputs: Arrays) -> dict[str, np.ndarray]:
+        """Outputs by name for one batch of inputs by name (batch axis first)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds."""
+        ...

@@ -1,0 +1,1 @@
+"""streamscore's streaming service: consume → decode → features → score → encode → produce → commit."""

@@ -1,0 +1,200 @@
+"""The `streamscore` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from pipeline.logging import configure_logging
+from pipeline.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="Streaming fraud scoring and item ranking on Kafka.", no_args_is_help=True)
+kafka_app = typer.Typer(help="The local Apache Kafka broker (KRaft, from Maven Central).")
+topics_app = typer.Typer(help="Topics of the pipeline.")
+app.add_typer(kafka_app, name="kafka")
+app.add_typer(topics_app, name="topics")
+console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML settings file.", envvar="STREAMSCORE_CONFIG")
+]
+KAFKA_HOME = Path("var/kafka")
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        settings = load_settings(config)
+    except SettingsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    configure_logging(settings.log_format)
+    return settings
+
+
+def _broker(port: int) -> "LocalBroker":  # noqa: UP037 - imported lazily
+    from pipeline.kafka.broker import LocalBroker
+
+    return LocalBroker(KAFKA_HOME, KAFKA_HOME / "libs", port=port, controller_port=port + 1)
+
+
+def ensure_kafka(settings: Settings, port: int = 9092) -> str:
+    """The bootstrap of KAFKA_BOOTSTRAP_SERVERS, or of the local broker, started if needed."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return settings.kafka.bootstrap_servers
+    return _broker(port).up()
+
+
+@kafka_app.command("up")
+def kafka_up(port: Annotated[int, typer.Option(help="PLAINTEXT port; controller uses port+1.")] = 9092) -> None:
+    """Fetch the broker jars if needed, format storage once, start, and wait until it answers."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        console.print(f"KAFKA_BOOTSTRAP_SERVERS is set; using {os.environ['KAFKA_BOOTSTRAP_SERVERS']}")
+        return
+    with console.status("starting Kafka"):
+        bootstrap = _broker(port).up()
+    console.print(f"Kafka is up at {bootstrap}")
+
+
+@kafka_app.command("down")
+def kafka_down(
+    port: int = 9092, purge: Annotated[bool, typer.Option(help="Also delete its data.")] = False
+) -> None:
+    """Stop the local broker."""
+    _broker(port).down(purge=purge)
+    console.print("Kafka is down" + (" and its data deleted" if purge else ""))
+
+
+@kafka_app.command("status")
+def kafka_status(port: int = 9092) -> None:
+    """Say whether the local broker runs and answers."""
+    broker = _broker(port)
+    pid = broker.pid()
+    answering = pid is not None and broker.ready(timeout_s=5)
+    console.print(f"pid={pid} bootstrap={broker.bootstrap} answering={answering}")
+    if not answering:
+        raise typer.Exit(1)
+
+
+@topics_app.command("create")
+def topics_create(config: ConfigOption = None) -> None:
+    """Create the pipeline's topics where missing."""
+    from pipeline.kafka.admin import create_topics
+
+    created = create_topics(_settings(config))
+    console.print(f"created: {', '.join(created) or 'nothing, all exist'}")
+
+
+@app.command()
+def produce(
+    events: Annotated[int, typer.Option(help="How many events.")] = 100_000,
+    rate: Annotated[float, typer.Option(help="Events per second; 0 for as fast as possible.")] = 0,
+    users: int = 1000,
+    seed: int = 7,
+    malformed_every: Annotated[int, typer.Option(help="Add a malformed message after every N-th event (0: none).")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Write synthetic clickstream to the input topic and its labels to the labels topic."""
+    from pipeline.generator import GeneratorConfig
+    from pipeline.loadgen import produce_clickstream
+
+    settings = _settings(config)
+    generator = GeneratorConfig(events=events, users=users, seed=seed).anchored_before(time.time())
+    with Progress(console=console) as progress:
+        task = progress.add_task("producing", total=events)
+        report = produce_clickstream(
+            settings, generator, rate or None, malformed_every, lambda n: progress.advance(task, n)
+        )
+    console.print(json.dumps(asdict(report)))
+
+
+@app.command()
+def train(
+    events: int = 200_000,
+    users: int = 2000,
+    seed: int = 7,
+    max_epochs: int = 12,
+    model_dir: Annotated[Path | None, typer.Option(help="Defaults to engine.model_dir.")] = None,
+    if_missing: Annotated[bool, typer.Option(help="Do nothing when both models exist.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Train the fraud and ranking models on generated data and save new versions."""
+    from engines.registry import versions
+    from engines.train import TrainConfig, train_all
+
+    settings = _settings(config)
+    directory = model_dir or settings.engine.model_dir
+    if if_missing and versions(directory, "fraud") and versions(directory, "ranking"):
+        console.print(f"models exist under {directory}; skipping training")
+        return
+    train_config = TrainConfig(events=events, users=users, seed=seed, max_epochs=max_epochs)
+    with Progress(console=console) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(name: str, epoch: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(f"training {name}", total=total)
+            progress.update(tasks[name], completed=epoch)
+
+        results = train_all(directory, train_config, report)
+    _print_metrics(results)
+
+
+def _print_metrics(results: dict[str, dict[str, object]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="validation metrics (later 20% of the timeline)")
+    table.add_column("model")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for model, values in results.items():
+        for name, value in values.items():
+            if isinstance(value, float):
+                table.add_row(model, name, f"{value:.4f}")
+        for baseline, metrics in dict(values.get("baselines", {})).items():  # type: ignore[call-overload]
+            for name, value in metrics.items():
+                table.add_row(model, f"{baseline} baseline {name}", f"{value:.4f}")
+    Console().print(table)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    stats_file: Annotated[Path | None, typer.Option(help="Write run counts here on exit.")] = None,
+) -> None:
+    """Run the pipeline until SIGTERM or SIGINT, then finish the batch, flush, commit and exit."""
+    from pipeline.runner import run_pipeline
+
+    settings = _settings(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    run_pipeline(settings, stop, stats_file)
+
+
+@app.command()
+def demo(
+    events: int = 100_000,
+    rate: Annotated[float, typer.Option(help="Production rate, events per second.")] = 5000,
+    users: int = 1000,
+    config: ConfigOption = None,
+) -> None:
+    """End to end on the local broker: train if needed, produce, score, summarise."""
+    from pipeline.demo import run_demo
+
+    settings = _settings(config)
+    ensure_kafka(settings)
+    run_demo(settings, events=events, rate=rate, users=users, console=console)
+
+
+if __name__ == "__main__":
+    app()

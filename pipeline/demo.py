@@ -1,0 +1,192 @@
+"""`streamscore demo`: the whole job end to end on fresh topics, then a summary.
+
+The pipeline runs as its own `streamscore run` process while events are produced at a fixed
+rate, so latency is real end to end: from the input's Kafka timestamp to the output's.
+Throughput is events over the pipeline's busy time, its capacity rather than the set rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, TopicPartition
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+import schemas
+from engines import metrics
+from engines.registry import versions
+from engines.train import TrainConfig, train_all
+from pipeline.codec import Decoder
+from pipeline.generator import GeneratorConfig
+from pipeline.kafka.admin import committed_offsets, create_topics, end_offsets
+from pipeline.loadgen import produce_clickstream
+from pipeline.settings import Settings
+
+DEMO_DIR = Path("var/demo")
+MALFORMED_EVERY = 1000
+
+
+def run_demo(settings: Settings, events: int, rate: float, users: int, console: Console) -> dict[str, Any]:
+    """Run the demo and return (and write) its summary."""
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    settings = _demo_settings(settings, run_id)
+    create_topics(settings)
+    _train_if_missing(settings, console)
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    stats_file = DEMO_DIR / "run-stats.json"
+    stats_file.unlink(missing_ok=True)
+    pipeline = _start_pipeline(settings, stats_file)
+    try:
+        config = GeneratorConfig(events=events, users=users, seed=7).anchored_before(time.time())
+        with Progress(console=console) as progress:
+            task = progress.add_task(f"producing at {rate:.0f}/s", total=events)
+            report = produce_clickstream(
+                settings, config, rate, MALFORMED_EVERY, lambda n: progress.advance(task, n)
+            )
+            _wait_until_consumed(settings, pipeline, timeout_s=120 + events / 500)
+    except BaseException:
+        pipeline.kill()
+        raise
+    _stop(pipeline)
+    summary = _summarise(settings, json.loads(stats_file.read_text()), report.with_candidates)
+    (DEMO_DIR / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print(summary, console)
+    return summary
+
+
+def _demo_settings(settings: Settings, run_id: str) -> Settings:
+    prefix = f"demo-{run_id}"
+    topics = settings.topics.model_copy(
+        update={
+            "input": f"{prefix}.clickstream",
+            "fraud_scores": f"{prefix}.fraud-scores",
+            "recommendations": f"{prefix}.recommendations",
+            "dead_letter": f"{prefix}.dlq",
+            "labels": f"{prefix}.labels",
+        }
+    )
+    consumer = settings.consumer.model_copy(update={"group_id": f"streamscore-{prefix}"})
+    return settings.model_copy(update={"topics": topics, "consumer": consumer})
+
+
+def _train_if_missing(settings: Settings, console: Console) -> None:
+    model_dir = settings.engine.model_dir
+    if versions(model_dir, settings.engine.fraud_model) and versions(model_dir, settings.engine.ranking_model):
+        return
+    console.print(f"training models into {model_dir} (first run only)")
+    results = train_all(model_dir, TrainConfig(), lambda name, epoch, total: console.print(
+        f"  {name}: epoch {epoch}/{total}"))
+    console.print(json.dumps({m: {k: v for k, v in r.items() if k != "baselines"} for m, r in results.items()}))
+
+
+def _start_pipeline(settings: Settings, stats_file: Path) -> subprocess.Popen[bytes]:
+    topics, consumer = settings.topics, settings.consumer
+    env = os.environ | {
+        "STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "STREAMSCORE_TOPICS__INPUT": topics.input,
+        "STREAMSCORE_TOPICS__FRAUD_SCORES": topics.fraud_scores,
+        "STREAMSCORE_TOPICS__RECOMMENDATIONS": topics.recommendations,
+        "STREAMSCORE_TOPICS__DEAD_LETTER": topics.dead_letter,
+        "STREAMSCORE_TOPICS__LABELS": topics.labels,
+        "STREAMSCORE_CONSUMER__GROUP_ID": consumer.group_id,
+        "STREAMSCORE_LOG_FORMAT": "json",
+    }
+    log = (DEMO_DIR / "pipeline.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--stats-file", str(stats_file)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_until_consumed(settings: Settings, pipeline: subprocess.Popen[bytes], timeout_s: float) -> None:
+    consumer = Consumer(settings.kafka.client_config() | {"group.id": settings.consumer.group_id})
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if pipeline.poll() is not None:
+                raise RuntimeError(f"pipeline exited early with {pipeline.returncode}; see {DEMO_DIR}/pipeline.log")
+            ends = end_offsets(consumer, settings.topics.input)
+            if committed_offsets(consumer, settings.topics.input, ends) == ends:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"pipeline did not consume everything in {timeout_s:.0f}s")
+    finally:
+        consumer.close()
+
+
+def _stop(pipeline: subprocess.Popen[bytes]) -> None:
+    if pipeline.poll() is None:
+        pipeline.send_signal(signal.SIGTERM)
+    code = pipeline.wait(timeout=60)
+    if code != 0:
+        raise RuntimeError(f"pipeline exited with {code}; see {DEMO_DIR}/pipeline.log")
+
+
+def read_topic(settings: Settings, topic: str, schema_name: str) -> list[tuple[dict[str, Any], int]]:
+    """Every record of `topic`, decoded, with its Kafka timestamp (ms)."""
+    decoder = Decoder(schema_name)
+    consumer = Consumer(
+        settings.kafka.client_config()
+        | {"group.id": f"reader-{time.monotonic_ns()}", "enable.auto.commit": False,
+           "isolation.level": "read_committed"}
+    )
+    try:
+        ends = end_offsets(consumer, topic)
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        position = dict.fromkeys(ends, 0)
+        out: list[tuple[dict[str, Any], int]] = []
+        while any(position[p] < ends[p] for p in ends):
+            for message in consumer.consume(1000, 1.0):
+                if message.error() is None:
+                    out.append((decoder.decode(message.value()), message.timestamp()[1]))
+                    position[message.partition()] = message.offset() + 1
+        return out
+    finally:
+        consumer.close()
+
+
+def _summarise(settings: Settings, stats: dict[str, Any], with_candidates: int) -> dict[str, Any]:
+    topics = settings.topics
+    scores = read_topic(settings, topics.fraud_scores, schemas.FRAUD_SCORE)
+    recommendations = read_topic(settings, topics.recommendations, schemas.RECOMMENDATION)
+    dead = read_topic(settings, topics.dead_letter, schemas.DEAD_LETTER)
+    labels = {r["event_id"]: r["is_fraud"] for r, _ in read_topic(settings, topics.labels, schemas.FRAUD_LABEL)}
+    latency = np.array([ts - r["ingest_time"] for r, ts in scores], dtype=np.float64)
+    truth = np.array([labels[r["event_id"]] for r, _ in scores], dtype=np.float64)
+    probability = np.array([r["score"] for r, _ in scores])
+    consumed = int(stats["consumed"])
+    return {
+        "events_in": consumed,
+        "events_with_candidates": with_candidates,
+        "fraud_scores": len(scores),
+        "recommendations": len(recommendations),
+        "dead_lettered": len(dead),
+        "dead_letter_reasons": sorted({r["error_kind"] for r, _ in dead}),
+        "throughput_eps": round(consumed / max(stats["busy_s"], 1e-9), 1),
+        "latency_p50_ms": float(np.percentile(latency, 50)) if len(latency) else None,
+        "latency_p99_ms": float(np.percentile(latency, 99)) if len(latency) else None,
+        "fraud_pr_auc": metrics.pr_auc(truth, probability) if len(truth) else None,
+        "fraud_roc_auc": metrics.roc_auc(truth, probability) if len(truth) else None,
+        "topics": topics.model_dump(include={"input", "fraud_scores", "recommendations", "dead_letter"}),
+    }
+
+
+def _print(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title="streamscore demo")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if key != "topics":
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"summary written to {DEMO_DIR / 'summary.json'}")

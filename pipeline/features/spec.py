@@ -1,0 +1,106 @@
+"""Names, order and encodings of the features the engines read. Models record its hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+
+# Velocity windows, seconds. Counters decay exponentially with these time constants.
+WINDOWS_S = (60.0, 600.0, 3600.0)
+
+FRAUD_NUMERIC: tuple[str, ...] = (
+    "payment_amount_log",
+    "price_log",
+    "quantity_log",
+    "is_payment_event",
+    "first_event_of_user",
+    "session_events_log",
+    "session_duration_log",
+    "session_distinct_items_log",
+    "session_views_before_payment_log",
+    "since_last_event_log",
+    "since_last_login_log",
+    "since_last_purchase_log",
+    "user_age_log",
+    "events_1m_log",
+    "events_10m_log",
+    "events_1h_log",
+    "purchases_1m_log",
+    "purchases_10m_log",
+    "purchases_1h_log",
+    "amount_1h_log",
+    "distinct_devices_1h",
+    "distinct_ips_1h",
+    "distinct_cards_1h",
+    "distinct_countries_1h",
+    "new_device",
+    "new_ip",
+    "new_country",
+    "new_card",
+    "billing_country_mismatch",
+)
+FRAUD_CATEGORICAL: tuple[str, ...] = ("event_type", "device_type", "country_bucket", "payment_method")
+
+EVENT_TYPES = (
+    "page_view", "product_view", "search", "add_to_cart", "remove_from_cart", "begin_checkout",
+    "purchase", "login", "logout", "add_payment_method", "change_address", "unknown",
+)
+PAYMENT_METHODS = ("card", "wallet", "bank_transfer", "gift_card", "buy_now_pay_later", "other")
+DEVICE_TYPES = ("other", "mobile", "tablet", "desktop", "bot")
+COUNTRY_BUCKETS = 64
+
+# Vocabulary size of each categorical, index 0 meaning missing or unknown.
+CATEGORICAL_CARDINALITY: dict[str, int] = {
+    "event_type": len(EVENT_TYPES) + 1,
+    "device_type": len(DEVICE_TYPES),
+    "country_bucket": COUNTRY_BUCKETS + 1,
+    "payment_method": len(PAYMENT_METHODS) + 1,
+}
+
+_EVENT_TYPE_INDEX = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}
+_PAYMENT_INDEX = {name: i + 1 for i, name in enumerate(PAYMENT_METHODS)}
+
+
+def event_type_index(event_type: str) -> int:
+    """1-based index of an event type; 0 for one this model does not know."""
+    return _EVENT_TYPE_INDEX.get(event_type, 0)
+
+
+def payment_method_index(method: str | None) -> int:
+    """1-based index of a payment method; 0 when absent."""
+    return 0 if method is None else _PAYMENT_INDEX.get(method, 0)
+
+
+def device_type_index(user_agent: str) -> int:
+    """A coarse device class from the user agent."""
+    agent = user_agent.lower()
+    if not agent:
+        return 0
+    if "headless" in agent or "bot" in agent or "python-requests" in agent or "curl" in agent:
+        return DEVICE_TYPES.index("bot")
+    if "ipad" in agent or "tablet" in agent:
+        return DEVICE_TYPES.index("tablet")
+    if "mobile" in agent or "android" in agent or "iphone" in agent:
+        return DEVICE_TYPES.index("mobile")
+    if "windows" in agent or "macintosh" in agent or "x11" in agent:
+        return DEVICE_TYPES.index("desktop")
+    return 0
+
+
+def country_bucket(country: str) -> int:
+    """A stable hash bucket in 1..COUNTRY_BUCKETS for a country code; 0 when empty."""
+    if not country:
+        return 0
+    return zlib.crc32(country.encode()) % COUNTRY_BUCKETS + 1
+
+
+def feature_hash() -> str:
+    """Fingerprint of the feature contract; a model trained on another one must not load."""
+    contract = {
+        "numeric": FRAUD_NUMERIC,
+        "categorical": FRAUD_CATEGORICAL,
+        "cardinality": CATEGORICAL_CARDINALITY,
+        "windows": WINDOWS_S,
+    }
+    return hashlib.sha256(json.dumps(contract, sort_keys=True).encode()).hexdigest()[:16]

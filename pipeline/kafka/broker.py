@@ -1,0 +1,240 @@
+"""A real Apache Kafka broker on loopback, resolved from Maven Central and run in KRaft mode.
+
+`streamscore kafka up|down|status` and the test fixture both use LocalBroker: jars come from
+`deploy/kafka/pom.xml` into a cached folder, storage is formatted once, and one combined
+broker+controller listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
+LOG4J_CONFIG = REPO_ROOT / "deploy" / "kafka" / "log4j2.properties"
+JVM_OPTIONS = ["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
+
+
+class BrokerError(RuntimeError):
+    """The local broker could not be resolved, started or reached."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def resolve_jars(libs: Path) -> Path:
+    """Copy the broker's runtime jars into `libs` with Maven, once per pom version."""
+    stamp = libs / ".pom-sha256"
+    digest = hashlib.sha256(POM.read_bytes()).hexdigest()
+    if stamp.is_file() and stamp.read_text() == digest:
+        return libs
+    if shutil.which("mvn") is None:
+        raise BrokerError("Maven (mvn) is needed to fetch the Kafka broker jars")
+    shutil.rmtree(libs, ignore_errors=True)
+    libs.mkdir(parents=True)
+    command = [
+        "mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+        "-DincludeScope=runtime", f"-DoutputDirectory={libs}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BrokerError(f"mvn failed to resolve Kafka jars:\n{result.stdout}\n{result.stderr}")
+    stamp.write_text(digest)
+    return libs
+
+
+@dataclass(frozen=True, slots=True)
+class LocalBroker:
+    """One KRaft node whose files live under `home`."""
+
+    home: Path
+    libs: Path
+    port: int = 9092
+    controller_port: int = 9093
+    extra_properties: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def bootstrap(self) -> str:
+        """The PLAINTEXT bootstrap address."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the broker keeps its logs (topic data)."""
+        return self.home / "data"
+
+    @property
+    def pid_file(self) -> Path:
+        """The running broker's process id."""
+        return self.home / "broker.pid"
+
+    def up(self, timeout_s: float = 90.0) -> str:
+        """Resolve, format if new, start, and wait until it answers; return the bootstrap."""
+        if self.pid() is not None and self.ready(timeout_s=5):
+            return self.bootstrap
+        resolve_jars(self.libs)
+        self.home.mkdir(parents=True, exist_ok=True)
+        properties = self._write_properties()
+        if not (self.data_dir / "meta.properties").is_file():
+            self._format(properties)
+        self._start(properties)
+        if not self.ready(timeout_s):
+            tail = self._log_tail()
+            self.down()
+            raise BrokerError(f"broker did not answer on {self.bootstrap} in {timeout_s}s:\n{tail}")
+        return self.bootstrap
+
+    def down(self, purge: bool = False, timeout_s: float = 30.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL); `purge` also deletes its data."""
+        pid = self.pid()
+        if pid is not None:
+            _terminate(pid, timeout_s)
+            self.pid_file.unlink(missing_ok=True)
+        if purge:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would (for fault tests)."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            _wait_exit(pid, 10.0)
+            self.pid_file.unlink(missing_ok=True)
+
+    def pid(self) -> int | None:
+        """The broker's pid when its process is alive."""
+        try:
+            pid = int(self.pid_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def ready(self, timeout_s: float) -> bool:
+        """Poll until the broker lists topics, or the timeout passes."""
+        return wait_until_ready(self.bootstrap, timeout_s)
+
+    def _write_properties(self) -> Path:
+        listeners = f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        properties = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "listeners": listeners,
+            "advertised.listeners": listeners,
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "4",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+        } | dict(self.extra_properties)
+        path = self.home / "server.properties"
+        path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+        return path
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return [
+            "java", *JVM_OPTIONS, f"-Dkafka.logs.dir={logs}",
+            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            "-cp", f"{self.libs}/*", main, *args,
+        ]
+
+    def _format(self, properties: Path) -> None:
+        cluster_id = subprocess.run(
+            self._java("kafka.tools.StorageTool", "random-uuid"),
+            capture_output=True, text=True, check=True,
+        ).stdout.strip().splitlines()[-1]
+        result = subprocess.run(
+            self._java("kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
+                       "-c", str(properties)),
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}\n{result.stderr}")
+
+    def _start(self, properties: Path) -> None:
+        stdout = (self.home / "logs" / "stdout.log").open("ab")
+        process = subprocess.Popen(
+            self._java("kafka.Kafka", str(properties)),
+            stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pid_file.write_text(str(process.pid))
+
+    def _log_tail(self) -> str:
+        for name in ("server.log", "stdout.log"):
+            path = self.home / "logs" / name
+            if path.is_file():
+                return "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+        return "(no broker log)"
+
+
+def wait_until_ready(bootstrap: str, timeout_s: float, config: dict[str, str] | None = None) -> bool:
+    """Poll an AdminClient until `list_topics` answers or `timeout_s` passes."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": "0"} | (config or {}))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=2)
+            return True
+        except Exception:
+            time.sleep(0.3)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child still answers kill(0); reap it
+        finished, _ = os.waitpid(pid, os.WNOHANG)
+        return finished == 0
+    except ChildProcessError:
+        return True
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+def _terminate(pid: int, timeout_s: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    if not _wait_exit(pid, timeout_s):
+        os.kill(pid, signal.SIGKILL)
+        _wait_exit(pid, 5.0)

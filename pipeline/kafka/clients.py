@@ -1,0 +1,31 @@
+"""librdkafka configurations of the pipeline's consumer and producer."""
+
+from __future__ import annotations
+
+from pipeline.settings import Settings
+
+
+def consumer_config(settings: Settings) -> dict[str, str | int | bool]:
+    """At-least-once consumer: offsets are committed by the checkpoint, never automatically."""
+    consumer = settings.consumer
+    return settings.kafka.client_config() | {
+        "group.id": consumer.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": consumer.auto_offset_reset,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": consumer.session_timeout_ms,
+        "fetch.wait.max.ms": consumer.max_wait_ms,
+        "enable.partition.eof": False,
+    }
+
+
+def producer_config(settings: Settings) -> dict[str, str | int | bool]:
+    """Idempotent producer (acks=all, no duplicates on retry), lz4, small linger for latency."""
+    return settings.kafka.client_config() | {
+        "enable.idempotence": True,
+        "compression.type": "lz4",
+        "linger.ms": 2,
+        "batch.size": 262_144,
+        "queue.buffering.max.messages": 500_000,
+    }

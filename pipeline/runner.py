@@ -1,0 +1,180 @@
+"""The pipeline's lifecycle: consume a micro-batch → decode → features → score → produce,
+checkpoint on schedule, and stop cleanly when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+import schemas
+from engines.base import Engine
+from engines.factory import load_engine
+from pipeline.checkpoint import Checkpoint
+from pipeline.codec import DecodeError, Decoder
+from pipeline.events import ClickEvent, validate
+from pipeline.features import FeatureStore, FeatureUpdater
+from pipeline.kafka.clients import consumer_config, producer_config
+from pipeline.logging import get_logger
+from pipeline.scoring import Scorer
+from pipeline.settings import Settings
+from pipeline.sink import Sink, dead_letter
+
+log = get_logger()
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counts and busy time of one run; written to `--stats-file` on exit."""
+
+    consumed: int = 0
+    scored: int = 0
+    recommendations: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    busy_s: float = 0.0
+
+
+class Pipeline:
+    """One consumer-group member and everything it owns."""
+
+    def __init__(self, settings: Settings, fraud: Engine, ranking: Engine) -> None:
+        """Wire the stages; Kafka clients are created by `run`."""
+        self.settings = settings
+        self.stats = RunStats()
+        self._decoder = Decoder(schemas.CLICK_EVENT)
+        self._store = FeatureStore(settings.features.history_length)
+        self._updater = FeatureUpdater(self._store, settings.features.session_gap_s)
+        self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
+
+    def run(self, stop: threading.Event) -> RunStats:
+        """Consume until `stop` is set; finish the batch in hand, flush, commit, close."""
+        with ExitStack() as stack:
+            consumer = Consumer(consumer_config(self.settings) | {"error_cb": _on_client_error})
+            stack.callback(consumer.close)
+            producer = Producer(producer_config(self.settings) | {"error_cb": _on_client_error})
+            sink = Sink(producer, self.settings.topics)
+            checkpoint = Checkpoint(consumer, sink, self.settings.checkpoint.interval_ms)
+            self._subscribe(consumer, checkpoint)
+            batch_size = self.settings.consumer.max_batch
+            wait_s = self.settings.consumer.max_wait_ms / 1000.0
+            while not stop.is_set():
+                messages = consumer.consume(batch_size, wait_s)
+                if messages:
+                    self._process(messages, sink, checkpoint)
+                if checkpoint.due():
+                    checkpoint.commit()
+            checkpoint.commit()
+            log.info("pipeline_stopped", **asdict(self.stats))
+        return self.stats
+
+    def _subscribe(self, consumer: Consumer, checkpoint: Checkpoint) -> None:
+        def on_assign(_: Consumer, partitions: list[TopicPartition]) -> None:
+            log.info("partitions_assigned", partitions=[tp.partition for tp in partitions])
+
+        def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
+            log.info("partitions_revoked", partitions=[tp.partition for tp in partitions])
+            try:
+                checkpoint.commit(partitions)
+            finally:
+                for tp in partitions:
+                    self._store.drop_partition(tp.partition)
+
+        def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
+            log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
+            checkpoint.forget(partitions)
+            for tp in partitions:
+                self._store.drop_partition(tp.partition)
+
+        consumer.subscribe(
+            [self.settings.topics.input], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
+        )
+
+    def _process(self, messages: list[Message], sink: Sink, checkpoint: Checkpoint) -> None:
+        started = time.perf_counter()
+        events, dead = self._decode(messages)
+        features = self._updater.process(events)
+        scored = self._scorer.score(events, features)
+        sink.publish(scored, dead)
+        for message in messages:
+            if message.error() is None:
+                checkpoint.track(message)
+        stats = self.stats
+        stats.batches += 1
+        stats.scored += len(scored.fraud_scores)
+        stats.recommendations += len(scored.recommendations)
+        stats.dead_lettered += len(dead)
+        stats.busy_s += time.perf_counter() - started
+
+    def _decode(self, messages: list[Message]) -> tuple[list[ClickEvent], list[dict[str, Any]]]:
+        limits = self.settings.limits
+        now_ms = int(time.time() * 1000)
+        events: list[ClickEvent] = []
+        dead: list[dict[str, Any]] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                _raise_if_fatal(error, message)
+                continue
+            self.stats.consumed += 1
+            value = message.value()
+            try:
+                if value is not None and len(value) > limits.max_payload_bytes:
+                    raise DecodeError(
+                        "decode.payload_too_large",
+                        f"{len(value)} bytes, limit {limits.max_payload_bytes}",
+                    )
+                record = self._decoder.decode(value)
+                validate(record, message.key(), limits, now_ms)
+            except DecodeError as exc:
+                dead.append(dead_letter(message, exc))
+                continue
+            events.append(
+                ClickEvent(
+                    **record,
+                    partition=message.partition(),
+                    offset=message.offset(),
+                    ingest_time=message.timestamp()[1],
+                )
+            )
+        return events, dead
+
+
+def _raise_if_fatal(error: KafkaError, message: Message) -> None:
+    log.warning(
+        "consumer_error",
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        code=error.name(),
+        reason=error.str(),
+    )
+    if error.fatal():
+        raise KafkaException(error)
+
+
+def _on_client_error(error: KafkaError) -> None:
+    log.warning("kafka_client_error", code=error.name(), reason=error.str(), fatal=error.fatal())
+
+
+def run_pipeline(settings: Settings, stop: threading.Event, stats_file: Path | None = None) -> RunStats:
+    """Load the engines, run until `stop`, close everything, optionally write stats."""
+    engine = settings.engine
+    fraud = load_engine(engine.fraud_model, engine.fraud_version, engine)
+    ranking = load_engine(engine.ranking_model, engine.ranking_version, engine)
+    try:
+        stats = Pipeline(settings, fraud, ranking).run(stop)
+    finally:
+        fraud.close()
+        ranking.close()
+    if stats_file is not None:
+        stats_file.parent.mkdir(parents=True, exist_ok=True)
+        stats_file.write_text(json.dumps(asdict(stats)))
+    return stats

@@ -1,0 +1,147 @@
+"""Scores a batch: fraud for every event, a ranking for events that carry candidates."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engines.base import Engine
+from engines.models import map_item_ids
+from pipeline.events import ClickEvent
+from pipeline.features import FRAUD_CATEGORICAL, FRAUD_NUMERIC, FeatureBatch
+from pipeline.settings import DecisionSettings, RankingSettings
+
+REASON_NAMES = (*FRAUD_NUMERIC, *FRAUD_CATEGORICAL)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """Output records of one batch, ready to encode."""
+
+    fraud_scores: list[dict[str, Any]]
+    recommendations: list[dict[str, Any]]
+
+
+class Scorer:
+    """Runs the engines over feature batches and shapes their outputs into records."""
+
+    def __init__(
+        self, fraud: Engine, ranking: Engine, decision: DecisionSettings, ranking_settings: RankingSettings
+    ) -> None:
+        """Score with `fraud` and `ranking`; decisions and list length from settings."""
+        self.fraud = fraud
+        self.ranking = ranking
+        self._decision = decision
+        self._top_k = ranking_settings.top_k
+        self._items = int(ranking.manifest["item_vocabulary"])
+        self._categories = int(ranking.manifest["category_vocabulary"])
+        self._slots = int(ranking.manifest["candidates"])
+
+    def score(self, events: Sequence[ClickEvent], features: FeatureBatch) -> Scored:
+        """Fraud records for all `events`, recommendations for those with candidates."""
+        if not events:
+            return Scored([], [])
+        probability, contributions = self._fraud(features)
+        now = int(time.time() * 1000)
+        fraud = [
+            self._fraud_record(event, float(probability[i]), contributions[i], now)
+            for i, event in enumerate(events)
+        ]
+        ranked = [i for i, event in enumerate(events) if event.candidates]
+        recommendations = self._recommend(events, features, ranked, now) if ranked else []
+        return Scored(fraud, recommendations)
+
+    def _fraud(self, features: FeatureBatch) -> tuple[np.ndarray, np.ndarray]:
+        scores, contributions = [], []
+        step = self.fraud.max_batch_size
+        for start in range(0, len(features.numeric), step):
+            out = self.fraud.infer(
+                {
+                    "numeric": features.numeric[start : start + step],
+                    "categorical": features.categorical[start : start + step],
+                }
+            )
+            scores.append(out["score"])
+            contributions.append(out["contributions"])
+        return np.concatenate(scores), np.concatenate(contributions)
+
+    def _fraud_record(
+        self, event: ClickEvent, score: float, contributions: np.ndarray, now: int
+    ) -> dict[str, Any]:
+        top = np.argsort(-contributions)[: self._decision.top_reasons]
+        return {
+            "event_id": event.event_id,
+            "user_id": event.user_id,
+            "event_time": event.event_time,
+            "score": score,
+            "decision": self._decide(score),
+            "reasons": [
+                {"feature": REASON_NAMES[j], "contribution": float(contributions[j])}
+                for j in top
+                if contributions[j] > 0
+            ],
+            "model_name": self.fraud.name,
+            "model_version": self.fraud.version,
+            "ingest_time": event.ingest_time,
+            "scored_time": now,
+        }
+
+    def _decide(self, score: float) -> str:
+        if score >= self._decision.block_threshold:
+            return "block"
+        if score >= self._decision.review_threshold:
+            return "review"
+        return "allow"
+
+    def _recommend(
+        self, events: Sequence[ClickEvent], features: FeatureBatch, rows: list[int], now: int
+    ) -> list[dict[str, Any]]:
+        # An event with more candidates than the model's slots takes several rows: each
+        # candidate's score depends only on it and the history, so chunks are exact.
+        owners, chunks = [], []
+        for row in rows:
+            candidates = events[row].candidates
+            for start in range(0, len(candidates), self._slots):
+                chunk = candidates[start : start + self._slots]
+                owners.append(row)
+                chunks.append(chunk + [-1] * (self._slots - len(chunk)))
+        owner_rows = np.asarray(owners)
+        inputs = {
+            "history_items": map_item_ids(features.history_items[owner_rows], self._items),
+            "history_categories": map_item_ids(features.history_categories[owner_rows], self._categories),
+            "candidate_items": map_item_ids(np.asarray(chunks, dtype=np.int64), self._items),
+        }
+        scores = self._infer_ranking(inputs)
+        per_event: dict[int, list[tuple[int, float]]] = {}
+        for k, row in enumerate(owners):
+            pairs = per_event.setdefault(row, [])
+            pairs.extend((item, float(s)) for item, s in zip(chunks[k], scores[k], strict=True) if item != -1)
+        return [self._recommendation(events[row], pairs, now) for row, pairs in per_event.items()]
+
+    def _infer_ranking(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        step = self.ranking.max_batch_size
+        total = len(inputs["candidate_items"])
+        parts = [
+            self.ranking.infer({k: v[start : start + step] for k, v in inputs.items()})["scores"]
+            for start in range(0, total, step)
+        ]
+        return np.concatenate(parts)
+
+    def _recommendation(
+        self, event: ClickEvent, pairs: list[tuple[int, float]], now: int
+    ) -> dict[str, Any]:
+        pairs.sort(key=lambda pair: -pair[1])
+        return {
+            "event_id": event.event_id,
+            "user_id": event.user_id,
+            "event_time": event.event_time,
+            "items": [{"item_id": item, "score": s} for item, s in pairs[: self._top_k]],
+            "model_name": self.ranking.name,
+            "model_version": self.ranking.version,
+            "ingest_time": event.ingest_time,
+            "scored_time": now,
+        }

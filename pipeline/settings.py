@@ -1,0 +1,233 @@
+"""Frozen, typed settings: read once at start from a TOML file and the environment.
+
+Precedence, highest first: constructor arguments (the CLI), `STREAMSCORE_*` environment
+variables (nested with `__`, e.g. `STREAMSCORE_CONSUMER__MAX_BATCH=1000`), the TOML file named
+by `--config` or `STREAMSCORE_CONFIG`, then the defaults below. `KAFKA_BOOTSTRAP_SERVERS`, when
+set, names an existing cluster. A bad value fails at start with the dotted setting name.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "STREAMSCORE_CONFIG"
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SecurityProtocol(StrEnum):
+    """librdkafka `security.protocol` values."""
+
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class KafkaSettings(_Frozen):
+    """Connection settings shared by every client: consumer, producer and admin."""
+
+    bootstrap_servers: str = DEFAULT_BOOTSTRAP
+    client_id: str = "streamscore"
+    security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    extra: dict[str, str] = Field(
+        default_factory=dict, description="Further librdkafka properties, passed as they are."
+    )
+
+    def client_config(self) -> dict[str, str]:
+        """The librdkafka dotted keys common to every client (secrets revealed here only)."""
+        config = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol.value,
+        }
+        if self.sasl_mechanism:
+            config["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            config["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = str(self.ssl_ca_location)
+        return config | self.extra
+
+
+class TopicSettings(_Frozen):
+    """Topic names and the layout `streamscore topics create` gives new topics."""
+
+    input: str = "clickstream"
+    fraud_scores: str = "fraud-scores"
+    recommendations: str = "recommendations"
+    dead_letter: str = "clickstream-dlq"
+    labels: str = "clickstream-labels"
+    partitions: PositiveInt = 4
+    replication_factor: PositiveInt = 1
+
+
+class ConsumerSettings(_Frozen):
+    """The consumer group and how micro-batches close."""
+
+    group_id: str = "streamscore"
+    max_batch: PositiveInt = 500
+    max_wait_ms: PositiveInt = 5
+    auto_offset_reset: str = "earliest"
+    session_timeout_ms: PositiveInt = 45_000
+
+
+class CheckpointSettings(_Frozen):
+    """How often outputs are flushed and input offsets committed."""
+
+    interval_ms: PositiveInt = 1000
+
+
+class FeatureSettings(_Frozen):
+    """Per-user state kept by the feature updater."""
+
+    session_gap_s: PositiveFloat = 1800.0
+    history_length: PositiveInt = 50
+
+
+class LimitSettings(_Frozen):
+    """Input limits enforced before any work; events over them are dead-lettered."""
+
+    max_payload_bytes: PositiveInt = 16_384
+    max_string_length: PositiveInt = 512
+    max_candidates: PositiveInt = 200
+    max_quantity: PositiveInt = 1000
+    max_price: PositiveFloat = 1_000_000.0
+    max_future_skew_s: PositiveFloat = 600.0
+    max_event_age_s: PositiveFloat = 30 * 24 * 3600.0
+
+
+class Backend(StrEnum):
+    """Inference backends; `auto` prefers TensorRT on a GPU, else ONNX Runtime."""
+
+    AUTO = "auto"
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"
+
+
+class EngineSettings(_Frozen):
+    """Which models serve, from where, and on which backend."""
+
+    backend: Backend = Backend.AUTO
+    model_dir: Path = Path("var/models")
+    fraud_model: str = "fraud"
+    fraud_version: str = "latest"
+    ranking_model: str = "ranking"
+    ranking_version: str = "latest"
+    threads: PositiveInt = 1
+
+
+class DecisionSettings(_Frozen):
+    """Fraud score thresholds: below review allows, at or above block blocks."""
+
+    review_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    block_threshold: Annotated[float, Field(ge=0, le=1)] = 0.9
+    top_reasons: Annotated[int, Field(ge=0)] = 3
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.review_threshold > self.block_threshold:
+            raise ValueError("review_threshold must not exceed block_threshold")
+        return self
+
+
+class RankingSettings(_Frozen):
+    """How many ranked candidates each Recommendation carries."""
+
+    top_k: PositiveInt = 10
+
+
+class Settings(BaseSettings):
+    """Everything streamscore reads at start."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix="STREAMSCORE_",
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    features: FeatureSettings = FeatureSettings()
+    limits: LimitSettings = LimitSettings()
+    engine: EngineSettings = EngineSettings()
+    decision: DecisionSettings = DecisionSettings()
+    ranking: RankingSettings = RankingSettings()
+    log_format: str = Field(
+        default="auto", validation_alias=AliasChoices("log_format", "STREAMSCORE_LOG_FORMAT")
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order: CLI arguments, environment, TOML file, defaults."""
+        config_file = os.environ.get(CONFIG_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read and validate settings once; raise SettingsError naming each bad setting."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise SettingsError(f"config file {config_file} does not exist")
+        os.environ[CONFIG_ENV] = str(config_file)
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if bootstrap and "STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS" not in os.environ:
+        overrides.setdefault("kafka", {}).setdefault("bootstrap_servers", bootstrap)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc
