@@ -59,7 +59,8 @@ def ranking_metrics(positive_rank: np.ndarray, k: int = 10) -> dict[str, float]:
 
 def rank_of_first(scores: np.ndarray) -> np.ndarray:
     """0-based rank of column 0 in each row when sorted by descending score (ties pessimistic)."""
-    return (scores[:, 1:] >= scores[:, :1]).sum(axis=1)
+    ranks: np.ndarray = (scores[:, 1:] >= scores[:, :1]).sum(axis=1)
+    return ranks
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

@@ -14,7 +14,9 @@ class OnnxRuntimeEngine:
 
     backend = "onnxruntime"
 
-    def __init__(self, artifact: ModelArtifact, threads: int = 1, max_batch_size: int = 4096) -> None:
+    def __init__(
+        self, artifact: ModelArtifact, threads: int = 1, max_batch_size: int = 4096
+    ) -> None:
         """Load `artifact` with `threads` intra-op threads and no spinning (the consumer
         shares these cores).
         """

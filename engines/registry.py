@@ -1,4 +1,7 @@
-"""Versioned model directories: `<model_dir>/<name>/<version>/{model.onnx,weights.pt,manifest.json}`."""
+"""Versioned model directories.
+
+Layout: `<model_dir>/<name>/<version>/{model.onnx, weights.pt, manifest.json}`.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +50,9 @@ def resolve(model_dir: Path, name: str, version: str = "latest") -> ModelArtifac
     """The artifact of `name` at `version` ("latest" picks the newest)."""
     available = versions(model_dir, name)
     if not available:
-        raise EngineError(f"no versions of model {name!r} under {model_dir}; run `streamscore train`")
+        raise EngineError(
+            f"no versions of model {name!r} under {model_dir}; run `streamscore train`"
+        )
     chosen = available[-1] if version == "latest" else version
     if chosen not in available:
         raise EngineError(f"model {name!r} has no version {version!r}; have {available}")

@@ -32,7 +32,9 @@ class TorchEngine:
 
     backend = "torch"
 
-    def __init__(self, artifact: ModelArtifact, device: str = "cpu", max_batch_size: int = 4096) -> None:
+    def __init__(
+        self, artifact: ModelArtifact, device: str = "cpu", max_batch_size: int = 4096
+    ) -> None:
         """Load `artifact` onto `device`."""
         self.name = artifact.name
         self.version = artifact.version
@@ -45,7 +47,10 @@ class TorchEngine:
     def infer(self, inputs: Arrays) -> dict[str, np.ndarray]:
         """Run one batch."""
         with torch.inference_mode():
-            tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self._device) for k, v in inputs.items()}
+            tensors = {
+                k: torch.from_numpy(np.ascontiguousarray(v)).to(self._device)
+                for k, v in inputs.items()
+            }
             result = self._module(**tensors)
         outputs = result if isinstance(result, tuple) else (result,)
         return {

@@ -92,14 +92,18 @@ def build_dataset(config: TrainConfig) -> Dataset:
 # -- fraud ------------------------------------------------------------------------------------
 
 
-def train_fraud(data: Dataset, config: TrainConfig, progress: Progress) -> tuple[FraudModel, dict[str, float]]:
+def train_fraud(
+    data: Dataset, config: TrainConfig, progress: Progress
+) -> tuple[FraudModel, dict[str, float]]:
     """Train the fraud model with early stopping on validation loss, then calibrate."""
     torch.manual_seed(config.seed)
     numeric = torch.from_numpy(data.features.numeric)
     categorical = torch.from_numpy(data.features.categorical)
     labels = torch.from_numpy(data.labels)
     train, valid = slice(0, data.split), slice(data.split, None)
-    cardinalities = [feature_spec.CATEGORICAL_CARDINALITY[n] for n in feature_spec.FRAUD_CATEGORICAL]
+    cardinalities = [
+        feature_spec.CATEGORICAL_CARDINALITY[n] for n in feature_spec.FRAUD_CATEGORICAL
+    ]
     model = FraudModel(numeric.shape[1], cardinalities)
     model.fit_normalisation(numeric[train])
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
@@ -144,12 +148,12 @@ def _calibrate(model: FraudModel, logits: torch.Tensor, labels: torch.Tensor) ->
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        loss = loss_fn(logits / log_t.exp(), labels)
-        loss.backward()
+        loss: torch.Tensor = loss_fn(logits / log_t.exp(), labels)
+        loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
     with torch.enable_grad():
-        optimiser.step(closure)
+        optimiser.step(closure)  # type: ignore[no-untyped-call]
     model.temperature.copy_(log_t.detach().exp())
 
 
@@ -170,7 +174,11 @@ class RankingExamples:
 def ranking_examples(data: Dataset) -> RankingExamples:
     """Every product view whose user already has history, split by time."""
     views = np.array(
-        [i for i, e in enumerate(data.events) if e.event_type == "product_view" and e.item_id is not None]
+        [
+            i
+            for i, e in enumerate(data.events)
+            if e.event_type == "product_view" and e.item_id is not None
+        ]
     )
     views = views[data.features.history_items[views, -1] >= 0]
     hist_items = map_item_ids(data.features.history_items[views], data.items)
@@ -190,7 +198,7 @@ def train_ranking(
     examples = ranking_examples(data)
     popularity = np.bincount(examples.target[examples.train_rows], minlength=data.items + FIRST_ID)
     sampling = (popularity + 1.0) ** 0.75
-    sampling[: FIRST_ID] = 0
+    sampling[:FIRST_ID] = 0
     sampling /= sampling.sum()
     model = RankingModel(
         data.items + FIRST_ID,
@@ -203,11 +211,12 @@ def train_ranking(
     eval_candidates = _eval_candidates(examples, sampling, config.candidates, config.seed)
 
     def scores_of(rows: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
-        return model(
+        scores: torch.Tensor = model(
             torch.from_numpy(examples.history_items[rows]),
             torch.from_numpy(examples.history_categories[rows]),
             torch.from_numpy(candidates),
         )
+        return scores
 
     def epoch(epoch_rng: np.random.Generator) -> None:
         for batch in _batches(len(examples.train_rows), config.batch_size, epoch_rng):
@@ -217,7 +226,7 @@ def train_ranking(
             logits = scores_of(rows, candidates)
             loss = nn.functional.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.long))
             optimiser.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
 
     def validation_loss() -> float:
@@ -231,7 +240,9 @@ def train_ranking(
     report: dict[str, Any] = metrics.ranking_metrics(metrics.rank_of_first(model_scores))
     random_scores = np.random.default_rng(config.seed + 1).random(eval_candidates.shape)
     report["baselines"] = {
-        "popularity": metrics.ranking_metrics(metrics.rank_of_first(popularity[eval_candidates].astype(float))),
+        "popularity": metrics.ranking_metrics(
+            metrics.rank_of_first(popularity[eval_candidates].astype(float))
+        ),
         "random": metrics.ranking_metrics(metrics.rank_of_first(random_scores)),
     }
     return model, report

@@ -1,1 +1,4 @@
-"""streamscore's streaming service: consume → decode → features → score → encode → produce → commit."""
+"""streamscore's streaming service.
+
+One event's path: consume → decode → features → score → encode → produce → commit.
+"""

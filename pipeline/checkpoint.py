@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from pipeline.kafka.messages import position
 from pipeline.sink import Sink
 
 
@@ -28,7 +29,8 @@ class Checkpoint:
 
     def track(self, message: Message) -> None:
         """`message` has been processed and its outputs queued."""
-        self._pending[(message.topic(), message.partition())] = message.offset() + 1
+        topic, partition, offset = position(message)
+        self._pending[(topic, partition)] = offset + 1
 
     def due(self) -> bool:
         """Whether the interval has passed since the last checkpoint."""
@@ -37,9 +39,15 @@ class Checkpoint:
     def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Flush outputs, then synchronously commit the offsets of `partitions` (all if None)."""
         self._last = time.monotonic()
-        keys = list(self._pending) if partitions is None else [
-            (tp.topic, tp.partition) for tp in partitions if (tp.topic, tp.partition) in self._pending
-        ]
+        keys = (
+            list(self._pending)
+            if partitions is None
+            else [
+                (tp.topic, tp.partition)
+                for tp in partitions
+                if (tp.topic, tp.partition) in self._pending
+            ]
+        )
         if not keys:
             return
         self._sink.flush()

@@ -13,8 +13,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 
+from pipeline.kafka.broker import LocalBroker
 from pipeline.logging import configure_logging
 from pipeline.settings import Settings, SettingsError, load_settings
 
@@ -26,7 +27,8 @@ app.add_typer(topics_app, name="topics")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML settings file.", envvar="STREAMSCORE_CONFIG")
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file.", envvar="STREAMSCORE_CONFIG"),
 ]
 KAFKA_HOME = Path("var/kafka")
 
@@ -41,9 +43,7 @@ def _settings(config: Path | None) -> Settings:
     return settings
 
 
-def _broker(port: int) -> "LocalBroker":  # noqa: UP037 - imported lazily
-    from pipeline.kafka.broker import LocalBroker
-
+def _broker(port: int) -> LocalBroker:
     return LocalBroker(KAFKA_HOME, KAFKA_HOME / "libs", port=port, controller_port=port + 1)
 
 
@@ -55,10 +55,14 @@ def ensure_kafka(settings: Settings, port: int = 9092) -> str:
 
 
 @kafka_app.command("up")
-def kafka_up(port: Annotated[int, typer.Option(help="PLAINTEXT port; controller uses port+1.")] = 9092) -> None:
+def kafka_up(
+    port: Annotated[int, typer.Option(help="PLAINTEXT port; controller uses port+1.")] = 9092,
+) -> None:
     """Fetch the broker jars if needed, format storage once, start, and wait until it answers."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        console.print(f"KAFKA_BOOTSTRAP_SERVERS is set; using {os.environ['KAFKA_BOOTSTRAP_SERVERS']}")
+        console.print(
+            f"KAFKA_BOOTSTRAP_SERVERS is set; using {os.environ['KAFKA_BOOTSTRAP_SERVERS']}"
+        )
         return
     with console.status("starting Kafka"):
         bootstrap = _broker(port).up()
@@ -100,7 +104,9 @@ def produce(
     rate: Annotated[float, typer.Option(help="Events per second; 0 for as fast as possible.")] = 0,
     users: int = 1000,
     seed: int = 7,
-    malformed_every: Annotated[int, typer.Option(help="Add a malformed message after every N-th event (0: none).")] = 0,
+    malformed_every: Annotated[
+        int, typer.Option(help="Add a malformed message after every N-th event (0: none).")
+    ] = 0,
     config: ConfigOption = None,
 ) -> None:
     """Write synthetic clickstream to the input topic and its labels to the labels topic."""
@@ -138,7 +144,7 @@ def train(
         return
     train_config = TrainConfig(events=events, users=users, seed=seed, max_epochs=max_epochs)
     with Progress(console=console) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def report(name: str, epoch: int, total: int) -> None:
             if name not in tasks:

@@ -60,7 +60,9 @@ class Decoder:
         if not payload:
             raise DecodeError("decode.empty_payload", "message has no value")
         if len(payload) < _HEADER.size:
-            raise DecodeError("decode.truncated", f"{len(payload)} bytes is shorter than the header")
+            raise DecodeError(
+                "decode.truncated", f"{len(payload)} bytes is shorter than the header"
+            )
         magic, schema_id = _HEADER.unpack_from(payload)
         if magic != MAGIC_BYTE:
             raise DecodeError("decode.bad_magic_byte", f"magic byte {magic}, expected {MAGIC_BYTE}")
@@ -80,13 +82,17 @@ class Decoder:
 def _read(body: io.BytesIO, writer: Any, reader: Any) -> dict[str, Any]:
     # Untrusted bytes can fail anywhere inside fastavro; each failure class gets its own reason.
     try:
-        record: dict[str, Any] = schemaless_reader(body, writer, reader)
+        record = schemaless_reader(body, writer, reader)
     except EOFError as exc:
         raise DecodeError("decode.truncated", str(exc) or "payload ends inside a record") from exc
     except IndexError as exc:
-        raise DecodeError("decode.invalid_index", "enum symbol or union branch out of range") from exc
+        raise DecodeError(
+            "decode.invalid_index", "enum symbol or union branch out of range"
+        ) from exc
     except UnicodeDecodeError as exc:
         raise DecodeError("decode.invalid_utf8", str(exc)) from exc
     except Exception as exc:
         raise DecodeError("decode.malformed", f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(record, dict):
+        raise DecodeError("decode.malformed", "payload is not a record")
     return record

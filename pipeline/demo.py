@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -28,15 +28,18 @@ from engines.registry import versions
 from engines.train import TrainConfig, train_all
 from pipeline.codec import Decoder
 from pipeline.generator import GeneratorConfig
-from pipeline.kafka.admin import committed_offsets, create_topics, end_offsets
+from pipeline.kafka.admin import admin_client, committed_offsets, create_topics, end_offsets
+from pipeline.kafka.messages import position as message_position
 from pipeline.loadgen import produce_clickstream
-from pipeline.settings import Settings
+from pipeline.settings import Settings, settings_env
 
 DEMO_DIR = Path("var/demo")
 MALFORMED_EVERY = 1000
 
 
-def run_demo(settings: Settings, events: int, rate: float, users: int, console: Console) -> dict[str, Any]:
+def run_demo(
+    settings: Settings, events: int, rate: float, users: int, console: Console
+) -> dict[str, Any]:
     """Run the demo and return (and write) its summary."""
     run_id = time.strftime("%Y%m%d-%H%M%S")
     settings = _demo_settings(settings, run_id)
@@ -47,6 +50,7 @@ def run_demo(settings: Settings, events: int, rate: float, users: int, console: 
     stats_file.unlink(missing_ok=True)
     pipeline = _start_pipeline(settings, stats_file)
     try:
+        _wait_until_joined(settings, pipeline, timeout_s=120)
         config = GeneratorConfig(events=events, users=users, seed=7).anchored_before(time.time())
         with Progress(console=console) as progress:
             task = progress.add_task(f"producing at {rate:.0f}/s", total=events)
@@ -81,40 +85,68 @@ def _demo_settings(settings: Settings, run_id: str) -> Settings:
 
 def _train_if_missing(settings: Settings, console: Console) -> None:
     model_dir = settings.engine.model_dir
-    if versions(model_dir, settings.engine.fraud_model) and versions(model_dir, settings.engine.ranking_model):
+    if versions(model_dir, settings.engine.fraud_model) and versions(
+        model_dir, settings.engine.ranking_model
+    ):
         return
     console.print(f"training models into {model_dir} (first run only)")
-    results = train_all(model_dir, TrainConfig(), lambda name, epoch, total: console.print(
-        f"  {name}: epoch {epoch}/{total}"))
-    console.print(json.dumps({m: {k: v for k, v in r.items() if k != "baselines"} for m, r in results.items()}))
-
-
-def _start_pipeline(settings: Settings, stats_file: Path) -> subprocess.Popen[bytes]:
-    topics, consumer = settings.topics, settings.consumer
-    env = os.environ | {
-        "STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "STREAMSCORE_TOPICS__INPUT": topics.input,
-        "STREAMSCORE_TOPICS__FRAUD_SCORES": topics.fraud_scores,
-        "STREAMSCORE_TOPICS__RECOMMENDATIONS": topics.recommendations,
-        "STREAMSCORE_TOPICS__DEAD_LETTER": topics.dead_letter,
-        "STREAMSCORE_TOPICS__LABELS": topics.labels,
-        "STREAMSCORE_CONSUMER__GROUP_ID": consumer.group_id,
-        "STREAMSCORE_LOG_FORMAT": "json",
-    }
-    log = (DEMO_DIR / "pipeline.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--stats-file", str(stats_file)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+    results = train_all(
+        model_dir,
+        TrainConfig(),
+        lambda name, epoch, total: console.print(f"  {name}: epoch {epoch}/{total}"),
+    )
+    console.print(
+        json.dumps(
+            {m: {k: v for k, v in r.items() if k != "baselines"} for m, r in results.items()}
+        )
     )
 
 
-def _wait_until_consumed(settings: Settings, pipeline: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _start_pipeline(settings: Settings, stats_file: Path) -> subprocess.Popen[bytes]:
+    env = os.environ | settings_env(settings) | {"STREAMSCORE_LOG_FORMAT": "json"}
+    log = (DEMO_DIR / "pipeline.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--stats-file", str(stats_file)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_until_joined(
+    settings: Settings, pipeline: subprocess.Popen[bytes], timeout_s: float
+) -> None:
+    """Wait until the pipeline owns partitions, so production does not race its start-up."""
+    admin = admin_client(settings)
+    group = settings.consumer.group_id
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _check_running(pipeline)
+        try:
+            description = admin.describe_consumer_groups([group])[group].result()
+        except KafkaException:  # the group coordinator may still be loading
+            description = None
+        if description and any(m.assignment.topic_partitions for m in description.members):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"pipeline did not join group {group} in {timeout_s:.0f}s")
+
+
+def _check_running(pipeline: subprocess.Popen[bytes]) -> None:
+    if pipeline.poll() is not None:
+        raise RuntimeError(
+            f"pipeline exited early with {pipeline.returncode}; see {DEMO_DIR}/pipeline.log"
+        )
+
+
+def _wait_until_consumed(
+    settings: Settings, pipeline: subprocess.Popen[bytes], timeout_s: float
+) -> None:
     consumer = Consumer(settings.kafka.client_config() | {"group.id": settings.consumer.group_id})
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if pipeline.poll() is not None:
-                raise RuntimeError(f"pipeline exited early with {pipeline.returncode}; see {DEMO_DIR}/pipeline.log")
+            _check_running(pipeline)
             ends = end_offsets(consumer, settings.topics.input)
             if committed_offsets(consumer, settings.topics.input, ends) == ends:
                 return
@@ -132,13 +164,18 @@ def _stop(pipeline: subprocess.Popen[bytes]) -> None:
         raise RuntimeError(f"pipeline exited with {code}; see {DEMO_DIR}/pipeline.log")
 
 
-def read_topic(settings: Settings, topic: str, schema_name: str) -> list[tuple[dict[str, Any], int]]:
+def read_topic(
+    settings: Settings, topic: str, schema_name: str
+) -> list[tuple[dict[str, Any], int]]:
     """Every record of `topic`, decoded, with its Kafka timestamp (ms)."""
     decoder = Decoder(schema_name)
     consumer = Consumer(
         settings.kafka.client_config()
-        | {"group.id": f"reader-{time.monotonic_ns()}", "enable.auto.commit": False,
-           "isolation.level": "read_committed"}
+        | {
+            "group.id": f"reader-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
     )
     try:
         ends = end_offsets(consumer, topic)
@@ -149,7 +186,8 @@ def read_topic(settings: Settings, topic: str, schema_name: str) -> list[tuple[d
             for message in consumer.consume(1000, 1.0):
                 if message.error() is None:
                     out.append((decoder.decode(message.value()), message.timestamp()[1]))
-                    position[message.partition()] = message.offset() + 1
+                    _, partition, offset = message_position(message)
+                    position[partition] = offset + 1
         return out
     finally:
         consumer.close()
@@ -160,7 +198,10 @@ def _summarise(settings: Settings, stats: dict[str, Any], with_candidates: int) 
     scores = read_topic(settings, topics.fraud_scores, schemas.FRAUD_SCORE)
     recommendations = read_topic(settings, topics.recommendations, schemas.RECOMMENDATION)
     dead = read_topic(settings, topics.dead_letter, schemas.DEAD_LETTER)
-    labels = {r["event_id"]: r["is_fraud"] for r, _ in read_topic(settings, topics.labels, schemas.FRAUD_LABEL)}
+    labels = {
+        r["event_id"]: r["is_fraud"]
+        for r, _ in read_topic(settings, topics.labels, schemas.FRAUD_LABEL)
+    }
     latency = np.array([ts - r["ingest_time"] for r, ts in scores], dtype=np.float64)
     truth = np.array([labels[r["event_id"]] for r, _ in scores], dtype=np.float64)
     probability = np.array([r["score"] for r, _ in scores])
@@ -177,7 +218,9 @@ def _summarise(settings: Settings, stats: dict[str, Any], with_candidates: int) 
         "latency_p99_ms": float(np.percentile(latency, 99)) if len(latency) else None,
         "fraud_pr_auc": metrics.pr_auc(truth, probability) if len(truth) else None,
         "fraud_roc_auc": metrics.roc_auc(truth, probability) if len(truth) else None,
-        "topics": topics.model_dump(include={"input", "fraud_scores", "recommendations", "dead_letter"}),
+        "topics": topics.model_dump(
+            include={"input", "fraud_scores", "recommendations", "dead_letter"}
+        ),
     }
 
 

@@ -11,8 +11,17 @@ from pipeline.settings import LimitSettings
 
 PAYMENT_EVENTS = frozenset({"begin_checkout", "purchase", "add_payment_method"})
 _STRING_FIELDS = (
-    "event_id", "user_id", "session_id", "currency", "search_query", "device_id", "ip",
-    "country", "user_agent", "card_fingerprint", "billing_country",
+    "event_id",
+    "user_id",
+    "session_id",
+    "currency",
+    "search_query",
+    "device_id",
+    "ip",
+    "country",
+    "user_agent",
+    "card_fingerprint",
+    "billing_country",
 )
 
 
@@ -49,9 +58,7 @@ class InvalidEvent(DecodeError):
     """A record that decoded but breaks a validation rule."""
 
 
-def validate(
-    record: dict[str, Any], key: bytes | None, limits: LimitSettings, now_ms: int
-) -> None:
+def validate(record: dict[str, Any], key: bytes | None, limits: LimitSettings, now_ms: int) -> None:
     """Raise InvalidEvent naming the first rule `record` breaks."""
     _check_identity(record, key)
     _check_strings(record, limits)

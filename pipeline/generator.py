@@ -54,7 +54,7 @@ class GeneratorConfig:
     recommendation_rate: float = 0.12
 
     def anchored_before(self, now_s: float) -> GeneratorConfig:
-        """This config with the timeline placed to end just before `now_s` (Unix seconds)."""
+        """The same config with the timeline placed to end just before `now_s` (Unix seconds)."""
         return replace(self, start_ms=int((now_s - self.horizon_s * 1.05) * 1000))
 
 
@@ -80,7 +80,9 @@ class Catalog:
             by_category.append([int(item) for item in members])
             cumulative.append(list(np.cumsum(zipf / zipf.sum())))
         global_zipf = 1.0 / np.arange(1, config.items + 1) ** 1.1
-        popular = rng.choice(config.items, size=200, replace=False, p=global_zipf / global_zipf.sum())
+        popular = rng.choice(
+            config.items, size=200, replace=False, p=global_zipf / global_zipf.sum()
+        )
         return cls(category, price, by_category, cumulative, [int(item) for item in popular])
 
 
@@ -182,10 +184,20 @@ class ClickstreamGenerator:
             length = self._rng.randint(8, 30)
             return _Session(session_id, device, ip, country, length, "card_testing")
         if self._rng.random() < self.config.takeover_rate:
-            device = (f"x{self._rng.getrandbits(40):010x}", self._rng.choice(["desktop", "android"]))
-            ip = f"203.{self._rng.randint(0, 255)}.{self._rng.randint(0, 255)}.{self._rng.randint(1, 254)}"
+            device = (
+                f"x{self._rng.getrandbits(40):010x}",
+                self._rng.choice(["desktop", "android"]),
+            )
+            octets = (
+                self._rng.randint(0, 255),
+                self._rng.randint(0, 255),
+                self._rng.randint(1, 254),
+            )
+            ip = "203.{}.{}.{}".format(*octets)
             country = self._rng.choice(FRAUD_COUNTRIES)
-            return _Session(session_id, device, ip, country, self._rng.randint(3, 6), "account_takeover")
+            return _Session(
+                session_id, device, ip, country, self._rng.randint(3, 6), "account_takeover"
+            )
         if self._rng.random() < 0.03:  # legitimate travel or a new phone: novelty that is not fraud
             country = self._rng.choice(COUNTRIES)
             device = (f"n{self._rng.getrandbits(40):010x}", device[1])
@@ -270,11 +282,14 @@ class ClickstreamGenerator:
         self, user: _User, session: _Session, event: dict[str, Any], new_card: bool
     ) -> None:
         amount = sum(self._price[item] for item in user.cart)
-        event["event_type"] = "purchase" if session.step % 2 or self._rng.random() < 0.6 else (
-            "begin_checkout")
+        event["event_type"] = (
+            "purchase" if session.step % 2 or self._rng.random() < 0.6 else ("begin_checkout")
+        )
         event["payment_amount"] = round(amount, 2)
         event["currency"] = "EUR"
-        event["payment_method"] = self._rng.choice(("card", "card", "card", "wallet", "buy_now_pay_later"))
+        event["payment_method"] = self._rng.choice(
+            ("card", "card", "card", "wallet", "buy_now_pay_later")
+        )
         card = self._card(user.index, 9) if new_card else self._rng.choice(user.cards)
         event["card_fingerprint"] = card
         event["billing_country"] = user.country

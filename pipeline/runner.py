@@ -22,6 +22,7 @@ from pipeline.codec import DecodeError, Decoder
 from pipeline.events import ClickEvent, validate
 from pipeline.features import FeatureStore, FeatureUpdater
 from pipeline.kafka.clients import consumer_config, producer_config
+from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.scoring import Scorer
 from pipeline.settings import Settings
@@ -136,12 +137,10 @@ class Pipeline:
             except DecodeError as exc:
                 dead.append(dead_letter(message, exc))
                 continue
+            _, partition, offset = position(message)
             events.append(
                 ClickEvent(
-                    **record,
-                    partition=message.partition(),
-                    offset=message.offset(),
-                    ingest_time=message.timestamp()[1],
+                    **record, partition=partition, offset=offset, ingest_time=message.timestamp()[1]
                 )
             )
         return events, dead
@@ -164,7 +163,9 @@ def _on_client_error(error: KafkaError) -> None:
     log.warning("kafka_client_error", code=error.name(), reason=error.str(), fatal=error.fatal())
 
 
-def run_pipeline(settings: Settings, stop: threading.Event, stats_file: Path | None = None) -> RunStats:
+def run_pipeline(
+    settings: Settings, stop: threading.Event, stats_file: Path | None = None
+) -> RunStats:
     """Load the engines, run until `stop`, close everything, optionally write stats."""
     engine = settings.engine
     fraud = load_engine(engine.fraud_model, engine.fraud_version, engine)

@@ -30,7 +30,11 @@ class Scorer:
     """Runs the engines over feature batches and shapes their outputs into records."""
 
     def __init__(
-        self, fraud: Engine, ranking: Engine, decision: DecisionSettings, ranking_settings: RankingSettings
+        self,
+        fraud: Engine,
+        ranking: Engine,
+        decision: DecisionSettings,
+        ranking_settings: RankingSettings,
     ) -> None:
         """Score with `fraud` and `ranking`; decisions and list length from settings."""
         self.fraud = fraud
@@ -112,14 +116,18 @@ class Scorer:
         owner_rows = np.asarray(owners)
         inputs = {
             "history_items": map_item_ids(features.history_items[owner_rows], self._items),
-            "history_categories": map_item_ids(features.history_categories[owner_rows], self._categories),
+            "history_categories": map_item_ids(
+                features.history_categories[owner_rows], self._categories
+            ),
             "candidate_items": map_item_ids(np.asarray(chunks, dtype=np.int64), self._items),
         }
         scores = self._infer_ranking(inputs)
         per_event: dict[int, list[tuple[int, float]]] = {}
         for k, row in enumerate(owners):
             pairs = per_event.setdefault(row, [])
-            pairs.extend((item, float(s)) for item, s in zip(chunks[k], scores[k], strict=True) if item != -1)
+            pairs.extend(
+                (item, float(s)) for item, s in zip(chunks[k], scores[k], strict=True) if item != -1
+            )
         return [self._recommendation(events[row], pairs, now) for row, pairs in per_event.items()]
 
     def _infer_ranking(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -8,6 +8,7 @@ set, names an existing cluster. A bad value fails at start with the dotted setti
 
 from __future__ import annotations
 
+import json
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -67,9 +68,9 @@ class KafkaSettings(_Frozen):
         default_factory=dict, description="Further librdkafka properties, passed as they are."
     )
 
-    def client_config(self) -> dict[str, str]:
+    def client_config(self) -> dict[str, str | int | float | bool]:
         """The librdkafka dotted keys common to every client (secrets revealed here only)."""
-        config = {
+        config: dict[str, str | int | float | bool] = {
             "bootstrap.servers": self.bootstrap_servers,
             "client.id": self.client_id,
             "security.protocol": self.security_protocol.value,
@@ -207,24 +208,44 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Order: CLI arguments, environment, TOML file, defaults."""
-        config_file = os.environ.get(CONFIG_ENV)
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
         return tuple(sources)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """`settings` as STREAMSCORE_* variables (a JSON object per section), so a child process
+    reads exactly these settings.
+    """
+    env = {}
+    for section, value in settings.model_dump(mode="json").items():
+        if section == "kafka" and settings.kafka.sasl_password is not None:
+            value["sasl_password"] = settings.kafka.sasl_password.get_secret_value()
+        env[f"STREAMSCORE_{section.upper()}"] = (
+            value if isinstance(value, str) else json.dumps(value)
+        )
+    return env
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Read and validate settings once; raise SettingsError naming each bad setting."""
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    settings_cls = Settings
     if config_file is not None:
         if not config_file.is_file():
             raise SettingsError(f"config file {config_file} does not exist")
-        os.environ[CONFIG_ENV] = str(config_file)
+
+        class FileSettings(Settings):
+            model_config = SettingsConfigDict(toml_file=config_file)
+
+        settings_cls = FileSettings
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if bootstrap and "STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS" not in os.environ:
         overrides.setdefault("kafka", {}).setdefault("bootstrap_servers", bootstrap)
     try:
-        return Settings(**overrides)
+        return settings_cls(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"

@@ -57,8 +57,11 @@ def _without_logical_types(node: Any) -> Any:
     every timestamp it reads, which costs more than the rest of the decode.
     """
     if isinstance(node, dict):
-        return {key: _without_logical_types(value) for key, value in node.items()
-                if key != "logicalType"}
+        return {
+            key: _without_logical_types(value)
+            for key, value in node.items()
+            if key != "logicalType"
+        }
     if isinstance(node, list):
         return [_without_logical_types(item) for item in node]
     return node

@@ -8,6 +8,8 @@ more forward pass instead of the F+1 passes of occlusion. The baseline is the tr
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -16,6 +18,11 @@ class FraudModel(nn.Module):
     """Inputs `numeric` (B, F) float32 and `categorical` (B, K) int64; outputs `score` (B,)
     probabilities and `contributions` (B, F + K) logit contributions.
     """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    temperature: torch.Tensor
+    embedding_baseline: torch.Tensor
 
     def __init__(
         self, numeric: int, cardinalities: list[int], embedding_dim: int = 4, hidden: int = 64
@@ -41,7 +48,7 @@ class FraudModel(nn.Module):
 
     def refresh_baseline(self) -> None:
         """Baseline embedding of each categorical: its mean vector."""
-        means = [embedding.weight.detach().mean(0) for embedding in self.embeddings]
+        means = [cast(nn.Embedding, emb).weight.detach().mean(0) for emb in self.embeddings]
         self.embedding_baseline.copy_(torch.cat(means))
 
     def logits(self, numeric: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
@@ -57,9 +64,11 @@ class FraudModel(nn.Module):
         baseline = torch.cat([torch.zeros_like(self.mean), self.embedding_baseline])
         per_dim = grad * (z - baseline) / self.temperature
         numeric_part = per_dim[:, : self.numeric]
-        categorical_part = per_dim[:, self.numeric :].reshape(
-            per_dim.shape[0], len(self.embeddings), self.embedding_dim
-        ).sum(-1)
+        categorical_part = (
+            per_dim[:, self.numeric :]
+            .reshape(per_dim.shape[0], len(self.embeddings), self.embedding_dim)
+            .sum(-1)
+        )
         contributions = torch.cat([numeric_part, categorical_part], dim=1)
         return torch.sigmoid(logit / self.temperature), contributions
 

@@ -30,6 +30,8 @@ class RankingModel(nn.Module):
     int64 embedding rows; output `scores` (B, C).
     """
 
+    item_categories: torch.Tensor
+
     def __init__(
         self,
         items: int,
@@ -79,4 +81,7 @@ class RankingModel(nn.Module):
         affinity = candidate @ interests.transpose(1, 2)  # (B, C, K)
         weights = torch.softmax(affinity, dim=-1)
         user = weights @ interests  # (B, C, d)
-        return (candidate * user).sum(-1) + self.item_bias(candidate_items).squeeze(-1)
+        scores: torch.Tensor = (candidate * user).sum(-1) + self.item_bias(candidate_items).squeeze(
+            -1
+        )
+        return scores

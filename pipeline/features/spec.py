@@ -40,11 +40,26 @@ FRAUD_NUMERIC: tuple[str, ...] = (
     "new_card",
     "billing_country_mismatch",
 )
-FRAUD_CATEGORICAL: tuple[str, ...] = ("event_type", "device_type", "country_bucket", "payment_method")
+FRAUD_CATEGORICAL: tuple[str, ...] = (
+    "event_type",
+    "device_type",
+    "country_bucket",
+    "payment_method",
+)
 
 EVENT_TYPES = (
-    "page_view", "product_view", "search", "add_to_cart", "remove_from_cart", "begin_checkout",
-    "purchase", "login", "logout", "add_payment_method", "change_address", "unknown",
+    "page_view",
+    "product_view",
+    "search",
+    "add_to_cart",
+    "remove_from_cart",
+    "begin_checkout",
+    "purchase",
+    "login",
+    "logout",
+    "add_payment_method",
+    "change_address",
+    "unknown",
 )
 PAYMENT_METHODS = ("card", "wallet", "bank_transfer", "gift_card", "buy_now_pay_later", "other")
 DEVICE_TYPES = ("other", "mobile", "tablet", "desktop", "bot")

@@ -135,7 +135,9 @@ def _fold(state: UserState, event: ClickEvent, t: int, purchase: bool, amount: f
     if event.item_id is not None:
         if len(state.session_items) < MAX_SESSION_ITEMS:
             state.session_items.add(event.item_id)
-        state.history.append((event.item_id, event.category_id if event.category_id is not None else -1))
+        state.history.append(
+            (event.item_id, event.category_id if event.category_id is not None else -1)
+        )
     for value, seen in (
         (event.device_id, state.devices),
         (event.ip, state.ips),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from pipeline.settings import Settings
 
@@ -18,10 +18,18 @@ def admin_client(settings: Settings) -> AdminClient:
 def pipeline_topics(settings: Settings) -> list[str]:
     """Every topic the pipeline reads or writes."""
     topics = settings.topics
-    return [topics.input, topics.fraud_scores, topics.recommendations, topics.dead_letter, topics.labels]
+    return [
+        topics.input,
+        topics.fraud_scores,
+        topics.recommendations,
+        topics.dead_letter,
+        topics.labels,
+    ]
 
 
-def create_topics(settings: Settings, names: Iterable[str] | None = None, timeout_s: float = 30) -> list[str]:
+def create_topics(
+    settings: Settings, names: Iterable[str] | None = None, timeout_s: float = 30
+) -> list[str]:
     """Create missing topics with the configured partitions; return those created."""
     admin = admin_client(settings)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
@@ -35,7 +43,7 @@ def create_topics(settings: Settings, names: Iterable[str] | None = None, timeou
         ],
         operation_timeout=timeout_s,
     )
-    for name, future in futures.items():
+    for future in futures.values():
         try:
             future.result()
         except KafkaException as exc:
@@ -49,7 +57,9 @@ def end_offsets(consumer: Consumer, topic: str, timeout_s: float = 10) -> dict[i
     metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
     result = {}
     for partition in metadata.partitions:
-        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+        _, high = consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=timeout_s
+        )
         result[partition] = high
     return result
 
@@ -58,7 +68,9 @@ def committed_offsets(
     consumer: Consumer, topic: str, partitions: Iterable[int], timeout_s: float = 10
 ) -> dict[int, int]:
     """The group's committed offset per partition (0 where nothing is committed)."""
-    committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout_s)
+    committed = consumer.committed(
+        [TopicPartition(topic, p) for p in partitions], timeout=timeout_s
+    )
     return {tp.partition: max(tp.offset, 0) for tp in committed}
 
 

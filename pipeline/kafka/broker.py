@@ -48,8 +48,14 @@ def resolve_jars(libs: Path) -> Path:
     shutil.rmtree(libs, ignore_errors=True)
     libs.mkdir(parents=True)
     command = [
-        "mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-        "-DincludeScope=runtime", f"-DoutputDirectory={libs}",
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(POM),
+        "dependency:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={libs}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -129,7 +135,9 @@ class LocalBroker:
         return wait_until_ready(self.bootstrap, timeout_s)
 
     def _write_properties(self) -> Path:
-        listeners = f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        listeners = (
+            f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        )
         properties = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -159,20 +167,40 @@ class LocalBroker:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         return [
-            "java", *JVM_OPTIONS, f"-Dkafka.logs.dir={logs}",
+            "java",
+            *JVM_OPTIONS,
+            f"-Dkafka.logs.dir={logs}",
             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-            "-cp", f"{self.libs}/*", main, *args,
+            "-cp",
+            f"{self.libs}/*",
+            main,
+            *args,
         ]
 
     def _format(self, properties: Path) -> None:
-        cluster_id = subprocess.run(
-            self._java("kafka.tools.StorageTool", "random-uuid"),
-            capture_output=True, text=True, check=True,
-        ).stdout.strip().splitlines()[-1]
+        cluster_id = (
+            subprocess.run(
+                self._java("kafka.tools.StorageTool", "random-uuid"),
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         result = subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
-                       "-c", str(properties)),
-            capture_output=True, text=True, check=False,
+            self._java(
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "-t",
+                cluster_id,
+                "-c",
+                str(properties),
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}\n{result.stderr}")
@@ -181,7 +209,9 @@ class LocalBroker:
         stdout = (self.home / "logs" / "stdout.log").open("ab")
         process = subprocess.Popen(
             self._java("kafka.Kafka", str(properties)),
-            stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         self.pid_file.write_text(str(process.pid))
@@ -194,9 +224,12 @@ class LocalBroker:
         return "(no broker log)"
 
 
-def wait_until_ready(bootstrap: str, timeout_s: float, config: dict[str, str] | None = None) -> bool:
+def wait_until_ready(
+    bootstrap: str, timeout_s: float, config: dict[str, str | int | float | bool] | None = None
+) -> bool:
     """Poll an AdminClient until `list_topics` answers or `timeout_s` passes."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": "0"} | (config or {}))
+    settings: dict[str, str | int | float | bool] = {"bootstrap.servers": bootstrap, "log_level": 0}
+    admin = AdminClient(settings | (config or {}))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

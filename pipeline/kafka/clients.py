@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.settings import Settings
 
 
-def consumer_config(settings: Settings) -> dict[str, str | int | bool]:
+def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
     """At-least-once consumer: offsets are committed by the checkpoint, never automatically."""
     consumer = settings.consumer
     return settings.kafka.client_config() | {
@@ -20,7 +20,7 @@ def consumer_config(settings: Settings) -> dict[str, str | int | bool]:
     }
 
 
-def producer_config(settings: Settings) -> dict[str, str | int | bool]:
+def producer_config(settings: Settings) -> dict[str, str | int | float | bool]:
     """Idempotent producer (acks=all, no duplicates on retry), lz4, small linger for latency."""
     return settings.kafka.client_config() | {
         "enable.idempotence": True,

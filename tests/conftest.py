@@ -1,0 +1,65 @@
+"""Shared fixtures: a real Kafka broker for the session, tiny trained models, fresh topics."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engines.train import TrainConfig, train_all
+from pipeline.kafka.admin import create_topics
+from pipeline.kafka.broker import REPO_ROOT, LocalBroker, free_port
+from pipeline.settings import Settings, load_settings
+
+TINY_TRAINING = TrainConfig(events=20_000, users=300, max_epochs=2, seed=3)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """KAFKA_BOOTSTRAP_SERVERS when set, otherwise a local broker on free ports."""
+    existing = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("BROKERS")
+    if existing:
+        yield existing
+        return
+    broker = LocalBroker(
+        home=tmp_path_factory.mktemp("kafka"),
+        libs=REPO_ROOT / "var" / "kafka" / "libs",
+        port=free_port(),
+        controller_port=free_port(),
+    )
+    bootstrap = broker.up()
+    yield bootstrap
+    broker.down(purge=True)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small but really trained fraud and ranking models."""
+    directory = tmp_path_factory.mktemp("models")
+    train_all(directory, TINY_TRAINING, lambda *_: None)
+    return directory
+
+
+@pytest.fixture
+def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
+    """Settings on fresh, uuid-named topics and group, with the topics created."""
+    run = uuid.uuid4().hex[:10]
+    settings = load_settings(
+        kafka={"bootstrap_servers": kafka_bootstrap},
+        topics={
+            "input": f"t-{run}.in",
+            "fraud_scores": f"t-{run}.fraud",
+            "recommendations": f"t-{run}.recs",
+            "dead_letter": f"t-{run}.dlq",
+            "labels": f"t-{run}.labels",
+            "partitions": 3,
+        },
+        consumer={"group_id": f"g-{run}"},
+        checkpoint={"interval_ms": 200},
+        engine={"model_dir": str(model_dir), "backend": "onnxruntime"},
+    )
+    create_topics(settings)
+    return settings

@@ -1,0 +1,144 @@
+import numpy as np
+import onnx
+import pytest
+
+from engines.factory import choose_backend, tensorrt_unavailable_reason
+from engines.models import map_item_ids
+from engines.onnxruntime import OnnxRuntimeEngine
+from engines.registry import resolve
+from engines.torch import TorchEngine
+from pipeline.settings import Backend
+
+# Operators the TensorRT 10 ONNX parser supports that these models may use (onnx-tensorrt
+# docs/operators.md); a new operator must be checked there before it is added here.
+TENSORRT_OPS = {
+    "Add",
+    "Cast",
+    "Concat",
+    "Div",
+    "Einsum",
+    "Equal",
+    "Gather",
+    "Gemm",
+    "Greater",
+    "MatMul",
+    "Mul",
+    "Not",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Sigmoid",
+    "Slice",
+    "Softmax",
+    "Squeeze",
+    "Sub",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+    "Constant",
+    "Shape",
+    "Expand",
+    "Identity",
+}
+
+
+@pytest.fixture(scope="module", params=["fraud", "ranking"])
+def artifact(request, model_dir):
+    return resolve(model_dir, request.param)
+
+
+def random_inputs(artifact, batch, rng):
+    inputs = {}
+    for name, spec in artifact.manifest["inputs"].items():
+        shape = (batch, *spec["shape"][1:])
+        if spec["dtype"] == "float32":
+            inputs[name] = rng.normal(size=shape).astype(np.float32)
+        elif artifact.name == "fraud":
+            cards = artifact.manifest["config"]["cardinalities"]
+            inputs[name] = np.stack([rng.integers(0, c, size=batch) for c in cards], axis=1)
+        else:
+            key = "category_vocabulary" if name == "history_categories" else "item_vocabulary"
+            vocabulary = artifact.manifest[key]
+            inputs[name] = map_item_ids(rng.integers(-1, vocabulary * 2, size=shape), vocabulary)
+    return inputs
+
+
+@pytest.mark.parametrize("batch", [1, 7, 256])
+def test_onnxruntime_matches_torch(artifact, batch):
+    rng = np.random.default_rng(batch)
+    inputs = random_inputs(artifact, batch, rng)
+    ort_out = OnnxRuntimeEngine(artifact).infer(inputs)
+    torch_out = TorchEngine(artifact).infer(inputs)
+    assert set(ort_out) == set(torch_out) == set(artifact.manifest["outputs"])
+    for name in ort_out:
+        assert ort_out[name].shape[0] == batch
+        assert np.max(np.abs(ort_out[name] - torch_out[name])) <= 1e-5, name
+
+
+def test_graph_is_tensorrt_parsable_with_only_a_dynamic_batch(artifact):
+    model = onnx.load(str(artifact.onnx_path))
+    ops = {node.op_type for node in model.graph.node}
+    assert ops <= TENSORRT_OPS, ops - TENSORRT_OPS
+    for tensor in [*model.graph.input, *model.graph.output]:
+        dims = tensor.type.tensor_type.shape.dim
+        assert dims[0].dim_param, tensor.name
+        assert all(d.dim_value > 0 for d in dims[1:]), tensor.name
+
+
+def test_ranking_survives_unknown_ids_and_empty_history(model_dir):
+    artifact = resolve(model_dir, "ranking")
+    engine = OnnxRuntimeEngine(artifact)
+    vocabulary = artifact.manifest["item_vocabulary"]
+    slots = artifact.manifest["candidates"]
+    length = artifact.manifest["config"]["history_length"]
+    candidates = np.array([[10**9, -7, 3] + [-1] * (slots - 3)])
+    out = engine.infer(
+        {
+            "history_items": map_item_ids(np.full((1, length), -1), vocabulary),
+            "history_categories": map_item_ids(np.full((1, length), -1), 10),
+            "candidate_items": map_item_ids(candidates, vocabulary),
+        }
+    )["scores"]
+    assert out.shape == (1, slots) and np.all(np.isfinite(out))
+
+
+def test_map_item_ids_never_leaves_the_table():
+    ids = np.array([-1, -2, 0, 9, 10, 10**15])
+    assert list(map_item_ids(ids, 10)) == [0, 1, 2, 11, 1, 1]
+
+
+def test_fraud_scores_are_probabilities_and_contributions_explain_the_logit(model_dir):
+    artifact = resolve(model_dir, "fraud")
+    rng = np.random.default_rng(0)
+    out = OnnxRuntimeEngine(artifact).infer(random_inputs(artifact, 64, rng))
+    assert np.all((out["score"] >= 0) & (out["score"] <= 1))
+    assert out["contributions"].shape == (64, len(artifact.manifest["features"]))
+
+
+def test_manifest_records_what_serving_needs(model_dir):
+    for name in ("fraud", "ranking"):
+        manifest = resolve(model_dir, name).manifest
+        assert {
+            "version",
+            "inputs",
+            "outputs",
+            "opset",
+            "feature_hash",
+            "training_data",
+            "metrics",
+        } <= set(manifest)
+
+
+def test_auto_picks_onnxruntime_without_tensorrt():
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present; auto would pick TensorRT")
+    assert choose_backend(Backend.AUTO) is Backend.ONNXRUNTIME
+    assert choose_backend(Backend.TORCH) is Backend.TORCH
+
+
+def test_trained_models_beat_chance(model_dir):
+    fraud = resolve(model_dir, "fraud").manifest["metrics"]
+    assert fraud["roc_auc"] > 0.8
+    ranking = resolve(model_dir, "ranking").manifest["metrics"]
+    assert ranking["ndcg_at_10"] > ranking["baselines"]["random"]["ndcg_at_10"]

@@ -1,0 +1,25 @@
+"""`streamscore demo` end to end, small: the summary's invariants hold."""
+
+import json
+
+import pytest
+from rich.console import Console
+
+from pipeline import demo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_demo_summary_accounts_for_every_event(kafka_settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo")
+    summary = demo.run_demo(
+        kafka_settings, events=3000, rate=3000, users=100, console=Console(quiet=True)
+    )
+    written = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert summary["events_in"] == 3000 + 3000 // demo.MALFORMED_EVERY
+    assert summary["events_in"] == summary["fraud_scores"] + summary["dead_lettered"]
+    assert summary["recommendations"] == summary["events_with_candidates"] > 0
+    assert summary["dead_lettered"] == 3
+    for key in ("throughput_eps", "latency_p50_ms", "latency_p99_ms", "fraud_pr_auc"):
+        assert summary[key] is not None and summary[key] > 0

@@ -1,0 +1,67 @@
+import pytest
+from pydantic import ValidationError
+
+from pipeline.settings import Backend, SettingsError, load_settings
+
+
+def test_defaults_are_valid_and_frozen():
+    settings = load_settings()
+    assert settings.engine.backend is Backend.AUTO
+    with pytest.raises(ValidationError):
+        settings.consumer.max_batch = 5  # type: ignore[misc]
+
+
+def test_precedence_arguments_over_environment_over_file(tmp_path, monkeypatch):
+    config = tmp_path / "s.toml"
+    config.write_text('[consumer]\nmax_batch = 10\nmax_wait_ms = 7\ngroup_id = "file"\n')
+    monkeypatch.setenv("STREAMSCORE_CONSUMER__MAX_WAIT_MS", "9")
+    monkeypatch.setenv("STREAMSCORE_CONSUMER__GROUP_ID", "env")
+    settings = load_settings(config, consumer={"group_id": "arg"})
+    assert (settings.consumer.max_batch, settings.consumer.max_wait_ms) == (10, 9)
+    assert settings.consumer.group_id == "arg"
+
+
+def test_kafka_bootstrap_servers_names_an_existing_cluster(monkeypatch):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker:29092")
+    assert load_settings().kafka.bootstrap_servers == "broker:29092"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"consumer": {"max_batch": 0}}, "consumer.max_batch"),
+        ({"decision": {"review_threshold": 0.95, "block_threshold": 0.9}}, "decision"),
+        ({"engine": {"backend": "gpu-magic"}}, "engine.backend"),
+        ({"consumer": {"no_such_setting": 1}}, "consumer.no_such_setting"),
+    ],
+)
+def test_errors_name_the_setting(overrides, named):
+    with pytest.raises(SettingsError, match=named):
+        load_settings(**overrides)
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_secrets_do_not_render(monkeypatch):
+    monkeypatch.setenv("STREAMSCORE_KAFKA__SASL_PASSWORD", "hunter2")
+    settings = load_settings()
+    assert "hunter2" not in repr(settings)
+    assert settings.kafka.client_config()["sasl.password"] == "hunter2"
+
+
+def test_settings_env_round_trips_through_a_child_environment(monkeypatch):
+    from pipeline.settings import settings_env
+
+    settings = load_settings(
+        topics={"input": "x"},
+        engine={"model_dir": "/m"},
+        kafka={"sasl_password": "pw", "extra": {"a.b": "1"}},
+    )
+    for name, value in settings_env(settings).items():
+        monkeypatch.setenv(name, value)
+    again = load_settings()
+    assert again.model_dump() == settings.model_dump()
+    assert again.kafka.client_config()["sasl.password"] == "pw"
