@@ -21,6 +21,7 @@ from pipeline.features.state import MAX_SEEN, MAX_SESSION_ITEMS, NEVER, FeatureS
 _LONG_AGO_S = 1e7  # stands in for "never" in since-last features
 _HOUR_MS = 3_600_000
 _DECAY_MS = [window * 1000.0 for window in spec.WINDOWS_S]
+_LOG_COLUMNS = [i for i, name in enumerate(spec.FRAUD_NUMERIC) if name.endswith("_log")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +61,13 @@ class FeatureUpdater:
                 hist_cats[row, length - len(cats) :] = cats
             numeric[row] = self._update(state, event)
             categorical[row] = _categorical(event)
+        # One vectorised log1p per batch instead of a math.log1p per feature per event.
+        logged = numeric[:, _LOG_COLUMNS]
+        numeric[:, _LOG_COLUMNS] = np.log1p(np.maximum(logged, 0.0))
         return FeatureBatch(numeric, categorical, hist_items, hist_cats)
 
     def _update(self, state: UserState, event: ClickEvent) -> list[float]:
+        """The event's raw feature row (columns named *_log are logged per batch)."""
         t = event.event_time
         first = state.last_time == NEVER
         if first or t - state.session_last > self._gap_ms:
@@ -87,22 +92,22 @@ class FeatureUpdater:
         ]
         billing = event.billing_country
         return [
-            _log(amount),
-            _log(event.price or 0.0),
-            _log(event.quantity or 0),
+            amount,
+            event.price or 0.0,
+            event.quantity or 0,
             float(payment),
             float(first),
-            _log(state.session_events),
-            _log((state.session_last - state.session_start) / 1000.0),
-            _log(len(state.session_items)),
-            _log(state.session_views if payment else 0),
+            state.session_events,
+            (state.session_last - state.session_start) / 1000.0,
+            len(state.session_items),
+            state.session_views if payment else 0,
             since_last,
             _since(t, state.last_login),
             _since(t, state.last_purchase),
-            _log((t - state.first_seen) / 1000.0),
-            *(_log(count) for count in state.events),
-            *(_log(count) for count in state.purchases),
-            _log(state.amount_1h),
+            (t - state.first_seen) / 1000.0,
+            *state.events,
+            *state.purchases,
+            state.amount_1h,
             *(float(count) for count in distinct),
             *novelty,
             float(billing is not None and bool(event.country) and billing != event.country),
@@ -179,11 +184,7 @@ def _categorical(event: ClickEvent) -> list[int]:
 
 
 def _since(t: int, then: int) -> float:
-    return _log(_LONG_AGO_S if then == NEVER else max(0.0, (t - then) / 1000.0))
-
-
-def _log(value: float) -> float:
-    return math.log1p(max(0.0, value))
+    return _LONG_AGO_S if then == NEVER else (t - then) / 1000.0
 
 
 def compute_features(
