@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from engines import metrics
+from engines.base import EngineError
 from engines.export import OPSET, export_onnx
 from engines.models import FraudModel, RankingModel, map_item_ids
 from engines.models.ranking import FIRST_ID
-from engines.registry import next_version_dir, write_manifest
+from engines.registry import next_version_dir, resolve, write_manifest
 from pipeline.events import ClickEvent
 from pipeline.features import FeatureBatch, compute_features
 from pipeline.features import spec as feature_spec
@@ -324,6 +325,19 @@ def save_model(
     } | extra
     write_manifest(path, manifest)
     return path
+
+
+def needs_training(model_dir: Path) -> bool:
+    """True when a model is missing or its newest version was trained on other features."""
+    current = feature_spec.feature_hash()
+    for name in ("fraud", "ranking"):
+        try:
+            artifact = resolve(model_dir, name)
+        except EngineError:
+            return True
+        if artifact.manifest.get("feature_hash") != current:
+            return True
+    return False
 
 
 def train_all(model_dir: Path, config: TrainConfig, progress: Progress) -> dict[str, Any]:

@@ -134,13 +134,12 @@ def train(
     config: ConfigOption = None,
 ) -> None:
     """Train the fraud and ranking models on generated data and save new versions."""
-    from engines.registry import versions
-    from engines.train import TrainConfig, train_all
+    from engines.train import TrainConfig, needs_training, train_all
 
     settings = _settings(config)
     directory = model_dir or settings.engine.model_dir
-    if if_missing and versions(directory, "fraud") and versions(directory, "ranking"):
-        console.print(f"models exist under {directory}; skipping training")
+    if if_missing and not needs_training(directory):
+        console.print(f"models for these features exist under {directory}; skipping training")
         return
     train_config = TrainConfig(events=events, users=users, seed=seed, max_epochs=max_epochs)
     with Progress(console=console) as progress:

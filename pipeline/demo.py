@@ -24,8 +24,7 @@ from rich.table import Table
 
 import schemas
 from engines import metrics
-from engines.registry import versions
-from engines.train import TrainConfig, train_all
+from engines.train import TrainConfig, needs_training, train_all
 from pipeline.codec import Decoder
 from pipeline.generator import GeneratorConfig
 from pipeline.kafka.admin import admin_client, committed_offsets, create_topics, end_offsets
@@ -85,9 +84,7 @@ def _demo_settings(settings: Settings, run_id: str) -> Settings:
 
 def _train_if_missing(settings: Settings, console: Console) -> None:
     model_dir = settings.engine.model_dir
-    if versions(model_dir, settings.engine.fraud_model) and versions(
-        model_dir, settings.engine.ranking_model
-    ):
+    if not needs_training(model_dir):
         return
     console.print(f"training models into {model_dir} (first run only)")
     results = train_all(

@@ -110,6 +110,8 @@ class _Session:
     remaining: int
     pattern: str = ""  # the fraud pattern this session plays, or empty
     step: int = 0
+    pace_s: float = 35.0  # mean seconds between events
+    browse_first: int = 0  # takeover sessions that look around before buying
 
 
 class ClickstreamGenerator:
@@ -179,10 +181,14 @@ class ClickstreamGenerator:
         country = user.country
         length = int(self._rng.expovariate(1 / 12.0)) + 2
         if user.kind == "bot":
-            return _Session(session_id, (device[0], "bot"), ip, country, length * 8, "bot")
+            # Only some bots admit to a headless agent; their pace varies too.
+            agent = "bot" if self._rng.random() < 0.35 else device[1]
+            pace = self._rng.uniform(0.4, 4.0)
+            return _Session(session_id, (device[0], agent), ip, country, length * 6, "bot", 0, pace)
         if user.kind == "card_tester":
-            length = self._rng.randint(8, 30)
-            return _Session(session_id, device, ip, country, length, "card_testing")
+            length = self._rng.randint(6, 30)
+            pace = self._rng.uniform(2.0, 20.0)
+            return _Session(session_id, device, ip, country, length, "card_testing", 0, pace)
         if self._rng.random() < self.config.takeover_rate:
             device = (
                 f"x{self._rng.getrandbits(40):010x}",
@@ -194,24 +200,22 @@ class ClickstreamGenerator:
                 self._rng.randint(1, 254),
             )
             ip = "203.{}.{}.{}".format(*octets)
-            country = self._rng.choice(FRAUD_COUNTRIES)
+            pool = FRAUD_COUNTRIES if self._rng.random() < 0.7 else COUNTRIES
+            country = self._rng.choice(pool)
+            browse = self._rng.choice((0, 0, 1, 2, 3))
+            length = self._rng.randint(3, 6) + browse
             return _Session(
-                session_id, device, ip, country, self._rng.randint(3, 6), "account_takeover"
+                session_id, device, ip, country, length, "account_takeover", 0, 12.0, browse
             )
+        pace = 4.0 if self._rng.random() < 0.05 else 35.0  # some people click fast
         if self._rng.random() < 0.03:  # legitimate travel or a new phone: novelty that is not fraud
-            country = self._rng.choice(COUNTRIES)
+            country = self._rng.choice(COUNTRIES + FRAUD_COUNTRIES[:1])
             device = (f"n{self._rng.getrandbits(40):010x}", device[1])
             user.devices.append(device)
-        return _Session(session_id, device, ip, country, length)
+        return _Session(session_id, device, ip, country, length, "", 0, pace)
 
     def _intra_gap(self, user: _User, session: _Session) -> float:
-        if session.pattern == "bot":
-            return self._rng.expovariate(1 / 0.6)
-        if session.pattern == "card_testing":
-            return self._rng.expovariate(1 / 4.0)
-        if session.pattern == "account_takeover":
-            return self._rng.expovariate(1 / 8.0)
-        return self._rng.expovariate(1 / 35.0) + 1.0
+        return self._rng.expovariate(1 / session.pace_s) + (1.0 if not session.pattern else 0.1)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -264,7 +268,8 @@ class ClickstreamGenerator:
             return
         roll = self._rng.random()
         if user.cart and roll < 0.18:
-            self._checkout(user, session, event, new_card=False)
+            new_card = self._rng.random() < 0.03  # people do get new cards
+            self._checkout(user, session, event, new_card=new_card)
         elif roll < 0.22:
             event["event_type"] = "search"
             event["search_query"] = self._rng.choice(SEARCH_WORDS)
@@ -292,6 +297,8 @@ class ClickstreamGenerator:
         )
         card = self._card(user.index, 9) if new_card else self._rng.choice(user.cards)
         event["card_fingerprint"] = card
+        if new_card and not session.pattern:
+            user.cards.append(card)
         event["billing_country"] = user.country
         if event["event_type"] == "purchase":
             user.cart.clear()
@@ -329,17 +336,25 @@ class ClickstreamGenerator:
         self._view(event, self._rng.randrange(self.config.items))
 
     def _card_test_event(self, user: _User, session: _Session, event: dict[str, Any]) -> None:
+        if self._rng.random() < 0.2:  # testers also look around
+            self._view(event, self._taste_item(user))
+            return
         event["event_type"] = "purchase" if self._rng.random() < 0.7 else "add_payment_method"
-        event["payment_amount"] = round(self._rng.uniform(0.5, 5.0), 2)
+        event["payment_amount"] = round(self._rng.uniform(0.5, 12.0), 2)
         event["currency"] = "EUR"
         event["payment_method"] = "card"
-        event["card_fingerprint"] = self._card(user.index, 8)
+        reuse = user.cards and self._rng.random() < 0.25
+        card = user.cards[-1] if reuse else self._card(user.index, 8)
+        user.cards.append(card)
+        event["card_fingerprint"] = card
         event["billing_country"] = self._rng.choice(COUNTRIES + FRAUD_COUNTRIES)
 
     def _takeover_event(self, user: _User, session: _Session, event: dict[str, Any]) -> None:
         if session.step == 0:
             event["event_type"] = "login"
-        elif session.step == 1 and self._rng.random() < 0.5:
+        elif session.step <= session.browse_first:
+            self._view(event, self._rng.choice(self.catalog.popular))
+        elif session.step == session.browse_first + 1 and self._rng.random() < 0.5:
             event["event_type"] = "change_address"
         else:
             item = int(self._rng.choice(self.catalog.popular))

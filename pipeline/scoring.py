@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import Engine
+from engines.base import Engine, EngineError
 from engines.models import map_item_ids
 from pipeline.events import ClickEvent
 from pipeline.features import FRAUD_CATEGORICAL, FRAUD_NUMERIC, FeatureBatch
+from pipeline.features.spec import feature_hash
 from pipeline.settings import DecisionSettings, RankingSettings
 
 REASON_NAMES = (*FRAUD_NUMERIC, *FRAUD_CATEGORICAL)
@@ -37,6 +38,12 @@ class Scorer:
         ranking_settings: RankingSettings,
     ) -> None:
         """Score with `fraud` and `ranking`; decisions and list length from settings."""
+        trained_on = fraud.manifest.get("feature_hash")
+        if trained_on != feature_hash():
+            raise EngineError(
+                f"model {fraud.name} v{fraud.version} was trained on features {trained_on}, "
+                f"but this build computes {feature_hash()}: retrain or pin a matching version"
+            )
         self.fraud = fraud
         self.ranking = ranking
         self._decision = decision

@@ -38,6 +38,10 @@ FRAUD_NUMERIC: tuple[str, ...] = (
     "new_ip",
     "new_country",
     "new_card",
+    "session_new_device",
+    "session_new_ip",
+    "session_new_country",
+    "session_new_card",
     "billing_country_mismatch",
 )
 FRAUD_CATEGORICAL: tuple[str, ...] = (

@@ -31,6 +31,7 @@ class UserState:
         "session_events",
         "session_items",
         "session_last",
+        "session_novelty",
         "session_start",
         "session_views",
     )
@@ -46,6 +47,7 @@ class UserState:
         self.session_events = 0
         self.session_views = 0
         self.session_items: set[int] = set()
+        self.session_novelty = [0.0, 0.0, 0.0, 0.0]  # device, ip, country, card new this session
         self.counter_time = now_ms
         self.events = [0.0] * len(WINDOWS_S)
         self.purchases = [0.0] * len(WINDOWS_S)

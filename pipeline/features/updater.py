@@ -81,6 +81,9 @@ class FeatureUpdater:
                 (event.card_fingerprint, state.cards),
             )
         ]
+        state.session_novelty = [
+            max(a, b) for a, b in zip(state.session_novelty, novelty, strict=True)
+        ]
         payment = event.event_type in PAYMENT_EVENTS
         purchase = event.event_type == "purchase"
         amount = event.payment_amount or 0.0
@@ -110,6 +113,7 @@ class FeatureUpdater:
             state.amount_1h,
             *(float(count) for count in distinct),
             *novelty,
+            *state.session_novelty,
             float(billing is not None and bool(event.country) and billing != event.country),
         ]
 
@@ -119,6 +123,7 @@ def _new_session(state: UserState, t: int) -> None:
     state.session_events = 0
     state.session_views = 0
     state.session_items.clear()
+    state.session_novelty = [0.0, 0.0, 0.0, 0.0]
 
 
 def _fold(state: UserState, event: ClickEvent, t: int, purchase: bool, amount: float) -> None:

@@ -39,9 +39,10 @@ def free_port() -> int:
 
 def resolve_jars(libs: Path) -> Path:
     """Copy the broker's runtime jars into `libs` with Maven, once per pom version."""
+    libs = libs.resolve()  # Maven resolves a relative output folder against the pom's folder
     stamp = libs / ".pom-sha256"
     digest = hashlib.sha256(POM.read_bytes()).hexdigest()
-    if stamp.is_file() and stamp.read_text() == digest:
+    if stamp.is_file() and stamp.read_text() == digest and list(libs.glob("kafka_2.13-*.jar")):
         return libs
     if shutil.which("mvn") is None:
         raise BrokerError("Maven (mvn) is needed to fetch the Kafka broker jars")
@@ -60,6 +61,8 @@ def resolve_jars(libs: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BrokerError(f"mvn failed to resolve Kafka jars:\n{result.stdout}\n{result.stderr}")
+    if not list(libs.glob("kafka_2.13-*.jar")):
+        raise BrokerError(f"mvn succeeded but put no Kafka broker jar in {libs}")
     stamp.write_text(digest)
     return libs
 
@@ -102,7 +105,10 @@ class LocalBroker:
         if not self.ready(timeout_s):
             tail = self._log_tail()
             self.down()
-            raise BrokerError(f"broker did not answer on {self.bootstrap} in {timeout_s}s:\n{tail}")
+            raise BrokerError(
+                f"broker did not answer on {self.bootstrap} in {timeout_s}s "
+                f"(is the port taken?):\n{tail}"
+            )
         return self.bootstrap
 
     def down(self, purge: bool = False, timeout_s: float = 30.0) -> None:
@@ -131,8 +137,29 @@ class LocalBroker:
         return pid if _alive(pid) else None
 
     def ready(self, timeout_s: float) -> bool:
-        """Poll until the broker lists topics, or the timeout passes."""
-        return wait_until_ready(self.bootstrap, timeout_s)
+        """Poll until this broker (its process alive, its cluster id) answers, or time out.
+
+        Checking the cluster id keeps another broker on the same port from passing for ours.
+        """
+        expected = self._cluster_id()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.pid() is None:
+                return False
+            remaining = max(0.5, deadline - time.monotonic())
+            if cluster_id(self.bootstrap, min(remaining, 3.0)) == expected:
+                return True
+            time.sleep(0.3)
+        return False
+
+    def _cluster_id(self) -> str | None:
+        meta = self.data_dir / "meta.properties"
+        if not meta.is_file():
+            return None
+        for line in meta.read_text().splitlines():
+            if line.startswith("cluster.id="):
+                return line.removeprefix("cluster.id=").strip()
+        return None
 
     def _write_properties(self) -> Path:
         listeners = (
@@ -222,6 +249,16 @@ class LocalBroker:
             if path.is_file():
                 return "\n".join(path.read_text(errors="replace").splitlines()[-30:])
         return "(no broker log)"
+
+
+def cluster_id(bootstrap: str, timeout_s: float) -> str | None:
+    """The cluster id the broker at `bootstrap` reports, or None when it does not answer."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    try:
+        found: str | None = admin.list_topics(timeout=timeout_s).cluster_id
+    except Exception:
+        return None
+    return found
 
 
 def wait_until_ready(

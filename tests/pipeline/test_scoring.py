@@ -1,0 +1,86 @@
+"""Scorer with small fake engines: record shape, decisions, reasons, candidate chunking."""
+
+import numpy as np
+import pytest
+
+from engines.base import EngineError
+from pipeline.events import ClickEvent
+from pipeline.features import FeatureStore, FeatureUpdater
+from pipeline.features.spec import FRAUD_NUMERIC, feature_hash
+from pipeline.scoring import REASON_NAMES, Scorer
+from pipeline.settings import DecisionSettings, RankingSettings
+from tests.pipeline.sample import click_record
+
+
+class FakeFraud:
+    name, version, backend, max_batch_size = "fraud", "3", "fake", 2
+
+    def __init__(self, scores, manifest_hash=None):
+        self.scores = np.asarray(scores, dtype=np.float32)
+        self.manifest = {"feature_hash": manifest_hash or feature_hash()}
+        self.calls = 0
+
+    def infer(self, inputs):
+        rows = len(inputs["numeric"])
+        start = self.calls * self.max_batch_size
+        self.calls += 1
+        contributions = np.zeros((rows, len(REASON_NAMES)), dtype=np.float32)
+        contributions[:, FRAUD_NUMERIC.index("new_card")] = 2.0
+        contributions[:, 0] = -1.0
+        return {"score": self.scores[start : start + rows], "contributions": contributions}
+
+    def close(self):
+        pass
+
+
+class FakeRanking:
+    """Scores each candidate by its raw id's embedding row: a higher id ranks first."""
+
+    name, version, backend, max_batch_size = "ranking", "7", "fake", 4
+
+    def __init__(self):
+        self.manifest = {"item_vocabulary": 1000, "category_vocabulary": 10, "candidates": 3}
+
+    def infer(self, inputs):
+        return {"scores": inputs["candidate_items"].astype(np.float32)}
+
+    def close(self):
+        pass
+
+
+def scorer(fraud):
+    return Scorer(fraud, FakeRanking(), DecisionSettings(), RankingSettings(top_k=4))
+
+
+def events_and_features(*records):
+    events = [ClickEvent(**record) for record in records]
+    return events, FeatureUpdater(FeatureStore(5), 1800).process(events)
+
+
+def test_decisions_reasons_and_model_versions():
+    events, features = events_and_features(
+        click_record(event_id="a"), click_record(event_id="b"), click_record(event_id="c")
+    )
+    scored = scorer(FakeFraud([0.1, 0.6, 0.95])).score(events, features)
+    assert [r["decision"] for r in scored.fraud_scores] == ["allow", "review", "block"]
+    first = scored.fraud_scores[0]
+    assert first["reasons"] == [{"feature": "new_card", "contribution": 2.0}]  # only positive ones
+    assert (first["model_name"], first["model_version"]) == ("fraud", "3")
+    assert scored.recommendations == []
+
+
+def test_candidates_beyond_the_model_slots_are_chunked_and_ranked_together():
+    events, features = events_and_features(
+        click_record(event_id="a", candidates=[5, 900, 7, 10**9, 42]), click_record(event_id="b")
+    )
+    scored = scorer(FakeFraud([0.1, 0.1])).score(events, features)
+    (rec,) = scored.recommendations
+    ranked = [item["item_id"] for item in rec["items"]]
+    # Known ids map to row id+2, unknown ones to row 1: 900 > 42 > 7 > 5 > unknown; top 4 kept.
+    assert ranked == [900, 42, 7, 5]
+    assert rec["event_id"] == "a" and rec["model_version"] == "7"
+
+
+def test_a_model_trained_on_other_features_is_refused():
+    with pytest.raises(EngineError, match="retrain or pin"):
+        scorer(FakeFraud([0.5], manifest_hash="0000"))
