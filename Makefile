@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EVENTS ?= 100000
-RATE ?= 5000
+RATE ?= 2500
 
 .PHONY: setup kafka-jars kafka-up kafka-down models demo lint typecheck test clean
 

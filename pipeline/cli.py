@@ -24,6 +24,8 @@ kafka_app = typer.Typer(help="The local Apache Kafka broker (KRaft, from Maven C
 topics_app = typer.Typer(help="Topics of the pipeline.")
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
+engines_app = typer.Typer(help="Inference engines: benchmarks per backend.")
+app.add_typer(engines_app, name="engines")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -171,6 +173,50 @@ def _print_metrics(results: dict[str, dict[str, object]]) -> None:
     Console().print(table)
 
 
+@engines_app.command("bench")
+def engines_bench(
+    backends: Annotated[
+        str, typer.Option(help="Comma-separated: onnxruntime,torch.")
+    ] = "onnxruntime,torch",
+    batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,64,256,1024",
+    config: ConfigOption = None,
+) -> None:
+    """Print latency and throughput per model, backend and batch size (one intra-op thread)."""
+    from rich.table import Table
+
+    from engines.bench import bench_engine
+    from engines.factory import load_engine
+    from engines.registry import resolve
+    from pipeline.settings import Backend
+
+    settings = _settings(config)
+    table = Table(title=f"engines bench ({settings.engine.threads} thread)")
+    for column in ("model", "backend", "batch", "µs/batch", "µs/event", "events/s"):
+        table.add_column(column, justify="left" if column in ("model", "backend") else "right")
+    sizes = tuple(int(size) for size in batches.split(","))
+    for backend in backends.split(","):
+        engine_settings = settings.engine.model_copy(update={"backend": Backend(backend)})
+        for name, version in (
+            (settings.engine.fraud_model, settings.engine.fraud_version),
+            (settings.engine.ranking_model, settings.engine.ranking_version),
+        ):
+            engine = load_engine(name, version, engine_settings)
+            try:
+                artifact = resolve(settings.engine.model_dir, name, version)
+                for row in bench_engine(artifact, engine, sizes):
+                    table.add_row(
+                        row.model,
+                        row.backend,
+                        str(row.batch),
+                        f"{row.us_per_batch:.1f}",
+                        f"{row.us_per_event:.2f}",
+                        f"{row.events_per_s:,.0f}",
+                    )
+            finally:
+                engine.close()
+    Console().print(table)
+
+
 @app.command()
 def run(
     config: ConfigOption = None,
@@ -189,7 +235,7 @@ def run(
 @app.command()
 def demo(
     events: int = 100_000,
-    rate: Annotated[float, typer.Option(help="Production rate, events per second.")] = 5000,
+    rate: Annotated[float, typer.Option(help="Production rate, events per second.")] = 2500,
     users: int = 1000,
     config: ConfigOption = None,
 ) -> None:

@@ -68,7 +68,7 @@ class RankingModel(nn.Module):
             + self.category_embedding(history_categories)
             + self.position
         ) * mask
-        attention = torch.einsum("kd,bld->bkl", self.queries, history)
+        attention = (history @ self.queries.t()).transpose(1, 2)  # (B, K, L)
         attention = attention.masked_fill(mask.squeeze(-1).unsqueeze(1) == 0, -1e4)
         interests = torch.softmax(attention, dim=-1) @ history  # (B, K, d)
         # index_select exports as a plain Gather (indexing would give GatherND).

@@ -3,6 +3,7 @@ import onnx
 import pytest
 
 from engines.factory import choose_backend, tensorrt_unavailable_reason
+from engines.inputs import random_inputs
 from engines.models import map_item_ids
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.registry import resolve
@@ -45,22 +46,6 @@ TENSORRT_OPS = {
 @pytest.fixture(scope="module", params=["fraud", "ranking"])
 def artifact(request, model_dir):
     return resolve(model_dir, request.param)
-
-
-def random_inputs(artifact, batch, rng):
-    inputs = {}
-    for name, spec in artifact.manifest["inputs"].items():
-        shape = (batch, *spec["shape"][1:])
-        if spec["dtype"] == "float32":
-            inputs[name] = rng.normal(size=shape).astype(np.float32)
-        elif artifact.name == "fraud":
-            cards = artifact.manifest["config"]["cardinalities"]
-            inputs[name] = np.stack([rng.integers(0, c, size=batch) for c in cards], axis=1)
-        else:
-            key = "category_vocabulary" if name == "history_categories" else "item_vocabulary"
-            vocabulary = artifact.manifest[key]
-            inputs[name] = map_item_ids(rng.integers(-1, vocabulary * 2, size=shape), vocabulary)
-    return inputs
 
 
 @pytest.mark.parametrize("batch", [1, 7, 256])
@@ -142,3 +127,15 @@ def test_trained_models_beat_chance(model_dir):
     assert fraud["roc_auc"] > 0.8
     ranking = resolve(model_dir, "ranking").manifest["metrics"]
     assert ranking["ndcg_at_10"] > ranking["baselines"]["random"]["ndcg_at_10"]
+
+
+def test_bench_times_every_batch_size(model_dir):
+    from engines.bench import bench_engine
+
+    artifact = resolve(model_dir, "fraud")
+    rows = bench_engine(artifact, OnnxRuntimeEngine(artifact), (1, 16), min_seconds=0.01)
+    assert [row.batch for row in rows] == [1, 16]
+    for row in rows:
+        assert row.us_per_batch > 0
+        assert row.us_per_event == pytest.approx(row.us_per_batch / row.batch)
+        assert row.events_per_s == pytest.approx(1e6 / row.us_per_event)
