@@ -27,8 +27,8 @@ def tensorrt_unavailable_reason() -> str | None:
     """Why the TensorRT backend cannot run here, or None when it can."""
     if importlib.util.find_spec("tensorrt") is None:
         return "tensorrt is not installed (it ships only on NVIDIA's package index)"
-    if importlib.util.find_spec("engines.tensorrt") is None:
-        return "this build has no TensorRT backend module"
+    if importlib.util.find_spec("pycuda") is None:
+        return "pycuda is not installed (the `gpu` extra builds it against the CUDA toolkit)"
     if not gpu_available():
         return "no CUDA GPU is present"
     return None
@@ -68,4 +68,8 @@ def _load(artifact: ModelArtifact, backend: Backend, settings: EngineSettings) -
 
         return TorchEngine(artifact, device="cuda" if gpu_available() else "cpu")
     reason = tensorrt_unavailable_reason()
-    raise EngineError(f"tensorrt backend unavailable: {reason}")
+    if reason is not None:
+        raise EngineError(f"tensorrt backend unavailable: {reason}")
+    from engines.tensorrt import TensorRTEngine
+
+    return TensorRTEngine(artifact, settings.engine_cache_dir)

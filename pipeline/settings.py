@@ -147,6 +147,7 @@ class EngineSettings(_Frozen):
 
     backend: Backend = Backend.AUTO
     model_dir: Path = Path("var/models")
+    engine_cache_dir: Path = Path("var/engines")
     fraud_model: str = "fraud"
     fraud_version: str = "latest"
     ranking_model: str = "ranking"
