@@ -46,6 +46,27 @@ def brier(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean((scores - labels.astype(np.float64)) ** 2))
 
 
+def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every cut of the descending score order."""
+    hits = labels[np.argsort(-scores, kind="stable")].astype(np.float64)
+    caught = np.cumsum(hits)
+    precision = caught / np.arange(1, len(hits) + 1)
+    recall = caught / max(hits.sum(), 1.0)
+    return precision, recall
+
+
+def calibration_bins(
+    labels: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean predicted probability, observed positive rate and count per equal-width bin."""
+    index = np.minimum((scores * bins).astype(int), bins - 1)
+    counts = np.bincount(index, minlength=bins).astype(np.float64)
+    safe = np.maximum(counts, 1.0)
+    predicted = np.bincount(index, weights=scores, minlength=bins) / safe
+    observed = np.bincount(index, weights=labels.astype(np.float64), minlength=bins) / safe
+    return predicted, observed, counts
+
+
 def ranking_metrics(positive_rank: np.ndarray, k: int = 10) -> dict[str, float]:
     """NDCG@k, HitRate@k and MRR from the 0-based rank of the one relevant item per query."""
     ranks = positive_rank.astype(np.float64)

@@ -45,6 +45,7 @@ class TrainConfig:
     patience: int = 2
     batch_size: int = 512
     negatives: int = 31
+    catalog_seed: int | None = None  # evaluation: new users and sessions, training's catalog
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,12 @@ class Dataset:
 def build_dataset(config: TrainConfig) -> Dataset:
     """Generate and featurise; the same generator and updater the pipeline uses."""
     generator = ClickstreamGenerator(
-        GeneratorConfig(events=config.events, users=config.users, seed=config.seed)
+        GeneratorConfig(
+            events=config.events,
+            users=config.users,
+            seed=config.seed,
+            catalog_seed=config.catalog_seed,
+        )
     )
     events, labels = [], []
     digest = hashlib.sha256()
@@ -197,10 +203,7 @@ def train_ranking(
     """Sampled-softmax training against popularity-sampled negatives; early stopping."""
     torch.manual_seed(config.seed)
     examples = ranking_examples(data)
-    popularity = np.bincount(examples.target[examples.train_rows], minlength=data.items + FIRST_ID)
-    sampling = (popularity + 1.0) ** 0.75
-    sampling[:FIRST_ID] = 0
-    sampling /= sampling.sum()
+    popularity, sampling = popularity_of(examples, data.items)
     model = RankingModel(
         data.items + FIRST_ID,
         data.categories + FIRST_ID,
@@ -209,7 +212,7 @@ def train_ranking(
     )
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(config.seed)
-    eval_candidates = _eval_candidates(examples, sampling, config.candidates, config.seed)
+    eval_candidates = evaluation_candidates(examples, sampling, config.candidates, config.seed)
 
     def scores_of(rows: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
         scores: torch.Tensor = model(
@@ -238,18 +241,33 @@ def train_ranking(
     _fit(model, epoch, validation_loss, config, progress, "ranking")
     with torch.no_grad():
         model_scores = scores_of(examples.valid_rows, eval_candidates).numpy()
+    return model, ranking_report(model_scores, popularity, eval_candidates, config.seed)
+
+
+def popularity_of(examples: RankingExamples, items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training-split view counts per item row, and the negative-sampling distribution."""
+    popularity = np.bincount(examples.target[examples.train_rows], minlength=items + FIRST_ID)
+    sampling = (popularity + 1.0) ** 0.75
+    sampling[:FIRST_ID] = 0
+    return popularity, sampling / sampling.sum()
+
+
+def ranking_report(
+    model_scores: np.ndarray, popularity: np.ndarray, candidates: np.ndarray, seed: int
+) -> dict[str, Any]:
+    """NDCG@10, HitRate@10 and MRR of the model and of popularity and random baselines."""
     report: dict[str, Any] = metrics.ranking_metrics(metrics.rank_of_first(model_scores))
-    random_scores = np.random.default_rng(config.seed + 1).random(eval_candidates.shape)
+    random_scores = np.random.default_rng(seed + 1).random(candidates.shape)
     report["baselines"] = {
         "popularity": metrics.ranking_metrics(
-            metrics.rank_of_first(popularity[eval_candidates].astype(float))
+            metrics.rank_of_first(popularity[candidates].astype(float))
         ),
         "random": metrics.ranking_metrics(metrics.rank_of_first(random_scores)),
     }
-    return model, report
+    return report
 
 
-def _eval_candidates(
+def evaluation_candidates(
     examples: RankingExamples, sampling: np.ndarray, count: int, seed: int
 ) -> np.ndarray:
     """The true next item in column 0, then popularity-sampled negatives."""

@@ -173,6 +173,29 @@ def _print_metrics(results: dict[str, dict[str, object]]) -> None:
     Console().print(table)
 
 
+@app.command()
+def evaluate(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object only.")] = False,
+    out_dir: Annotated[Path, typer.Option(help="Where the PNG plots go.")] = Path("var/evaluate"),
+    events: int = 60_000,
+    users: int = 600,
+    config: ConfigOption = None,
+) -> None:
+    """Fraud and ranking quality on held-out generated data, with baselines and plots."""
+    from engines.evaluate import evaluate as run_evaluation
+
+    settings = _settings(config)
+    engine = settings.engine
+    report = run_evaluation(
+        engine.model_dir, out_dir, engine.fraud_version, engine.ranking_version, events, users
+    )
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    _print_metrics({"fraud": report["fraud"], "ranking": report["ranking"]})
+    console.print(f"held out: {report['held_out']}; plots in {out_dir}")
+
+
 @engines_app.command("bench")
 def engines_bench(
     backends: Annotated[

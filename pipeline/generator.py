@@ -52,6 +52,7 @@ class GeneratorConfig:
     card_tester_fraction: float = 0.01
     takeover_rate: float = 0.02
     recommendation_rate: float = 0.12
+    catalog_seed: int | None = None  # a catalog from another seed (held-out evaluation)
 
     def anchored_before(self, now_s: float) -> GeneratorConfig:
         """The same config with the timeline placed to end just before `now_s` (Unix seconds)."""
@@ -121,7 +122,10 @@ class ClickstreamGenerator:
         self.config = config
         self._np = np.random.default_rng(config.seed)
         self._rng = random.Random(config.seed)
-        self.catalog = Catalog.build(config, self._np)
+        catalog_rng = (
+            self._np if config.catalog_seed is None else np.random.default_rng(config.catalog_seed)
+        )
+        self.catalog = Catalog.build(config, catalog_rng)
         self._category = [int(cat) for cat in self.catalog.category]
         self._price = [float(price) for price in self.catalog.price]
         self._users = [self._make_user(i) for i in range(config.users)]

@@ -37,3 +37,16 @@ def test_ranking_metrics_from_ranks():
     assert report["hitrate_at_2"] == 0.5
     assert report["mrr"] == pytest.approx((1 + 1 / 3) / 2)
     assert report["ndcg_at_2"] == pytest.approx(0.5)
+
+
+def test_precision_recall_curve_and_calibration_bins():
+    precision, recall = metrics.precision_recall_curve(
+        np.array([1, 0, 1]), np.array([0.9, 0.8, 0.7])
+    )
+    assert list(precision) == pytest.approx([1.0, 0.5, 2 / 3])
+    assert list(recall) == pytest.approx([0.5, 0.5, 1.0])
+    predicted, observed, counts = metrics.calibration_bins(
+        np.array([0, 1, 1, 0]), np.array([0.05, 0.15, 0.95, 1.0]), bins=10
+    )
+    assert counts[0] == 1 and counts[1] == 1 and counts[9] == 2
+    assert observed[9] == 0.5 and predicted[9] == pytest.approx(0.975)
