@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO, cast
 
 import structlog
+
+
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at write time, not at configure time.
+
+    A stream captured once goes stale when it is swapped and closed (test runners, daemons
+    that redirect), and a log line must never raise inside the pipeline.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> None:
@@ -23,7 +38,7 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=True,
     )
 
