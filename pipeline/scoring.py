@@ -11,6 +11,7 @@ import numpy as np
 
 from engines.base import Engine, EngineError
 from engines.models import map_item_ids
+from engines.models.ranking import PAD
 from pipeline.events import ClickEvent
 from pipeline.features import FRAUD_CATEGORICAL, FRAUD_NUMERIC, FeatureBatch
 from pipeline.features.spec import feature_hash
@@ -113,28 +114,30 @@ class Scorer:
     ) -> list[dict[str, Any]]:
         # An event with more candidates than the model's slots takes several rows: each
         # candidate's score depends only on it and the history, so chunks are exact.
-        owners, chunks = [], []
+        owners: list[int] = []
+        chunks: list[list[int]] = []
         for row in rows:
             candidates = events[row].candidates
             for start in range(0, len(candidates), self._slots):
-                chunk = candidates[start : start + self._slots]
                 owners.append(row)
-                chunks.append(chunk + [-1] * (self._slots - len(chunk)))
+                chunks.append(candidates[start : start + self._slots])
+        padded = np.full((len(chunks), self._slots), PAD, dtype=np.int64)
+        for k, chunk in enumerate(chunks):
+            padded[k, : len(chunk)] = map_item_ids(np.asarray(chunk, dtype=np.int64), self._items)
         owner_rows = np.asarray(owners)
         inputs = {
             "history_items": map_item_ids(features.history_items[owner_rows], self._items),
             "history_categories": map_item_ids(
                 features.history_categories[owner_rows], self._categories
             ),
-            "candidate_items": map_item_ids(np.asarray(chunks, dtype=np.int64), self._items),
+            "candidate_items": padded,
         }
         scores = self._infer_ranking(inputs)
         per_event: dict[int, list[tuple[int, float]]] = {}
         for k, row in enumerate(owners):
             pairs = per_event.setdefault(row, [])
-            pairs.extend(
-                (item, float(s)) for item, s in zip(chunks[k], scores[k], strict=True) if item != -1
-            )
+            # Only the first len(chunk) slots hold candidates; the rest is padding.
+            pairs.extend((item, float(s)) for item, s in zip(chunks[k], scores[k], strict=False))
         return [self._recommendation(events[row], pairs, now) for row, pairs in per_event.items()]
 
     def _infer_ranking(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

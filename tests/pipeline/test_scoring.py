@@ -52,6 +52,15 @@ def scorer(fraud):
     return Scorer(fraud, FakeRanking(), DecisionSettings(), RankingSettings(top_k=4))
 
 
+def test_every_candidate_is_scored_even_an_id_that_looks_like_padding():
+    events, features = events_and_features(click_record(event_id="a", candidates=[-1, 3]))
+    scorer_all = Scorer(
+        FakeFraud([0.1]), FakeRanking(), DecisionSettings(), RankingSettings(top_k=10)
+    )
+    (rec,) = scorer_all.score(events, features).recommendations
+    assert sorted(item["item_id"] for item in rec["items"]) == [-1, 3]
+
+
 def events_and_features(*records):
     events = [ClickEvent(**record) for record in records]
     return events, FeatureUpdater(FeatureStore(5), 1800).process(events)
@@ -71,13 +80,15 @@ def test_decisions_reasons_and_model_versions():
 
 def test_candidates_beyond_the_model_slots_are_chunked_and_ranked_together():
     events, features = events_and_features(
-        click_record(event_id="a", candidates=[5, 900, 7, 10**9, 42]), click_record(event_id="b")
+        click_record(event_id="a", candidates=[5, 900, 7, 10**9, 42, -1]),
+        click_record(event_id="b"),
     )
     scored = scorer(FakeFraud([0.1, 0.1])).score(events, features)
     (rec,) = scored.recommendations
     ranked = [item["item_id"] for item in rec["items"]]
     # Known ids map to row id+2, unknown ones to row 1: 900 > 42 > 7 > 5 > unknown; top 4 kept.
     assert ranked == [900, 42, 7, 5]
+    assert len(rec["items"]) == 4  # top_k of the six, -1 included as a candidate, not padding
     assert rec["event_id"] == "a" and rec["model_version"] == "7"
 
 
