@@ -25,7 +25,6 @@ class Checkpoint:
         self._interval_s = interval_ms / 1000.0
         self._pending: dict[tuple[str, int], int] = {}
         self._last = time.monotonic()
-        self.commits = 0
 
     def track(self, message: Message) -> None:
         """`message` has been processed and its outputs queued."""
@@ -53,7 +52,6 @@ class Checkpoint:
         self._sink.flush()
         offsets = [TopicPartition(topic, p, self._pending.pop((topic, p))) for topic, p in keys]
         self._consumer.commit(offsets=offsets, asynchronous=False)
-        self.commits += 1
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop progress of lost partitions without committing it."""

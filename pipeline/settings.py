@@ -12,10 +12,9 @@ import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -195,9 +194,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     decision: DecisionSettings = DecisionSettings()
     ranking: RankingSettings = RankingSettings()
-    log_format: str = Field(
-        default="auto", validation_alias=AliasChoices("log_format", "STREAMSCORE_LOG_FORMAT")
-    )
+    log_format: Literal["auto", "json", "console"] = "auto"
 
     @classmethod
     def settings_customise_sources(

@@ -44,7 +44,6 @@ class Sink:
         self._recommendation = Encoder(schemas.RECOMMENDATION)
         self._dead_letter = Encoder(schemas.DEAD_LETTER)
         self._failures: list[str] = []
-        self.produced = 0
 
     def publish(self, scored: Scored, dead_letters: list[dict[str, Any]]) -> None:
         """Queue every output of a batch; deliveries are confirmed at the next flush."""
@@ -72,7 +71,6 @@ class Sink:
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
-                self.produced += 1
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.05)

@@ -84,8 +84,3 @@ def by_id(schema_id: int) -> Schema | None:
     if stem is None:
         return None
     return Schema(name=stem, schema_id=schema_id, parsed=_parse(stem))
-
-
-def field_names(name: str) -> list[str]:
-    """Field names of schema `name` in declaration order."""
-    return [field["name"] for field in raw(name)["fields"]]

@@ -72,17 +72,3 @@ def committed_offsets(
         [TopicPartition(topic, p) for p in partitions], timeout=timeout_s
     )
     return {tp.partition: max(tp.offset, 0) for tp in committed}
-
-
-def group_lag(settings: Settings, timeout_s: float = 10) -> dict[int, int]:
-    """Per-partition lag of the pipeline's consumer group on the input topic."""
-    consumer = Consumer(
-        settings.kafka.client_config()
-        | {"group.id": settings.consumer.group_id, "enable.auto.commit": "false"}
-    )
-    try:
-        ends = end_offsets(consumer, settings.topics.input, timeout_s)
-        committed = committed_offsets(consumer, settings.topics.input, ends, timeout_s)
-        return {p: ends[p] - committed[p] for p in ends}
-    finally:
-        consumer.close()

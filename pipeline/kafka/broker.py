@@ -75,7 +75,6 @@ class LocalBroker:
     libs: Path
     port: int = 9092
     controller_port: int = 9093
-    extra_properties: tuple[tuple[str, str], ...] = ()
 
     @property
     def bootstrap(self) -> str:
@@ -119,14 +118,6 @@ class LocalBroker:
             self.pid_file.unlink(missing_ok=True)
         if purge:
             shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def kill(self) -> None:
-        """SIGKILL the broker, as a crash would (for fault tests)."""
-        pid = self.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            _wait_exit(pid, 10.0)
-            self.pid_file.unlink(missing_ok=True)
 
     def pid(self) -> int | None:
         """The broker's pid when its process is alive."""
@@ -185,7 +176,7 @@ class LocalBroker:
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
-        } | dict(self.extra_properties)
+        }
         path = self.home / "server.properties"
         path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
         return path

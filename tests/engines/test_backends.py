@@ -114,11 +114,9 @@ def test_manifest_records_what_serving_needs(model_dir):
         } <= set(manifest)
 
 
-def test_auto_picks_onnxruntime_without_tensorrt():
-    reason = tensorrt_unavailable_reason()
-    if reason is None:
-        pytest.skip("TensorRT and a GPU are present; auto would pick TensorRT")
-    assert choose_backend(Backend.AUTO) is Backend.ONNXRUNTIME
+def test_auto_picks_tensorrt_only_where_it_can_run():
+    expected = Backend.TENSORRT if tensorrt_unavailable_reason() is None else Backend.ONNXRUNTIME
+    assert choose_backend(Backend.AUTO) is expected
     assert choose_backend(Backend.TORCH) is Backend.TORCH
 
 
