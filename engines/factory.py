@@ -11,7 +11,7 @@ import structlog
 from engines.base import Engine, EngineError
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.registry import ModelArtifact, resolve
-from pipeline.settings import Backend, EngineSettings
+from pipeline.settings import Backend, EngineSettings, ModelPin
 
 log = structlog.get_logger("streamscore.engines")
 
@@ -45,31 +45,44 @@ def choose_backend(requested: Backend) -> Backend:
     return Backend.ONNXRUNTIME
 
 
-def load_engine(name: str, version: str, settings: EngineSettings) -> Engine:
-    """Load model `name`@`version` on the configured backend, falling back to ONNX Runtime."""
-    artifact = resolve(settings.model_dir, name, version)
+def load_engine(pin: ModelPin, settings: EngineSettings, version: str | None = None) -> Engine:
+    """Load the pinned model (or `version` of it) on the configured backend, falling back to
+    ONNX Runtime with a warning when that backend cannot build or load it.
+    """
+    artifact = resolve(settings.model_dir, pin.name, version or pin.version)
     backend = choose_backend(settings.backend)
     try:
-        engine = _load(artifact, backend, settings)
+        engine = load_backend(artifact, backend, settings, pin.max_batch)
     except (EngineError, ImportError, RuntimeError) as exc:
         if backend is Backend.ONNXRUNTIME:
             raise
-        log.warning("engine_fallback", model=name, backend=backend.value, error=str(exc))
-        engine = _load(artifact, Backend.ONNXRUNTIME, settings)
-    log.info("engine_loaded", model=name, version=artifact.version, backend=engine.backend)
+        log.warning("engine_fallback", model=pin.name, backend=backend.value, error=str(exc))
+        engine = load_backend(artifact, Backend.ONNXRUNTIME, settings, pin.max_batch)
+    log.info(
+        "engine_loaded",
+        model=pin.name,
+        version=artifact.version,
+        backend=engine.backend,
+        max_batch=engine.max_batch_size,
+    )
     return engine
 
 
-def _load(artifact: ModelArtifact, backend: Backend, settings: EngineSettings) -> Engine:
+def load_backend(
+    artifact: ModelArtifact, backend: Backend, settings: EngineSettings, max_batch: int
+) -> Engine:
+    """`artifact` on exactly `backend` (not `auto`), with no fallback."""
     if backend is Backend.ONNXRUNTIME:
-        return OnnxRuntimeEngine(artifact, threads=settings.threads)
+        return OnnxRuntimeEngine(artifact, threads=settings.threads, max_batch_size=max_batch)
     if backend is Backend.TORCH:
         from engines.torch import TorchEngine
 
-        return TorchEngine(artifact, device="cuda" if gpu_available() else "cpu")
+        device = "cuda" if gpu_available() else "cpu"
+        return TorchEngine(artifact, device=device, max_batch_size=max_batch)
     reason = tensorrt_unavailable_reason()
     if reason is not None:
         raise EngineError(f"tensorrt backend unavailable: {reason}")
-    from engines.tensorrt import TensorRTEngine
+    from engines.tensorrt import Profile, TensorRTEngine
 
-    return TensorRTEngine(artifact, settings.engine_cache_dir)
+    profile = Profile(min_batch=1, opt_batch=min(256, max_batch), max_batch=max_batch)
+    return TensorRTEngine(artifact, settings.engine_cache_dir, profile, settings.precision)

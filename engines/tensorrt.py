@@ -4,8 +4,9 @@ Engines are built from the model's ONNX file with one optimisation profile over 
 axis, a workspace limit and a persisted timing cache, then serialised into a cache keyed by
 ONNX hash + TensorRT version + GPU name and compute capability + profile. At load the cached
 plan is deserialised; a missing, stale or unreadable plan is rebuilt. Precision comes from
-the ONNX file itself (TensorRT 11 removed the builder precision flags), so an FP16 model is an
-FP16 ONNX export. pycuda shares the device's primary context with TensorRT; each engine owns
+the ONNX file itself (TensorRT 11 removed the builder precision flags), so FP16 builds from
+the FP16 ONNX that `engines.export.fp16_onnx` makes with ModelOpt AutoCast; its own hash
+keys the cache. pycuda shares the device's primary context with TensorRT; each engine owns
 one execution context, one stream and page-locked host buffers, so use one engine per worker.
 
 Nothing here runs without the `gpu` extra and a CUDA GPU; `engines.factory` checks both first.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Arrays, EngineError
+from engines.export import file_sha256, fp16_onnx
 from engines.registry import ModelArtifact
 
 WORKSPACE_BYTES = 1 << 30
@@ -64,7 +66,11 @@ class TensorRTEngine:
     backend = "tensorrt"
 
     def __init__(
-        self, artifact: ModelArtifact, cache_dir: Path, profile: Profile = Profile()
+        self,
+        artifact: ModelArtifact,
+        cache_dir: Path,
+        profile: Profile = Profile(),
+        precision: str = "fp32",
     ) -> None:
         """Load the cached plan for this machine, building it first when needed."""
         import pycuda.driver as cuda
@@ -81,15 +87,17 @@ class TensorRTEngine:
         self._context_handle = device.retain_primary_context()
         self._context_handle.push()
         try:
+            onnx_path = artifact.onnx_path if precision == "fp32" else fp16_onnx(artifact.onnx_path)
             key = engine_cache_key(
-                artifact.manifest["onnx_sha256"],
+                file_sha256(onnx_path),
                 trt.__version__,
                 device.name(),
                 "{}.{}".format(*device.compute_capability()),
                 profile,
             )
-            plan = cache_dir / f"{artifact.name}-{artifact.version}-{key}.plan"
-            self._engine = self._load_or_build(artifact, plan, cache_dir, profile)
+            plan = cache_dir / f"{artifact.name}-{artifact.version}-{precision}-{key}.plan"
+            self.plan_path = plan
+            self._engine = self._load_or_build(onnx_path, plan, cache_dir, profile)
             self._context = self._engine.create_execution_context()
             self._stream = cuda.Stream()
             self._allocate(profile.max_batch)
@@ -133,32 +141,28 @@ class TensorRTEngine:
 
     # -- building -------------------------------------------------------------------------
 
-    def _load_or_build(
-        self, artifact: ModelArtifact, plan: Path, cache_dir: Path, profile: Profile
-    ) -> Any:
+    def _load_or_build(self, onnx_path: Path, plan: Path, cache_dir: Path, profile: Profile) -> Any:
         runtime = self._trt.Runtime(self._logger)
         if plan.is_file():
             engine = runtime.deserialize_cuda_engine(plan.read_bytes())
             if engine is not None:
                 return engine
-        serialized = self._build(artifact, cache_dir, profile)
+        serialized = self._build(onnx_path, cache_dir, profile)
         cache_dir.mkdir(parents=True, exist_ok=True)
         plan.write_bytes(serialized)
         engine = runtime.deserialize_cuda_engine(serialized)
         if engine is None:
-            raise EngineError(
-                f"TensorRT could not deserialise the plan it built for {artifact.name}"
-            )
+            raise EngineError(f"TensorRT could not deserialise the plan it built for {self.name}")
         return engine
 
-    def _build(self, artifact: ModelArtifact, cache_dir: Path, profile: Profile) -> bytes:
+    def _build(self, onnx_path: Path, cache_dir: Path, profile: Profile) -> bytes:
         trt = self._trt
         builder = trt.Builder(self._logger)
         network = builder.create_network(0)  # explicit batch; strongly typed on TensorRT 11
         parser = trt.OnnxParser(network, self._logger)
-        if not parser.parse_from_file(str(artifact.onnx_path)):
+        if not parser.parse_from_file(str(onnx_path)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise EngineError(f"TensorRT could not parse {artifact.onnx_path}: {errors}")
+            raise EngineError(f"TensorRT could not parse {onnx_path}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
         optimisation = builder.create_optimization_profile()
@@ -179,7 +183,7 @@ class TensorRTEngine:
         config.set_timing_cache(timing, False)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise EngineError(f"TensorRT failed to build an engine for {artifact.name}")
+            raise EngineError(f"TensorRT failed to build an engine for {self.name}")
         cache_dir.mkdir(parents=True, exist_ok=True)
         timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
         return bytes(serialized)

@@ -19,7 +19,7 @@ from torch import nn
 from engines import metrics
 from engines.base import EngineError
 from engines.export import OPSET, export_onnx
-from engines.models import FraudModel, RankingModel, map_item_ids
+from engines.models import FraudModel, RankingModel, for_serving, map_item_ids
 from engines.models.ranking import FIRST_ID
 from engines.registry import next_version_dir, resolve, write_manifest
 from pipeline.events import ClickEvent
@@ -327,7 +327,7 @@ def save_model(
     version, path = next_version_dir(model_dir, name)
     torch.save(module.state_dict(), path / "weights.pt")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    onnx_sha = export_onnx(module, example, outputs, path / "model.onnx")
+    onnx_sha = export_onnx(for_serving(module), example, outputs, path / "model.onnx")
     manifest = {
         "name": name,
         "version": version,

@@ -24,7 +24,7 @@ kafka_app = typer.Typer(help="The local Apache Kafka broker (KRaft, from Maven C
 topics_app = typer.Typer(help="Topics of the pipeline.")
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
-engines_app = typer.Typer(help="Inference engines: benchmarks per backend.")
+engines_app = typer.Typer(help="Inference engines: build them for this machine, benchmark them.")
 app.add_typer(engines_app, name="engines")
 console = Console(stderr=True)
 
@@ -196,6 +196,47 @@ def evaluate(
     console.print(f"held out: {report['held_out']}; plots in {out_dir}")
 
 
+@engines_app.command("build")
+def engines_build(
+    refresh: Annotated[
+        bool, typer.Option(help="Rebuild TensorRT plans even when the cache holds them.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Build (TensorRT) or load and check (ONNX Runtime, torch) the pinned models' engines."""
+    from rich.table import Table
+
+    from engines.base import EngineError
+    from engines.build import build_engines
+
+    settings = _settings(config)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("building engines", total=len(settings.engine.pins()))
+
+        def step(done: int, description: str) -> None:
+            progress.update(task, description=description, completed=done)
+
+        try:
+            results = build_engines(settings.engine, refresh=refresh, step=step)
+        except EngineError as exc:
+            console.print(f"[red]engine build failed: {exc}[/red]")
+            raise typer.Exit(1) from exc
+    table = Table(title="engines build")
+    for column in ("model", "version", "backend", "precision", "max batch", "artefact", "s"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        table.add_row(
+            r.model,
+            r.version,
+            r.backend,
+            r.precision,
+            str(r.max_batch),
+            r.artefact,
+            f"{r.seconds:.2f}",
+        )
+    Console().print(table)
+
+
 @engines_app.command("bench")
 def engines_bench(
     backends: Annotated[
@@ -219,13 +260,11 @@ def engines_bench(
     sizes = tuple(int(size) for size in batches.split(","))
     for backend in backends.split(","):
         engine_settings = settings.engine.model_copy(update={"backend": Backend(backend)})
-        for name, version in (
-            (settings.engine.fraud_model, settings.engine.fraud_version),
-            (settings.engine.ranking_model, settings.engine.ranking_version),
-        ):
-            engine = load_engine(name, version, engine_settings)
+        for pin in engine_settings.pins():
+            pin = pin.model_copy(update={"max_batch": max(sizes)})
+            engine = load_engine(pin, engine_settings)
             try:
-                artifact = resolve(settings.engine.model_dir, name, version)
+                artifact = resolve(settings.engine.model_dir, pin.name, engine.version)
                 for row in bench_engine(artifact, engine, sizes):
                     table.add_row(
                         row.model,

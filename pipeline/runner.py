@@ -15,8 +15,9 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 import schemas
-from engines.base import Engine
+from engines.base import Engine, EngineError
 from engines.factory import load_engine
+from engines.reload import ModelWatcher
 from pipeline.checkpoint import Checkpoint
 from pipeline.codec import DecodeError, Decoder
 from pipeline.events import ClickEvent, validate
@@ -54,6 +55,9 @@ class Pipeline:
         self._store = FeatureStore(settings.features.history_length)
         self._updater = FeatureUpdater(self._store, settings.features.session_gap_s)
         self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
+        self._watcher = ModelWatcher(
+            settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
+        )
 
     def run(self, stop: threading.Event) -> RunStats:
         """Consume until `stop` is set; finish the batch in hand, flush, commit, close."""
@@ -70,11 +74,41 @@ class Pipeline:
                 messages = consumer.consume(batch_size, wait_s)
                 if messages:
                     self._process(messages, sink, checkpoint)
+                self._swap_reloaded_models()
                 if checkpoint.due():
                     checkpoint.commit()
             checkpoint.commit()
             log.info("pipeline_stopped", **asdict(self.stats))
         return self.stats
+
+    def close(self) -> None:
+        """Stop watching for models and close the engines in use."""
+        self._watcher.close()
+        self._scorer.fraud.close()
+        self._scorer.ranking.close()
+
+    def _swap_reloaded_models(self) -> None:
+        """Between batches, serve any newer model version the watcher has loaded."""
+        for role, engine in self._watcher.poll():
+            try:
+                old = self._scorer.swap(role, engine)
+            except EngineError as exc:
+                log.warning(
+                    "model_reload_rejected", role=role, version=engine.version, error=str(exc)
+                )
+                self._watcher.refuse(role, engine.version)
+                engine.close()
+                continue
+            self._watcher.swapped(role, engine.version)
+            log.info(
+                "model_swapped",
+                role=role,
+                model=engine.name,
+                old_version=old.version,
+                new_version=engine.version,
+                backend=engine.backend,
+            )
+            old.close()
 
     def _subscribe(self, consumer: Consumer, checkpoint: Checkpoint) -> None:
         def on_assign(_: Consumer, partitions: list[TopicPartition]) -> None:
@@ -167,14 +201,19 @@ def run_pipeline(
     settings: Settings, stop: threading.Event, stats_file: Path | None = None
 ) -> RunStats:
     """Load the engines, run until `stop`, close everything, optionally write stats."""
-    engine = settings.engine
-    fraud = load_engine(engine.fraud_model, engine.fraud_version, engine)
-    ranking = load_engine(engine.ranking_model, engine.ranking_version, engine)
+    fraud_pin, ranking_pin = settings.engine.pins()
+    fraud = load_engine(fraud_pin, settings.engine)
+    ranking = load_engine(ranking_pin, settings.engine)
     try:
-        stats = Pipeline(settings, fraud, ranking).run(stop)
-    finally:
+        pipeline = Pipeline(settings, fraud, ranking)
+    except BaseException:
         fraud.close()
         ranking.close()
+        raise
+    try:
+        stats = pipeline.run(stop)
+    finally:
+        pipeline.close()
     if stats_file is not None:
         stats_file.parent.mkdir(parents=True, exist_ok=True)
         stats_file.write_text(json.dumps(asdict(stats)))

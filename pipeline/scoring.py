@@ -39,19 +39,27 @@ class Scorer:
         ranking_settings: RankingSettings,
     ) -> None:
         """Score with `fraud` and `ranking`; decisions and list length from settings."""
-        trained_on = fraud.manifest.get("feature_hash")
-        if trained_on != feature_hash():
-            raise EngineError(
-                f"model {fraud.name} v{fraud.version} was trained on features {trained_on}, "
-                f"but this build computes {feature_hash()}: retrain or pin a matching version"
-            )
-        self.fraud = fraud
-        self.ranking = ranking
         self._decision = decision
         self._top_k = ranking_settings.top_k
-        self._items = int(ranking.manifest["item_vocabulary"])
-        self._categories = int(ranking.manifest["category_vocabulary"])
-        self._slots = int(ranking.manifest["candidates"])
+        _check_fraud(fraud)
+        self.fraud = fraud
+        self.ranking = ranking
+        self._items, self._categories, self._slots = _ranking_shape(ranking)
+
+    def swap(self, role: str, engine: Engine) -> Engine:
+        """Serve `engine` as the `fraud` or `ranking` model from the next batch on; return the
+        engine it replaces. Raises EngineError, keeping the current one, when `engine` does
+        not fit this build.
+        """
+        old: Engine
+        if role == "fraud":
+            _check_fraud(engine)
+            old, self.fraud = self.fraud, engine
+        else:
+            shape = _ranking_shape(engine)
+            old, self.ranking = self.ranking, engine
+            self._items, self._categories, self._slots = shape
+        return old
 
     def score(self, events: Sequence[ClickEvent], features: FeatureBatch) -> Scored:
         """Fraud records for all `events`, recommendations for those with candidates."""
@@ -163,3 +171,28 @@ class Scorer:
             "ingest_time": event.ingest_time,
             "scored_time": now,
         }
+
+
+def _check_fraud(engine: Engine) -> None:
+    """A fraud model must have been trained on the features this build computes."""
+    trained_on = engine.manifest.get("feature_hash")
+    if trained_on != feature_hash():
+        raise EngineError(
+            f"model {engine.name} v{engine.version} was trained on features {trained_on}, "
+            f"but this build computes {feature_hash()}: retrain or pin a matching version"
+        )
+
+
+def _ranking_shape(engine: Engine) -> tuple[int, int, int]:
+    """Item vocabulary, category vocabulary and candidate slots from a ranking manifest."""
+    manifest = engine.manifest
+    try:
+        return (
+            int(manifest["item_vocabulary"]),
+            int(manifest["category_vocabulary"]),
+            int(manifest["candidates"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(
+            f"model {engine.name} v{engine.version} lacks a ranking manifest field: {exc}"
+        ) from exc

@@ -1,14 +1,19 @@
+import dataclasses
+import importlib.util
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 
-from engines.factory import choose_backend, tensorrt_unavailable_reason
+from engines.export import fp16_onnx
+from engines.factory import choose_backend, gpu_available, load_engine, tensorrt_unavailable_reason
 from engines.inputs import random_inputs
 from engines.models import map_item_ids
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.registry import resolve
-from engines.torch import TorchEngine
-from pipeline.settings import Backend
+from engines.torch import TorchEngine, bucket_for, build_module
+from pipeline.settings import Backend, EngineSettings
 
 # Operators the TensorRT 10 ONNX parser supports that these models may use (onnx-tensorrt
 # docs/operators.md); a new operator must be checked there before it is added here.
@@ -137,3 +142,89 @@ def test_bench_times_every_batch_size(model_dir):
         assert row.us_per_batch > 0
         assert row.us_per_event == pytest.approx(row.us_per_batch / row.batch)
         assert row.events_per_s == pytest.approx(1e6 / row.us_per_event)
+
+
+def test_serving_ranking_module_scores_like_the_trained_one(model_dir):
+    import torch
+
+    from engines.models import RankingModel, RankingServing
+
+    artifact = resolve(model_dir, "ranking")
+    serving = build_module(artifact)
+    assert isinstance(serving, RankingServing)
+    trained = serving.model
+    assert isinstance(trained, RankingModel)
+    inputs = random_inputs(artifact, 32, np.random.default_rng(4))
+    with torch.inference_mode():
+        tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        delta = (serving(**tensors) - trained(**tensors)).abs().max().item()
+    assert delta <= 1e-5
+
+
+@pytest.mark.parametrize("backend", [Backend.ONNXRUNTIME, Backend.TORCH])
+def test_engines_take_their_pinned_max_batch(model_dir, backend):
+    settings = EngineSettings(model_dir=model_dir, backend=backend, ranking_max_batch=48)
+    for pin in settings.pins():
+        engine = load_engine(pin, settings)
+        try:
+            assert engine.max_batch_size == pin.max_batch
+            artifact = resolve(model_dir, pin.name)
+            for batch in (1, pin.max_batch):
+                out = engine.infer(random_inputs(artifact, batch, np.random.default_rng(batch)))
+                assert all(len(value) == batch for value in out.values())
+        finally:
+            engine.close()
+
+
+def test_bucket_is_the_smallest_that_holds_the_batch():
+    buckets = (1, 8, 64, 256)
+    assert [bucket_for(n, buckets) for n in (1, 2, 8, 9, 64, 65, 256)] == [
+        1,
+        8,
+        8,
+        64,
+        64,
+        256,
+        256,
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fraud", "ranking"])
+def test_torch_cuda_graphs_match_cpu(model_dir, name):
+    if not gpu_available():
+        pytest.skip("no CUDA GPU is present")
+    artifact = resolve(model_dir, name)
+    cuda = TorchEngine(artifact, device="cuda", max_batch_size=256)
+    cpu = TorchEngine(artifact)
+    try:
+        for batch in (1, 5, 64, 200, 256):  # exact buckets and padded ones
+            inputs = random_inputs(artifact, batch, np.random.default_rng(batch))
+            expected, got = cpu.infer(inputs), cuda.infer(inputs)
+            for output in expected:
+                assert got[output].shape == expected[output].shape
+                assert np.max(np.abs(got[output] - expected[output])) <= 1e-4, output
+    finally:
+        cuda.close()
+
+
+@pytest.mark.parametrize("name", ["fraud", "ranking"])
+def test_fp16_onnx_keeps_the_signature_and_stays_close(model_dir, tmp_path, name):
+    if importlib.util.find_spec("modelopt") is None:
+        pytest.skip("nvidia-modelopt is not installed (it comes with the `gpu` extra)")
+    artifact = resolve(model_dir, name)
+    onnx_path = tmp_path / "model.onnx"
+    shutil.copy(artifact.onnx_path, onnx_path)
+    fp16 = fp16_onnx(onnx_path)
+    assert fp16 == tmp_path / "model.fp16.onnx"
+    model = onnx.load(str(fp16))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    full = OnnxRuntimeEngine(artifact)
+    shutil.copy(fp16, tmp_path / "model.onnx")  # serve the FP16 graph from a copied version
+    half = OnnxRuntimeEngine(dataclasses.replace(artifact, path=tmp_path))
+    inputs = random_inputs(artifact, 64, np.random.default_rng(2))
+    expected, got = full.infer(inputs), half.infer(inputs)
+    for output in expected:
+        assert got[output].dtype == expected[output].dtype
+        scale = max(1.0, float(np.max(np.abs(expected[output]))))
+        assert np.max(np.abs(got[output] - expected[output])) <= 2e-2 * scale, output

@@ -95,3 +95,20 @@ def test_candidates_beyond_the_model_slots_are_chunked_and_ranked_together():
 def test_a_model_trained_on_other_features_is_refused():
     with pytest.raises(EngineError, match="retrain or pin"):
         scorer(FakeFraud([0.5], manifest_hash="0000"))
+
+
+def test_swap_serves_the_new_version_from_the_next_batch_and_keeps_the_old_on_refusal():
+    events, features = events_and_features(click_record(event_id="a"))
+    current = scorer(FakeFraud([0.1, 0.1]))
+    newer = FakeFraud([0.2] * 4)
+    newer.version = "4"
+    old = current.swap("fraud", newer)
+    assert old.version == "3"
+    assert current.score(events, features).fraud_scores[0]["model_version"] == "4"
+
+    with pytest.raises(EngineError, match="retrain or pin"):
+        current.swap("fraud", FakeFraud([0.3], manifest_hash="other"))
+    with pytest.raises(EngineError, match="lacks a ranking manifest field"):
+        current.swap("ranking", FakeFraud([0.3]))
+    scored = current.score(events, features)
+    assert scored.fraud_scores[0]["model_version"] == "4"

@@ -1,0 +1,80 @@
+"""A model version published while the pipeline runs is swapped in without a restart."""
+
+import shutil
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+from confluent_kafka import Producer
+
+import schemas
+from engines.registry import resolve
+from pipeline.codec import Encoder
+from pipeline.demo import read_topic
+from pipeline.generator import GeneratorConfig, generate
+from pipeline.runner import run_pipeline
+from tests.engines.publish import publish_copy
+from tests.integration.test_pipeline import wait_for_commit
+
+pytestmark = pytest.mark.integration
+
+
+def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    settings = kafka_settings.model_copy(
+        update={
+            "engine": kafka_settings.engine.model_copy(
+                update={"model_dir": models, "reload_interval_s": 0.1}
+            )
+        }
+    )
+    config = GeneratorConfig(events=3000, users=80, seed=11).anchored_before(time.time())
+    events = [event for event, _ in generate(config)]
+    encoder = Encoder(schemas.CLICK_EVENT)
+    producer = Producer(settings.kafka.client_config())
+
+    def produce(chunk):
+        for event in chunk:
+            producer.produce(
+                settings.topics.input, key=event["user_id"].encode(), value=encoder.encode(event)
+            )
+        assert producer.flush(30) == 0
+
+    stop = threading.Event()
+    worker = threading.Thread(target=run_pipeline, args=(settings, stop))
+    worker.start()
+    try:
+        produce(events[:1000])
+        wait_for_commit(settings)
+        old_fraud = resolve(models, "fraud").version
+        new_fraud = publish_copy(models, "fraud")
+        new_ranking = publish_copy(models, "ranking")
+        for start in range(1000, len(events), 100):  # the swap lands somewhere in here
+            produce(events[start : start + 100])
+            time.sleep(0.05)
+        wait_for_commit(settings)
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not worker.is_alive()
+
+    scores = [r for r, _ in read_topic(settings, settings.topics.fraud_scores, schemas.FRAUD_SCORE)]
+    assert sorted(r["event_id"] for r in scores) == sorted(e["event_id"] for e in events)
+    versions_by_user = defaultdict(list)
+    for record in scores:  # a user's records share a partition, so they are in order
+        versions_by_user[record["user_id"]].append(record["model_version"])
+    assert {v for sequence in versions_by_user.values() for v in sequence} == {
+        old_fraud,
+        new_fraud,
+    }
+    for sequence in versions_by_user.values():
+        switched = sequence.index(new_fraud) if new_fraud in sequence else len(sequence)
+        assert set(sequence[switched:]) <= {new_fraud}, sequence
+
+    recs = [
+        r for r, _ in read_topic(settings, settings.topics.recommendations, schemas.RECOMMENDATION)
+    ]
+    assert new_ranking in {r["model_version"] for r in recs}
+    assert len({r["event_id"] for r in recs}) == len(recs)
