@@ -1,5 +1,6 @@
-"""The pipeline's lifecycle: consume a micro-batch → decode → features → score → produce,
-checkpoint on schedule, and stop cleanly when asked.
+"""The pipeline's lifecycle: consume a micro-batch → decode → skip replays → features →
+score → produce → commit (per the delivery guarantee), restoring state from the changelog
+on assignment, and stop cleanly when asked.
 """
 
 from __future__ import annotations
@@ -7,21 +8,32 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 import schemas
 from engines.base import Engine, EngineError
 from engines.factory import load_engine
 from engines.reload import ModelWatcher
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce, Rewind
 from pipeline.codec import DecodeError, Decoder
 from pipeline.events import ClickEvent, validate
-from pipeline.features import FeatureStore, FeatureUpdater
+from pipeline.features import FeatureStore, FeatureUpdater, feature_digests
+from pipeline.features.changelog import ensure_changelog, restore
 from pipeline.kafka.clients import consumer_config, producer_config
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
@@ -38,10 +50,16 @@ class RunStats:
 
     consumed: int = 0
     scored: int = 0
+    replayed: int = 0
+    late: int = 0
     recommendations: int = 0
     dead_lettered: int = 0
     batches: int = 0
     busy_s: float = 0.0
+    restored: int = 0
+    restore_s: float = 0.0
+    rewinds: int = 0
+    pauses: int = 0
 
 
 class Pipeline:
@@ -51,30 +69,38 @@ class Pipeline:
         """Wire the stages; Kafka clients are created by `run`."""
         self.settings = settings
         self.stats = RunStats()
+        features = settings.features
         self._decoder = Decoder(schemas.CLICK_EVENT)
-        self._store = FeatureStore(settings.features.history_length)
-        self._updater = FeatureUpdater(self._store, settings.features.session_gap_s)
+        self.store = FeatureStore(features.history_length, features.max_users, features.ttl_s)
+        self._updater = FeatureUpdater(
+            self.store, features.session_gap_s, features.allowed_lateness_s
+        )
         self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
         self._watcher = ModelWatcher(
             settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
         )
+        self._paused = False
 
     def run(self, stop: threading.Event) -> RunStats:
-        """Consume until `stop` is set; finish the batch in hand, flush, commit, close."""
+        """Consume until `stop` is set; finish the batch in hand, commit, close."""
+        changelog = ensure_changelog(self.settings)
         with ExitStack() as stack:
             consumer = Consumer(consumer_config(self.settings) | {"error_cb": _on_client_error})
             stack.callback(consumer.close)
-            producer = Producer(producer_config(self.settings) | {"error_cb": _on_client_error})
-            sink = Sink(producer, self.settings.topics)
-            checkpoint = Checkpoint(consumer, sink, self.settings.checkpoint.interval_ms)
+            checkpoint = self._checkpoint(consumer, changelog)
+            stack.callback(checkpoint.close)
             self._subscribe(consumer, checkpoint)
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
             while not stop.is_set():
                 messages = consumer.consume(batch_size, wait_s)
-                if messages:
-                    self._process(messages, sink, checkpoint)
+                try:
+                    if messages:
+                        self._process(messages, checkpoint)
+                except Rewind as rewind:
+                    self._rewind(consumer, str(rewind))
                 self._swap_reloaded_models()
+                self._backpressure(consumer, checkpoint.sink)
                 if checkpoint.due():
                     checkpoint.commit()
             checkpoint.commit()
@@ -86,6 +112,28 @@ class Pipeline:
         self._watcher.close()
         self._scorer.fraud.close()
         self._scorer.ranking.close()
+
+    def _checkpoint(self, consumer: Consumer, changelog: str) -> Checkpoint:
+        settings = self.settings
+        topics = settings.topics
+
+        def make_producer(transactional_id: str | None = None) -> Producer:
+            config = producer_config(settings, transactional_id)
+            return Producer(config | {"error_cb": _on_client_error})
+
+        if settings.processing.guarantee == "at_least_once":
+            sink = Sink(make_producer(), topics, changelog)
+            return AtLeastOnce(consumer, sink, self.store, settings.checkpoint.interval_ms)
+        # One id per process instance: stable under static membership, fresh otherwise
+        # (fencing across restarts comes from the group generation, KIP-447).
+        instance = settings.consumer.instance_id or uuid.uuid4().hex[:12]
+        transactional_id = f"{settings.consumer.group_id}.{topics.input}.{instance}"
+        return ExactlyOnce(
+            consumer,
+            lambda: make_producer(transactional_id),
+            lambda producer: Sink(producer, topics, changelog),
+            self.store,
+        )
 
     def _swap_reloaded_models(self) -> None:
         """Between batches, serve any newer model version the watcher has loaded."""
@@ -110,9 +158,57 @@ class Pipeline:
             )
             old.close()
 
+    def _backpressure(self, consumer: Consumer, sink: Sink) -> None:
+        """Pause fetching while too many outputs await acknowledgement; resume at half."""
+        limit = self.settings.processing.max_in_flight
+        in_flight = sink.in_flight()
+        if not self._paused and in_flight > limit:
+            consumer.pause(consumer.assignment())
+            self._paused = True
+            self.stats.pauses += 1
+            log.warning("input_paused", in_flight=in_flight, limit=limit)
+        elif self._paused and in_flight <= limit // 2:
+            consumer.resume(consumer.assignment())
+            self._paused = False
+            log.info("input_resumed", in_flight=in_flight)
+
+    def _restore(self, partitions: list[int]) -> None:
+        stats = restore(self.settings, self.store, partitions)
+        self.stats.restored += stats.records
+        self.stats.restore_s += stats.seconds
+        log.info(
+            "state_restored",
+            partitions=list(stats.partitions),
+            records=stats.records,
+            seconds=round(stats.seconds, 3),
+            records_per_s=round(stats.records_per_s),
+            users=self.store.users(),
+        )
+
+    def _rewind(self, consumer: Consumer, reason: str) -> None:
+        """Roll state and input back to the last committed transaction."""
+        self.stats.rewinds += 1
+        assignment = consumer.assignment()
+        partitions = [tp.partition for tp in assignment]
+        log.warning("rewinding_to_last_commit", reason=reason, partitions=partitions)
+        for partition in partitions:
+            self.store.drop_partition(partition)
+        self._restore(partitions)
+        reset = (
+            OFFSET_BEGINNING
+            if self.settings.consumer.auto_offset_reset == "earliest"
+            else OFFSET_END
+        )
+        for tp in consumer.committed(assignment, timeout=30):
+            consumer.seek(
+                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset)
+            )
+
     def _subscribe(self, consumer: Consumer, checkpoint: Checkpoint) -> None:
         def on_assign(_: Consumer, partitions: list[TopicPartition]) -> None:
-            log.info("partitions_assigned", partitions=[tp.partition for tp in partitions])
+            numbers = [tp.partition for tp in partitions]
+            log.info("partitions_assigned", partitions=numbers)
+            self._restore(numbers)
 
         def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.info("partitions_revoked", partitions=[tp.partition for tp in partitions])
@@ -120,30 +216,35 @@ class Pipeline:
                 checkpoint.commit(partitions)
             finally:
                 for tp in partitions:
-                    self._store.drop_partition(tp.partition)
+                    self.store.drop_partition(tp.partition)
 
         def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
             checkpoint.forget(partitions)
             for tp in partitions:
-                self._store.drop_partition(tp.partition)
+                self.store.drop_partition(tp.partition)
 
         consumer.subscribe(
             [self.settings.topics.input], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
         )
 
-    def _process(self, messages: list[Message], sink: Sink, checkpoint: Checkpoint) -> None:
+    def _process(self, messages: list[Message], checkpoint: Checkpoint) -> None:
         started = time.perf_counter()
-        events, dead = self._decode(messages)
+        decoded, dead = self._decode(messages)
+        events = self._updater.fresh(decoded)
+        late_before = self._updater.late
         features = self._updater.process(events)
+        self.store.evict()
         scored = self._scorer.score(events, features)
-        sink.publish(scored, dead)
-        for message in messages:
-            if message.error() is None:
-                checkpoint.track(message)
+        digests = feature_digests(features) if self.settings.processing.emit_features else None
+        checkpoint.begin_batch()
+        checkpoint.sink.publish(scored, dead, digests)
+        checkpoint.end_batch(messages)
         stats = self.stats
         stats.batches += 1
         stats.scored += len(scored.fraud_scores)
+        stats.replayed += len(decoded) - len(events)
+        stats.late += self._updater.late - late_before
         stats.recommendations += len(scored.recommendations)
         stats.dead_lettered += len(dead)
         stats.busy_s += time.perf_counter() - started

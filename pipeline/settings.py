@@ -93,6 +93,10 @@ class TopicSettings(_Frozen):
     recommendations: str = "recommendations"
     dead_letter: str = "clickstream-dlq"
     labels: str = "clickstream-labels"
+    changelog: str | None = Field(
+        default=None,
+        description="Compacted state changelog; default `<group_id>.<input>.changelog`.",
+    )
     partitions: PositiveInt = 4
     replication_factor: PositiveInt = 1
 
@@ -101,16 +105,42 @@ class ConsumerSettings(_Frozen):
     """The consumer group and how micro-batches close."""
 
     group_id: str = "streamscore"
+    instance_id: str | None = Field(
+        default=None,
+        description="Static membership (`group.instance.id`): a restart within the session "
+        "timeout keeps its partitions without a rebalance.",
+    )
     max_batch: PositiveInt = 500
     max_wait_ms: PositiveInt = 5
-    auto_offset_reset: str = "earliest"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: PositiveInt = 45_000
+    max_poll_interval_ms: PositiveInt = 300_000
 
 
 class CheckpointSettings(_Frozen):
-    """How often outputs are flushed and input offsets committed."""
+    """How often outputs are flushed and input offsets committed (at-least-once)."""
 
     interval_ms: PositiveInt = 1000
+
+
+class ProcessingSettings(_Frozen):
+    """Delivery guarantee, backpressure and debug outputs.
+
+    `at_least_once`: outputs and changelog records are acknowledged before input offsets
+    are committed. `exactly_once`: one transaction per batch holds the outputs, the changelog
+    records and the input offsets; read outputs with `isolation.level=read_committed`.
+    """
+
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    transaction_timeout_ms: PositiveInt = 60_000
+    max_in_flight: PositiveInt = Field(
+        default=100_000,
+        description="Outputs queued but not yet acknowledged before input partitions pause.",
+    )
+    emit_features: bool = Field(
+        default=False,
+        description="Debug: put a digest of each event's features in a header of its outputs.",
+    )
 
 
 class FeatureSettings(_Frozen):
@@ -118,6 +148,17 @@ class FeatureSettings(_Frozen):
 
     session_gap_s: PositiveFloat = 1800.0
     history_length: PositiveInt = 50
+    allowed_lateness_s: Annotated[float, Field(ge=0)] = Field(
+        default=3600.0,
+        description="An event further behind its user's newest is scored but not folded in.",
+    )
+    ttl_s: PositiveFloat = Field(
+        default=7 * 24 * 3600.0, description="Users idle this long in event time are evicted."
+    )
+    max_users: PositiveInt = Field(
+        default=1_000_000, description="Users held per process; the least recent go first."
+    )
+    restore_batch: PositiveInt = 10_000
 
 
 class LimitSettings(_Frozen):
@@ -230,6 +271,7 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+    processing: ProcessingSettings = ProcessingSettings()
     features: FeatureSettings = FeatureSettings()
     limits: LimitSettings = LimitSettings()
     engine: EngineSettings = EngineSettings()

@@ -1,5 +1,5 @@
-"""Encodes results and dead letters and produces them; delivery failures are collected so the
-checkpoint never commits input whose outputs were not acknowledged.
+"""Encodes results and dead letters and produces them, with the state changelog records;
+delivery failures are collected so no input is committed whose outputs were not acknowledged.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from confluent_kafka import KafkaError, Message, Producer
 
 import schemas
 from pipeline.codec import DecodeError, Encoder
+from pipeline.features.state import StateChange
 from pipeline.scoring import Scored
 from pipeline.settings import TopicSettings
+
+FEATURES_HEADER = "streamscore-features"
 
 
 class DeliveryError(RuntimeError):
@@ -34,21 +37,36 @@ def dead_letter(message: Message, error: DecodeError) -> dict[str, Any]:
 
 
 class Sink:
-    """Produces FraudScore, Recommendation and DeadLetter records, keyed by user id."""
+    """Produces FraudScore, Recommendation and DeadLetter records, keyed by user id, and
+    changelog records to the changelog partition of their input partition.
+    """
 
-    def __init__(self, producer: Producer, topics: TopicSettings) -> None:
-        """Write to the topics named in `topics` through `producer`."""
+    def __init__(self, producer: Producer, topics: TopicSettings, changelog: str) -> None:
+        """Write to the topics named in `topics` and to `changelog` through `producer`."""
         self._producer = producer
         self._topics = topics
+        self._changelog = changelog
         self._fraud = Encoder(schemas.FRAUD_SCORE)
         self._recommendation = Encoder(schemas.RECOMMENDATION)
         self._dead_letter = Encoder(schemas.DEAD_LETTER)
         self._failures: list[str] = []
 
-    def publish(self, scored: Scored, dead_letters: list[dict[str, Any]]) -> None:
-        """Queue every output of a batch; deliveries are confirmed at the next flush."""
-        for record in scored.fraud_scores:
-            self._produce(self._topics.fraud_scores, record["user_id"], self._fraud.encode(record))
+    def publish(
+        self,
+        scored: Scored,
+        dead_letters: list[dict[str, Any]],
+        feature_digests: list[str] | None = None,
+    ) -> None:
+        """Queue every output of a batch; deliveries are confirmed at the next flush. With
+        `feature_digests` (debug), fraud score i carries digest i in a header.
+        """
+        for i, record in enumerate(scored.fraud_scores):
+            headers: list[tuple[str, str | bytes | None]] | None = (
+                None if feature_digests is None else [(FEATURES_HEADER, feature_digests[i])]
+            )
+            self._produce(
+                self._topics.fraud_scores, record["user_id"], self._fraud.encode(record), headers
+            )
         for record in scored.recommendations:
             self._produce(
                 self._topics.recommendations, record["user_id"], self._recommendation.encode(record)
@@ -58,19 +76,47 @@ class Sink:
             self._produce(self._topics.dead_letter, key, self._dead_letter.encode(record))
         self._producer.poll(0)
 
+    def publish_state(self, changes: list[StateChange]) -> None:
+        """Queue changelog records: a user's state bytes, or a tombstone for an eviction."""
+        for change in changes:
+            self._produce(self._changelog, change.user_id, change.value, partition=change.partition)
+        self._producer.poll(0)
+
+    def in_flight(self) -> int:
+        """Records queued or in transit, not yet acknowledged."""
+        return len(self._producer)
+
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued output is acknowledged; raise DeliveryError otherwise."""
         remaining = self._producer.flush(timeout_s)
-        if self._failures:
-            failures, self._failures = self._failures, []
-            raise DeliveryError(f"{len(failures)} outputs failed delivery, first: {failures[0]}")
+        self.raise_failures()
         if remaining:
             raise DeliveryError(f"{remaining} outputs still unacknowledged after {timeout_s}s")
 
-    def _produce(self, topic: str, key: str | bytes | None, value: bytes) -> None:
+    def raise_failures(self) -> None:
+        """Raise DeliveryError if any output failed delivery since the last check."""
+        if self._failures:
+            failures, self._failures = self._failures, []
+            raise DeliveryError(f"{len(failures)} outputs failed delivery, first: {failures[0]}")
+
+    def _produce(
+        self,
+        topic: str,
+        key: str | bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+        partition: int = -1,
+    ) -> None:
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    partition=partition,
+                    on_delivery=self._on_delivery,
+                )
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.05)

@@ -1,8 +1,13 @@
-"""Per-user session state and the features the engines read."""
+"""Per-user session state, its changelog, and the features the engines read."""
 
 from pipeline.features.spec import FRAUD_CATEGORICAL, FRAUD_NUMERIC
-from pipeline.features.state import FeatureStore, UserState
-from pipeline.features.updater import FeatureBatch, FeatureUpdater, compute_features
+from pipeline.features.state import FeatureStore, StateChange, UserState
+from pipeline.features.updater import (
+    FeatureBatch,
+    FeatureUpdater,
+    compute_features,
+    feature_digests,
+)
 
 __all__ = [
     "FRAUD_CATEGORICAL",
@@ -10,6 +15,8 @@ __all__ = [
     "FeatureBatch",
     "FeatureStore",
     "FeatureUpdater",
+    "StateChange",
     "UserState",
     "compute_features",
+    "feature_digests",
 ]

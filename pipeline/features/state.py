@@ -1,84 +1,250 @@
-"""Per-user state, and the store that keeps it per assigned input partition."""
+"""Per-user state, its compact byte form for the changelog, and the store that keeps it per
+assigned input partition.
+
+Memory is the constraint (≤ 2 KB per active user at L=50, so a million users fit in 2 GB),
+so a user's state is a handful of typed `array`s rather than Python lists, sets and dicts of
+boxed numbers: timestamps and counts in one int64 array, decayed counters in one float64
+array, the recent (item, category) sequence interleaved in one int32 ring, and the devices,
+IPs, cards and countries seen as (CRC-32 of the value, last-seen time) pairs. Hashing those
+values keeps the state small and free of personal data; a collision could only hide one
+"new device" flag in about four billion. The byte form is a fixed struct header followed by
+the arrays' raw little-endian bytes, so encoding and decoding are a few memory copies.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import struct
+import sys
+import zlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from pipeline.features.spec import WINDOWS_S
+
+if sys.byteorder != "little":  # the byte form is the arrays' native layout
+    raise ImportError("streamscore's state encoding assumes a little-endian host")
 
 NEVER = -1
 MAX_SEEN = 16  # devices, IPs, cards and countries remembered per user (oldest evicted)
 MAX_SESSION_ITEMS = 64
 
+# Slots of `UserState.ints` (int64).
+FIRST_SEEN, LAST_TIME, LAST_LOGIN, LAST_PURCHASE = 0, 1, 2, 3
+SESSION_START, SESSION_LAST, COUNTER_TIME, OFFSET = 4, 5, 6, 7
+SESSION_EVENTS, SESSION_VIEWS = 8, 9
+INT_SLOTS = 10
+# Slots of `UserState.floats` (float64): decayed counters per window, then the rest.
+WINDOWS = len(WINDOWS_S)
+EVENTS, PURCHASES = 0, WINDOWS  # EVENTS + i and PURCHASES + i for window i
+AMOUNT_1H = 2 * WINDOWS
+SESSION_NOVELTY = AMOUNT_1H + 1  # 4 flags: device, ip, country, card new this session
+FLOAT_SLOTS = SESSION_NOVELTY + 4
+SEEN_KINDS = ("device", "ip", "country", "card")
+
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(f"<B{INT_SLOTS}q{FLOAT_SLOTS}d6H")
+
+
+def value_hash(value: str) -> int:
+    """A stable 32-bit hash of a device, IP, card or country (stable across processes)."""
+    return zlib.crc32(value.encode())
+
 
 class UserState:
     """What the updater remembers about one user. Times are event-time milliseconds."""
 
-    __slots__ = (
-        "amount_1h",
-        "cards",
-        "counter_time",
-        "countries",
-        "devices",
-        "events",
-        "first_seen",
-        "history",
-        "ips",
-        "last_login",
-        "last_purchase",
-        "last_time",
-        "purchases",
-        "session_events",
-        "session_items",
-        "session_last",
-        "session_novelty",
-        "session_start",
-        "session_views",
-    )
+    __slots__ = ("floats", "history", "ints", "seen", "session_items")
 
-    def __init__(self, now_ms: int, history_length: int) -> None:
+    def __init__(self, now_ms: int) -> None:
         """Fresh state for a user first seen at `now_ms`."""
-        self.first_seen = now_ms
-        self.last_time = NEVER
-        self.last_login = NEVER
-        self.last_purchase = NEVER
-        self.session_start = now_ms
-        self.session_last = NEVER
-        self.session_events = 0
-        self.session_views = 0
-        self.session_items: set[int] = set()
-        self.session_novelty = [0.0, 0.0, 0.0, 0.0]  # device, ip, country, card new this session
-        self.counter_time = now_ms
-        self.events = [0.0] * len(WINDOWS_S)
-        self.purchases = [0.0] * len(WINDOWS_S)
-        self.amount_1h = 0.0
-        self.devices: dict[str, int] = {}
-        self.ips: dict[str, int] = {}
-        self.cards: dict[str, int] = {}
-        self.countries: dict[str, int] = {}
-        self.history: deque[tuple[int, int]] = deque(maxlen=history_length)
+        ints = array("q", [NEVER]) * INT_SLOTS
+        ints[FIRST_SEEN] = ints[SESSION_START] = ints[COUNTER_TIME] = now_ms
+        ints[SESSION_EVENTS] = ints[SESSION_VIEWS] = 0
+        self.ints = ints
+        self.floats = array("d", bytes(8 * FLOAT_SLOTS))
+        self.history = array("i")  # item, category, item, category, ... oldest first
+        self.session_items = array("i")
+        # Per kind: hash, last seen, hash, last seen, ...
+        self.seen = [array("q") for _ in SEEN_KINDS]
+
+    def copy(self) -> UserState:
+        """An independent copy (for scoring a late event without changing this state)."""
+        other = UserState.__new__(UserState)
+        other.ints = array("q", self.ints)
+        other.floats = array("d", self.floats)
+        other.history = array("i", self.history)
+        other.session_items = array("i", self.session_items)
+        other.seen = [array("q", kind) for kind in self.seen]
+        return other
+
+    def to_bytes(self) -> bytes:
+        """The changelog form."""
+        seen = self.seen
+        header = _HEADER.pack(
+            FORMAT_VERSION,
+            *self.ints,
+            *self.floats,
+            len(self.history),
+            len(self.session_items),
+            *(len(kind) for kind in seen),
+        )
+        return b"".join(
+            (
+                header,
+                self.history.tobytes(),
+                self.session_items.tobytes(),
+                *(kind.tobytes() for kind in seen),
+            )
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> UserState:
+        """Inverse of `to_bytes`; raises ValueError on bytes it did not write."""
+        if not data or data[0] != FORMAT_VERSION:
+            raise ValueError("not a version-1 user state")
+        fields = _HEADER.unpack_from(data)
+        state = cls.__new__(cls)
+        state.ints = array("q", fields[1 : 1 + INT_SLOTS])
+        state.floats = array("d", fields[1 + INT_SLOTS : 1 + INT_SLOTS + FLOAT_SLOTS])
+        lengths = fields[1 + INT_SLOTS + FLOAT_SLOTS :]
+        view = memoryview(data)[_HEADER.size :]
+        parts = []
+        for code, length in zip("ii" + "q" * len(SEEN_KINDS), lengths, strict=True):
+            part = array(code)
+            size = length * part.itemsize
+            part.frombytes(view[:size])
+            view = view[size:]
+            parts.append(part)
+        if len(view):
+            raise ValueError("trailing bytes after a user state")
+        state.history, state.session_items, *state.seen = parts
+        return state
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One changelog record: a user's new state, or None when the user was evicted."""
+
+    partition: int
+    user_id: str
+    value: bytes | None
 
 
 class FeatureStore:
-    """User states, one map per assigned partition, so a revoked partition drops cleanly."""
+    """User states, one map per assigned partition, so a revoked partition drops cleanly.
 
-    def __init__(self, history_length: int) -> None:
+    A partition's map is in least-recently-updated order. Users restored from the changelog
+    stay as bytes until their first event. Every user updated or evicted since the last
+    `take_changes` is a pending changelog record. Eviction: users idle for `ttl_s` of event
+    time (against the newest event seen in their partition) and, above `max_users`, the least
+    recently updated users of the largest partition.
+    """
+
+    def __init__(
+        self, history_length: int, max_users: int = 2**62, ttl_s: float = float("inf")
+    ) -> None:
         """An empty store; `history_length` bounds each user's recent item sequence."""
         self.history_length = history_length
-        self._partitions: dict[int, dict[str, UserState]] = {}
+        self.max_users = max_users
+        self._ttl_ms = ttl_s * 1000.0
+        self._partitions: dict[int, OrderedDict[str, UserState | bytes]] = {}
+        self._changed: dict[int, set[str]] = {}
+        self._watermark: dict[int, int] = {}
+        self._count = 0
+        self.evicted = 0
 
     def get(self, partition: int, user_id: str, now_ms: int) -> UserState:
-        """The state of `user_id`, created on first sight."""
-        users = self._partitions.setdefault(partition, {})
+        """The state of `user_id`, created on first sight; marks it changed and most recent."""
+        users = self._partitions.get(partition)
+        if users is None:
+            users = self._partitions[partition] = OrderedDict()
         state = users.get(user_id)
         if state is None:
-            state = users[user_id] = UserState(now_ms, self.history_length)
+            state = users[user_id] = UserState(now_ms)
+            self._count += 1
+        elif type(state) is bytes:
+            state = users[user_id] = UserState.from_bytes(state)
+            users.move_to_end(user_id)
+        else:
+            users.move_to_end(user_id)
+        self._changed.setdefault(partition, set()).add(user_id)
+        if now_ms > self._watermark.get(partition, NEVER):
+            self._watermark[partition] = now_ms
+        assert type(state) is UserState
         return state
+
+    def peek(self, partition: int, user_id: str) -> UserState | None:
+        """The state of `user_id` if held, without marking it changed."""
+        users = self._partitions.get(partition)
+        state = None if users is None else users.get(user_id)
+        if type(state) is bytes:
+            state = self._partitions[partition][user_id] = UserState.from_bytes(state)
+        assert state is None or type(state) is UserState
+        return state
+
+    def restore(self, partition: int, user_id: str, value: bytes | None) -> None:
+        """Apply one changelog record (None deletes); later records win."""
+        users = self._partitions.setdefault(partition, OrderedDict())
+        if value is None:
+            if users.pop(user_id, None) is not None:
+                self._count -= 1
+            return
+        if user_id not in users:
+            self._count += 1
+        users[user_id] = value
+        users.move_to_end(user_id)
+
+    def evict(self) -> None:
+        """Drop idle users past the TTL, then the least recent above `max_users`."""
+        for partition, users in self._partitions.items():
+            horizon = self._watermark.get(partition, NEVER) - self._ttl_ms
+            while users:
+                user_id, state = next(iter(users.items()))
+                if _last_time(state) >= horizon:
+                    break
+                self._drop(partition, user_id)
+        while self._count > self.max_users:
+            partition, users = max(self._partitions.items(), key=lambda item: len(item[1]))
+            self._drop(partition, next(iter(users)))
+
+    def take_changes(self, partitions: set[int] | None = None) -> list[StateChange]:
+        """Pending changelog records of `partitions` (all if None), oldest change first."""
+        changes = []
+        for partition in list(self._changed) if partitions is None else partitions:
+            changed = self._changed.pop(partition, set())
+            users = self._partitions.get(partition)
+            for user_id in changed:
+                state = None if users is None else users.get(user_id)
+                value = state.to_bytes() if type(state) is UserState else state
+                assert value is None or type(value) is bytes
+                changes.append(StateChange(partition, user_id, value))
+        return changes
 
     def drop_partition(self, partition: int) -> None:
         """Forget the state of a partition this process no longer owns."""
-        self._partitions.pop(partition, None)
+        users = self._partitions.pop(partition, None)
+        self._count -= len(users or ())
+        self._changed.pop(partition, None)
+        self._watermark.pop(partition, None)
+
+    def partitions(self) -> list[int]:
+        """Partitions with state here."""
+        return list(self._partitions)
 
     def users(self) -> int:
         """Users held across all partitions."""
-        return sum(len(users) for users in self._partitions.values())
+        return self._count
+
+    def _drop(self, partition: int, user_id: str) -> None:
+        del self._partitions[partition][user_id]
+        self._count -= 1
+        self.evicted += 1
+        self._changed.setdefault(partition, set()).add(user_id)  # becomes a tombstone
+
+
+def _last_time(state: UserState | bytes) -> int:
+    if type(state) is bytes:
+        return int(_HEADER.unpack_from(state)[1 + LAST_TIME])
+    assert type(state) is UserState
+    return state.ints[LAST_TIME]

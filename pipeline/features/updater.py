@@ -4,11 +4,22 @@ Velocity windows are exponentially decayed counters with the window as time cons
 memory per user and exact under out-of-order events, at the cost of soft window edges. An
 event older than the user's latest adds its weight decayed to the latest time instead of 1.
 Distinct counts keep each value's last-seen time and count those inside the window.
+
+The late-event rule: an event more than `allowed_lateness_s` older than the newest event of
+its user is late. It is scored from the user's current state, as any event is, but it does
+not change that state. Within the bound, out-of-order events are folded in as above.
+
+Replays: each state remembers the input offset of the last event folded into it. After a
+restart under at-least-once, input from before that offset is already in the restored state
+(the changelog is written only after the outputs of those events were acknowledged), so
+`fresh` drops it instead of counting it twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -16,12 +27,38 @@ import numpy as np
 
 from pipeline.events import PAYMENT_EVENTS, ClickEvent
 from pipeline.features import spec
-from pipeline.features.state import MAX_SEEN, MAX_SESSION_ITEMS, NEVER, FeatureStore, UserState
+from pipeline.features.state import (
+    AMOUNT_1H,
+    COUNTER_TIME,
+    EVENTS,
+    FIRST_SEEN,
+    LAST_LOGIN,
+    LAST_PURCHASE,
+    LAST_TIME,
+    MAX_SEEN,
+    MAX_SESSION_ITEMS,
+    NEVER,
+    OFFSET,
+    PURCHASES,
+    SESSION_EVENTS,
+    SESSION_LAST,
+    SESSION_NOVELTY,
+    SESSION_START,
+    SESSION_VIEWS,
+    WINDOWS,
+    FeatureStore,
+    UserState,
+    value_hash,
+)
 
 _LONG_AGO_S = 1e7  # stands in for "never" in since-last features
 _HOUR_MS = 3_600_000
 _DECAY_MS = [window * 1000.0 for window in spec.WINDOWS_S]
 _LOG_COLUMNS = [i for i, name in enumerate(spec.FRAUD_NUMERIC) if name.endswith("_log")]
+_INT32_MAX = 2**31 - 1
+# Distinct-count columns are devices, IPs, cards, countries; SEEN_KINDS order is
+# device, ip, country, card.
+_DISTINCT_ORDER = (0, 1, 3, 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +74,29 @@ class FeatureBatch:
 class FeatureUpdater:
     """Computes each event's features from the state before it, then folds it in."""
 
-    def __init__(self, store: FeatureStore, session_gap_s: float) -> None:
-        """An updater over `store`; a gap over `session_gap_s` starts a new session."""
+    def __init__(
+        self,
+        store: FeatureStore,
+        session_gap_s: float,
+        allowed_lateness_s: float = float("inf"),
+    ) -> None:
+        """An updater over `store`; a gap over `session_gap_s` starts a new session, and an
+        event over `allowed_lateness_s` behind its user's newest is late.
+        """
         self.store = store
         self._gap_ms = session_gap_s * 1000.0
+        self._lateness_ms = allowed_lateness_s * 1000.0
+        self.late = 0
+
+    def fresh(self, events: Sequence[ClickEvent]) -> list[ClickEvent]:
+        """`events` without those already folded into their user's (restored) state."""
+        store = self.store
+        kept = []
+        for event in events:
+            state = store.peek(event.partition, event.user_id) if event.offset >= 0 else None
+            if state is None or event.offset > state.ints[OFFSET]:
+                kept.append(event)
+        return kept
 
     def process(self, events: Sequence[ClickEvent], all_histories: bool = False) -> FeatureBatch:
         """Features for `events`, in order, updating state as it goes.
@@ -56,10 +112,17 @@ class FeatureUpdater:
         for row, event in enumerate(events):
             state = self.store.get(event.partition, event.user_id, event.event_time)
             if (all_histories or event.candidates) and state.history:
-                items, cats = zip(*state.history, strict=True)
-                hist_items[row, length - len(items) :] = items
-                hist_cats[row, length - len(cats) :] = cats
-            numeric[row] = self._update(state, event)
+                pairs = np.frombuffer(state.history, dtype=np.int32).copy()  # no held export
+                hist_items[row, length - len(pairs) // 2 :] = pairs[0::2]
+                hist_cats[row, length - len(pairs) // 2 :] = pairs[1::2]
+            ints = state.ints
+            if ints[LAST_TIME] != NEVER and event.event_time < ints[LAST_TIME] - self._lateness_ms:
+                self.late += 1
+                numeric[row] = self._update(state.copy(), event)  # scored, state unchanged
+            else:
+                numeric[row] = self._update(state, event)
+            if event.offset > ints[OFFSET]:
+                ints[OFFSET] = event.offset
             categorical[row] = _categorical(event)
         # One vectorised log1p per batch instead of a math.log1p per feature per event.
         logged = numeric[:, _LOG_COLUMNS]
@@ -69,29 +132,27 @@ class FeatureUpdater:
     def _update(self, state: UserState, event: ClickEvent) -> list[float]:
         """The event's raw feature row (columns named *_log are logged per batch)."""
         t = event.event_time
-        first = state.last_time == NEVER
-        if first or t - state.session_last > self._gap_ms:
+        ints, floats = state.ints, state.floats
+        first = ints[LAST_TIME] == NEVER
+        if first or t - ints[SESSION_LAST] > self._gap_ms:
             _new_session(state, t)
+        values = (event.device_id, event.ip, event.country, event.card_fingerprint)
+        hashes = [None if value is None else value_hash(value) for value in values]
         novelty = [
-            0.0 if first or value is None or value in seen else 1.0
-            for value, seen in (
-                (event.device_id, state.devices),
-                (event.ip, state.ips),
-                (event.country, state.countries),
-                (event.card_fingerprint, state.cards),
-            )
+            0.0 if first or h is None or h in seen[0::2] else 1.0
+            for h, seen in zip(hashes, state.seen, strict=True)
         ]
-        state.session_novelty = [
-            max(a, b) for a, b in zip(state.session_novelty, novelty, strict=True)
-        ]
+        for i, flag in enumerate(novelty):
+            if flag > floats[SESSION_NOVELTY + i]:
+                floats[SESSION_NOVELTY + i] = flag
         payment = event.event_type in PAYMENT_EVENTS
         purchase = event.event_type == "purchase"
         amount = event.payment_amount or 0.0
-        since_last = _since(t, state.last_time)
-        _fold(state, event, t, purchase, amount)
+        since_last = _since(t, ints[LAST_TIME])
+        _fold(state, event, t, purchase, amount, values, hashes, self.store.history_length)
         distinct = [
-            sum(1 for seen_at in seen.values() if t - seen_at <= _HOUR_MS)
-            for seen in (state.devices, state.ips, state.cards, state.countries)
+            sum(1 for seen_at in state.seen[kind][1::2] if t - seen_at <= _HOUR_MS)
+            for kind in _DISTINCT_ORDER
         ]
         billing = event.billing_country
         return [
@@ -100,83 +161,109 @@ class FeatureUpdater:
             event.quantity or 0,
             float(payment),
             float(first),
-            state.session_events,
-            (state.session_last - state.session_start) / 1000.0,
+            ints[SESSION_EVENTS],
+            (ints[SESSION_LAST] - ints[SESSION_START]) / 1000.0,
             len(state.session_items),
-            state.session_views if payment else 0,
+            ints[SESSION_VIEWS] if payment else 0,
             since_last,
-            _since(t, state.last_login),
-            _since(t, state.last_purchase),
-            (t - state.first_seen) / 1000.0,
-            *state.events,
-            *state.purchases,
-            state.amount_1h,
+            _since(t, ints[LAST_LOGIN]),
+            _since(t, ints[LAST_PURCHASE]),
+            (t - ints[FIRST_SEEN]) / 1000.0,
+            *floats[EVENTS : EVENTS + WINDOWS],
+            *floats[PURCHASES : PURCHASES + WINDOWS],
+            floats[AMOUNT_1H],
             *(float(count) for count in distinct),
             *novelty,
-            *state.session_novelty,
+            *floats[SESSION_NOVELTY : SESSION_NOVELTY + 4],
             float(billing is not None and bool(event.country) and billing != event.country),
         ]
 
 
 def _new_session(state: UserState, t: int) -> None:
-    state.session_start = t
-    state.session_events = 0
-    state.session_views = 0
-    state.session_items.clear()
-    state.session_novelty = [0.0, 0.0, 0.0, 0.0]
+    ints = state.ints
+    ints[SESSION_START] = t
+    ints[SESSION_EVENTS] = 0
+    ints[SESSION_VIEWS] = 0
+    del state.session_items[:]
+    for i in range(4):
+        state.floats[SESSION_NOVELTY + i] = 0.0
 
 
-def _fold(state: UserState, event: ClickEvent, t: int, purchase: bool, amount: float) -> None:
+def _fold(
+    state: UserState,
+    event: ClickEvent,
+    t: int,
+    purchase: bool,
+    amount: float,
+    values: tuple[str | None, ...],
+    hashes: list[int | None],
+    history_length: int,
+) -> None:
+    ints, floats = state.ints, state.floats
     weights = _advance_counters(state, t)
     for i, weight in enumerate(weights):
-        state.events[i] += weight
+        floats[EVENTS + i] += weight
         if purchase:
-            state.purchases[i] += weight
+            floats[PURCHASES + i] += weight
     if purchase:
-        state.amount_1h += amount * weights[-1]
-        state.last_purchase = max(state.last_purchase, t)
+        floats[AMOUNT_1H] += amount * weights[-1]
+        ints[LAST_PURCHASE] = max(ints[LAST_PURCHASE], t)
     if event.event_type == "login":
-        state.last_login = max(state.last_login, t)
-    state.session_events += 1
-    state.session_last = max(state.session_last, t)
-    state.last_time = max(state.last_time, t)
+        ints[LAST_LOGIN] = max(ints[LAST_LOGIN], t)
+    ints[SESSION_EVENTS] += 1
+    ints[SESSION_LAST] = max(ints[SESSION_LAST], t)
+    ints[LAST_TIME] = max(ints[LAST_TIME], t)
     if event.event_type == "product_view":
-        state.session_views += 1
+        ints[SESSION_VIEWS] += 1
     if event.item_id is not None:
-        if len(state.session_items) < MAX_SESSION_ITEMS:
-            state.session_items.add(event.item_id)
-        state.history.append(
-            (event.item_id, event.category_id if event.category_id is not None else -1)
-        )
-    for value, seen in (
-        (event.device_id, state.devices),
-        (event.ip, state.ips),
-        (event.country, state.countries),
-        (event.card_fingerprint, state.cards),
-    ):
-        if value:
-            _remember(seen, value, t)
+        item = _int32(event.item_id)
+        items = state.session_items
+        if len(items) < MAX_SESSION_ITEMS and item not in items:
+            items.append(item)
+        history = state.history
+        history.append(item)
+        history.append(_int32(event.category_id) if event.category_id is not None else -1)
+        if len(history) > 2 * history_length:
+            del history[:2]
+    for value, h, seen in zip(values, hashes, state.seen, strict=True):
+        if value and h is not None:
+            _remember(seen, h, t)
 
 
 def _advance_counters(state: UserState, t: int) -> list[float]:
     """Decay counters to max(t, counter time); the weight event time t adds to each."""
-    elapsed = t - state.counter_time
+    ints, floats = state.ints, state.floats
+    elapsed = t - ints[COUNTER_TIME]
     if elapsed >= 0:
         for i, tau in enumerate(_DECAY_MS):
             factor = math.exp(-elapsed / tau)
-            state.events[i] *= factor
-            state.purchases[i] *= factor
-            if i == len(_DECAY_MS) - 1:
-                state.amount_1h *= factor
-        state.counter_time = t
-        return [1.0] * len(_DECAY_MS)
+            floats[EVENTS + i] *= factor
+            floats[PURCHASES + i] *= factor
+            if i == WINDOWS - 1:
+                floats[AMOUNT_1H] *= factor
+        ints[COUNTER_TIME] = t
+        return [1.0] * WINDOWS
     return [math.exp(elapsed / tau) for tau in _DECAY_MS]
 
 
-def _remember(seen: dict[str, int], value: str, t: int) -> None:
-    seen[value] = max(seen.get(value, t), t)
-    if len(seen) > MAX_SEEN:
-        del seen[min(seen, key=seen.__getitem__)]
+def _remember(seen: array[int], h: int, t: int) -> None:
+    """Record value hash `h` seen at `t`; beyond MAX_SEEN, forget the longest unseen."""
+    hashes = seen[0::2]
+    if h in hashes:
+        i = 2 * hashes.index(h) + 1
+        seen[i] = max(seen[i], t)
+        return
+    seen.append(h)
+    seen.append(t)
+    if len(seen) > 2 * MAX_SEEN:
+        times = seen[1::2]
+        oldest = 2 * times.index(min(times))
+        del seen[oldest : oldest + 2]
+
+
+def _int32(value: int) -> int:
+    """Ids beyond int32 are all past any model vocabulary: keep them as one unknown id."""
+    return value if -_INT32_MAX <= value <= _INT32_MAX else _INT32_MAX
 
 
 def _categorical(event: ClickEvent) -> list[int]:
@@ -197,7 +284,21 @@ def compute_features(
     history_length: int,
     session_gap_s: float,
     all_histories: bool = False,
+    allowed_lateness_s: float = float("inf"),
 ) -> FeatureBatch:
     """The reference: features of an event log computed offline from empty state."""
-    updater = FeatureUpdater(FeatureStore(history_length), session_gap_s)
+    updater = FeatureUpdater(FeatureStore(history_length), session_gap_s, allowed_lateness_s)
     return updater.process(list(events), all_histories=all_histories)
+
+
+def feature_digests(batch: FeatureBatch) -> list[str]:
+    """Per row, a digest of everything the engines read: equal digests, equal features."""
+    digests = []
+    for row in range(len(batch.numeric)):
+        digest = hashlib.blake2b(digest_size=12)
+        digest.update(batch.numeric[row].tobytes())
+        digest.update(batch.categorical[row].tobytes())
+        digest.update(batch.history_items[row].tobytes())
+        digest.update(batch.history_categories[row].tobytes())
+        digests.append(digest.hexdigest())
+    return digests

@@ -1,0 +1,129 @@
+"""The state changelog: a compacted topic partitioned like the input, one record per user.
+
+Key: the user id. Value: the user's state bytes (`UserState.to_bytes`), or null when the
+user was evicted. Changelog partition p holds the users of input partition p, so a process
+that is assigned input partition p restores exactly changelog partition p before it
+processes p's events. Restored records stay as bytes until the user's next event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+
+from pipeline.features.state import FeatureStore
+from pipeline.kafka.admin import admin_client
+from pipeline.kafka.messages import position
+from pipeline.settings import Settings
+
+
+class ChangelogError(RuntimeError):
+    """The changelog topic does not match the input topic's layout."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreStats:
+    """What one restore read."""
+
+    partitions: tuple[int, ...]
+    records: int
+    seconds: float
+
+    @property
+    def records_per_s(self) -> float:
+        """Restore rate."""
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The changelog's name: set explicitly, or derived from the group and the input."""
+    return settings.topics.changelog or (
+        f"{settings.consumer.group_id}.{settings.topics.input}.changelog"
+    )
+
+
+def ensure_changelog(settings: Settings, timeout_s: float = 30) -> str:
+    """Create the compacted changelog with the input's partition count if it is missing;
+    refuse one whose partition count differs (its partitions would hold the wrong users).
+    """
+    admin = admin_client(settings)
+    name = changelog_topic(settings)
+    topics = admin.list_topics(timeout=timeout_s).topics
+    if settings.topics.input not in topics:
+        raise ChangelogError(f"input topic {settings.topics.input!r} does not exist")
+    partitions = len(topics[settings.topics.input].partitions)
+    if name in topics:
+        found = len(topics[name].partitions)
+        if found != partitions:
+            raise ChangelogError(
+                f"changelog {name!r} has {found} partitions but input "
+                f"{settings.topics.input!r} has {partitions}; they must match"
+            )
+        return name
+    topic = NewTopic(
+        name,
+        partitions,
+        settings.topics.replication_factor,
+        config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+    )
+    future = admin.create_topics([topic], operation_timeout=timeout_s)[name]
+    try:
+        future.result()
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+    return name
+
+
+def restore(
+    settings: Settings, store: FeatureStore, partitions: Iterable[int], timeout_s: float = 300
+) -> RestoreStats:
+    """Read changelog `partitions` from their start to their end into `store`.
+
+    Reads committed records only, so an aborted transaction's state never comes back.
+    """
+    wanted = tuple(sorted(partitions))
+    started = time.perf_counter()
+    if not wanted:
+        return RestoreStats(wanted, 0, 0.0)
+    topic = changelog_topic(settings)
+    consumer = Consumer(
+        settings.kafka.client_config()
+        | {
+            "group.id": f"{settings.consumer.group_id}.restore",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+        }
+    )
+    records = 0
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in wanted])
+        pending = set(wanted)
+        deadline = time.monotonic() + timeout_s
+        batch = settings.features.restore_batch
+        while pending:
+            if time.monotonic() > deadline:
+                raise ChangelogError(f"restore of {topic} {sorted(pending)} timed out")
+            for message in consumer.consume(batch, 0.5):
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(message.partition())
+                        continue
+                    raise KafkaException(error)
+                key = message.key()
+                if key is None:
+                    continue
+                _, partition, _ = position(message)
+                store.restore(partition, key.decode(), message.value())
+                records += 1
+    finally:
+        consumer.close()
+    return RestoreStats(wanted, records, time.perf_counter() - started)
