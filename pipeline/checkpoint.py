@@ -32,7 +32,7 @@ from pipeline.logging import get_logger
 from pipeline.sink import Sink
 
 log = get_logger()
-RETRIES = 5
+RETRY_FOR_S = 60.0  # retriable transactional errors are retried this long
 
 
 class Rewind(Exception):
@@ -108,9 +108,23 @@ class AtLeastOnce:
         if changes:
             self.sink.publish_state(changes)
             self.sink.flush()
-        if keys:
-            offsets = [TopicPartition(t, p, self._pending.pop((t, p))) for t, p in keys]
+        if not keys:
+            return
+        offsets = [TopicPartition(t, p, self._pending[(t, p)]) for t, p in keys]
+        try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # The outputs are safe; only the progress marker failed (e.g. the broker is
+            # restarting). Keep it pending: the next checkpoint commits it, or a replay
+            # after a crash repeats outputs, as at-least-once allows.
+            log.warning(
+                "commit_failed", reason=exc.args[0].str(), retriable=exc.args[0].retriable()
+            )
+            if exc.args[0].fatal():
+                raise
+            return
+        for key in keys:
+            self._pending.pop(key)
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop progress of lost partitions without committing it."""
@@ -206,11 +220,17 @@ class ExactlyOnce:
     @staticmethod
     def _call(call: Callable[..., object], *args: object) -> None:
         """Run a transactional call, retrying it while the error says it is retriable."""
-        for attempt in range(RETRIES):
+        deadline = time.monotonic() + RETRY_FOR_S
+        delay = 0.1
+        while True:
             try:
                 call(*args)
                 return
             except KafkaException as exc:
-                if not exc.args[0].retriable() or attempt == RETRIES - 1:
+                if not exc.args[0].retriable() or time.monotonic() > deadline:
                     raise
-                time.sleep(0.1 * 2**attempt)
+                log.warning(
+                    "transaction_call_retried", call=call.__name__, reason=exc.args[0].str()
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)

@@ -132,7 +132,11 @@ class ProcessingSettings(_Frozen):
     """
 
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
-    transaction_timeout_ms: PositiveInt = 60_000
+    transaction_timeout_ms: PositiveInt = Field(
+        default=10_000,
+        description="A crashed process's open transaction blocks read_committed readers this "
+        "long, unless a restart with the same consumer.instance_id aborts it at once.",
+    )
     max_in_flight: PositiveInt = Field(
         default=100_000,
         description="Outputs queued but not yet acknowledged before input partitions pause.",

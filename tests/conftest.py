@@ -18,11 +18,10 @@ TINY_TRAINING = TrainConfig(events=20_000, users=300, max_epochs=2, seed=3)
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """KAFKA_BOOTSTRAP_SERVERS when set, otherwise a local broker on free ports."""
-    existing = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("BROKERS")
-    if existing:
-        yield existing
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker | None]:
+    """The session's local broker on free ports; None when KAFKA_BOOTSTRAP_SERVERS is set."""
+    if _external_bootstrap():
+        yield None
         return
     broker = LocalBroker(
         home=tmp_path_factory.mktemp("kafka"),
@@ -30,9 +29,19 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         port=free_port(),
         controller_port=free_port(),
     )
-    bootstrap = broker.up()
-    yield bootstrap
+    broker.up()
+    yield broker
     broker.down(purge=True)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: LocalBroker | None) -> str:
+    """KAFKA_BOOTSTRAP_SERVERS when set, otherwise the local broker's address."""
+    return _external_bootstrap() or kafka_broker.bootstrap  # type: ignore[union-attr]
+
+
+def _external_bootstrap() -> str | None:
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("BROKERS") or None
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pipeline.codec import Encoder
 from pipeline.demo import read_topic
 from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import committed_offsets, end_offsets
+from pipeline.kafka.clients import producer_config
 from pipeline.runner import run_pipeline
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,7 @@ BAD_INPUTS = [
 
 def produce_with_bad_input(settings, events):
     encoder = Encoder(schemas.CLICK_EVENT)
-    producer = Producer(settings.kafka.client_config())
+    producer = Producer(producer_config(settings))  # idempotent: keeps production order
     expected_dead = []
     for i, (event, _) in enumerate(events):
         payload = encoder.encode(event)

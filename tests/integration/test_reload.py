@@ -13,6 +13,7 @@ from engines.registry import resolve
 from pipeline.codec import Encoder
 from pipeline.demo import read_topic
 from pipeline.generator import GeneratorConfig, generate
+from pipeline.kafka.clients import producer_config
 from pipeline.runner import run_pipeline
 from tests.engines.publish import publish_copy
 from tests.integration.test_pipeline import wait_for_commit
@@ -33,7 +34,7 @@ def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, 
     config = GeneratorConfig(events=3000, users=80, seed=11).anchored_before(time.time())
     events = [event for event, _ in generate(config)]
     encoder = Encoder(schemas.CLICK_EVENT)
-    producer = Producer(settings.kafka.client_config())
+    producer = Producer(producer_config(settings))  # idempotent: keeps production order
 
     def produce(chunk):
         for event in chunk:
