@@ -24,6 +24,8 @@ kafka_app = typer.Typer(help="The local Apache Kafka broker (KRaft, from Maven C
 topics_app = typer.Typer(help="Topics of the pipeline.")
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
+state_app = typer.Typer(help="Per-user feature state: its size and restore speed.")
+app.add_typer(state_app, name="state")
 engines_app = typer.Typer(help="Inference engines: build them for this machine, benchmark them.")
 app.add_typer(engines_app, name="engines")
 console = Console(stderr=True)
@@ -93,11 +95,14 @@ def kafka_status(port: int = 9092) -> None:
 
 @topics_app.command("create")
 def topics_create(config: ConfigOption = None) -> None:
-    """Create the pipeline's topics where missing."""
+    """Create the pipeline's topics where missing, and the compacted state changelog."""
+    from pipeline.features.changelog import ensure_changelog
     from pipeline.kafka.admin import create_topics
 
-    created = create_topics(_settings(config))
-    console.print(f"created: {', '.join(created) or 'nothing, all exist'}")
+    settings = _settings(config)
+    created = create_topics(settings)
+    changelog = ensure_changelog(settings)
+    console.print(f"created: {', '.join(created) or 'nothing, all exist'}; changelog {changelog}")
 
 
 @app.command()
@@ -276,6 +281,36 @@ def engines_bench(
                     )
             finally:
                 engine.close()
+    Console().print(table)
+
+
+@state_app.command("bench")
+def state_bench(
+    users: Annotated[int, typer.Option(help="Full-history users to measure.")] = 200_000,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON result.")] = Path(
+        "var/bench/state.json"
+    ),
+    config: ConfigOption = None,
+) -> None:
+    """Bytes of state per user and changelog restore rate, on the local broker."""
+    from rich.table import Table
+
+    from pipeline.features.bench import run_state_bench
+
+    settings = _settings(config)
+    ensure_kafka(settings)
+    with console.status(f"measuring {users:,} users"):
+        result = run_state_bench(settings, users)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.as_dict(), indent=2))
+    table = Table(title=f"state bench: {users:,} users, L={result.history_length}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_row("changelog record", f"{result.record_bytes:,.0f} B", "")
+    table.add_row("memory per user, restored", f"{result.bytes_per_user_restored:,.0f} B", "")
+    table.add_row("memory per user, live", f"{result.bytes_per_user_live:,.0f} B", "≤ 2,048 B")
+    table.add_row("restore rate", f"{result.restore_records_per_s:,.0f} records/s", "≥ 100,000/s")
     Console().print(table)
 
 

@@ -62,6 +62,31 @@ class RunStats:
     pauses: int = 0
 
 
+class Backpressure:
+    """Pauses fetching while too many outputs await acknowledgement; resumes at half.
+
+    The consumer keeps polling while paused, so it stays in its group.
+    """
+
+    def __init__(self, max_in_flight: int) -> None:
+        """Pause above `max_in_flight` unacknowledged outputs."""
+        self._limit = max_in_flight
+        self.paused = False
+
+    def update(self, consumer: Consumer, in_flight: int) -> bool:
+        """Pause or resume `consumer` for `in_flight`; True when it has just paused."""
+        if not self.paused and in_flight > self._limit:
+            consumer.pause(consumer.assignment())
+            self.paused = True
+            log.warning("input_paused", in_flight=in_flight, limit=self._limit)
+            return True
+        if self.paused and in_flight <= self._limit // 2:
+            consumer.resume(consumer.assignment())
+            self.paused = False
+            log.info("input_resumed", in_flight=in_flight)
+        return False
+
+
 class Pipeline:
     """One consumer-group member and everything it owns."""
 
@@ -79,7 +104,6 @@ class Pipeline:
         self._watcher = ModelWatcher(
             settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
         )
-        self._paused = False
 
     def run(self, stop: threading.Event) -> RunStats:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
@@ -90,6 +114,7 @@ class Pipeline:
             checkpoint = self._checkpoint(consumer, changelog)
             stack.callback(checkpoint.close)
             self._subscribe(consumer, checkpoint)
+            backpressure = Backpressure(self.settings.processing.max_in_flight)
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
             while not stop.is_set():
@@ -100,7 +125,8 @@ class Pipeline:
                 except Rewind as rewind:
                     self._rewind(consumer, str(rewind))
                 self._swap_reloaded_models()
-                self._backpressure(consumer, checkpoint.sink)
+                if backpressure.update(consumer, checkpoint.sink.in_flight()):
+                    self.stats.pauses += 1
                 if checkpoint.due():
                     checkpoint.commit()
             checkpoint.commit()
@@ -157,20 +183,6 @@ class Pipeline:
                 backend=engine.backend,
             )
             old.close()
-
-    def _backpressure(self, consumer: Consumer, sink: Sink) -> None:
-        """Pause fetching while too many outputs await acknowledgement; resume at half."""
-        limit = self.settings.processing.max_in_flight
-        in_flight = sink.in_flight()
-        if not self._paused and in_flight > limit:
-            consumer.pause(consumer.assignment())
-            self._paused = True
-            self.stats.pauses += 1
-            log.warning("input_paused", in_flight=in_flight, limit=limit)
-        elif self._paused and in_flight <= limit // 2:
-            consumer.resume(consumer.assignment())
-            self._paused = False
-            log.info("input_resumed", in_flight=in_flight)
 
     def _restore(self, partitions: list[int]) -> None:
         stats = restore(self.settings, self.store, partitions)

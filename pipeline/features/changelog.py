@@ -98,6 +98,7 @@ def restore(
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,  # an empty partition reports its end at once
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": 16 * 1024 * 1024,
         }
@@ -111,7 +112,8 @@ def restore(
         while pending:
             if time.monotonic() > deadline:
                 raise ChangelogError(f"restore of {topic} {sorted(pending)} timed out")
-            for message in consumer.consume(batch, 0.5):
+            # consume() waits its whole timeout for a short batch: keep it short.
+            for message in consumer.consume(batch, 0.02):
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
@@ -119,11 +121,10 @@ def restore(
                         continue
                     raise KafkaException(error)
                 key = message.key()
-                if key is None:
-                    continue
-                _, partition, _ = position(message)
-                store.restore(partition, key.decode(), message.value())
-                records += 1
+                if key is not None:
+                    _, partition, _ = position(message)
+                    store.restore(partition, key.decode(), message.value())
+                    records += 1
     finally:
         consumer.close()
     return RestoreStats(wanted, records, time.perf_counter() - started)

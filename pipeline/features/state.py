@@ -185,15 +185,18 @@ class FeatureStore:
 
     def restore(self, partition: int, user_id: str, value: bytes | None) -> None:
         """Apply one changelog record (None deletes); later records win."""
-        users = self._partitions.setdefault(partition, OrderedDict())
+        users = self._partitions.get(partition)
+        if users is None:
+            users = self._partitions[partition] = OrderedDict()
         if value is None:
             if users.pop(user_id, None) is not None:
                 self._count -= 1
-            return
-        if user_id not in users:
+        elif user_id in users:
+            users[user_id] = value
+            users.move_to_end(user_id)
+        else:
+            users[user_id] = value  # a new key goes to the end already
             self._count += 1
-        users[user_id] = value
-        users.move_to_end(user_id)
 
     def evict(self) -> None:
         """Drop idle users past the TTL, then the least recent above `max_users`."""

@@ -1,0 +1,132 @@
+"""`streamscore state bench`: state memory per user and changelog restore rate.
+
+Users are synthetic but full: L items of history, a session of 10 items, two devices and
+IPs, a country and a card, so the figures are for the largest state a user normally has.
+Memory is measured with tracemalloc over the store (user ids, maps and states), in both forms
+a user can take: restored bytes (until the user's next event) and live `UserState`. The
+restore rate is end to end: records written to a fresh compacted changelog on the broker,
+then read back into an empty store by the same code a rebalance runs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import tracemalloc
+import uuid
+from array import array
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from confluent_kafka import Producer
+
+from pipeline.features.changelog import ensure_changelog, restore
+from pipeline.features.state import (
+    FLOAT_SLOTS,
+    INT_SLOTS,
+    FeatureStore,
+    UserState,
+    value_hash,
+)
+from pipeline.kafka.admin import create_topics
+from pipeline.kafka.clients import producer_config
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class StateBench:
+    """What one state bench measured."""
+
+    users: int
+    history_length: int
+    record_bytes: float
+    bytes_per_user_restored: float
+    bytes_per_user_live: float
+    restore_records_per_s: float
+    restore_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """For results files."""
+        return asdict(self)
+
+
+def full_user(rng: random.Random, now_ms: int, history_length: int) -> UserState:
+    """A user with every part of the state filled as far as normal traffic fills it."""
+    state = UserState(now_ms)
+    state.ints = array("q", (now_ms - rng.randrange(10**7) for _ in range(INT_SLOTS)))
+    state.floats = array("d", (rng.random() * 10 for _ in range(FLOAT_SLOTS)))
+    for _ in range(history_length):
+        state.history.extend((rng.randrange(50_000), rng.randrange(500)))
+    state.session_items.extend(rng.randrange(50_000) for _ in range(10))
+    for kind, count in zip(state.seen, (2, 2, 1, 1), strict=True):
+        for _ in range(count):
+            kind.extend((value_hash(str(rng.random())), now_ms - rng.randrange(10**7)))
+    return state
+
+
+def run_state_bench(settings: Settings, users: int) -> StateBench:
+    """Measure memory per user and restore throughput on the configured broker."""
+    length = settings.features.history_length
+    rng = random.Random(7)
+    now = int(time.time() * 1000)
+    records = [(f"user-{i:09d}", full_user(rng, now, length).to_bytes()) for i in range(users)]
+    partitions = settings.topics.partitions
+
+    restored = _measure(lambda store: _fill(store, records, partitions), length)
+    live = _measure(lambda store: _fill_live(store, records, partitions), length)
+
+    run = uuid.uuid4().hex[:10]
+    topics = settings.topics.model_copy(update={"input": f"state-bench-{run}.in"})
+    consumer = settings.consumer.model_copy(update={"group_id": f"state-bench-{run}"})
+    bench_settings = settings.model_copy(update={"topics": topics, "consumer": consumer})
+    create_topics(bench_settings, [topics.input])
+    changelog = ensure_changelog(bench_settings)
+    producer = Producer(producer_config(bench_settings))
+    for i, (user_id, value) in enumerate(records):
+        while True:
+            try:
+                producer.produce(changelog, key=user_id, value=value, partition=i % partitions)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(120):
+        raise RuntimeError("changelog records were not all acknowledged")
+    store = FeatureStore(length)
+    stats = restore(bench_settings, store, range(partitions))
+    if stats.records != users or store.users() != users:
+        raise RuntimeError(f"restored {stats.records} records for {users} users")
+    return StateBench(
+        users=users,
+        history_length=length,
+        record_bytes=sum(len(v) for _, v in records) / users,
+        bytes_per_user_restored=restored / users,
+        bytes_per_user_live=live / users,
+        restore_records_per_s=stats.records_per_s,
+        restore_s=stats.seconds,
+    )
+
+
+def _fill(store: FeatureStore, records: list[tuple[str, bytes]], partitions: int) -> None:
+    # Fresh copies of key and value, as a consumer hands them over, so tracemalloc counts them.
+    for i, (user_id, value) in enumerate(records):
+        store.restore(i % partitions, user_id.encode().decode(), bytes(bytearray(value)))
+
+
+def _fill_live(store: FeatureStore, records: list[tuple[str, bytes]], partitions: int) -> None:
+    _fill(store, records, partitions)
+    for i, (user_id, _) in enumerate(records):
+        store.peek(i % partitions, user_id)  # decoded in place, as a user's event does
+
+
+def _measure(fill: Any, history_length: int) -> int:
+    """Bytes still allocated by a store after `fill` (the records list excluded)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = FeatureStore(history_length)
+        fill(store)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del store
+    return after - before
