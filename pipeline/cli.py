@@ -284,6 +284,31 @@ def engines_bench(
     Console().print(table)
 
 
+@app.command()
+def lag(config: ConfigOption = None) -> None:
+    """Per-partition lag of the pipeline's consumer group, like kafka-consumer-groups."""
+    from rich.table import Table
+
+    from pipeline.kafka.admin import group_lag
+
+    settings = _settings(config)
+    rows = group_lag(settings)
+    table = Table(title=f"group {settings.consumer.group_id}")
+    for column in ("topic", "partition", "committed", "end", "lag", "owner"):
+        table.add_column(column, justify="right" if column in ("partition", "lag") else "left")
+    for row in rows:
+        table.add_row(
+            row.topic,
+            str(row.partition),
+            "-" if row.committed is None else str(row.committed),
+            str(row.end),
+            str(row.lag),
+            row.owner or "-",
+        )
+    Console().print(table)
+    console.print(f"total lag {sum(row.lag for row in rows):,}")
+
+
 @state_app.command("bench")
 def state_bench(
     users: Annotated[int, typer.Option(help="Full-history users to measure.")] = 200_000,

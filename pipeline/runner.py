@@ -37,9 +37,10 @@ from pipeline.features.changelog import ensure_changelog, restore
 from pipeline.kafka.clients import consumer_config, producer_config
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
-from pipeline.scoring import Scorer
+from pipeline.scoring import Scored, Scorer
 from pipeline.settings import Settings
 from pipeline.sink import Sink, dead_letter
+from pipeline.telemetry import Telemetry
 
 log = get_logger()
 
@@ -104,12 +105,28 @@ class Pipeline:
         self._watcher = ModelWatcher(
             settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
         )
+        self.telemetry = Telemetry(settings.telemetry.liveness_timeout_s)
+        for role, engine in (("fraud", fraud), ("ranking", ranking)):
+            self._describe_engine(role, engine)
+        self.telemetry.engines_loaded()
+        self._next_state_sample = 0.0
 
     def run(self, stop: threading.Event) -> RunStats:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
         changelog = ensure_changelog(self.settings)
+        telemetry = self.telemetry
         with ExitStack() as stack:
-            consumer = Consumer(consumer_config(self.settings) | {"error_cb": _on_client_error})
+            if self.settings.telemetry.port:
+                telemetry.serve(self.settings.telemetry.host, self.settings.telemetry.port)
+                stack.callback(telemetry.close)
+            consumer = Consumer(
+                consumer_config(self.settings)
+                | {
+                    "error_cb": _on_client_error,
+                    "stats_cb": telemetry.on_stats,
+                    "statistics.interval.ms": self.settings.telemetry.statistics_interval_ms,
+                }
+            )
             stack.callback(consumer.close)
             checkpoint = self._checkpoint(consumer, changelog)
             stack.callback(checkpoint.close)
@@ -118,6 +135,7 @@ class Pipeline:
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
             while not stop.is_set():
+                telemetry.beat()
                 messages = consumer.consume(batch_size, wait_s)
                 try:
                     if messages:
@@ -125,13 +143,30 @@ class Pipeline:
                 except Rewind as rewind:
                     self._rewind(consumer, str(rewind))
                 self._swap_reloaded_models()
-                if backpressure.update(consumer, checkpoint.sink.in_flight()):
+                in_flight = checkpoint.sink.in_flight()
+                if backpressure.update(consumer, in_flight):
                     self.stats.pauses += 1
                 if checkpoint.due():
-                    checkpoint.commit()
+                    with telemetry.stage_seconds.labels("commit").time():
+                        checkpoint.commit()
+                self._sample_state(in_flight)
             checkpoint.commit()
             log.info("pipeline_stopped", **asdict(self.stats))
         return self.stats
+
+    def _describe_engine(self, role: str, engine: Engine) -> None:
+        self.telemetry.engine.labels(role=role).info(
+            {"model": engine.name, "version": engine.version, "backend": engine.backend}
+        )
+
+    def _sample_state(self, in_flight: int) -> None:
+        telemetry = self.telemetry
+        telemetry.in_flight.set(in_flight)
+        telemetry.users.set(self.store.users())
+        now = time.monotonic()
+        if now >= self._next_state_sample:  # sampled: a size walk is not free
+            self._next_state_sample = now + 30
+            telemetry.state_bytes.set(self.store.estimate_bytes())
 
     def close(self) -> None:
         """Stop watching for models and close the engines in use."""
@@ -174,6 +209,7 @@ class Pipeline:
                 engine.close()
                 continue
             self._watcher.swapped(role, engine.version)
+            self._describe_engine(role, engine)
             log.info(
                 "model_swapped",
                 role=role,
@@ -185,9 +221,15 @@ class Pipeline:
             old.close()
 
     def _restore(self, partitions: list[int]) -> None:
-        stats = restore(self.settings, self.store, partitions)
+        self.telemetry.restoring(True)
+        try:
+            stats = restore(self.settings, self.store, partitions, progress=self.telemetry.beat)
+        finally:
+            self.telemetry.restoring(False)
         self.stats.restored += stats.records
         self.stats.restore_s += stats.seconds
+        self.telemetry.restored.inc(stats.records)
+        self.telemetry.restore_seconds.observe(stats.seconds)
         log.info(
             "state_restored",
             partitions=list(stats.partitions),
@@ -220,10 +262,13 @@ class Pipeline:
         def on_assign(_: Consumer, partitions: list[TopicPartition]) -> None:
             numbers = [tp.partition for tp in partitions]
             log.info("partitions_assigned", partitions=numbers)
+            self.telemetry.rebalances.labels(kind="assign").inc()
             self._restore(numbers)
+            self.telemetry.joined()
 
         def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.info("partitions_revoked", partitions=[tp.partition for tp in partitions])
+            self.telemetry.rebalances.labels(kind="revoke").inc()
             try:
                 checkpoint.commit(partitions)
             finally:
@@ -232,6 +277,7 @@ class Pipeline:
 
         def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
+            self.telemetry.rebalances.labels(kind="lost").inc()
             checkpoint.forget(partitions)
             for tp in partitions:
                 self.store.drop_partition(tp.partition)
@@ -242,24 +288,50 @@ class Pipeline:
 
     def _process(self, messages: list[Message], checkpoint: Checkpoint) -> None:
         started = time.perf_counter()
-        decoded, dead = self._decode(messages)
-        events = self._updater.fresh(decoded)
-        late_before = self._updater.late
-        features = self._updater.process(events)
-        self.store.evict()
-        scored = self._scorer.score(events, features)
-        digests = feature_digests(features) if self.settings.processing.emit_features else None
-        checkpoint.begin_batch()
-        checkpoint.sink.publish(scored, dead, digests)
-        checkpoint.end_batch(messages)
-        stats = self.stats
+        stage = self.telemetry.stage_seconds
+        with stage.labels("decode").time():
+            decoded, dead = self._decode(messages)
+        with stage.labels("features").time():
+            events = self._updater.fresh(decoded)
+            late_before = self._updater.late
+            features = self._updater.process(events)
+            self.store.evict()
+        with stage.labels("score").time():
+            scored = self._scorer.score(events, features)
+            digests = feature_digests(features) if self.settings.processing.emit_features else None
+        with stage.labels("produce").time():
+            checkpoint.begin_batch()
+            checkpoint.sink.publish(scored, dead, digests)
+            checkpoint.end_batch(messages)
+        self._count(messages, decoded, events, scored, dead, late_before)
+        self.stats.busy_s += time.perf_counter() - started
+
+    def _count(
+        self,
+        messages: list[Message],
+        decoded: list[ClickEvent],
+        events: list[ClickEvent],
+        scored: Scored,
+        dead: list[dict[str, Any]],
+        late_before: int,
+    ) -> None:
+        stats, telemetry, topics = self.stats, self.telemetry, self.settings.topics
         stats.batches += 1
         stats.scored += len(scored.fraud_scores)
         stats.replayed += len(decoded) - len(events)
         stats.late += self._updater.late - late_before
         stats.recommendations += len(scored.recommendations)
         stats.dead_lettered += len(dead)
-        stats.busy_s += time.perf_counter() - started
+        telemetry.batch_size.observe(len(messages))
+        telemetry.consumed.labels(topic=topics.input).inc(len(messages))
+        telemetry.produced.labels(topic=topics.fraud_scores).inc(len(scored.fraud_scores))
+        telemetry.produced.labels(topic=topics.recommendations).inc(len(scored.recommendations))
+        telemetry.produced.labels(topic=topics.dead_letter).inc(len(dead))
+        for record in dead:
+            telemetry.dead_letters.labels(reason=record["error_kind"]).inc()
+        now_ms = time.time() * 1000
+        for event in events:
+            telemetry.end_to_end_seconds.observe(max(0.0, now_ms - event.ingest_time) / 1000)
 
     def _decode(self, messages: list[Message]) -> tuple[list[ClickEvent], list[dict[str, Any]]]:
         limits = self.settings.limits

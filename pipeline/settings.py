@@ -147,6 +147,17 @@ class ProcessingSettings(_Frozen):
     )
 
 
+class TelemetrySettings(_Frozen):
+    """Prometheus metrics and health probes over HTTP."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=9464, description="/metrics, /healthz, /readyz; 0 turns the server off."
+    )
+    liveness_timeout_s: PositiveFloat = 120.0
+    statistics_interval_ms: PositiveInt = 5000
+
+
 class FeatureSettings(_Frozen):
     """Per-user state kept by the feature updater."""
 
@@ -276,6 +287,7 @@ class Settings(BaseSettings):
     consumer: ConsumerSettings = ConsumerSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     processing: ProcessingSettings = ProcessingSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     features: FeatureSettings = FeatureSettings()
     limits: LimitSettings = LimitSettings()
     engine: EngineSettings = EngineSettings()

@@ -69,6 +69,7 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
         consumer={"group_id": f"g-{run}"},
         checkpoint={"interval_ms": 200},
         engine={"model_dir": str(model_dir), "backend": "onnxruntime"},
+        telemetry={"port": 0},  # tests that probe it choose a free port
     )
     create_topics(settings)
     return settings

@@ -9,7 +9,7 @@ processes p's events. Restored records stay as bytes until the user's next event
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -80,9 +80,14 @@ def ensure_changelog(settings: Settings, timeout_s: float = 30) -> str:
 
 
 def restore(
-    settings: Settings, store: FeatureStore, partitions: Iterable[int], timeout_s: float = 300
+    settings: Settings,
+    store: FeatureStore,
+    partitions: Iterable[int],
+    timeout_s: float = 300,
+    progress: Callable[[], None] = lambda: None,
 ) -> RestoreStats:
-    """Read changelog `partitions` from their start to their end into `store`.
+    """Read changelog `partitions` from their start to their end into `store`, calling
+    `progress` after each fetched batch (a liveness beat during long restores).
 
     Reads committed records only, so an aborted transaction's state never comes back.
     """
@@ -125,6 +130,7 @@ def restore(
                     _, partition, _ = position(message)
                     store.restore(partition, key.decode(), message.value())
                     records += 1
+            progress()
     finally:
         consumer.close()
     return RestoreStats(wanted, records, time.perf_counter() - started)

@@ -231,6 +231,17 @@ class FeatureStore:
         self._changed.pop(partition, None)
         self._watermark.pop(partition, None)
 
+    def estimate_bytes(self, sample: int = 256) -> int:
+        """Bytes held by user states, extrapolated from up to `sample` users per partition
+        (array and object sizes; map overhead excluded).
+        """
+        measured = counted = 0
+        for users in self._partitions.values():
+            for _, state in zip(range(sample), users.values(), strict=False):
+                measured += _size(state)
+                counted += 1
+        return 0 if counted == 0 else measured * self._count // counted
+
     def partitions(self) -> list[int]:
         """Partitions with state here."""
         return list(self._partitions)
@@ -244,6 +255,14 @@ class FeatureStore:
         self._count -= 1
         self.evicted += 1
         self._changed.setdefault(partition, set()).add(user_id)  # becomes a tombstone
+
+
+def _size(state: UserState | bytes) -> int:
+    if type(state) is bytes:
+        return sys.getsizeof(state)
+    assert type(state) is UserState
+    parts = [state.ints, state.floats, state.history, state.session_items, *state.seen]
+    return sys.getsizeof(state) + sys.getsizeof(state.seen) + sum(map(sys.getsizeof, parts))
 
 
 def _last_time(state: UserState | bytes) -> int:

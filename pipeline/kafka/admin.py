@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from pipeline.settings import Settings
@@ -72,3 +74,63 @@ def committed_offsets(
         [TopicPartition(topic, p) for p in partitions], timeout=timeout_s
     )
     return {tp.partition: max(tp.offset, 0) for tp in committed}
+
+
+_COORDINATOR_MOVING = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """One input partition of a consumer group, as kafka-consumer-groups shows it."""
+
+    topic: str
+    partition: int
+    committed: int | None  # None: the group has committed nothing here
+    end: int
+    owner: str | None  # the member's client id and host, when the group is active
+
+    @property
+    def lag(self) -> int:
+        """Records between the committed offset (or the start) and the end."""
+        return self.end - (self.committed or 0)
+
+
+def group_lag(settings: Settings, timeout_s: float = 10) -> list[PartitionLag]:
+    """Per-partition committed offset, end offset, lag and owner of the pipeline's group."""
+    topic, group = settings.topics.input, settings.consumer.group_id
+    consumer = Consumer(settings.kafka.client_config() | {"group.id": group})
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                ends = end_offsets(consumer, topic, timeout_s)
+                committed = consumer.committed(
+                    [TopicPartition(topic, p) for p in sorted(ends)], timeout=timeout_s
+                )
+                break
+            except KafkaException as exc:  # e.g. the group coordinator is still loading
+                if not exc.args[0].retriable() and exc.args[0].code() not in _COORDINATOR_MOVING:
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        consumer.close()
+    owners: dict[int, str] = {}
+    admin = admin_client(settings)  # held: a collected client never completes its futures
+    request = admin.describe_consumer_groups([group], request_timeout=timeout_s)[group]
+    described = request.result(timeout=timeout_s)
+    for member in described.members:
+        for tp in member.assignment.topic_partitions if member.assignment else []:
+            if tp.topic == topic:
+                owners[tp.partition] = f"{member.client_id}@{member.host}"
+    return [
+        PartitionLag(
+            topic=topic,
+            partition=tp.partition,
+            committed=tp.offset if tp.offset >= 0 else None,
+            end=ends[tp.partition],
+            owner=owners.get(tp.partition),
+        )
+        for tp in committed
+    ]

@@ -1,0 +1,60 @@
+"""A running pipeline's metrics, probes and group lag on the real broker."""
+
+import threading
+import time
+
+import pytest
+
+from pipeline.generator import GeneratorConfig, generate
+from pipeline.kafka.admin import group_lag
+from pipeline.kafka.broker import free_port
+from pipeline.runner import run_pipeline
+from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit
+from tests.pipeline.test_telemetry import status
+
+pytestmark = pytest.mark.integration
+
+
+def test_metrics_probes_and_lag_while_running(kafka_settings):
+    port = free_port()
+    settings = kafka_settings.model_copy(
+        update={
+            "telemetry": kafka_settings.telemetry.model_copy(
+                update={"port": port, "statistics_interval_ms": 200}
+            )
+        }
+    )
+    config = GeneratorConfig(events=800, users=40, seed=9).anchored_before(time.time())
+    expected_dead, events = produce_with_bad_input(settings, list(generate(config)))
+    assert sum(row.lag for row in group_lag(settings)) == len(events) + len(expected_dead)
+
+    stop = threading.Event()
+    worker = threading.Thread(target=run_pipeline, args=(settings, stop))
+    worker.start()
+    try:
+        wait_for_commit(settings)
+        deadline = time.monotonic() + 30
+        while status(port, "/readyz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status(port, "/readyz")[0] == 200
+        assert status(port, "/healthz")[0] == 200
+        time.sleep(0.5)  # a statistics interval, so the lag gauge has caught up
+        _, body = status(port, "/metrics")
+        rows = group_lag(settings)
+    finally:
+        stop.set()
+        worker.join(60)
+
+    assert f'streamscore_consumed_total{{topic="{settings.topics.input}"}}' in body
+    assert (
+        f'streamscore_produced_total{{topic="{settings.topics.fraud_scores}"}} {len(events)}.0'
+        in body
+    )
+    reasons = {kind for _, _, kind in expected_dead}
+    for reason in reasons:
+        assert f'streamscore_dead_letters_total{{reason="{reason}"}}' in body
+    assert "streamscore_consumer_lag{" in body
+    assert 'streamscore_engine_info{backend="onnxruntime"' in body
+    assert "streamscore_end_to_end_seconds_count" in body
+    assert [row.lag for row in rows] == [0] * settings.topics.partitions
+    assert all(row.owner for row in rows)

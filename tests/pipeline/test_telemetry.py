@@ -1,0 +1,75 @@
+"""Telemetry's health rules, lag from librdkafka statistics, and its HTTP endpoints."""
+
+import json
+import urllib.error
+import urllib.request
+
+from pipeline.kafka.broker import free_port
+from pipeline.telemetry import Telemetry
+
+
+def status(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+
+
+def test_ready_only_after_engines_join_and_restore():
+    telemetry = Telemetry()
+    assert telemetry.alive() and not telemetry.ready()
+    telemetry.engines_loaded()
+    assert not telemetry.ready()
+    telemetry.restoring(True)
+    telemetry.joined()
+    assert not telemetry.ready()
+    telemetry.restoring(False)
+    assert telemetry.ready()
+
+
+def test_a_stalled_loop_is_not_alive():
+    telemetry = Telemetry(liveness_timeout_s=0.0)
+    telemetry._beat -= 1
+    assert not telemetry.alive() and not telemetry.ready()
+
+
+def test_lag_comes_from_librdkafka_statistics():
+    telemetry = Telemetry()
+    stats = {
+        "topics": {
+            "clicks": {
+                "partitions": {
+                    "0": {"consumer_lag": 7},
+                    "1": {"consumer_lag": -1},  # not known yet: not exported
+                    "-1": {"consumer_lag": 0},  # librdkafka's internal UA partition
+                }
+            }
+        }
+    }
+    telemetry.on_stats(json.dumps(stats))
+    samples = {
+        tuple(sorted(s.labels.items())): s.value
+        for metric in telemetry.registry.collect()
+        if metric.name == "streamscore_consumer_lag"
+        for s in metric.samples
+    }
+    assert samples == {(("partition", "0"), ("topic", "clicks")): 7.0}
+
+
+def test_endpoints_serve_metrics_and_probes():
+    telemetry = Telemetry()
+    port = telemetry.serve("127.0.0.1", free_port())
+    try:
+        telemetry.dead_letters.labels(reason="decode.truncated").inc()
+        code, body = status(port, "/metrics")
+        assert code == 200
+        assert 'streamscore_dead_letters_total{reason="decode.truncated"} 1.0' in body
+        assert status(port, "/healthz")[0] == 200
+        assert status(port, "/readyz")[0] == 503
+        telemetry.engines_loaded()
+        telemetry.joined()
+        assert status(port, "/readyz")[0] == 200
+        assert status(port, "/nope")[0] == 404
+    finally:
+        telemetry.close()
