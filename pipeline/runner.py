@@ -5,6 +5,7 @@ on assignment, and stop cleanly when asked.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -32,14 +33,14 @@ from engines.reload import ModelWatcher
 from pipeline.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce, Rewind
 from pipeline.codec import DecodeError, Decoder
 from pipeline.events import ClickEvent, validate
-from pipeline.features import FeatureStore, FeatureUpdater, feature_digests
+from pipeline.features import FeatureBatch, FeatureStore, FeatureUpdater, feature_digests
 from pipeline.features.changelog import ensure_changelog, restore
 from pipeline.kafka.clients import consumer_config, producer_config
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.scoring import Scored, Scorer
 from pipeline.settings import Settings
-from pipeline.sink import Sink, dead_letter
+from pipeline.sink import FEATURES_HEADER, TIMING_HEADER, Headers, Sink, dead_letter
 from pipeline.telemetry import Telemetry
 
 log = get_logger()
@@ -288,23 +289,60 @@ class Pipeline:
 
     def _process(self, messages: list[Message], checkpoint: Checkpoint) -> None:
         started = time.perf_counter()
+        started_ms = time.time() * 1000
+        marks = [started]
         stage = self.telemetry.stage_seconds
         with stage.labels("decode").time():
             decoded, dead = self._decode(messages)
+        marks.append(time.perf_counter())
         with stage.labels("features").time():
             events = self._updater.fresh(decoded)
             late_before = self._updater.late
             features = self._updater.process(events)
             self.store.evict()
+        marks.append(time.perf_counter())
         with stage.labels("score").time():
             scored = self._scorer.score(events, features)
-            digests = feature_digests(features) if self.settings.processing.emit_features else None
+        marks.append(time.perf_counter())
+        headers = self._debug_headers(events, features, started_ms, marks)
         with stage.labels("produce").time():
             checkpoint.begin_batch()
-            checkpoint.sink.publish(scored, dead, digests)
+            checkpoint.sink.publish(scored, dead, headers)
             checkpoint.end_batch(messages)
         self._count(messages, decoded, events, scored, dead, late_before)
         self.stats.busy_s += time.perf_counter() - started
+
+    def _debug_headers(
+        self,
+        events: list[ClickEvent],
+        features: FeatureBatch,
+        started_ms: float,
+        marks: list[float],
+    ) -> dict[str, Headers] | None:
+        """Per event id: the features digest and the latency breakdown, when turned on.
+
+        Timing: `queue_ms` from the input's Kafka timestamp to the batch starting, then the
+        batch's decode, features and inference (engines and record shaping) times; the rest,
+        up to the output's own Kafka timestamp, is encode and produce.
+        """
+        processing = self.settings.processing
+        if not (processing.emit_features or processing.emit_timing):
+            return None
+        headers: dict[str, Headers] = {event.event_id: [] for event in events}
+        if processing.emit_features:
+            for event, digest in zip(events, feature_digests(features), strict=True):
+                headers[event.event_id].append((FEATURES_HEADER, digest))
+        if processing.emit_timing:
+            decode, feats, infer = (round((b - a) * 1000, 3) for a, b in itertools.pairwise(marks))
+            for event in events:
+                timing = {
+                    "queue_ms": round(started_ms - event.ingest_time, 3),
+                    "decode_ms": decode,
+                    "features_ms": feats,
+                    "inference_ms": infer,
+                }
+                headers[event.event_id].append((TIMING_HEADER, json.dumps(timing)))
+        return headers
 
     def _count(
         self,

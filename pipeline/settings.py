@@ -145,6 +145,10 @@ class ProcessingSettings(_Frozen):
         default=False,
         description="Debug: put a digest of each event's features in a header of its outputs.",
     )
+    emit_timing: bool = Field(
+        default=False,
+        description="Debug: put each event's latency breakdown in a header of its outputs.",
+    )
 
 
 class TelemetrySettings(_Frozen):

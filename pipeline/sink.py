@@ -16,6 +16,8 @@ from pipeline.scoring import Scored
 from pipeline.settings import TopicSettings
 
 FEATURES_HEADER = "streamscore-features"
+TIMING_HEADER = "streamscore-timing"
+Headers = list[tuple[str, str | bytes | None]]
 
 
 class DeliveryError(RuntimeError):
@@ -55,21 +57,25 @@ class Sink:
         self,
         scored: Scored,
         dead_letters: list[dict[str, Any]],
-        feature_digests: list[str] | None = None,
+        headers: dict[str, Headers] | None = None,
     ) -> None:
-        """Queue every output of a batch; deliveries are confirmed at the next flush. With
-        `feature_digests` (debug), fraud score i carries digest i in a header.
+        """Queue every output of a batch; deliveries are confirmed at the next flush.
+        `headers` (debug outputs) go on the fraud score and recommendation of each event id.
         """
-        for i, record in enumerate(scored.fraud_scores):
-            headers: list[tuple[str, str | bytes | None]] | None = (
-                None if feature_digests is None else [(FEATURES_HEADER, feature_digests[i])]
-            )
+        extra = headers or {}
+        for record in scored.fraud_scores:
             self._produce(
-                self._topics.fraud_scores, record["user_id"], self._fraud.encode(record), headers
+                self._topics.fraud_scores,
+                record["user_id"],
+                self._fraud.encode(record),
+                extra.get(record["event_id"]),
             )
         for record in scored.recommendations:
             self._produce(
-                self._topics.recommendations, record["user_id"], self._recommendation.encode(record)
+                self._topics.recommendations,
+                record["user_id"],
+                self._recommendation.encode(record),
+                extra.get(record["event_id"]),
             )
         for record in dead_letters:
             key = record["original_key"]
@@ -104,7 +110,7 @@ class Sink:
         topic: str,
         key: str | bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, str | bytes | None]] | None = None,
+        headers: Headers | None = None,
         partition: int = -1,
     ) -> None:
         while True:

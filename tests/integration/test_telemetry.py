@@ -1,14 +1,17 @@
 """A running pipeline's metrics, probes and group lag on the real broker."""
 
+import json
 import threading
 import time
 
 import pytest
+from confluent_kafka import Consumer
 
 from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import group_lag
 from pipeline.kafka.broker import free_port
 from pipeline.runner import run_pipeline
+from pipeline.sink import TIMING_HEADER
 from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit
 from tests.pipeline.test_telemetry import status
 
@@ -21,7 +24,8 @@ def test_metrics_probes_and_lag_while_running(kafka_settings):
         update={
             "telemetry": kafka_settings.telemetry.model_copy(
                 update={"port": port, "statistics_interval_ms": 200}
-            )
+            ),
+            "processing": kafka_settings.processing.model_copy(update={"emit_timing": True}),
         }
     )
     config = GeneratorConfig(events=800, users=40, seed=9).anchored_before(time.time())
@@ -58,3 +62,27 @@ def test_metrics_probes_and_lag_while_running(kafka_settings):
     assert "streamscore_end_to_end_seconds_count" in body
     assert [row.lag for row in rows] == [0] * settings.topics.partitions
     assert all(row.owner for row in rows)
+
+    timings = first_headers(settings, settings.topics.fraud_scores, TIMING_HEADER, 50)
+    assert len(timings) == 50
+    for timing in map(json.loads, timings):
+        assert set(timing) == {"queue_ms", "decode_ms", "features_ms", "inference_ms"}
+        assert timing["queue_ms"] >= 0 and timing["inference_ms"] > 0
+
+
+def first_headers(settings, topic, name, count):
+    consumer = Consumer(
+        settings.kafka.client_config()
+        | {"group.id": f"reader-{time.monotonic_ns()}", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([topic])
+    found = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(found) < count and time.monotonic() < deadline:
+            for message in consumer.consume(count, 1.0):
+                if message.error() is None:
+                    found.append(dict(message.headers() or [])[name].decode())
+    finally:
+        consumer.close()
+    return found[:count]
