@@ -1,0 +1,210 @@
+"""Deployment artefacts, checked without a cluster: Kubernetes schemas, KEDA fields, the
+compose file's structure, and the dashboard against the metrics the pipeline exports.
+"""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from pipeline.settings import Settings
+from pipeline.telemetry import Telemetry
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+K8S = DEPLOY / "k8s"
+KUBERNETES_VERSION = "1.33.0"
+
+# The ScaledObject and TriggerAuthentication fields this project uses, from KEDA's docs
+# (keda.sh/docs/2.18/reference/scaledobject-spec and scalers/apache-kafka). KEDA's CRDs
+# are not on PyPI, so this schema is ours: it catches typos and missing fields.
+KEDA_SCHEMAS = {
+    "ScaledObject": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {"name": {"type": "string"}},
+                    },
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer"},
+                    "pollingInterval": {"type": "integer"},
+                    "advanced": {"type": "object"},
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "properties": {
+                                "type": {"const": "kafka"},
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "required": ["name"],
+                                },
+                                "metadata": {
+                                    "type": "object",
+                                    "required": [
+                                        "bootstrapServers",
+                                        "consumerGroup",
+                                        "topic",
+                                        "lagThreshold",
+                                    ],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        name: {"type": "string"}
+                                        for name in (
+                                            "bootstrapServers",
+                                            "consumerGroup",
+                                            "topic",
+                                            "lagThreshold",
+                                            "activationLagThreshold",
+                                            "offsetResetPolicy",
+                                            "allowIdleConsumers",
+                                            "limitToPartitionsWithLag",
+                                        )
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "TriggerAuthentication": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "spec": {
+                "type": "object",
+                "properties": {
+                    "secretTargetRef": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["parameter", "name", "key"],
+                            "properties": {
+                                "parameter": {"enum": ["sasl", "username", "password", "tls", "ca"]}
+                            },
+                        },
+                    }
+                },
+            },
+        },
+    },
+}
+
+
+def manifests():
+    for path in sorted(K8S.rglob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for document in yaml.safe_load_all(path.read_text()):
+            yield path, document
+
+
+def by_kind(kind):
+    return [doc for _, doc in manifests() if doc["kind"] == kind]
+
+
+@pytest.mark.parametrize(
+    ("path", "document"), list(manifests()), ids=lambda v: getattr(v, "name", "")
+)
+def test_every_manifest_is_valid(path, document):
+    schema = KEDA_SCHEMAS.get(document["kind"])
+    if schema is not None:
+        jsonschema.validate(document, schema)
+    else:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_kustomizations_name_files_that_exist():
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for resource in yaml.safe_load(kustomization.read_text())["resources"]:
+            assert (kustomization.parent / resource).exists(), (kustomization, resource)
+
+
+def config_text():
+    (configmap,) = by_kind("ConfigMap")
+    return configmap["data"]["streamscore.toml"]
+
+
+def config_of_the_deployment():
+    return Settings.model_validate(tomllib.loads(config_text()))  # the pipeline accepts it
+
+
+def test_deployment_fits_the_pipeline():
+    settings = config_of_the_deployment()
+    (deployment,) = by_kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["terminationGracePeriodSeconds"] > 30 + 30  # flush timeout + commit
+    assert container["lifecycle"]["preStop"]
+    port = settings.telemetry.port
+    assert container["ports"][0]["containerPort"] == port
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {item["name"]: item for item in container["env"]}
+    assert "secretKeyRef" in env["STREAMSCORE_KAFKA__SASL_PASSWORD"]["valueFrom"]
+    assert "sasl_password" not in config_text()  # the secret comes from the Secret only
+
+
+def test_autoscalers_stop_at_the_partition_count_and_watch_the_right_group():
+    settings = config_of_the_deployment()
+    (scaled,) = by_kind("ScaledObject")
+    (hpa,) = by_kind("HorizontalPodAutoscaler")
+    assert scaled["spec"]["maxReplicaCount"] == settings.topics.partitions
+    assert hpa["spec"]["maxReplicas"] == settings.topics.partitions
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["consumerGroup"] == settings.consumer.group_id
+    assert trigger["metadata"]["topic"] == settings.topics.input
+    assert trigger["metadata"]["bootstrapServers"] == settings.kafka.bootstrap_servers
+
+
+def test_compose_services_hang_together():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"kafka", "pipeline", "generator", "prometheus", "grafana"} <= set(services)
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, (name, dependency)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith("."):
+                assert source in compose["volumes"], (name, source)
+            else:
+                assert (DEPLOY / source).exists(), (name, source)
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"pipeline:{Settings().telemetry.port}"]
+
+
+def test_dashboard_queries_only_metrics_the_pipeline_exports():
+    families = {metric.name for metric in Telemetry().registry.collect()}
+    suffixes = ("", "_total", "_bucket", "_sum", "_count", "_info")
+    exported = {family + suffix for family in families for suffix in suffixes}
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/streamscore.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"streamscore_[a-z_]+", target["expr"])
+    }
+    assert used, "the dashboard queries nothing"
+    assert used <= exported, used - exported
