@@ -62,10 +62,21 @@ class KafkaSettings(_Frozen):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = Field(
+        default=None, description="Read the SASL password from this file (a mounted Secret)."
+    )
     ssl_ca_location: Path | None = None
     extra: dict[str, str] = Field(
         default_factory=dict, description="Further librdkafka properties, passed as they are."
     )
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> Self:
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            raise ValueError("set sasl_password or sasl_password_file, not both")
+        if self.sasl_password_file is not None and not self.sasl_password_file.is_file():
+            raise ValueError(f"sasl_password_file {self.sasl_password_file} does not exist")
+        return self
 
     def client_config(self) -> dict[str, str | int | float | bool]:
         """The librdkafka dotted keys common to every client (secrets revealed here only)."""
@@ -80,6 +91,8 @@ class KafkaSettings(_Frozen):
             config["sasl.username"] = self.sasl_username
         if self.sasl_password is not None:
             config["sasl.password"] = self.sasl_password.get_secret_value()
+        elif self.sasl_password_file is not None:
+            config["sasl.password"] = self.sasl_password_file.read_text().strip()
         if self.ssl_ca_location is not None:
             config["ssl.ca.location"] = str(self.ssl_ca_location)
         return config | self.extra

@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from pipeline.features.state import FeatureStore
-from pipeline.kafka.admin import admin_client
+from pipeline.kafka.admin import connect
 from pipeline.kafka.messages import position
 from pipeline.settings import Settings
 
@@ -50,7 +50,7 @@ def ensure_changelog(settings: Settings, timeout_s: float = 30) -> str:
     """Create the compacted changelog with the input's partition count if it is missing;
     refuse one whose partition count differs (its partitions would hold the wrong users).
     """
-    admin = admin_client(settings)
+    admin = connect(settings, timeout_s)
     name = changelog_topic(settings)
     topics = admin.list_topics(timeout=timeout_s).topics
     if settings.topics.input not in topics:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -12,9 +13,47 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from pipeline.settings import Settings
 
 
+class KafkaConnectionError(ConnectionError):
+    """The cluster cannot be reached or refuses our credentials; the message says which."""
+
+
 def admin_client(settings: Settings) -> AdminClient:
     """An AdminClient with the shared connection settings."""
     return AdminClient(settings.kafka.client_config())
+
+
+def connect(settings: Settings, timeout_s: float = 30) -> AdminClient:
+    """An AdminClient that has answered a metadata request; fails fast and says why.
+
+    librdkafka retries a refused login forever in the background and a metadata request
+    just times out, so the client's error callback is watched for authentication and TLS
+    failures and those end the wait at once.
+    """
+    refused: list[str] = []
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+            refused.append(error.str())
+
+    config: dict[str, Any] = settings.kafka.client_config() | {"error_cb": on_error}
+    admin = AdminClient(config)
+    bootstrap = settings.kafka.bootstrap_servers
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin.list_topics(timeout=1)
+            return admin
+        except KafkaException as exc:
+            admin.poll(0)  # serves the error callback
+            if refused:
+                raise KafkaConnectionError(
+                    f"Kafka at {bootstrap} refused the connection "
+                    f"({settings.kafka.security_protocol.value}): {refused[0]}"
+                ) from exc
+            if time.monotonic() > deadline:
+                raise KafkaConnectionError(
+                    f"Kafka at {bootstrap} did not answer in {timeout_s:.0f}s: {exc}"
+                ) from exc
 
 
 def pipeline_topics(settings: Settings) -> list[str]:
@@ -33,7 +72,7 @@ def create_topics(
     settings: Settings, names: Iterable[str] | None = None, timeout_s: float = 30
 ) -> list[str]:
     """Create missing topics with the configured partitions; return those created."""
-    admin = admin_client(settings)
+    admin = connect(settings, timeout_s)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [name for name in (names or pipeline_topics(settings)) if name not in existing]
     if not wanted:

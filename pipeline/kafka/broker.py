@@ -68,6 +68,18 @@ def resolve_jars(libs: Path) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
+class SaslSslListener:
+    """A SASL_SSL client listener: SCRAM users created at storage format time, and a PEM
+    keystore (unencrypted PKCS#8 key followed by the certificate chain).
+    """
+
+    port: int
+    keystore_pem: Path
+    users: tuple[tuple[str, str], ...]  # (name, password)
+    mechanism: str = "SCRAM-SHA-512"
+
+
+@dataclass(frozen=True, slots=True)
 class LocalBroker:
     """One KRaft node whose files live under `home`."""
 
@@ -75,6 +87,7 @@ class LocalBroker:
     libs: Path
     port: int = 9092
     controller_port: int = 9093
+    sasl_ssl: SaslSslListener | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -156,6 +169,21 @@ class LocalBroker:
         listeners = (
             f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
         )
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        secure: dict[str, str] = {}
+        if self.sasl_ssl is not None:
+            listener = self.sasl_ssl
+            listeners += f",SASL_SSL://127.0.0.1:{listener.port}"
+            protocols += ",SASL_SSL:SASL_SSL"
+            mechanism = listener.mechanism.lower()
+            secure = {
+                "sasl.enabled.mechanisms": listener.mechanism,
+                f"listener.name.sasl_ssl.{mechanism}.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                ),
+                "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+                "listener.name.sasl_ssl.ssl.keystore.location": str(listener.keystore_pem),
+            }
         properties = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -163,7 +191,7 @@ class LocalBroker:
             "listeners": listeners,
             "advertised.listeners": listeners,
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "4",
@@ -176,7 +204,7 @@ class LocalBroker:
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
-        }
+        } | secure
         path = self.home / "server.properties"
         path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
         return path
@@ -215,6 +243,7 @@ class LocalBroker:
                 cluster_id,
                 "-c",
                 str(properties),
+                *self._scram_arguments(),
             ),
             capture_output=True,
             text=True,
@@ -222,6 +251,16 @@ class LocalBroker:
         )
         if result.returncode != 0:
             raise BrokerError(f"formatting KRaft storage failed:\n{result.stdout}\n{result.stderr}")
+
+    def _scram_arguments(self) -> list[str]:
+        """`--add-scram` per user: KRaft stores SCRAM credentials from format time on."""
+        if self.sasl_ssl is None:
+            return []
+        mechanism = self.sasl_ssl.mechanism
+        arguments = []
+        for name, password in self.sasl_ssl.users:
+            arguments += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
+        return arguments
 
     def _start(self, properties: Path) -> None:
         stdout = (self.home / "logs" / "stdout.log").open("ab")

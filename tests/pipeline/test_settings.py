@@ -65,3 +65,15 @@ def test_settings_env_round_trips_through_a_child_environment(monkeypatch):
     again = load_settings()
     assert again.model_dump() == settings.model_dump()
     assert again.kafka.client_config()["sasl.password"] == "pw"
+
+
+def test_the_password_can_come_from_a_mounted_file_but_not_from_two_places(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("from-a-file\n")
+    settings = load_settings(kafka={"sasl_password_file": str(secret)})
+    assert settings.kafka.client_config()["sasl.password"] == "from-a-file"
+    assert "from-a-file" not in repr(settings)
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings(kafka={"sasl_password_file": str(secret), "sasl_password": "x"})
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(kafka={"sasl_password_file": str(tmp_path / "missing")})
