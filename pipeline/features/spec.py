@@ -8,6 +8,9 @@ import zlib
 
 # Velocity windows, seconds. Counters decay exponentially with these time constants.
 WINDOWS_S = (60.0, 600.0, 3600.0)
+# Category affinity: decayed view/cart/purchase counts of a user's top categories.
+AFFINITY_TAU_S = 86_400.0
+AFFINITY_SLOTS = 6
 
 FRAUD_NUMERIC: tuple[str, ...] = (
     "payment_amount_log",
@@ -43,6 +46,7 @@ FRAUD_NUMERIC: tuple[str, ...] = (
     "session_new_country",
     "session_new_card",
     "billing_country_mismatch",
+    "category_affinity",
 )
 FRAUD_CATEGORICAL: tuple[str, ...] = (
     "event_type",

@@ -4,7 +4,8 @@ assigned input partition.
 Memory is the constraint (≤ 2 KB per active user at L=50, so a million users fit in 2 GB),
 so a user's state is a handful of typed `array`s rather than Python lists, sets and dicts of
 boxed numbers: timestamps and counts in one int64 array, decayed counters in one float64
-array, the recent (item, category) sequence interleaved in one int32 ring, and the devices,
+array (with the category affinities), the recent (item, category) sequence interleaved in one
+int32 ring, and the devices,
 IPs, cards and countries seen as (CRC-32 of the value, last-seen time) pairs. Hashing those
 values keeps the state small and free of personal data; a collision could only hide one
 "new device" flag in about four billion. The byte form is a fixed struct header followed by
@@ -20,7 +21,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pipeline.features.spec import WINDOWS_S
+from pipeline.features.spec import AFFINITY_SLOTS, WINDOWS_S
 
 if sys.byteorder != "little":  # the byte form is the arrays' native layout
     raise ImportError("streamscore's state encoding assumes a little-endian host")
@@ -39,7 +40,10 @@ WINDOWS = len(WINDOWS_S)
 EVENTS, PURCHASES = 0, WINDOWS  # EVENTS + i and PURCHASES + i for window i
 AMOUNT_1H = 2 * WINDOWS
 SESSION_NOVELTY = AMOUNT_1H + 1  # 4 flags: device, ip, country, card new this session
-FLOAT_SLOTS = SESSION_NOVELTY + 4
+# Category affinity: AFFINITY_SLOTS (category id, decayed weight) pairs; ids are exact in a
+# float64 below 2**53, and an empty slot has weight 0.
+AFFINITY = SESSION_NOVELTY + 4
+FLOAT_SLOTS = AFFINITY + 2 * AFFINITY_SLOTS
 SEEN_KINDS = ("device", "ip", "country", "card")
 
 FORMAT_VERSION = 1

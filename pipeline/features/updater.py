@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.events import PAYMENT_EVENTS, ClickEvent
 from pipeline.features import spec
 from pipeline.features.state import (
+    AFFINITY,
     AMOUNT_1H,
     COUNTER_TIME,
     EVENTS,
@@ -54,6 +55,8 @@ from pipeline.features.state import (
 _LONG_AGO_S = 1e7  # stands in for "never" in since-last features
 _HOUR_MS = 3_600_000
 _DECAY_MS = [window * 1000.0 for window in spec.WINDOWS_S]
+_AFFINITY_TAU_MS = spec.AFFINITY_TAU_S * 1000.0
+_AFFINITY_EVENTS = {"product_view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
 _LOG_COLUMNS = [i for i, name in enumerate(spec.FRAUD_NUMERIC) if name.endswith("_log")]
 _INT32_MAX = 2**31 - 1
 # Distinct-count columns are devices, IPs, cards, countries; SEEN_KINDS order is
@@ -149,6 +152,7 @@ class FeatureUpdater:
         purchase = event.event_type == "purchase"
         amount = event.payment_amount or 0.0
         since_last = _since(t, ints[LAST_TIME])
+        affinity = _affinity(floats, event.category_id)
         _fold(state, event, t, purchase, amount, values, hashes, self.store.history_length)
         distinct = [
             sum(1 for seen_at in state.seen[kind][1::2] if t - seen_at <= _HOUR_MS)
@@ -176,6 +180,7 @@ class FeatureUpdater:
             *novelty,
             *floats[SESSION_NOVELTY : SESSION_NOVELTY + 4],
             float(billing is not None and bool(event.country) and billing != event.country),
+            affinity,
         ]
 
 
@@ -200,16 +205,19 @@ def _fold(
     history_length: int,
 ) -> None:
     ints, floats = state.ints, state.floats
-    weights = _advance_counters(state, t)
-    for i, weight in enumerate(weights):
-        floats[EVENTS + i] += weight
+    weights = _advance_counters(state, t)  # one per window, then the affinity's
+    for i in range(WINDOWS):
+        floats[EVENTS + i] += weights[i]
         if purchase:
-            floats[PURCHASES + i] += weight
+            floats[PURCHASES + i] += weights[i]
     if purchase:
-        floats[AMOUNT_1H] += amount * weights[-1]
+        floats[AMOUNT_1H] += amount * weights[WINDOWS - 1]
         ints[LAST_PURCHASE] = max(ints[LAST_PURCHASE], t)
     if event.event_type == "login":
         ints[LAST_LOGIN] = max(ints[LAST_LOGIN], t)
+    taste = _AFFINITY_EVENTS.get(event.event_type)
+    if taste is not None and event.category_id is not None:
+        _add_affinity(floats, float(event.category_id), taste * weights[WINDOWS])
     ints[SESSION_EVENTS] += 1
     ints[SESSION_LAST] = max(ints[SESSION_LAST], t)
     ints[LAST_TIME] = max(ints[LAST_TIME], t)
@@ -231,7 +239,9 @@ def _fold(
 
 
 def _advance_counters(state: UserState, t: int) -> list[float]:
-    """Decay counters to max(t, counter time); the weight event time t adds to each."""
+    """Decay counters and affinities to max(t, counter time); return the weight an event at
+    t adds to each window's counters, then to the affinities.
+    """
     ints, floats = state.ints, state.floats
     elapsed = t - ints[COUNTER_TIME]
     if elapsed >= 0:
@@ -241,9 +251,38 @@ def _advance_counters(state: UserState, t: int) -> list[float]:
             floats[PURCHASES + i] *= factor
             if i == WINDOWS - 1:
                 floats[AMOUNT_1H] *= factor
+        factor = math.exp(-elapsed / _AFFINITY_TAU_MS)
+        for slot in range(AFFINITY + 1, AFFINITY + 2 * spec.AFFINITY_SLOTS, 2):
+            floats[slot] *= factor
         ints[COUNTER_TIME] = t
-        return [1.0] * WINDOWS
-    return [math.exp(elapsed / tau) for tau in _DECAY_MS]
+        return [1.0] * WINDOWS + [1.0]
+    return [math.exp(elapsed / tau) for tau in _DECAY_MS] + [math.exp(elapsed / _AFFINITY_TAU_MS)]
+
+
+def _affinity(floats: array[float], category: int | None) -> float:
+    """The share of the user's decayed category weight that is `category`'s (0 if unseen)."""
+    if category is None:
+        return 0.0
+    total = mine = 0.0
+    for slot in range(AFFINITY, AFFINITY + 2 * spec.AFFINITY_SLOTS, 2):
+        weight = floats[slot + 1]
+        total += weight
+        if weight > 0 and floats[slot] == category:
+            mine = weight
+    return mine / total if total > 0 else 0.0
+
+
+def _add_affinity(floats: array[float], category: float, weight: float) -> None:
+    """Add `weight` to `category`'s slot, taking the lightest slot when it has none."""
+    lightest = AFFINITY
+    for slot in range(AFFINITY, AFFINITY + 2 * spec.AFFINITY_SLOTS, 2):
+        if floats[slot + 1] > 0 and floats[slot] == category:
+            floats[slot + 1] += weight
+            return
+        if floats[slot + 1] < floats[lightest + 1]:
+            lightest = slot
+    floats[lightest] = category
+    floats[lightest + 1] = weight
 
 
 def _remember(seen: array[int], h: int, t: int) -> None:

@@ -81,3 +81,35 @@ def test_reference_is_deterministic_and_batching_does_not_matter():
     parts = [updater.process(events[i : i + 97]) for i in range(0, len(events), 97)]
     assert np.array_equal(whole.numeric, np.concatenate([p.numeric for p in parts]))
     assert np.array_equal(whole.numeric, compute_features(events, 10, 1800).numeric)
+
+
+def test_category_affinity_is_the_share_of_decayed_category_interest():
+    batch = features(
+        event(0, event_type="product_view", category_id=10),
+        event(1, event_type="product_view", category_id=10),
+        event(2, event_type="product_view", category_id=20),
+        event(3, event_type="product_view", category_id=10),
+        event(4, event_type="search", category_id=30),
+    )
+    assert np.allclose(column(batch, "category_affinity"), [0, 1, 0, 2 / 3, 0], atol=1e-3)
+    a_day_later = features(
+        event(0, event_type="add_to_cart", category_id=10),  # weight 3
+        event(86_400, event_type="product_view", category_id=20),  # 3/e of 10 remains
+        event(86_401, event_type="product_view", category_id=10),
+    )
+    share = 3 / np.e / (3 / np.e + 1)
+    assert np.isclose(column(a_day_later, "category_affinity")[-1], share, atol=1e-3)
+
+
+def test_only_the_heaviest_categories_are_kept():
+    views = [event(i, event_type="product_view", category_id=100 + i) for i in range(6)]
+    heavy = [event(10 + i, event_type="purchase", category_id=100) for i in range(3)]
+    newcomer = event(20, event_type="product_view", category_id=999)
+    again = event(21, event_type="product_view", category_id=999)
+    batch = features(*views, *heavy, newcomer, again)
+    # 999 took the lightest slot and kept it; 100 (three purchases) was never displaced
+    assert column(batch, "category_affinity")[-1] > 0
+    check = features(
+        *views, *heavy, newcomer, event(22, event_type="product_view", category_id=100)
+    )
+    assert column(check, "category_affinity")[-1] > 0.5
