@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 EVENTS ?= 100000
 RATE ?= 2500
 
-.PHONY: setup kafka-jars kafka-up kafka-down models demo lint typecheck test clean
+.PHONY: setup kafka-jars kafka-up kafka-down models demo bench lint typecheck test clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ models: setup
 
 demo: kafka-up models
 	$(BIN)/streamscore demo --events $(EVENTS) --rate $(RATE)
+
+# The full benchmark (about 20 minutes); the report is also copied to docs/bench.
+bench: kafka-up models
+	$(BIN)/streamscore bench --publish docs/bench
 
 lint: setup
 	$(BIN)/ruff check pipeline engines schemas tests

@@ -343,6 +343,9 @@ def state_bench(
 def run(
     config: ConfigOption = None,
     stats_file: Annotated[Path | None, typer.Option(help="Write run counts here on exit.")] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="Profile with pyinstrument; write its text report here.")
+    ] = None,
 ) -> None:
     """Run the pipeline until SIGTERM or SIGINT, then finish the batch, flush, commit and exit."""
     from pipeline.runner import run_pipeline
@@ -351,7 +354,139 @@ def run(
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    run_pipeline(settings, stop, stats_file)
+    if profile is None:
+        run_pipeline(settings, stop, stats_file)
+        return
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.001)
+    with profiler:
+        run_pipeline(settings, stop, stats_file)
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    profile.write_text(profiler.output_text(unicode=True, color=False, show_all=False))
+
+
+@app.command()
+def bench(
+    smoke: Annotated[
+        bool, typer.Option(help="A tiny run of every phase (what `make test` runs).")
+    ] = False,
+    events: Annotated[int | None, typer.Option(help="Backlog events (throughput).")] = None,
+    configs: Annotated[
+        str | None, typer.Option(help="Comma-separated configurations; default all.")
+    ] = None,
+    rss_users: Annotated[
+        int | None, typer.Option(help="Distinct users for the memory phase.")
+    ] = None,
+    extras: Annotated[
+        bool, typer.Option(help="Also the batch/wait sweep, the profile and the memory phase.")
+    ] = True,
+    out: Annotated[Path, typer.Option(help="Runs go to OUT/<run>/.")] = Path("var/bench"),
+    publish: Annotated[
+        Path | None, typer.Option(help="Also copy the report files here (e.g. docs/bench).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Streamscore against the Kafka ceiling, a naive loop and Quix Streams, on the local
+    broker: throughput, latency at 25/50/75% of max, CPU and RSS.
+    """
+    from dataclasses import replace
+
+    from pipeline.bench.harness import BY_NAME, Plan
+    from pipeline.bench.report import publish as publish_report
+    from pipeline.bench.report import run_bench, table
+    from pipeline.demo import ensure_models
+
+    settings = _settings(config)
+    ensure_kafka(settings)
+    plan = Plan.smoke() if smoke else Plan()
+    if events is not None:
+        plan = replace(plan, events=events)
+    if rss_users is not None:
+        plan = replace(plan, rss_users=rss_users)
+    plan = replace(plan, extras=extras)
+    if configs is not None:
+        names = tuple(name.strip() for name in configs.split(",") if name.strip())
+        unknown = [name for name in names if name not in BY_NAME]
+        if unknown:
+            console.print(f"[red]unknown configurations {unknown}; have {list(BY_NAME)}[/red]")
+            raise typer.Exit(2)
+        plan = replace(plan, configs=names)
+    ensure_models(settings, console)
+    results = run_bench(settings, plan, out, console.print)
+    run_dir = out / results["run"]
+    console.print(table(results))
+    for row in results["targets"]:
+        console.print(f"{row['target']}: {row['measured']} (goal {row['goal']}, met {row['met']})")
+    console.print(f"written to {run_dir}")
+    if publish is not None:
+        for path in publish_report(run_dir, publish):
+            console.print(f"published {path}")
+
+
+@app.command()
+def plan(
+    target_eps: Annotated[float, typer.Option(help="Events per second to sustain.")],
+    latency_slo_ms: Annotated[float, typer.Option(help="p99 end-to-end latency to hold.")],
+    guarantee: Annotated[str, typer.Option(help="at_least_once or exactly_once.")] = (
+        "at_least_once"
+    ),
+    results: Annotated[
+        Path | None,
+        typer.Option(
+            help="A bench results.json; default the newest under var/bench, then "
+            "the published docs/bench/results.json."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object only.")] = False,
+) -> None:
+    """Partitions, replicas, batch size, max wait and KEDA lagThreshold for a target rate and
+    latency SLO, from the latest bench results, with the arithmetic.
+    """
+    from pipeline.bench.plan import PlanError, recommend
+    from pipeline.bench.report import latest
+
+    source = results or latest(Path("var/bench")) or Path("docs/bench/results.json")
+    if not source.is_file():
+        console.print(f"[red]no bench results at {source}; run `streamscore bench`[/red]")
+        raise typer.Exit(2)
+    if guarantee not in ("at_least_once", "exactly_once"):
+        console.print("[red]--guarantee must be at_least_once or exactly_once[/red]")
+        raise typer.Exit(2)
+    try:
+        advice = recommend(
+            json.loads(source.read_text()),
+            target_eps,
+            latency_slo_ms,
+            guarantee,  # type: ignore[arg-type]
+        )
+    except PlanError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    if as_json:
+        print(json.dumps(advice.as_dict() | {"results": str(source)}, indent=2))
+        return
+    from rich.table import Table
+
+    out = Console()
+    table = Table(title=f"plan for {target_eps:,.0f} events/s at p99 ≤ {latency_slo_ms:g} ms")
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    for key in (
+        "replicas",
+        "partitions",
+        "max_replicas",
+        "max_batch",
+        "max_wait_ms",
+        "lag_threshold",
+        "per_pod_eps",
+        "slo_met_in_bench",
+    ):
+        table.add_row(key, str(getattr(advice, key)))
+    out.print(table)
+    out.print(f"from {source}")
+    for line in advice.reasoning:
+        out.print(f"- {line}")
 
 
 @app.command()

@@ -43,7 +43,7 @@ def run_demo(
     run_id = time.strftime("%Y%m%d-%H%M%S")
     settings = _demo_settings(settings, run_id)
     create_topics(settings)
-    _train_if_missing(settings, console)
+    ensure_models(settings, console)
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     stats_file = DEMO_DIR / "run-stats.json"
     stats_file.unlink(missing_ok=True)
@@ -82,7 +82,8 @@ def _demo_settings(settings: Settings, run_id: str) -> Settings:
     return settings.model_copy(update={"topics": topics, "consumer": consumer})
 
 
-def _train_if_missing(settings: Settings, console: Console) -> None:
+def ensure_models(settings: Settings, console: Console) -> None:
+    """Train the models once when the model directory has none for these features."""
     model_dir = settings.engine.model_dir
     if not needs_training(model_dir):
         return

@@ -25,9 +25,12 @@ _STRING_FIELDS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClickEvent:
-    """One valid input event, with where it was read from."""
+    """One valid input event, with where it was read from. Treat it as read-only: it is
+    not frozen because a frozen dataclass sets each of its 23 fields through
+    object.__setattr__, which made construction half of the decode stage.
+    """
 
     event_id: str
     user_id: str

@@ -18,6 +18,7 @@ from pipeline.features.spec import feature_hash
 from pipeline.settings import DecisionSettings, RankingSettings
 
 REASON_NAMES = (*FRAUD_NUMERIC, *FRAUD_CATEGORICAL)
+DECISIONS = ("allow", "review", "block")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +68,7 @@ class Scorer:
             return Scored([], [])
         probability, contributions = self._fraud(features)
         now = int(time.time() * 1000)
-        fraud = [
-            self._fraud_record(event, float(probability[i]), contributions[i], now)
-            for i, event in enumerate(events)
-        ]
+        fraud = self._fraud_records(events, probability, contributions, now)
         ranked = [i for i, event in enumerate(events) if event.candidates]
         recommendations = self._recommend(events, features, ranked, now) if ranked else []
         return Scored(fraud, recommendations)
@@ -89,33 +87,45 @@ class Scorer:
             contributions.append(out["contributions"])
         return np.concatenate(scores), np.concatenate(contributions)
 
-    def _fraud_record(
-        self, event: ClickEvent, score: float, contributions: np.ndarray, now: int
-    ) -> dict[str, Any]:
-        top = np.argsort(-contributions)[: self._decision.top_reasons]
-        return {
-            "event_id": event.event_id,
-            "user_id": event.user_id,
-            "event_time": event.event_time,
-            "score": score,
-            "decision": self._decide(score),
-            "reasons": [
-                {"feature": REASON_NAMES[j], "contribution": float(contributions[j])}
-                for j in top
-                if contributions[j] > 0
-            ],
-            "model_name": self.fraud.name,
-            "model_version": self.fraud.version,
-            "ingest_time": event.ingest_time,
-            "scored_time": now,
-        }
-
-    def _decide(self, score: float) -> str:
-        if score >= self._decision.block_threshold:
-            return "block"
-        if score >= self._decision.review_threshold:
-            return "review"
-        return "allow"
+    def _fraud_records(
+        self,
+        events: Sequence[ClickEvent],
+        probability: np.ndarray,
+        contributions: np.ndarray,
+        now: int,
+    ) -> list[dict[str, Any]]:
+        """One FraudScore record per event; reasons and decisions computed for the whole batch
+        with numpy, then read back as Python lists (one conversion, not one per value).
+        """
+        decision = self._decision
+        top = np.argsort(-contributions, axis=1)[:, : decision.top_reasons]
+        top_values = np.take_along_axis(contributions, top, axis=1).tolist()
+        verdict = np.where(
+            probability >= decision.block_threshold,
+            2,
+            np.where(probability >= decision.review_threshold, 1, 0),
+        ).tolist()
+        scores = probability.tolist()
+        name, version = self.fraud.name, self.fraud.version
+        return [
+            {
+                "event_id": event.event_id,
+                "user_id": event.user_id,
+                "event_time": event.event_time,
+                "score": scores[i],
+                "decision": DECISIONS[verdict[i]],
+                "reasons": [
+                    {"feature": REASON_NAMES[j], "contribution": value}
+                    for j, value in zip(columns, top_values[i], strict=True)
+                    if value > 0
+                ],
+                "model_name": name,
+                "model_version": version,
+                "ingest_time": event.ingest_time,
+                "scored_time": now,
+            }
+            for i, (event, columns) in enumerate(zip(events, top.tolist(), strict=True))
+        ]
 
     def _recommend(
         self, events: Sequence[ClickEvent], features: FeatureBatch, rows: list[int], now: int

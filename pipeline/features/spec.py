@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import zlib
@@ -95,6 +96,7 @@ def payment_method_index(method: str | None) -> int:
     return 0 if method is None else _PAYMENT_INDEX.get(method, 0)
 
 
+@functools.lru_cache(maxsize=4096)  # few distinct agents; bounded for hostile input
 def device_type_index(user_agent: str) -> int:
     """A coarse device class from the user agent."""
     agent = user_agent.lower()
@@ -111,6 +113,7 @@ def device_type_index(user_agent: str) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=1024)
 def country_bucket(country: str) -> int:
     """A stable hash bucket in 1..COUNTRY_BUCKETS for a country code; 0 when empty."""
     if not country:

@@ -71,3 +71,66 @@ def test_arbitrary_bytes_decode_or_fail_with_a_reason(payload):
         DECODER.decode(payload)
     except DecodeError as error:
         assert error.kind.startswith("decode.")
+
+
+LONGS = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+TEXT = st.text(max_size=40)
+DOUBLES = st.floats(allow_nan=False, width=64)
+
+
+def _fastavro_bytes(name: str, record: dict) -> bytes:
+    import io
+
+    from fastavro import schemaless_writer
+
+    schema = schemas.load(name)
+    buffer = io.BytesIO()
+    buffer.write(struct.pack(">bI", 0, schema.schema_id))
+    schemaless_writer(buffer, schema.parsed, record)
+    return buffer.getvalue()
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "event_id": TEXT,
+            "user_id": TEXT,
+            "event_time": LONGS,
+            "score": DOUBLES,
+            "decision": st.sampled_from(["allow", "review", "block"]),
+            "reasons": st.lists(
+                st.fixed_dictionaries({"feature": TEXT, "contribution": DOUBLES}), max_size=4
+            ),
+            "model_name": TEXT,
+            "model_version": TEXT,
+            "ingest_time": LONGS,
+            "scored_time": LONGS,
+        }
+    )
+)
+def test_hand_written_fraud_score_writer_matches_fastavro(record):
+    encoder = Encoder(schemas.FRAUD_SCORE)
+    assert encoder._fast is not None  # the fast path is the one under test
+    assert encoder.encode(record) == _fastavro_bytes(schemas.FRAUD_SCORE, record)
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "event_id": TEXT,
+            "user_id": TEXT,
+            "event_time": LONGS,
+            "items": st.lists(
+                st.fixed_dictionaries({"item_id": LONGS, "score": DOUBLES}), max_size=25
+            ),
+            "model_name": TEXT,
+            "model_version": TEXT,
+            "ingest_time": LONGS,
+            "scored_time": LONGS,
+        }
+    )
+)
+def test_hand_written_recommendation_writer_matches_fastavro(record):
+    encoder = Encoder(schemas.RECOMMENDATION)
+    assert encoder._fast is not None
+    assert encoder.encode(record) == _fastavro_bytes(schemas.RECOMMENDATION, record)

@@ -1,0 +1,7 @@
+"""`streamscore bench`: streamscore against the Kafka ceiling, a naive loop and a peer
+framework, on the same generated events and the same local broker.
+
+`harness` runs each configuration as its own processes and measures them from outside;
+`baselines` and `peer_quix` are the comparison jobs; `report` writes results.json,
+report.md and the plots.
+"""

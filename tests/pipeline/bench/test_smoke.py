@@ -1,0 +1,50 @@
+"""`streamscore bench` at its smoke size: every configuration and phase runs against the
+real broker and the report files are written. Figures are not checked: benchmarks are not
+tests, and this machine's timing is not stable enough to assert on.
+"""
+
+import json
+import math
+
+import pytest
+
+from pipeline.bench.harness import CONFIGS, Plan
+from pipeline.bench.report import PLOT_LATENCY, PLOT_SWEEP, PROFILE, latest, run_bench
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REQUIRED = ("throughput_eps", "p50_ms", "p95_ms", "p99_ms", "cpu_percent", "rss_mb")
+
+
+def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_path):
+    results = run_bench(kafka_settings, Plan.smoke(), tmp_path, lambda _: None)
+
+    run_dir = tmp_path / results["run"]
+    assert latest(tmp_path) == run_dir / "results.json"
+    written = json.loads((run_dir / "results.json").read_text())
+    assert set(written["configs"]) == {config.name for config in CONFIGS}
+    for name, entry in written["configs"].items():
+        for key in REQUIRED:
+            assert isinstance(entry[key], int | float), (name, key)
+        assert [point["fraction"] for point in entry["latency"]] == [0.25, 0.5, 0.75]
+        assert entry["rss_mb"] > 0, name
+        if name.startswith("streamscore"):
+            # Each of these processed the whole backlog, and a read_committed consumer read
+            # an output for every live event at every rate.
+            assert entry["outputs_measured"] == Plan.smoke().events, name
+            assert entry["throughput_eps"] > 0, name
+            for point in entry["latency"]:
+                assert point["received"] == point["events"], (name, point)
+                assert not math.isnan(point["p99_ms"])
+    machine = written["machine"]
+    assert machine["cores"] >= 1 and machine["cpu_model"]
+    assert {"confluent-kafka", "librdkafka", "quixstreams", "kafka"} <= set(machine["versions"])
+    assert {row["target"] for row in written["targets"]} >= {"alo_1p / ceiling", "eos_1p / alo_1p"}
+    assert written["rss"]["users"] == Plan.smoke().rss_users
+    assert written["rss"]["outputs"] == Plan.smoke().rss_users
+    assert len(written["sweep"]["batch_size"]) == len(Plan.smoke().batch_sizes)
+    for name in (PLOT_LATENCY, PLOT_SWEEP):
+        assert (run_dir / name).read_bytes().startswith(b"\x89PNG")
+    assert "run_pipeline" in (run_dir / PROFILE).read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "| streamscore_alo_1p |" in report and PLOT_LATENCY in report
