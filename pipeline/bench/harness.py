@@ -95,7 +95,8 @@ class Plan:
     live_pool: int = 100_000
     live_s: float = 8.0
     rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
-    max_phase_s: float = 90.0
+    max_phase_s: float = 45.0
+    repeats: int = 2  # throughput runs per configuration; the best one counts
     sweep_events: int = 60_000
     batch_sizes: tuple[int, ...] = (32, 128, 500, 2000)
     max_waits_ms: tuple[int, ...] = (1, 5, 20, 50)
@@ -115,6 +116,7 @@ class Plan:
             batch_sizes=(64, 500),
             max_waits_ms=(5,),
             rss_users=3000,
+            repeats=1,
         )
 
 
@@ -144,6 +146,9 @@ class Latency:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    cpu_percent: float  # the configuration's processes while the load was offered
+    broker_cpu_percent: float
+    bench_cpu_percent: float  # this process: the paced producer and the probe
 
 
 @dataclass(slots=True)
@@ -207,6 +212,7 @@ class Bench:
         self.backlog_topic = f"bench.{self.run_id}.backlog"
         self.rss_topic = f"bench.{self.run_id}.distinct-users"
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self._workload = Workload([], [], 0.0)
         self._admin: AdminClient = admin_client(self.base)
         self._broker = _broker_process(self.base)
 
@@ -214,6 +220,7 @@ class Bench:
 
     def fill_backlog(self, workload: Workload) -> float:
         """Write the backlog once; every configuration reads these same bytes."""
+        self._workload = workload
         create_topics(self.base, [self.backlog_topic])
         return produce_all(self.base, self.backlog_topic, workload.backlog)
 
@@ -227,10 +234,19 @@ class Bench:
     ) -> Throughput:
         """Drain the backlog (or its first `limit` events) and measure the rate."""
         expected = limit or self.plan.events
-        settings = self._settings(config, tag, self.backlog_topic, overrides)
+        # Several processes would join one after another and rebalance inside the window,
+        # so they join an empty topic first and the same backlog bytes are written after.
+        joined_first = config.processes > 1
+        topic = f"bench.{self.run_id}.{config.name}.{tag}.in" if joined_first else None
+        if topic is not None:
+            create_topics(self.base, [topic])
+        settings = self._settings(config, tag, topic or self.backlog_topic, overrides)
         with self._processes(config, settings, tag, profile) as procs:
             probe = Probe(settings, settings.topics.fraud_scores, timed=False)
             try:
+                if topic is not None:
+                    self._wait_joined(settings.consumer.group_id, config.processes, procs)
+                    produce_all(self.base, topic, self._workload.backlog[:expected])
                 window = probe.count_until(expected, self.plan.max_phase_s, procs, self._broker)
                 meter = window.meter
                 rss = sum(_peak_rss_mb(proc.pid) for proc in procs)
@@ -266,12 +282,14 @@ class Bench:
                 probe.wait_for(warm_ms, math.ceil(time.time() * 1000), warm, 30.0, procs)
                 for fraction in self.plan.rate_fractions:
                     rate = max(max_eps * fraction, 1.0)
+                    meter = CpuMeter([proc.pid for proc in procs], self._broker)
                     started_ms = math.floor(time.time() * 1000)  # Kafka: whole ms
                     sent, seconds = offer(producer, live_topic, pool, rate, self.plan.live_s)
                     ended_ms = math.ceil(time.time() * 1000)
+                    meter.stop()
                     probe.wait_for(started_ms, ended_ms, sent, 30.0 + self.plan.live_s, procs)
                     latencies = probe.latencies_between(started_ms, ended_ms)
-                    results.append(_latency(fraction, rate, sent, seconds, latencies))
+                    results.append(_latency(fraction, rate, sent, seconds, latencies, meter))
                     self.say(
                         f"  {config.name} at {fraction:.0%} ({rate:,.0f}/s): "
                         f"p50 {results[-1].p50_ms} ms, p99 {results[-1].p99_ms} ms"
@@ -575,7 +593,12 @@ class Probe:
 
 
 def _latency(
-    fraction: float, rate: float, sent: int, seconds: float, latencies: np.ndarray
+    fraction: float,
+    rate: float,
+    sent: int,
+    seconds: float,
+    latencies: np.ndarray,
+    meter: CpuMeter,
 ) -> Latency:
     def pct(q: float) -> float:
         return round(float(np.percentile(latencies, q)), 2) if len(latencies) else float("nan")
@@ -590,6 +613,9 @@ def _latency(
         p95_ms=pct(95),
         p99_ms=pct(99),
         max_ms=round(float(latencies.max()), 2) if len(latencies) else float("nan"),
+        cpu_percent=round(meter.percent(), 1),
+        broker_cpu_percent=round(meter.broker_percent(), 1),
+        bench_cpu_percent=round(meter.self_percent(), 1),
     )
 
 
