@@ -50,11 +50,11 @@ def produce_clickstream(
             if ahead > 0:
                 time.sleep(ahead)
         key = event["user_id"].encode()
-        _produce(producer, topics.input, key, events.encode(event))
-        _produce(producer, topics.labels, event["event_id"].encode(), labels.encode(label))
+        produce_one(producer, topics.input, key, events.encode(event))
+        produce_one(producer, topics.labels, event["event_id"].encode(), labels.encode(label))
         with_candidates += bool(event["candidates"])
         if malformed_every and count % malformed_every == 0:
-            _produce(producer, topics.input, key, MALFORMED[malformed % len(MALFORMED)])
+            produce_one(producer, topics.input, key, MALFORMED[malformed % len(MALFORMED)])
             malformed += 1
         if on_progress is not None and count % 1000 == 0:
             on_progress(1000)
@@ -64,10 +64,13 @@ def produce_clickstream(
     return ProduceReport(count, with_candidates, malformed, time.monotonic() - started)
 
 
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+def produce_one(
+    producer: Producer, topic: str, key: bytes | None, value: bytes | None, timestamp: int = 0
+) -> None:
+    """Queue one message, serving delivery reports while the local queue is full."""
     while True:
         try:
-            producer.produce(topic, key=key, value=value)
+            producer.produce(topic, value=value, key=key, timestamp=timestamp)
             return
         except BufferError:
             producer.poll(0.05)

@@ -30,6 +30,7 @@ from pipeline.events import ClickEvent
 from pipeline.features import FeatureStore, FeatureUpdater
 from pipeline.kafka.clients import consumer_config, producer_config
 from pipeline.kafka.messages import position
+from pipeline.loadgen import produce_one
 from pipeline.settings import Settings, load_settings
 
 _HEADER = 5  # magic byte and schema id
@@ -48,7 +49,9 @@ def ceiling(settings: Settings, stop: threading.Event) -> None:
         while not stop.is_set():
             for message in consumer.consume(settings.consumer.max_batch, 0.05):
                 if message.error() is None:
-                    _produce(producer, out, message.key(), message.value(), message.timestamp()[1])
+                    produce_one(
+                        producer, out, message.key(), message.value(), message.timestamp()[1]
+                    )
             producer.poll(0)
             if time.monotonic() >= next_commit:
                 producer.flush()
@@ -112,23 +115,12 @@ def naive(settings: Settings, stop: threading.Event) -> None:
                     "scored_time": int(time.time() * 1000),
                 },
             )
-            _produce(producer, settings.topics.fraud_scores, message.key(), out.getvalue())
+            produce_one(producer, settings.topics.fraud_scores, message.key(), out.getvalue())
             producer.poll(0)
             consumer.commit(message=message, asynchronous=False)
         producer.flush()
     finally:
         consumer.close()
-
-
-def _produce(
-    producer: Producer, topic: str, key: bytes | None, value: bytes | None, timestamp: int = 0
-) -> None:
-    while True:
-        try:
-            producer.produce(topic, value=value, key=key, timestamp=timestamp)
-            return
-        except BufferError:
-            producer.poll(0.05)
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ from pipeline.codec import Decoder, Encoder
 from pipeline.generator import ClickstreamGenerator, GeneratorConfig
 from pipeline.kafka.admin import admin_client, create_topics
 from pipeline.kafka.clients import producer_config
+from pipeline.loadgen import produce_one
 from pipeline.settings import Settings, settings_env
 
 Kind = Literal["ceiling", "naive", "peer", "streamscore"]
@@ -637,7 +638,7 @@ def offer(
         due = min(total, int((time.monotonic() - started) * rate) + 1)
         while sent < due:
             key, value = next(pool)
-            _produce(producer, topic, key, value)
+            produce_one(producer, topic, key, value)
             sent += 1
         producer.poll(0)
         time.sleep(0.001)
@@ -653,19 +654,10 @@ def produce_all(
     producer = Producer(producer_config(settings) | {"linger.ms": 20})
     started = time.monotonic()
     for key, value in messages:
-        _produce(producer, topic, key, value)
+        produce_one(producer, topic, key, value)
     if producer.flush(120):
         raise RuntimeError(f"bench events for {topic} were not all acknowledged")
     return time.monotonic() - started
-
-
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
-    while True:
-        try:
-            producer.produce(topic, value=value, key=key)
-            return
-        except BufferError:
-            producer.poll(0.01)
 
 
 def _cycle(messages: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 # load even (a replica owns whole partitions).
 _PARTITIONS = (6, 12, 24, 36, 48, 60, 72, 96, 120, 180, 240, 360, 480, 720)
 _MIN_LAG_THRESHOLD = 100  # below this, lag noise from one batch would flap the scaler
+_SUSTAINED_P99_MS = 1000.0
 
 
 class PlanError(ValueError):
@@ -63,14 +64,17 @@ def recommend(
 
     # Per-pod rate: the highest measured load whose p99 met the SLO.
     points = sorted(entry["latency"], key=lambda p: p["achieved_eps"])
-    meeting = [p for p in points if not math.isnan(p["p99_ms"]) and p["p99_ms"] <= latency_slo_ms]
+    # A step's p99 over a second means its queue grew through the step: not sustained.
+    bound = min(latency_slo_ms, _SUSTAINED_P99_MS)
+    meeting = [p for p in points if not math.isnan(p["p99_ms"]) and p["p99_ms"] <= bound]
     if meeting:
         chosen = meeting[-1]
         met = True
         why.append(
             f"Per pod: {chosen['achieved_eps']:,.0f} events/s, the highest measured load "
             f"({chosen['fraction']:.0%} of max) with p99 {chosen['p99_ms']} ms ≤ "
-            f"{latency_slo_ms:g} ms."
+            f"{bound:g} ms (the SLO, or {_SUSTAINED_P99_MS:g} ms above which a step's "
+            "queue was still growing)."
         )
     else:
         chosen = points[0]
