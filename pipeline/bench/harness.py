@@ -696,10 +696,13 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _broker_process(settings: Settings) -> psutil.Process | None:
     """The local broker's process, found by the port it listens on; None when remote."""
-    port = int(settings.kafka.bootstrap_servers.rsplit(":", 1)[-1].split(",")[0])
-    for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-            return psutil.Process(conn.pid) if conn.pid else None
+    port = int(settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[-1])
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return psutil.Process(conn.pid) if conn.pid else None
+    except psutil.Error:  # other users' sockets can be off limits; report no broker CPU
+        pass
     return None
 
 
