@@ -1,13 +1,15 @@
 """The one place that decides when input counts as done: the two delivery guarantees.
 
-**At least once** (`AtLeastOnce`): outputs are produced as batches finish; at each
-checkpoint the producer is flushed (every output acknowledged), then the state of every user
-changed since the last checkpoint is written to the changelog and flushed, then the input
-offsets are committed. A crash replays input from the last commit. Because a user's
-changelog record is written only after the outputs of the events folded into it were
-acknowledged, and it remembers the offset of the last of those events, the replayed events
-it already holds are skipped (`FeatureUpdater.fresh`) and the rest see exactly the state
-they saw the first time: outputs may repeat, but never with different features.
+**At least once** (`AtLeastOnce`): every interval the batches since the last checkpoint are
+sealed as one stretch; the stretch's input offsets are committed once its outputs, then the
+changelog records of the users it changed, are acknowledged. Stretches advance in order and
+without blocking the loop: processing goes on while the broker acknowledges. Each user's
+record holds the state as it was when its batch ended, so it is written only after the
+outputs of the events folded into it were acknowledged, and it remembers the offset of the
+last of those events. A crash replays input from the last commit; the replayed events a
+user's restored state already holds are skipped (`FeatureUpdater.fresh`) and the rest see
+exactly the state they saw the first time: outputs may repeat, but never with different
+features. A revocation, and the stop, drain every stretch before the partitions go.
 
 **Exactly once** (`ExactlyOnce`): each batch is one transaction holding its outputs, the
 changelog records of the users it changed, and its input offsets
@@ -21,15 +23,17 @@ back to the committed offsets.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from pipeline.features.state import FeatureStore
+from pipeline.features.state import FeatureStore, StateChange
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
-from pipeline.sink import Sink
+from pipeline.sink import Sink, Unacked
 
 log = get_logger()
 RETRY_FOR_S = 60.0  # retriable transactional errors are retried this long
@@ -52,12 +56,14 @@ class Checkpoint(Protocol):
         """After the batch's outputs are produced; may raise Rewind."""
         ...
 
-    def due(self) -> bool:
-        """Whether `commit` should run now."""
+    def tick(self) -> None:
+        """Between batches: move progress towards durable without waiting on the broker."""
         ...
 
     def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
-        """Make everything processed so far (for `partitions`, or all) durable."""
+        """Make everything processed so far durable, waiting for it; `partitions` are about
+        to be revoked and are not committed again afterwards.
+        """
         ...
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
@@ -69,8 +75,20 @@ class Checkpoint(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class _Stretch:
+    """The batches between two checkpoints."""
+
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next, per partition
+    changes: dict[tuple[int, str], StateChange] = field(default_factory=dict)  # newest per user
+    outputs: Unacked | None = None  # set when sealed
+    state: Unacked | None = None  # set when its changelog records are queued
+
+
 class AtLeastOnce:
-    """Flush outputs, write changed state, flush, commit offsets; every `interval_ms`."""
+    """Seal a stretch every `interval_ms`; commit it once its outputs, then its changed state,
+    are acknowledged.
+    """
 
     def __init__(
         self, consumer: Consumer, sink: Sink, store: FeatureStore, interval_ms: int
@@ -80,60 +98,115 @@ class AtLeastOnce:
         self.sink = sink
         self._store = store
         self._interval_s = interval_ms / 1000.0
-        self._pending: dict[tuple[str, int], int] = {}
+        self._open = _Stretch()
+        self._sealed: deque[_Stretch] = deque()
+        self._safe: dict[tuple[str, int], int] = {}  # acknowledged offsets of owned partitions
         self._last = time.monotonic()
 
     def begin_batch(self) -> None:
         """Nothing to open."""
 
     def end_batch(self, messages: list[Message]) -> None:
-        """Remember the next offset to commit per partition."""
+        """Remember the batch's next offsets, and the state of the users it changed as it is
+        now (the record is written later, after these outputs are acknowledged).
+        """
+        offsets = self._open.offsets
         for message in messages:
             if message.error() is None:
                 topic, partition, offset = position(message)
-                self._pending[(topic, partition)] = offset + 1
+                offsets[(topic, partition)] = offset + 1
+        changes = self._open.changes
+        for change in self._store.take_changes():
+            changes[(change.partition, change.user_id)] = change
 
-    def due(self) -> bool:
-        """Whether the interval has passed since the last checkpoint."""
-        return time.monotonic() - self._last >= self._interval_s
+    def tick(self) -> None:
+        """Seal a stretch when the interval has passed; commit the sealed stretches whose
+        outputs and state are acknowledged, in order, without waiting.
+        """
+        if time.monotonic() - self._last >= self._interval_s:
+            self._seal()
+        self.sink.serve()
+        self._advance(wait=False)
 
     def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
-        """Flush outputs, then write and flush changed state, then commit offsets."""
-        self._last = time.monotonic()
-        selected = None if partitions is None else {(tp.topic, tp.partition) for tp in partitions}
-        keys = [key for key in self._pending if selected is None or key in selected]
+        """Seal and commit everything, waiting for the broker; forget `partitions` after."""
+        self._seal()
+        self._advance(wait=True)
+        for tp in partitions or ():
+            self._safe.pop((tp.topic, tp.partition), None)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop the offsets and unwritten state of lost partitions: their new owner has
+        moved on, and neither may overwrite its progress.
+        """
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        numbers = {partition for _, partition in lost}
+        for stretch in (*self._sealed, self._open):
+            for key in lost:
+                stretch.offsets.pop(key, None)
+            if stretch.state is None:
+                stretch.changes = {
+                    key: change for key, change in stretch.changes.items() if key[0] not in numbers
+                }
+        for key in lost:
+            self._safe.pop(key, None)
+
+    def close(self) -> None:
+        """Flush what is left (the final commit has normally done it)."""
         self.sink.flush()
-        state_partitions = None if selected is None else {p for _, p in selected}
-        changes = self._store.take_changes(state_partitions)
-        if changes:
-            self.sink.publish_state(changes)
+
+    def _seal(self) -> None:
+        self._last = time.monotonic()
+        stretch, self._open = self._open, _Stretch()
+        stretch.outputs = self.sink.take_outputs()
+        if stretch.offsets or stretch.changes:
+            self._sealed.append(stretch)
+
+    def _advance(self, wait: bool) -> None:
+        """Walk the sealed stretches in order: outputs acknowledged → queue the changelog
+        records → those acknowledged → commit. Without `wait`, stop at the first that is not
+        ready; with it, flush until each is.
+        """
+        while self._sealed:
+            head = self._sealed[0]
+            assert head.outputs is not None
+            if head.outputs.count and not self._acknowledged(wait):
+                return
+            self.sink.raise_failures()
+            if head.state is None:
+                head.state = self.sink.publish_state(list(head.changes.values()))
+            if head.state.count and not self._acknowledged(wait):
+                return
+            self.sink.raise_failures()
+            self._sealed.popleft()
+            self._commit(head.offsets, asynchronous=not wait)
+
+    def _acknowledged(self, wait: bool) -> bool:
+        """With `wait`, flush (every record queued so far is acknowledged, or this raises)."""
+        if wait:
             self.sink.flush()
-        if not keys:
+        return wait
+
+    def _commit(self, offsets: dict[tuple[str, int], int], asynchronous: bool) -> None:
+        # Every owned partition's safe offset goes in each commit, so one that failed (e.g.
+        # the broker was restarting) is made good by the next.
+        self._safe.update(offsets)
+        if not self._safe:
             return
-        offsets = [TopicPartition(t, p, self._pending[(t, p)]) for t, p in keys]
+        safe = [TopicPartition(t, p, o) for (t, p), o in self._safe.items()]
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            if asynchronous:
+                self._consumer.commit(offsets=safe, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=safe, asynchronous=False)
         except KafkaException as exc:
-            # The outputs are safe; only the progress marker failed (e.g. the broker is
-            # restarting). Keep it pending: the next checkpoint commits it, or a replay
-            # after a crash repeats outputs, as at-least-once allows.
+            # The outputs are safe; only the progress marker failed. A crash before the next
+            # commit replays this stretch, as at-least-once allows.
             log.warning(
                 "commit_failed", reason=exc.args[0].str(), retriable=exc.args[0].retriable()
             )
             if exc.args[0].fatal():
                 raise
-            return
-        for key in keys:
-            self._pending.pop(key)
-
-    def forget(self, partitions: Iterable[TopicPartition]) -> None:
-        """Drop progress of lost partitions without committing it."""
-        for tp in partitions:
-            self._pending.pop((tp.topic, tp.partition), None)
-
-    def close(self) -> None:
-        """Flush what is left (the final commit has normally done it)."""
-        self.sink.flush()
 
 
 class ExactlyOnce:
@@ -184,9 +257,8 @@ class ExactlyOnce:
         except KafkaException as exc:
             self._recover(exc)
 
-    def due(self) -> bool:
-        """Every batch commits itself."""
-        return False
+    def tick(self) -> None:
+        """Every batch committed itself."""
 
     def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Nothing is pending between batches: each batch's transaction committed it."""

@@ -5,6 +5,7 @@ on assignment, and stop cleanly when asked.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import threading
@@ -120,10 +121,18 @@ class Pipeline:
             if self.settings.telemetry.port:
                 telemetry.serve(self.settings.telemetry.host, self.settings.telemetry.port)
                 stack.callback(telemetry.close)
+            telemetry.watch_gc()
+            stack.callback(telemetry.unwatch_gc)
+            # Everything alive now (modules, engines, settings) lives as long as the process:
+            # out of the collector's sight, a full collection no longer walks it while events
+            # wait (a few hundred thousand objects, 50-130 ms per pause when measured).
+            gc.collect()
+            gc.freeze()
             consumer = Consumer(
                 consumer_config(self.settings)
                 | {
                     "error_cb": _on_client_error,
+                    "on_commit": _on_commit,
                     "stats_cb": telemetry.on_stats,
                     "statistics.interval.ms": self.settings.telemetry.statistics_interval_ms,
                 }
@@ -147,9 +156,8 @@ class Pipeline:
                 in_flight = checkpoint.sink.in_flight()
                 if backpressure.update(consumer, in_flight):
                     self.stats.pauses += 1
-                if checkpoint.due():
-                    with telemetry.stage_seconds.labels("commit").time():
-                        checkpoint.commit()
+                with telemetry.stage_seconds.labels("commit").time():
+                    checkpoint.tick()
                 self._sample_state(in_flight)
             checkpoint.commit()
             log.info("pipeline_stopped", **asdict(self.stats))
@@ -414,6 +422,21 @@ def _raise_if_fatal(error: KafkaError, message: Message) -> None:
     )
     if error.fatal():
         raise KafkaException(error)
+
+
+def _on_commit(error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    """Result of an asynchronous offset commit: a failure is only logged, since every later
+    commit carries each owned partition's safe offset again.
+    """
+    if error is not None and error.code() == KafkaError._NO_OFFSET:
+        return  # nothing to commit is not a failure
+    failed = [tp.partition for tp in partitions if tp.error is not None]
+    if error is not None or failed:
+        log.warning(
+            "commit_failed",
+            reason=error.str() if error is not None else "partition errors",
+            partitions=failed,
+        )
 
 
 def _on_client_error(error: KafkaError) -> None:

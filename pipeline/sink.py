@@ -1,5 +1,7 @@
 """Encodes results and dead letters and produces them, with the state changelog records;
-delivery failures are collected so no input is committed whose outputs were not acknowledged.
+delivery failures are collected so no input is committed whose outputs were not acknowledged,
+and each stretch of records counts its unacknowledged ones, so a checkpoint can tell when a
+stretch is safe without waiting for all later ones (`Unacked`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,26 @@ def dead_letter(message: Message, error: DecodeError) -> dict[str, Any]:
     }
 
 
+class Unacked:
+    """Records of one stretch (the outputs between two checkpoints, or one batch of changelog
+    records) still awaiting acknowledgement. Its `delivered` is their delivery callback, so
+    counting costs one bound method per stretch, not one closure per record.
+    """
+
+    __slots__ = ("_failures", "count")
+
+    def __init__(self, failures: list[str]) -> None:
+        """Count from zero; failed deliveries are appended to the sink's `failures`."""
+        self.count = 0
+        self._failures = failures
+
+    def delivered(self, error: KafkaError | None, message: Message) -> None:
+        """Delivery callback: one record fewer awaits; remember it if it failed."""
+        self.count -= 1
+        if error is not None:
+            self._failures.append(f"{message.topic()}: {error}")
+
+
 class Sink:
     """Produces FraudScore, Recommendation and DeadLetter records, keyed by user id, and
     changelog records to the changelog partition of their input partition.
@@ -52,6 +74,7 @@ class Sink:
         self._recommendation = Encoder(schemas.RECOMMENDATION)
         self._dead_letter = Encoder(schemas.DEAD_LETTER)
         self._failures: list[str] = []
+        self._outputs = Unacked(self._failures)
 
     def publish(
         self,
@@ -82,10 +105,31 @@ class Sink:
             self._produce(self._topics.dead_letter, key, self._dead_letter.encode(record))
         self._producer.poll(0)
 
-    def publish_state(self, changes: list[StateChange]) -> None:
-        """Queue changelog records: a user's state bytes, or a tombstone for an eviction."""
+    def publish_state(self, changes: list[StateChange]) -> Unacked:
+        """Queue changelog records: a user's state bytes, or a tombstone for an eviction.
+        Returns the count of them still awaiting acknowledgement.
+        """
+        unacked = Unacked(self._failures)
         for change in changes:
-            self._produce(self._changelog, change.user_id, change.value, partition=change.partition)
+            self._produce(
+                self._changelog,
+                change.user_id,
+                change.value,
+                partition=change.partition,
+                to=unacked,
+            )
+        self._producer.poll(0)
+        return unacked
+
+    def take_outputs(self) -> Unacked:
+        """The count of outputs published so far still awaiting acknowledgement; outputs
+        published from now on are counted afresh.
+        """
+        outputs, self._outputs = self._outputs, Unacked(self._failures)
+        return outputs
+
+    def serve(self) -> None:
+        """Run the delivery callbacks of records acknowledged since the last call."""
         self._producer.poll(0)
 
     def in_flight(self) -> int:
@@ -102,7 +146,8 @@ class Sink:
     def raise_failures(self) -> None:
         """Raise DeliveryError if any output failed delivery since the last check."""
         if self._failures:
-            failures, self._failures = self._failures, []
+            failures = list(self._failures)
+            self._failures.clear()  # in place: every Unacked appends to this list
             raise DeliveryError(f"{len(failures)} outputs failed delivery, first: {failures[0]}")
 
     def _produce(
@@ -112,7 +157,9 @@ class Sink:
         value: bytes | None,
         headers: Headers | None = None,
         partition: int = -1,
+        to: Unacked | None = None,
     ) -> None:
+        unacked = self._outputs if to is None else to
         while True:
             try:
                 self._producer.produce(
@@ -121,12 +168,9 @@ class Sink:
                     key=key,
                     headers=headers,
                     partition=partition,
-                    on_delivery=self._on_delivery,
+                    on_delivery=unacked.delivered,
                 )
+                unacked.count += 1
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.05)
-
-    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:
-            self._failures.append(f"{message.topic()}: {error}")

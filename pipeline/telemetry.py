@@ -11,6 +11,7 @@ so it costs no extra requests to the broker.
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -109,6 +110,14 @@ class Telemetry:
             ["role"],
             registry=registry,
         )
+        self.gc_pause_seconds = Histogram(
+            "streamscore_gc_pause_seconds",
+            "Python garbage-collector pauses, by generation.",
+            ["generation"],
+            buckets=_STAGE_BUCKETS,
+            registry=registry,
+        )
+        self._gc_started = 0.0
         self._liveness_timeout_s = liveness_timeout_s
         self._beat = time.monotonic()
         self._engines_loaded = False
@@ -141,6 +150,24 @@ class Telemetry:
     def ready(self) -> bool:
         """Engines loaded, group joined, no restore running, and alive."""
         return self._engines_loaded and self._joined and self._restoring == 0 and self.alive()
+
+    # -- garbage collector ---------------------------------------------------------------
+
+    def watch_gc(self) -> None:
+        """Time every collection into `gc_pause_seconds` until `unwatch_gc`."""
+        gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        """Stop timing collections."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            seconds = time.perf_counter() - self._gc_started
+            self.gc_pause_seconds.labels(generation=str(info["generation"])).observe(seconds)
 
     # -- librdkafka statistics -----------------------------------------------------------
 

@@ -1,10 +1,15 @@
-"""ExactlyOnce's handling of each transactional error class, with small fakes."""
+"""The two delivery guarantees with small fakes: AtLeastOnce's ordering of outputs, state and
+offsets; ExactlyOnce's handling of each transactional error class.
+"""
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from pipeline.checkpoint import ExactlyOnce, Rewind
+from pipeline.checkpoint import AtLeastOnce, ExactlyOnce, Rewind
 from pipeline.features import FeatureStore
+from pipeline.scoring import Scored
+from pipeline.settings import TopicSettings
+from pipeline.sink import DeliveryError, Sink
 
 
 def error(retriable=False, abortable=False, fatal=False):
@@ -59,6 +64,10 @@ class FakeConsumer:
 
 
 class FakeMessage:
+    def __init__(self, partition=0, offset=41):
+        self._partition = partition
+        self._offset = offset
+
     def error(self):
         return None
 
@@ -66,10 +75,172 @@ class FakeMessage:
         return "in"
 
     def partition(self):
-        return 0
+        return self._partition
 
     def offset(self):
-        return 41
+        return self._offset
+
+
+# --- at least once ------------------------------------------------------------------------
+
+
+class QueueingProducer:
+    """Holds every record until the test acknowledges it, like a broker that is slow."""
+
+    def __init__(self):
+        self.queued = []  # (topic, key, partition, callback)
+        self.produced = []
+
+    def produce(self, topic, value=None, key=None, headers=None, partition=-1, on_delivery=None):
+        self.queued.append((topic, key, partition, on_delivery))
+        self.produced.append((topic, key))
+
+    def ack(self, topic=None, error=None):
+        """Acknowledge the queued records of `topic` (all if None), oldest first."""
+        keep = []
+        for record in self.queued:
+            if topic is None or record[0] == topic:
+                record[3](error, AckedMessage(record[0]))
+            else:
+                keep.append(record)
+        self.queued = keep
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=None):
+        self.ack()
+        return 0
+
+    def __len__(self):
+        return len(self.queued)
+
+
+class AckedMessage:
+    def __init__(self, topic):
+        self._topic = topic
+
+    def topic(self):
+        return self._topic
+
+
+class CommittingConsumer:
+    def __init__(self):
+        self.commits = []  # (offsets as {partition: offset}, asynchronous)
+
+    def commit(self, offsets, asynchronous):
+        self.commits.append(({tp.partition: tp.offset for tp in offsets}, asynchronous))
+
+
+TOPICS = TopicSettings(fraud_scores="scores")
+CHANGELOG = "state"
+
+
+def at_least_once():
+    """A checkpoint that seals at every tick."""
+    producer, consumer, store = QueueingProducer(), CommittingConsumer(), FeatureStore(5)
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), store, interval_ms=0)
+    return checkpoint, producer, consumer, store
+
+
+def run_batch(checkpoint, store, partition, offset, user):
+    """One batch of one event: the user's state changes, one output is produced."""
+    store.get(partition, user, 1_000)
+    score = {"user_id": user, "event_id": f"e{offset}"}
+    checkpoint.begin_batch()
+    checkpoint.sink.publish(Scored([score], []), [])
+    checkpoint.end_batch([FakeMessage(partition, offset)])
+
+
+@pytest.fixture(autouse=True)
+def plain_encoders(monkeypatch):
+    """Outputs are opaque here: encode them as their event id."""
+    monkeypatch.setattr(
+        "pipeline.sink.Encoder.encode", lambda self, record: record["event_id"].encode()
+    )
+
+
+def test_offsets_wait_for_outputs_then_state_without_blocking():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    checkpoint.tick()
+    assert consumer.commits == []
+    assert producer.produced == [("scores", "u1")]  # no state before its outputs are safe
+
+    producer.ack("scores")
+    checkpoint.tick()
+    assert producer.produced[-1] == (CHANGELOG, "u1")
+    assert consumer.commits == []  # the state record is not acknowledged yet
+
+    producer.ack(CHANGELOG)
+    checkpoint.tick()
+    assert consumer.commits == [({0: 8}, True)]
+
+
+def test_a_later_stretch_acknowledged_first_commits_nothing_before_the_earlier_one():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    checkpoint.tick()  # seals the first stretch
+    first = list(producer.queued)
+    producer.queued = []
+    run_batch(checkpoint, store, partition=1, offset=3, user="u2")
+    producer.ack("scores")  # only the second stretch's output
+    checkpoint.tick()
+    assert consumer.commits == []
+    assert (CHANGELOG, "u2") not in producer.produced
+
+    producer.queued = first
+    producer.ack("scores")
+    checkpoint.tick()
+    producer.ack(CHANGELOG)
+    checkpoint.tick()  # first stretch commits; the second's state goes out after it
+    producer.ack(CHANGELOG)
+    checkpoint.tick()
+    assert [offsets for offsets, _ in consumer.commits] == [{0: 8}, {0: 8, 1: 4}]
+    states = [key for topic, key in producer.produced if topic == CHANGELOG]
+    assert states == ["u1", "u2"]
+
+
+def test_a_failed_output_stops_the_commit():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    checkpoint.tick()
+    producer.ack("scores", error=KafkaError(KafkaError._MSG_TIMED_OUT))
+    with pytest.raises(DeliveryError):
+        checkpoint.tick()
+    assert consumer.commits == []
+    assert (CHANGELOG, "u1") not in producer.produced
+
+
+def test_commit_waits_for_everything_and_commits_synchronously():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=2, offset=10, user="u3")
+    checkpoint.commit()
+    assert consumer.commits == [({2: 11}, False)]
+    assert producer.produced == [("scores", "u3"), (CHANGELOG, "u3")]
+
+
+def test_lost_partitions_are_neither_committed_nor_written_to_the_changelog():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    run_batch(checkpoint, store, partition=1, offset=3, user="u2")
+    checkpoint.forget([TopicPartition("in", 1)])
+    checkpoint.commit()
+    assert consumer.commits == [({0: 8}, False)]
+    assert [key for topic, key in producer.produced if topic == CHANGELOG] == ["u1"]
+
+
+def test_revoked_partitions_are_committed_once_then_left_to_their_new_owner():
+    checkpoint, _, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    run_batch(checkpoint, store, partition=1, offset=3, user="u2")
+    checkpoint.commit([TopicPartition("in", 1)])
+    run_batch(checkpoint, store, partition=0, offset=8, user="u1")
+    checkpoint.commit()
+    assert [offsets for offsets, _ in consumer.commits] == [{0: 8, 1: 4}, {0: 9}]
+
+
+# --- exactly once -------------------------------------------------------------------------
 
 
 def checkpoint_with(*producers):

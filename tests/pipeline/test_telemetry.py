@@ -1,5 +1,8 @@
-"""Telemetry's health rules, lag from librdkafka statistics, and its HTTP endpoints."""
+"""Telemetry's health rules, lag from librdkafka statistics, GC pauses, and its HTTP
+endpoints.
+"""
 
+import gc
 import json
 import urllib.error
 import urllib.request
@@ -73,3 +76,22 @@ def test_endpoints_serve_metrics_and_probes():
         assert status(port, "/nope")[0] == 404
     finally:
         telemetry.close()
+
+
+def test_gc_pauses_are_timed_only_while_watched():
+    telemetry = Telemetry()
+
+    def collections():
+        return telemetry.registry.get_sample_value(
+            "streamscore_gc_pause_seconds_count", {"generation": "2"}
+        )
+
+    telemetry.watch_gc()
+    try:
+        gc.collect()
+        gc.collect()
+    finally:
+        telemetry.unwatch_gc()
+    assert collections() == 2
+    gc.collect()
+    assert collections() == 2
