@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.integration.test_pipeline import wait_for_commit
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EVENTS = 6000
+PRODUCE_S = 12.0  # the input arrives over this long, so every fault lands mid-stream
 
 
 class PipelineProcess:
@@ -42,10 +44,18 @@ class PipelineProcess:
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "run"],
-            env=env | {"STREAMSCORE_LOG_FORMAT": "json"},
+            env=env | {"STREAMSCORE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def wait_for_log(self, event: str, timeout_s: float = 120) -> None:
+        """Until the process has logged `event` (it logs unbuffered)."""
+        deadline = time.monotonic() + timeout_s
+        while f'"{event}"' not in self.log_path.read_text():
+            assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {event} in {timeout_s}s"
+            time.sleep(0.1)
 
     def kill9(self) -> None:
         self.process.kill()
@@ -80,17 +90,37 @@ def fault_settings(
     )
 
 
-def produce_events(settings: Settings) -> list[dict]:
-    config = GeneratorConfig(events=EVENTS, users=120, seed=21).anchored_before(time.time())
-    events = [event for event, _ in generate(config)]
-    encoder = Encoder(schemas.CLICK_EVENT)
-    producer = Producer(producer_config(settings))  # idempotent: keeps production order
-    for event in events:
-        producer.produce(
-            settings.topics.input, key=event["user_id"].encode(), value=encoder.encode(event)
-        )
-    assert producer.flush(30) == 0
-    return events
+class Producing:
+    """Writes the test's events to the input evenly over `PRODUCE_S` seconds, on a thread:
+    the pipeline is faster than any fixed backlog, so only a stream that is still arriving
+    makes a fault land mid-stream whatever the machine.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        config = GeneratorConfig(events=EVENTS, users=120, seed=21).anchored_before(time.time())
+        self.events = [event for event, _ in generate(config)]
+        self._settings = settings
+        self._unacknowledged = -1
+        self._thread = threading.Thread(target=self._run, name="producing")
+        self._thread.start()
+
+    def _run(self) -> None:
+        encoder = Encoder(schemas.CLICK_EVENT)
+        producer = Producer(producer_config(self._settings))  # idempotent: keeps the order
+        started = time.monotonic()
+        for i, event in enumerate(self.events):
+            due = started + PRODUCE_S * i / len(self.events)
+            time.sleep(max(0.0, due - time.monotonic()))
+            key, value = event["user_id"].encode(), encoder.encode(event)
+            producer.produce(self._settings.topics.input, key=key, value=value)
+            producer.poll(0)
+        self._unacknowledged = producer.flush(120)
+
+    def join(self) -> list[dict]:
+        """Wait until every event is written; return them in production order."""
+        self._thread.join()
+        assert self._unacknowledged == 0, f"{self._unacknowledged} test events not written"
+        return self.events
 
 
 def reference_digests(settings: Settings, events: list[dict]) -> dict[str, str]:
@@ -105,12 +135,12 @@ def reference_digests(settings: Settings, events: list[dict]) -> dict[str, str]:
 
 
 def committed_fraction(settings: Settings) -> float:
-    """How much of the input the group has committed."""
+    """How much of all the test's events the group has committed."""
     consumer = Consumer(settings.kafka.client_config() | {"group.id": settings.consumer.group_id})
     try:
         ends = end_offsets(consumer, settings.topics.input)
         done = committed_offsets(consumer, settings.topics.input, ends)
-        return sum(done.values()) / max(1, sum(ends.values()))
+        return sum(done.values()) / EVENTS
     except KafkaException:  # the group's coordinator is still being elected
         return 0.0
     finally:
@@ -170,7 +200,7 @@ def check_outputs(settings: Settings, events: list[dict], exactly_once: bool) ->
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_kill_9_mid_stream_then_restart(kafka_settings, guarantee, tmp_path):
     settings = fault_settings(kafka_settings, guarantee)
-    events = produce_events(settings)
+    producing = Producing(settings)
     first = PipelineProcess(settings, "p0", tmp_path)
     try:
         wait_for_progress(settings, 0.3)
@@ -179,6 +209,7 @@ def test_kill_9_mid_stream_then_restart(kafka_settings, guarantee, tmp_path):
     assert committed_fraction(settings) < 1.0, "the kill came too late to test anything"
     second = PipelineProcess(settings, "p0", tmp_path)
     try:
+        events = producing.join()
         wait_for_commit(settings, timeout_s=180)
     finally:
         second.stop()
@@ -188,14 +219,17 @@ def test_kill_9_mid_stream_then_restart(kafka_settings, guarantee, tmp_path):
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_scale_one_to_two_to_one(kafka_settings, guarantee, tmp_path):
     settings = fault_settings(kafka_settings, guarantee)
-    events = produce_events(settings)
+    producing = Producing(settings)
     a = PipelineProcess(settings, "a", tmp_path)
     b = None
     try:
-        wait_for_progress(settings, 0.25)
+        wait_for_progress(settings, 0.15)
         b = PipelineProcess(settings, "b", tmp_path)  # takes over partitions and their state
+        b.wait_for_log("state_restored")
+        assert committed_fraction(settings) < 0.9, "b joined too late to share the stream"
         wait_for_progress(settings, 0.6)
         a.stop()  # b takes everything back
+        events = producing.join()
         wait_for_commit(settings, timeout_s=180)
     finally:
         a.process.poll() is None and a.kill9()
@@ -211,13 +245,14 @@ def test_broker_restart_mid_stream(kafka_settings, kafka_broker, tmp_path):
         pytest.skip("KAFKA_BOOTSTRAP_SERVERS points at a broker this test cannot restart")
     # The session must outlast the restart (about 10 s here), or the member is fenced.
     settings = fault_settings(kafka_settings, "at_least_once", session_timeout_ms=45_000)
-    events = produce_events(settings)
+    producing = Producing(settings)
     pipeline = PipelineProcess(settings, "p0", tmp_path)
     try:
         wait_for_progress(settings, 0.3)
         kafka_broker.down()
         time.sleep(2)
         kafka_broker.up()
+        events = producing.join()
         wait_for_commit(settings, timeout_s=180)
     finally:
         pipeline.stop()
