@@ -215,11 +215,11 @@ class FeatureStore:
             partition, users = max(self._partitions.items(), key=lambda item: len(item[1]))
             self._drop(partition, next(iter(users)))
 
-    def take_changes(self, partitions: set[int] | None = None) -> list[StateChange]:
-        """Pending changelog records of `partitions` (all if None), oldest change first."""
+    def take_changes(self) -> list[StateChange]:
+        """Pending changelog records of every partition."""
         changes = []
-        for partition in list(self._changed) if partitions is None else partitions:
-            changed = self._changed.pop(partition, set())
+        for partition in list(self._changed):
+            changed = self._changed.pop(partition)
             users = self._partitions.get(partition)
             for user_id in changed:
                 state = None if users is None else users.get(user_id)
