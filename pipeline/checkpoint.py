@@ -30,7 +30,7 @@ from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from pipeline.features.state import FeatureStore, StateChange
+from pipeline.features.state import StateChange
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.sink import Sink, Unacked
@@ -52,8 +52,10 @@ class Checkpoint(Protocol):
         """Before the batch's outputs are produced."""
         ...
 
-    def end_batch(self, messages: list[Message]) -> None:
-        """After the batch's outputs are produced; may raise Rewind."""
+    def end_batch(self, messages: list[Message], changes: list[StateChange]) -> None:
+        """After the batch's outputs are produced; `changes` are the changelog records of
+        the state as this batch left it. May raise Rewind.
+        """
         ...
 
     def tick(self) -> None:
@@ -90,13 +92,10 @@ class AtLeastOnce:
     are acknowledged.
     """
 
-    def __init__(
-        self, consumer: Consumer, sink: Sink, store: FeatureStore, interval_ms: int
-    ) -> None:
+    def __init__(self, consumer: Consumer, sink: Sink, interval_ms: int) -> None:
         """Commit `consumer`'s progress after `sink` acknowledged outputs and state."""
         self._consumer = consumer
         self.sink = sink
-        self._store = store
         self._interval_s = interval_ms / 1000.0
         self._open = _Stretch()
         self._sealed: deque[_Stretch] = deque()
@@ -106,18 +105,18 @@ class AtLeastOnce:
     def begin_batch(self) -> None:
         """Nothing to open."""
 
-    def end_batch(self, messages: list[Message]) -> None:
-        """Remember the batch's next offsets, and the state of the users it changed as it is
-        now (the record is written later, after these outputs are acknowledged).
+    def end_batch(self, messages: list[Message], changes: list[StateChange]) -> None:
+        """Remember the batch's next offsets and `changes`, the state of the users it changed
+        as the batch left it (written later, after these outputs are acknowledged).
         """
         offsets = self._open.offsets
         for message in messages:
             if message.error() is None:
                 topic, partition, offset = position(message)
                 offsets[(topic, partition)] = offset + 1
-        changes = self._open.changes
-        for change in self._store.take_changes():
-            changes[(change.partition, change.user_id)] = change
+        newest = self._open.changes
+        for change in changes:
+            newest[(change.partition, change.user_id)] = change
 
     def tick(self) -> None:
         """Seal a stretch when the interval has passed; commit the sealed stretches whose
@@ -217,13 +216,11 @@ class ExactlyOnce:
         consumer: Consumer,
         make_producer: Callable[[], Producer],
         make_sink: Callable[[Producer], Sink],
-        store: FeatureStore,
     ) -> None:
         """Create the transactional producer (fencing any older one with its id)."""
         self._consumer = consumer
         self._make_producer = make_producer
         self._make_sink = make_sink
-        self._store = store
         self._open = False
         self._producer, self.sink = self._start()
 
@@ -236,15 +233,15 @@ class ExactlyOnce:
                 self._recover(exc)
             self._open = True
 
-    def end_batch(self, messages: list[Message]) -> None:
-        """Add the changed state and the offsets, then commit the transaction."""
+    def end_batch(self, messages: list[Message], changes: list[StateChange]) -> None:
+        """Add `changes` and the offsets, then commit the transaction."""
         offsets: dict[tuple[str, int], int] = {}
         for message in messages:
             if message.error() is None:
                 topic, partition, offset = position(message)
                 offsets[(topic, partition)] = offset + 1
         try:
-            self.sink.publish_state(self._store.take_changes())
+            self.sink.publish_state(changes)
             if offsets:
                 self._call(
                     self._producer.send_offsets_to_transaction,

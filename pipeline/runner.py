@@ -1,16 +1,27 @@
 """The pipeline's lifecycle: consume a micro-batch → decode → skip replays → features →
 score → produce → commit (per the delivery guarantee), restoring state from the changelog
 on assignment, and stop cleanly when asked.
+
+Batches overlap in two steps. `_prepare` decodes a batch, computes its features and starts
+its inference on the inference thread; `_finish` waits for that inference, produces the
+outputs and hands the batch to the checkpoint. Up to `processing.inference_depth` prepared
+batches wait in `_in_flight`, a FIFO, so the engines score batch N while the loop prepares
+batch N+1, and batches are finished, produced and committed strictly in order. State
+moves only in `_prepare` (on this one thread); each batch carries the changelog records of
+the state it left, so the checkpoint never sees a later batch's state early. Rebalances,
+model swaps and the stop finish the batches in flight first.
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,10 +47,11 @@ from pipeline.codec import DecodeError, Decoder
 from pipeline.events import ClickEvent, validate
 from pipeline.features import FeatureBatch, FeatureStore, FeatureUpdater, feature_digests
 from pipeline.features.changelog import ensure_changelog, restore
+from pipeline.features.state import StateChange
 from pipeline.kafka.clients import consumer_config, producer_config
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
-from pipeline.scoring import Scored, Scorer
+from pipeline.scoring import Inference, InferenceThread, Request, Scored, Scorer
 from pipeline.settings import Settings
 from pipeline.sink import FEATURES_HEADER, TIMING_HEADER, Headers, Sink, dead_letter
 from pipeline.telemetry import Telemetry
@@ -63,6 +75,26 @@ class RunStats:
     restore_s: float = 0.0
     rewinds: int = 0
     pauses: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch between its features and its outputs: its inference may still be running."""
+
+    messages: list[Message]
+    decoded: list[ClickEvent]
+    events: list[ClickEvent]  # decoded minus replays already in the state
+    dead: list[dict[str, Any]]
+    features: FeatureBatch
+    changes: list[StateChange]  # changelog records of the state as this batch left it
+    late: int
+    request: Request
+    inference: Future[Inference]
+    started_ms: float  # wall clock when preparing began (timing header)
+    decode_s: float
+    features_s: float
+    prepare_s: float  # building the engine inputs
+    busy_s: float  # loop time spent preparing
 
 
 class Backpressure:
@@ -112,6 +144,9 @@ class Pipeline:
             self._describe_engine(role, engine)
         self.telemetry.engines_loaded()
         self._next_state_sample = 0.0
+        self._inference = InferenceThread(settings.processing.inference_depth)
+        self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
+        self._rewind_due: str | None = None  # a rollback met in a rebalance callback
 
     def run(self, stop: threading.Event) -> RunStats:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
@@ -144,24 +179,61 @@ class Pipeline:
             backpressure = Backpressure(self.settings.processing.max_in_flight)
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
+            depth = self.settings.processing.inference_depth
+            in_flight = self._in_flight
             while not stop.is_set():
                 telemetry.beat()
-                messages = consumer.consume(batch_size, wait_s)
+                # With a batch in inference, take only what is already fetched: waiting for
+                # more would hold that batch's outputs back.
+                messages = consumer.consume(batch_size, 0 if in_flight else wait_s)
                 try:
+                    if self._rewind_due is not None:
+                        raise Rewind(self._rewind_due)  # these messages are read again
                     if messages:
-                        self._process(messages, checkpoint)
+                        in_flight.append(self._prepare(messages))
+                    while len(in_flight) > depth or (in_flight and not messages):
+                        self._finish(in_flight.popleft(), checkpoint)
+                    self._swap_reloaded_models(checkpoint)
                 except Rewind as rewind:
+                    self._discard()
                     self._rewind(consumer, str(rewind))
-                self._swap_reloaded_models()
-                in_flight = checkpoint.sink.in_flight()
-                if backpressure.update(consumer, in_flight):
+                unacked = checkpoint.sink.in_flight()
+                if backpressure.update(consumer, unacked):
                     self.stats.pauses += 1
                 with telemetry.stage_seconds.labels("commit").time():
                     checkpoint.tick()
-                self._sample_state(in_flight)
+                self._sample_state(unacked)
+            try:
+                self._drain(checkpoint)
+            except Rewind as rewind:
+                # Rolled back: the partitions' next owner reads it again from the last commit.
+                self._discard()
+                log.warning("stopped_after_rollback", reason=str(rewind))
             checkpoint.commit()
             log.info("pipeline_stopped", **asdict(self.stats))
         return self.stats
+
+    def _drain(self, checkpoint: Checkpoint) -> None:
+        """Finish every batch in flight, oldest first; may raise Rewind."""
+        while self._in_flight:
+            self._finish(self._in_flight.popleft(), checkpoint)
+
+    def _discard(self) -> None:
+        """Drop the batches in flight after a rollback (their state is restored anew), once
+        the inference thread is done with them.
+        """
+        wait_for([batch.inference for batch in self._in_flight])
+        self._in_flight.clear()
+
+    def _settle(self, checkpoint: Checkpoint) -> None:
+        """In a rebalance callback: finish the batches in flight while their partitions are
+        still owned. A rollback met here is left to the loop, outside the callback.
+        """
+        try:
+            self._drain(checkpoint)
+        except Rewind as rewind:
+            self._discard()
+            self._rewind_due = str(rewind)
 
     def _describe_engine(self, role: str, engine: Engine) -> None:
         self.telemetry.engine.labels(role=role).info(
@@ -178,8 +250,9 @@ class Pipeline:
             telemetry.state_bytes.set(self.store.estimate_bytes())
 
     def close(self) -> None:
-        """Stop watching for models and close the engines in use."""
+        """Stop watching for models, stop the inference thread, close the engines in use."""
         self._watcher.close()
+        self._inference.close()
         self._scorer.fraud.close()
         self._scorer.ranking.close()
 
@@ -193,7 +266,7 @@ class Pipeline:
 
         if settings.processing.guarantee == "at_least_once":
             sink = Sink(make_producer(), topics, changelog)
-            return AtLeastOnce(consumer, sink, self.store, settings.checkpoint.interval_ms)
+            return AtLeastOnce(consumer, sink, settings.checkpoint.interval_ms)
         # One id per process instance: stable under static membership, fresh otherwise
         # (fencing across restarts comes from the group generation, KIP-447).
         instance = settings.consumer.instance_id or uuid.uuid4().hex[:12]
@@ -202,11 +275,14 @@ class Pipeline:
             consumer,
             lambda: make_producer(transactional_id),
             lambda producer: Sink(producer, topics, changelog),
-            self.store,
         )
 
-    def _swap_reloaded_models(self) -> None:
-        """Between batches, serve any newer model version the watcher has loaded."""
+    def _swap_reloaded_models(self, checkpoint: Checkpoint) -> None:
+        """Between batches, serve any newer model version the watcher has loaded. Batches in
+        flight keep the engines they were prepared with, so the old ones close only after
+        those are finished.
+        """
+        retired: list[Engine] = []
         for role, engine in self._watcher.poll():
             try:
                 old = self._scorer.swap(role, engine)
@@ -227,7 +303,14 @@ class Pipeline:
                 new_version=engine.version,
                 backend=engine.backend,
             )
-            old.close()
+            retired.append(old)
+        if retired:
+            try:
+                self._drain(checkpoint)
+            finally:
+                self._discard()  # after a rollback, waits until inference let go of them
+                for old in retired:
+                    old.close()
 
     def _restore(self, partitions: list[int]) -> None:
         self.telemetry.restoring(True)
@@ -250,6 +333,7 @@ class Pipeline:
 
     def _rewind(self, consumer: Consumer, reason: str) -> None:
         """Roll state and input back to the last committed transaction."""
+        self._rewind_due = None
         self.stats.rewinds += 1
         assignment = consumer.assignment()
         partitions = [tp.partition for tp in assignment]
@@ -278,6 +362,7 @@ class Pipeline:
         def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.info("partitions_revoked", partitions=[tp.partition for tp in partitions])
             self.telemetry.rebalances.labels(kind="revoke").inc()
+            self._settle(checkpoint)
             try:
                 checkpoint.commit(partitions)
             finally:
@@ -287,6 +372,7 @@ class Pipeline:
         def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
             self.telemetry.rebalances.labels(kind="lost").inc()
+            self._settle(checkpoint)
             checkpoint.forget(partitions)
             for tp in partitions:
                 self.store.drop_partition(tp.partition)
@@ -295,56 +381,85 @@ class Pipeline:
             [self.settings.topics.input], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
         )
 
-    def _process(self, messages: list[Message], checkpoint: Checkpoint) -> None:
+    def _prepare(self, messages: list[Message]) -> _Batch:
+        """Decode, skip replays, compute features (moving the state on), take the changelog
+        records, and start inference.
+        """
         started = time.perf_counter()
         started_ms = time.time() * 1000
-        marks = [started]
         stage = self.telemetry.stage_seconds
         with stage.labels("decode").time():
             decoded, dead = self._decode(messages)
-        marks.append(time.perf_counter())
+        decoded_at = time.perf_counter()
         with stage.labels("features").time():
             events = self._updater.fresh(decoded)
             late_before = self._updater.late
             features = self._updater.process(events)
             self.store.evict()
-        marks.append(time.perf_counter())
-        with stage.labels("score").time():
-            scored = self._scorer.score(events, features)
-        marks.append(time.perf_counter())
-        headers = self._debug_headers(events, features, started_ms, marks)
+            changes = self.store.take_changes()
+        featured_at = time.perf_counter()
+        request = self._scorer.prepare(events, features)
+        inference = self._inference.submit(request)
+        done = time.perf_counter()
+        return _Batch(
+            messages=messages,
+            decoded=decoded,
+            events=events,
+            dead=dead,
+            features=features,
+            changes=changes,
+            late=self._updater.late - late_before,
+            request=request,
+            inference=inference,
+            started_ms=started_ms,
+            decode_s=decoded_at - started,
+            features_s=featured_at - decoded_at,
+            prepare_s=done - featured_at,
+            busy_s=done - started,
+        )
+
+    def _finish(self, batch: _Batch, checkpoint: Checkpoint) -> None:
+        """Wait for the batch's inference, produce its outputs, hand it to the checkpoint."""
+        started = time.perf_counter()
+        stage = self.telemetry.stage_seconds
+        with stage.labels("inference_wait").time():
+            inference = batch.inference.result()
+        stage.labels("inference").observe(inference.seconds)
+        shaping = time.perf_counter()
+        scored = self._scorer.shape(batch.events, batch.request, inference)
+        stage.labels("score").observe(batch.prepare_s + time.perf_counter() - shaping)
+        headers = self._debug_headers(batch, inference)
         with stage.labels("produce").time():
             checkpoint.begin_batch()
-            checkpoint.sink.publish(scored, dead, headers)
-            checkpoint.end_batch(messages)
-        self._count(messages, decoded, events, scored, dead, late_before)
-        self.stats.busy_s += time.perf_counter() - started
+            checkpoint.sink.publish(scored, batch.dead, headers)
+            checkpoint.end_batch(batch.messages, batch.changes)
+        self._count(batch, scored)
+        self.stats.busy_s += batch.busy_s + time.perf_counter() - started
 
-    def _debug_headers(
-        self,
-        events: list[ClickEvent],
-        features: FeatureBatch,
-        started_ms: float,
-        marks: list[float],
-    ) -> dict[str, Headers] | None:
+    def _debug_headers(self, batch: _Batch, inference: Inference) -> dict[str, Headers] | None:
         """Per event id: the features digest and the latency breakdown, when turned on.
 
         Timing: `queue_ms` from the input's Kafka timestamp to the batch starting, then the
-        batch's decode, features and inference (engines and record shaping) times; the rest,
-        up to the output's own Kafka timestamp, is encode and produce.
+        batch's decode, features and inference (the engines alone) times; the rest, up to
+        the output's own Kafka timestamp, is waiting for the inference thread, shaping the
+        records, encode and produce.
         """
         processing = self.settings.processing
         if not (processing.emit_features or processing.emit_timing):
             return None
+        events = batch.events
         headers: dict[str, Headers] = {event.event_id: [] for event in events}
         if processing.emit_features:
-            for event, digest in zip(events, feature_digests(features), strict=True):
+            for event, digest in zip(events, feature_digests(batch.features), strict=True):
                 headers[event.event_id].append((FEATURES_HEADER, digest))
         if processing.emit_timing:
-            decode, feats, infer = (round((b - a) * 1000, 3) for a, b in itertools.pairwise(marks))
+            decode, feats, infer = (
+                round(seconds * 1000, 3)
+                for seconds in (batch.decode_s, batch.features_s, inference.seconds)
+            )
             for event in events:
                 timing = {
-                    "queue_ms": round(started_ms - event.ingest_time, 3),
+                    "queue_ms": round(batch.started_ms - event.ingest_time, 3),
                     "decode_ms": decode,
                     "features_ms": feats,
                     "inference_ms": infer,
@@ -352,31 +467,23 @@ class Pipeline:
                 headers[event.event_id].append((TIMING_HEADER, json.dumps(timing)))
         return headers
 
-    def _count(
-        self,
-        messages: list[Message],
-        decoded: list[ClickEvent],
-        events: list[ClickEvent],
-        scored: Scored,
-        dead: list[dict[str, Any]],
-        late_before: int,
-    ) -> None:
+    def _count(self, batch: _Batch, scored: Scored) -> None:
         stats, telemetry, topics = self.stats, self.telemetry, self.settings.topics
         stats.batches += 1
         stats.scored += len(scored.fraud_scores)
-        stats.replayed += len(decoded) - len(events)
-        stats.late += self._updater.late - late_before
+        stats.replayed += len(batch.decoded) - len(batch.events)
+        stats.late += batch.late
         stats.recommendations += len(scored.recommendations)
-        stats.dead_lettered += len(dead)
-        telemetry.batch_size.observe(len(messages))
-        telemetry.consumed.labels(topic=topics.input).inc(len(messages))
+        stats.dead_lettered += len(batch.dead)
+        telemetry.batch_size.observe(len(batch.messages))
+        telemetry.consumed.labels(topic=topics.input).inc(len(batch.messages))
         telemetry.produced.labels(topic=topics.fraud_scores).inc(len(scored.fraud_scores))
         telemetry.produced.labels(topic=topics.recommendations).inc(len(scored.recommendations))
-        telemetry.produced.labels(topic=topics.dead_letter).inc(len(dead))
-        for record in dead:
+        telemetry.produced.labels(topic=topics.dead_letter).inc(len(batch.dead))
+        for record in batch.dead:
             telemetry.dead_letters.labels(reason=record["error_kind"]).inc()
         now_ms = time.time() * 1000
-        for event in events:
+        for event in batch.events:
             telemetry.end_to_end_seconds.observe(max(0.0, now_ms - event.ingest_time) / 1000)
 
     def _decode(self, messages: list[Message]) -> tuple[list[ClickEvent], list[dict[str, Any]]]:

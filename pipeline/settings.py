@@ -154,6 +154,12 @@ class ProcessingSettings(_Frozen):
         default=100_000,
         description="Outputs queued but not yet acknowledged before input partitions pause.",
     )
+    inference_depth: Annotated[int, Field(ge=0, le=8)] = Field(
+        default=1,
+        description="Batches whose inference runs on the inference thread while the loop "
+        "prepares the next (a bounded FIFO; outputs and commits stay in input order). "
+        "0 runs inference on the loop's thread.",
+    )
     emit_features: bool = Field(
         default=False,
         description="Debug: put a digest of each event's features in a header of its outputs.",

@@ -139,7 +139,7 @@ CHANGELOG = "state"
 def at_least_once():
     """A checkpoint that seals at every tick."""
     producer, consumer, store = QueueingProducer(), CommittingConsumer(), FeatureStore(5)
-    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), store, interval_ms=0)
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), interval_ms=0)
     return checkpoint, producer, consumer, store
 
 
@@ -149,7 +149,7 @@ def run_batch(checkpoint, store, partition, offset, user):
     score = {"user_id": user, "event_id": f"e{offset}"}
     checkpoint.begin_batch()
     checkpoint.sink.publish(Scored([score], []), [])
-    checkpoint.end_batch([FakeMessage(partition, offset)])
+    checkpoint.end_batch([FakeMessage(partition, offset)], store.take_changes())
 
 
 @pytest.fixture(autouse=True)
@@ -245,14 +245,14 @@ def test_revoked_partitions_are_committed_once_then_left_to_their_new_owner():
 
 def checkpoint_with(*producers):
     queue = list(producers)
-    return ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), FeatureStore(5))
+    return ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink())
 
 
 def test_a_retriable_commit_is_retried_until_it_succeeds():
     producer = FakeProducer([error(retriable=True)])
     checkpoint = checkpoint_with(producer)
     checkpoint.begin_batch()
-    checkpoint.end_batch([FakeMessage()])
+    checkpoint.end_batch([FakeMessage()], [])
     assert producer.calls == ["init", "begin", "offsets", "commit", "commit"]
 
 
@@ -261,7 +261,7 @@ def test_an_abortable_error_aborts_and_rewinds():
     checkpoint = checkpoint_with(producer)
     checkpoint.begin_batch()
     with pytest.raises(Rewind):
-        checkpoint.end_batch([FakeMessage()])
+        checkpoint.end_batch([FakeMessage()], [])
     assert producer.calls[-1] == "abort"
     checkpoint.begin_batch()  # the next batch opens a new transaction on the same producer
     assert producer.calls[-1] == "begin"
@@ -272,7 +272,7 @@ def test_a_fatal_error_replaces_the_producer_and_rewinds():
     checkpoint = checkpoint_with(first, second)
     checkpoint.begin_batch()
     with pytest.raises(Rewind):
-        checkpoint.end_batch([FakeMessage()])
+        checkpoint.end_batch([FakeMessage()], [])
     assert "abort" not in first.calls
     assert second.calls == ["init"]  # the new producer fences the old transactional id
     checkpoint.begin_batch()

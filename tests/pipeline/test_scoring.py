@@ -1,4 +1,8 @@
-"""Scorer with small fake engines: record shape, decisions, reasons, candidate chunking."""
+"""Scorer with small fake engines: record shape, decisions, reasons, candidate chunking, and
+the inference thread."""
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -7,7 +11,7 @@ from engines.base import EngineError
 from pipeline.events import ClickEvent
 from pipeline.features import FeatureStore, FeatureUpdater
 from pipeline.features.spec import FRAUD_NUMERIC, feature_hash
-from pipeline.scoring import REASON_NAMES, Scorer
+from pipeline.scoring import REASON_NAMES, InferenceThread, Scorer, infer
 from pipeline.settings import DecisionSettings, RankingSettings
 from tests.pipeline.sample import click_record
 
@@ -112,3 +116,49 @@ def test_swap_serves_the_new_version_from_the_next_batch_and_keeps_the_old_on_re
         current.swap("ranking", FakeFraud([0.3]))
     scored = current.score(events, features)
     assert scored.fraud_scores[0]["model_version"] == "4"
+
+
+def test_a_batch_prepared_before_a_swap_is_scored_and_labelled_by_the_engine_it_was_prepared_for():
+    events, features = events_and_features(click_record(event_id="a"))
+    current = scorer(FakeFraud([0.1]))
+    request = current.prepare(events, features)
+    newer = FakeFraud([0.99])
+    newer.version = "4"
+    current.swap("fraud", newer)
+    (record,) = current.shape(events, request, infer(request)).fraud_scores
+    assert (record["model_version"], record["decision"]) == ("3", "allow")
+    assert newer.calls == 0
+
+
+class SlowFraud(FakeFraud):
+    """Sleeps in inference (as an engine releasing the GIL would) and remembers its thread."""
+
+    def __init__(self, scores, fail_on=None):
+        super().__init__(scores)
+        self.threads = set()
+        self.fail_on = fail_on
+
+    def infer(self, inputs):
+        self.threads.add(threading.current_thread().name)
+        time.sleep(0.01)
+        if self.fail_on is not None and self.calls == self.fail_on:
+            raise EngineError("device lost")
+        return super().infer(inputs)
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_the_inference_thread_scores_in_submission_order_and_hands_back_engine_errors(depth):
+    fraud = SlowFraud([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], fail_on=3)
+    current = scorer(fraud)
+    thread = InferenceThread(depth)
+    batches = [events_and_features(click_record(event_id=str(i))) for i in range(4)]
+    try:
+        futures = [thread.submit(current.prepare(*batch)) for batch in batches]
+        # Two rows per engine call and one per batch: calls 0, 1 and 2 score rows 0, 2 and 4.
+        scores = [float(f.result().probability[0]) for f in futures[:3]]
+        assert scores == pytest.approx([0.1, 0.3, 0.5])
+        with pytest.raises(EngineError, match="device lost"):
+            futures[3].result()
+    finally:
+        thread.close()
+    assert fraud.threads == ({"MainThread"} if depth == 0 else {"inference_0"})
