@@ -125,6 +125,13 @@ class ConsumerSettings(_Frozen):
     )
     max_batch: PositiveInt = 500
     max_wait_ms: PositiveInt = 5
+    fetch_min_bytes: PositiveInt = Field(
+        default=65_536,
+        description="The broker holds a fetch until this many bytes arrived or max_wait_ms "
+        "passed. With 1 byte a consumer of a steady stream fetches once per round trip "
+        "(about 2,900 fetches/s and 80% of a broker core at 4,000 events/s, measured); "
+        "above the bytes one max_wait_ms brings, once per max_wait_ms.",
+    )
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: PositiveInt = 45_000
     max_poll_interval_ms: PositiveInt = 300_000

@@ -20,6 +20,7 @@ def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
             "max.poll.interval.ms": consumer.max_poll_interval_ms,
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": consumer.max_wait_ms,
+            "fetch.min.bytes": consumer.fetch_min_bytes,
             "enable.partition.eof": False,
         }
         | ({"group.instance.id": consumer.instance_id} if consumer.instance_id else {})
