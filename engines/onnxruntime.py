@@ -40,6 +40,7 @@ class OnnxRuntimeEngine:
         except Exception as exc:
             raise EngineError(f"onnxruntime could not load {artifact.onnx_path}: {exc}") from exc
         self.providers: list[str] = self._session.get_providers()
+        self.on_gpu = self.providers[0] != "CPUExecutionProvider"
         self._outputs = [output.name for output in self._session.get_outputs()]
 
     def infer(self, inputs: Arrays) -> dict[str, np.ndarray]:

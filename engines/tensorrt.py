@@ -64,6 +64,7 @@ class TensorRTEngine:
     """One deserialised engine, its execution context, stream and buffers."""
 
     backend = "tensorrt"
+    on_gpu = True
 
     def __init__(
         self,

@@ -70,6 +70,7 @@ class TorchEngine:
         self.manifest = artifact.manifest
         self.max_batch_size = max_batch_size
         self._device = torch.device(device)
+        self.on_gpu = self._device.type == "cuda"
         self._module = build_module(artifact).to(self._device)
         self._outputs: list[str] = list(artifact.manifest["outputs"])
         self._buckets = (*(b for b in BUCKETS if b < max_batch_size), max_batch_size)

@@ -144,7 +144,7 @@ class Pipeline:
             self._describe_engine(role, engine)
         self.telemetry.engines_loaded()
         self._next_state_sample = 0.0
-        self._inference = InferenceThread(settings.processing.inference_depth)
+        self._inference = InferenceThread(_inference_depth(settings, fraud, ranking))
         self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
         self._rewind_due: str | None = None  # a rollback met in a rebalance callback
 
@@ -179,7 +179,7 @@ class Pipeline:
             backpressure = Backpressure(self.settings.processing.max_in_flight)
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
-            depth = self.settings.processing.inference_depth
+            depth = self._inference.depth
             in_flight = self._in_flight
             while not stop.is_set():
                 telemetry.beat()
@@ -516,6 +516,18 @@ class Pipeline:
                 )
             )
         return events, dead
+
+
+def _inference_depth(settings: Settings, *engines: Engine) -> int:
+    """The configured depth, else 1 when an engine runs on a GPU and 0 on CPU: there the
+    engines are a few percent of a batch, and a thread that must retake the GIL after every
+    call cost more than it hid (README, Performance).
+    """
+    depth = settings.processing.inference_depth
+    if depth is None:
+        depth = 1 if any(engine.on_gpu for engine in engines) else 0
+    log.info("inference_depth", depth=depth, configured=settings.processing.inference_depth)
+    return depth
 
 
 def _raise_if_fatal(error: KafkaError, message: Message) -> None:

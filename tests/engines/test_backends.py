@@ -168,6 +168,10 @@ def test_engines_take_their_pinned_max_batch(model_dir, backend):
         engine = load_engine(pin, settings)
         try:
             assert engine.max_batch_size == pin.max_batch
+            if backend is Backend.TORCH:
+                assert engine.on_gpu is gpu_available()
+            else:  # ONNX Runtime puts CUDA first when onnxruntime-gpu and a GPU are present
+                assert engine.on_gpu is (engine.providers[0] == "CUDAExecutionProvider")
             artifact = resolve(model_dir, pin.name)
             for batch in (1, pin.max_batch):
                 out = engine.infer(random_inputs(artifact, batch, np.random.default_rng(batch)))
@@ -197,6 +201,7 @@ def test_torch_cuda_graphs_match_cpu(model_dir, name):
     artifact = resolve(model_dir, name)
     cuda = TorchEngine(artifact, device="cuda", max_batch_size=256)
     cpu = TorchEngine(artifact)
+    assert cuda.on_gpu and not cpu.on_gpu
     try:
         for batch in (1, 5, 64, 200, 256):  # exact buckets and padded ones
             inputs = random_inputs(artifact, batch, np.random.default_rng(batch))

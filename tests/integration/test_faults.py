@@ -76,7 +76,8 @@ def fault_settings(
     kafka_settings: Settings, guarantee: str, session_timeout_ms: int = 10_000
 ) -> Settings:
     """Small batches so faults land mid-stream. Static members that stop cleanly do not leave
-    the group, so a short session timeout hands their partitions over sooner.
+    the group, so a short session timeout hands their partitions over sooner. Inference runs
+    on its own thread (the GPU default), so rebalances and rollbacks meet batches in flight.
     """
     return kafka_settings.model_copy(
         update={
@@ -84,7 +85,7 @@ def fault_settings(
                 update={"max_batch": 100, "session_timeout_ms": session_timeout_ms}
             ),
             "processing": kafka_settings.processing.model_copy(
-                update={"guarantee": guarantee, "emit_features": True}
+                update={"guarantee": guarantee, "emit_features": True, "inference_depth": 1}
             ),
         }
     )

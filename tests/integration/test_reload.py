@@ -28,7 +28,9 @@ def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, 
         update={
             "engine": kafka_settings.engine.model_copy(
                 update={"model_dir": models, "reload_interval_s": 0.1}
-            )
+            ),
+            # A batch in inference when the new version arrives: finished on the old one.
+            "processing": kafka_settings.processing.model_copy(update={"inference_depth": 1}),
         }
     )
     config = GeneratorConfig(events=3000, users=80, seed=11).anchored_before(time.time())

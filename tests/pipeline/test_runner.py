@@ -12,7 +12,7 @@ import schemas
 from pipeline.checkpoint import Rewind
 from pipeline.codec import Encoder
 from pipeline.features.state import OFFSET, SESSION_EVENTS, UserState
-from pipeline.runner import Backpressure, Pipeline
+from pipeline.runner import Backpressure, Pipeline, _inference_depth
 from pipeline.scoring import REASON_NAMES
 from pipeline.settings import ProcessingSettings, Settings
 from tests.pipeline.sample import click_record
@@ -159,3 +159,13 @@ def test_a_rollback_in_a_rebalance_drops_the_batches_in_flight_and_is_left_to_th
     assert checkpoint.ended == []  # the second batch is not finished after the rollback
     assert checkpoint.sink.published == [["e0"]]
     assert runner._rewind_due == "aborted"
+
+
+def test_inference_runs_on_its_own_thread_by_default_only_when_an_engine_is_on_a_gpu():
+    cpu, gpu = ConstantFraud([]), FakeRanking()
+    gpu.on_gpu = True
+    unset = Settings()
+    assert _inference_depth(unset, cpu, FakeRanking()) == 0
+    assert _inference_depth(unset, cpu, gpu) == 1
+    explicit = Settings(processing=ProcessingSettings(inference_depth=2))
+    assert _inference_depth(explicit, cpu, FakeRanking()) == 2

@@ -18,6 +18,7 @@ from tests.pipeline.sample import click_record
 
 class FakeFraud:
     name, version, backend, max_batch_size = "fraud", "3", "fake", 2
+    on_gpu = False
 
     def __init__(self, scores, manifest_hash=None):
         self.scores = np.asarray(scores, dtype=np.float32)
@@ -41,6 +42,7 @@ class FakeRanking:
     """Scores each candidate by its raw id's embedding row: a higher id ranks first."""
 
     name, version, backend, max_batch_size = "ranking", "7", "fake", 4
+    on_gpu = False
 
     def __init__(self):
         self.manifest = {"item_vocabulary": 1000, "category_vocabulary": 10, "candidates": 3}
