@@ -34,6 +34,13 @@ def run_bench(
     """Every phase of `plan`; returns the results, also written under `out_root/<run>/`."""
     run_dir = out_root / time.strftime("%Y%m%d-%H%M%S")
     bench = Bench(settings, plan, run_dir, say)
+    try:
+        return _run(bench, plan, run_dir, say)
+    finally:
+        bench.close()
+
+
+def _run(bench: Bench, plan: Plan, run_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     started = time.time()
     say(f"generating {plan.events + plan.live_pool:,} events (seed {plan.seed})")
     workload = generate(plan)

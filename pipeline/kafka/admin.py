@@ -1,9 +1,9 @@
-"""Topic creation and offset look-ups."""
+"""Topic creation and deletion, and offset look-ups."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,18 @@ def connect(settings: Settings, timeout_s: float = 30) -> AdminClient:
                 raise KafkaConnectionError(
                     f"Kafka at {bootstrap} did not answer in {timeout_s:.0f}s: {exc}"
                 ) from exc
+
+
+def delete_topics(admin: AdminClient, names: Sequence[str], timeout_s: float = 30) -> None:
+    """Delete `names`, waiting for the broker; a topic already gone is not an error."""
+    if not names:
+        return
+    for future in admin.delete_topics(list(names), operation_timeout=timeout_s).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
 
 
 def pipeline_topics(settings: Settings) -> list[str]:

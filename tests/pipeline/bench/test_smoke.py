@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.bench.harness import CONFIGS, Plan
 from pipeline.bench.report import PLOT_LATENCY, PLOT_SWEEP, PROFILE, latest, run_bench
+from pipeline.kafka.admin import admin_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,3 +49,6 @@ def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_p
     assert "run_pipeline" in (run_dir / PROFILE).read_text()
     report = (run_dir / "report.md").read_text()
     assert "| streamscore_alo_1p |" in report and PLOT_LATENCY in report
+    # Every phase left the broker as it found it: no topic of this run remains.
+    topics = admin_client(kafka_settings).list_topics(timeout=30).topics
+    assert [name for name in topics if results["run"] in name] == []
