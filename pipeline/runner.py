@@ -5,8 +5,10 @@ on assignment, and stop cleanly when asked.
 Batches overlap in two steps. `_prepare` decodes a batch, computes its features and starts
 its inference on the inference thread; `_finish` waits for that inference, produces the
 outputs and hands the batch to the checkpoint. Up to `processing.inference_depth` prepared
-batches wait in `_in_flight`, a FIFO, so the engines score batch N while the loop prepares
-batch N+1, and batches are finished, produced and committed strictly in order. State
+batches wait in `_in_flight`, a FIFO: with 1 or more (the default on GPU engines) the
+engines score batch N while the loop prepares batch N+1; with 0 (the default on CPU) each
+batch is finished as soon as it is prepared. Batches are finished, produced and committed
+strictly in order. State
 moves only in `_prepare` (on this one thread); each batch carries the changelog records of
 the state it left, so the checkpoint never sees a later batch's state early. Rebalances,
 model swaps and the stop finish the batches in flight first.

@@ -1,9 +1,10 @@
 """Scores a batch: fraud for every event, a ranking for events that carry candidates.
 
 Scoring is three steps so that inference can overlap the loop's other work: `prepare`
-builds the engines' input arrays, `infer` runs only the engines (on the inference thread,
-where ONNX Runtime and TensorRT release the GIL), and `shape` turns their outputs into
-records. `score` is the three in a row.
+builds the engines' input arrays, `infer` runs only the engines (on the inference thread
+when `processing.inference_depth` is 1 or more; ONNX Runtime and TensorRT release the GIL
+while they run), and `shape` turns their outputs into records. `score` is the three in a
+row.
 """
 
 from __future__ import annotations
