@@ -84,8 +84,8 @@ class _Batch:
     """A batch between its features and its outputs: its inference may still be running."""
 
     messages: list[Message]
-    decoded: list[ClickEvent]
-    events: list[ClickEvent]  # decoded minus replays already in the state
+    events: list[ClickEvent]  # decoded, minus replays already in the state
+    replayed: int
     dead: list[dict[str, Any]]
     features: FeatureBatch
     changes: list[StateChange]  # changelog records of the state as this batch left it
@@ -95,8 +95,7 @@ class _Batch:
     started_ms: float  # wall clock when preparing began (timing header)
     decode_s: float
     features_s: float
-    prepare_s: float  # building the engine inputs
-    busy_s: float  # loop time spent preparing
+    prepare_s: float  # building the engine inputs and starting inference
 
 
 class Backpressure:
@@ -405,8 +404,8 @@ class Pipeline:
         done = time.perf_counter()
         return _Batch(
             messages=messages,
-            decoded=decoded,
             events=events,
+            replayed=len(decoded) - len(events),
             dead=dead,
             features=features,
             changes=changes,
@@ -417,7 +416,6 @@ class Pipeline:
             decode_s=decoded_at - started,
             features_s=featured_at - decoded_at,
             prepare_s=done - featured_at,
-            busy_s=done - started,
         )
 
     def _finish(self, batch: _Batch, checkpoint: Checkpoint) -> None:
@@ -436,7 +434,8 @@ class Pipeline:
             checkpoint.sink.publish(scored, batch.dead, headers)
             checkpoint.end_batch(batch.messages, batch.changes)
         self._count(batch, scored)
-        self.stats.busy_s += batch.busy_s + time.perf_counter() - started
+        prepared_s = batch.decode_s + batch.features_s + batch.prepare_s
+        self.stats.busy_s += prepared_s + time.perf_counter() - started
 
     def _debug_headers(self, batch: _Batch, inference: Inference) -> dict[str, Headers] | None:
         """Per event id: the features digest and the latency breakdown, when turned on.
@@ -473,7 +472,7 @@ class Pipeline:
         stats, telemetry, topics = self.stats, self.telemetry, self.settings.topics
         stats.batches += 1
         stats.scored += len(scored.fraud_scores)
-        stats.replayed += len(batch.decoded) - len(batch.events)
+        stats.replayed += batch.replayed
         stats.late += batch.late
         stats.recommendations += len(scored.recommendations)
         stats.dead_lettered += len(batch.dead)
