@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -27,8 +27,13 @@ from engines import metrics
 from engines.train import TrainConfig, needs_training, train_all
 from pipeline.codec import Decoder
 from pipeline.generator import GeneratorConfig
-from pipeline.kafka.admin import admin_client, committed_offsets, create_topics, end_offsets
-from pipeline.kafka.messages import position as message_position
+from pipeline.kafka.admin import (
+    admin_client,
+    committed_offsets,
+    create_topics,
+    end_offsets,
+    topic_partitions,
+)
 from pipeline.loadgen import produce_clickstream
 from pipeline.settings import Settings, settings_env
 
@@ -163,9 +168,11 @@ def _stop(pipeline: subprocess.Popen[bytes]) -> None:
 
 
 def read_topic(
-    settings: Settings, topic: str, schema_name: str
+    settings: Settings, topic: str, schema_name: str, timeout_s: float = 60
 ) -> list[tuple[dict[str, Any], int]]:
-    """Every record of `topic`, decoded, with its Kafka timestamp (ms)."""
+    """Every committed record of `topic`, decoded, with its Kafka timestamp (ms): read until
+    each partition reports its end, which a transaction's trailing marker cannot delay.
+    """
     decoder = Decoder(schema_name)
     consumer = Consumer(
         settings.kafka.client_config()
@@ -173,19 +180,28 @@ def read_topic(
             "group.id": f"reader-{time.monotonic_ns()}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
+            "enable.partition.eof": True,
         }
     )
     try:
-        ends = end_offsets(consumer, topic)
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        position = dict.fromkeys(ends, 0)
+        pending = set(topic_partitions(consumer, topic))
+        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
         out: list[tuple[dict[str, Any], int]] = []
-        while any(position[p] < ends[p] for p in ends):
-            for message in consumer.consume(1000, 1.0):
-                if message.error() is None:
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{topic}: partitions {sorted(pending)} not read to their end in "
+                    f"{timeout_s:.0f}s ({len(out)} records read)"
+                )
+            for message in consumer.consume(1000, 0.5):
+                error = message.error()
+                if error is None:
                     out.append((decoder.decode(message.value()), message.timestamp()[1]))
-                    _, partition, offset = message_position(message)
-                    position[partition] = offset + 1
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(message.partition())
+                else:
+                    raise KafkaException(error)
         return out
     finally:
         consumer.close()

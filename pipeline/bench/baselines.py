@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import torch
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from fastavro import schemaless_reader, schemaless_writer
 
 import schemas
@@ -44,6 +44,10 @@ def ceiling(settings: Settings, stop: threading.Event) -> None:
     producer = Producer(producer_config(settings))
     consumer.subscribe([settings.topics.input])
     out = settings.topics.fraud_scores
+    # The next offset to commit per partition, once the outputs before it are flushed. The
+    # consumer stores no offsets itself (consumer_config), so a bare commit() would have
+    # nothing to commit and, synchronous, raise _NO_OFFSET.
+    mirrored: dict[tuple[str, int], int] = {}
     next_commit = time.monotonic() + 1.0
     try:
         while not stop.is_set():
@@ -52,15 +56,29 @@ def ceiling(settings: Settings, stop: threading.Event) -> None:
                     produce_one(
                         producer, out, message.key(), message.value(), message.timestamp()[1]
                     )
+                    topic, partition, offset = position(message)
+                    mirrored[topic, partition] = offset + 1
             producer.poll(0)
             if time.monotonic() >= next_commit:
-                producer.flush()
-                consumer.commit(asynchronous=True)
+                if offsets := flushed_offsets(producer, mirrored):
+                    consumer.commit(offsets=offsets, asynchronous=True)
                 next_commit = time.monotonic() + 1.0
-        producer.flush()
-        consumer.commit(asynchronous=False)
+        if offsets := flushed_offsets(producer, mirrored):
+            consumer.commit(offsets=offsets, asynchronous=False)
     finally:
         consumer.close()
+
+
+def flushed_offsets(
+    producer: Producer, mirrored: dict[tuple[str, int], int]
+) -> list[TopicPartition]:
+    """At least once: flush the outputs, then hand over (and forget) the offsets after them
+    to commit; none when nothing was mirrored since the last call.
+    """
+    producer.flush()
+    offsets = [TopicPartition(t, p, offset) for (t, p), offset in mirrored.items()]
+    mirrored.clear()
+    return offsets
 
 
 def naive(settings: Settings, stop: threading.Event) -> None:

@@ -47,7 +47,7 @@ from confluent_kafka.admin import AdminClient
 import schemas
 from pipeline.codec import Decoder, Encoder
 from pipeline.generator import ClickstreamGenerator, GeneratorConfig
-from pipeline.kafka.admin import admin_client, create_topics, delete_topics
+from pipeline.kafka.admin import admin_client, create_topics, delete_topics, topic_partitions
 from pipeline.kafka.clients import producer_config
 from pipeline.loadgen import produce_one
 from pipeline.settings import Settings, settings_env
@@ -288,7 +288,9 @@ class Bench:
                 # Warm-up, not measured: first batches pay for lazy allocations.
                 warm_ms = math.floor(time.time() * 1000)
                 warm, _ = offer(producer, live_topic, pool, max(max_eps * 0.1, 1.0), 1.0)
-                probe.wait_for(warm_ms, math.ceil(time.time() * 1000), warm, 30.0, procs)
+                warmed = probe.wait_for(warm_ms, math.ceil(time.time() * 1000), warm, 30.0, procs)
+                if warmed < warm:
+                    self.say(f"  {config.name}: {warmed} of {warm} warm-up outputs in 30 s")
                 for fraction in self.plan.rate_fractions:
                     rate = max(max_eps * fraction, 1.0)
                     meter = CpuMeter([proc.pid for proc in procs], self._broker)
@@ -296,7 +298,13 @@ class Bench:
                     sent, seconds = offer(producer, live_topic, pool, rate, self.plan.live_s)
                     ended_ms = math.ceil(time.time() * 1000)
                     meter.stop()
-                    probe.wait_for(started_ms, ended_ms, sent, 30.0 + self.plan.live_s, procs)
+                    wait_s = 30.0 + self.plan.live_s
+                    received = probe.wait_for(started_ms, ended_ms, sent, wait_s, procs)
+                    if received < sent:  # reported as received < events, not raised
+                        self.say(
+                            f"  {config.name} at {fraction:.0%}: {received} of {sent} outputs "
+                            f"on {settings.topics.fraud_scores} in {wait_s:.0f} s"
+                        )
                     latencies = probe.latencies_between(started_ms, ended_ms)
                     results.append(_latency(fraction, rate, sent, seconds, latencies, meter))
                     self.say(
@@ -372,6 +380,12 @@ class Bench:
         finally:
             _stop_all(procs)
             self._drop(settings)
+        failed = [(i, proc.returncode) for i, proc in enumerate(procs) if proc.returncode != 0]
+        if failed:
+            raise RuntimeError(
+                f"{config.name}.{tag}: processes {failed} (index, exit code) did not stop "
+                f"cleanly; see {self.run_dir / 'logs'}"
+            )
 
     def _drop(self, settings: Settings) -> None:
         """Delete a finished phase's own topics (outputs, a private input, and whatever its
@@ -531,8 +545,9 @@ class Probe:
                 "fetch.wait.max.ms": 5,
             }
         )
-        metadata = self._consumer.list_topics(topic, timeout=30).topics[topic]
-        self._consumer.assign([TopicPartition(topic, p, 0) for p in metadata.partitions])
+        self._topic = topic
+        partitions = topic_partitions(self._consumer, topic, timeout_s=30)
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         self._ceiling = ceiling
         self._decoder = Decoder(schemas.FRAUD_SCORE)
         self._read: list[float] = []
@@ -571,7 +586,10 @@ class Probe:
         if meter is not None:
             meter.stop()
         if not arrivals:
-            raise TimeoutError(f"no output in {start_timeout_s:.0f}s; see the logs")
+            raise TimeoutError(
+                f"no output on {self._topic} in {start_timeout_s:.0f}s "
+                f"({expected} expected); see the configuration's logs"
+            )
         return Window(np.asarray(arrivals[:expected]), meter)
 
     def _run(self) -> None:
@@ -600,16 +618,17 @@ class Probe:
         count: int,
         timeout_s: float,
         procs: Sequence[subprocess.Popen[bytes]],
-    ) -> None:
-        """Wait until `count` outputs of inputs produced in [start_ms, end_ms] were read, or
-        the timeout, checking that the processes live.
+    ) -> int:
+        """Wait until `count` outputs of inputs produced in [start_ms, end_ms] were read,
+        checking that the processes live; return the number read, short after `timeout_s`.
         """
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if len(self.latencies_between(start_ms, end_ms)) >= count:
-                return
+        while (received := len(self.latencies_between(start_ms, end_ms))) < count:
+            if time.monotonic() >= deadline:
+                break
             _check_alive(procs)
             time.sleep(0.05)
+        return received
 
     def latencies_between(self, start_ms: float, end_ms: float) -> np.ndarray:
         """Latency (ms) of outputs whose input was produced in [start_ms, end_ms]."""

@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from pipeline.features.state import FeatureStore
-from pipeline.kafka.admin import connect
+from pipeline.kafka.admin import connect, topic_partitions
 from pipeline.kafka.messages import position
 from pipeline.settings import Settings
 
@@ -76,6 +76,7 @@ def ensure_changelog(settings: Settings, timeout_s: float = 30) -> str:
     except KafkaException as exc:
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
+    topic_partitions(admin, name, timeout_s, expected=partitions)  # restore assigns them next
     return name
 
 

@@ -8,13 +8,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    NewTopic,
+    TopicMetadata,
+)
 
 from pipeline.settings import Settings
 
 
 class KafkaConnectionError(ConnectionError):
     """The cluster cannot be reached or refuses our credentials; the message says which."""
+
+
+class TopicNotReady(TimeoutError):
+    """A topic's metadata did not show it whole (each partition with a leader) in time."""
 
 
 def admin_client(settings: Settings) -> AdminClient:
@@ -102,14 +110,59 @@ def create_topics(
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise
+    for name in wanted:
+        topic_partitions(admin, name, timeout_s, expected=settings.topics.partitions)
     return wanted
+
+
+def topic_partitions(
+    client: AdminClient | Consumer, topic: str, timeout_s: float = 30, expected: int | None = None
+) -> list[int]:
+    """The partitions of `topic` once the broker's metadata shows it whole: known, with
+    `expected` partitions (when given), each with a leader.
+
+    CreateTopics answers once the controller has committed the topic, before the broker's
+    metadata cache has applied it. A metadata read right after creation can then find the
+    topic unknown, with no partitions: on this machine kind with one core kept busy, 29 of
+    40 reads did. A reader assigned from such a read is assigned nothing and waits for
+    ever, so every reader asks here, and this polls until the topic is whole.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = max(deadline - time.monotonic(), 0.1)
+        problem: str | None
+        try:
+            found = client.list_topics(topic, timeout=min(remaining, 5.0)).topics.get(topic)
+        except KafkaException as exc:  # no answer yet: a busy or restarting broker
+            found, problem = None, str(exc.args[0])
+        else:
+            problem = _incomplete(found, expected)
+        if found is not None and problem is None:
+            return sorted(found.partitions)
+        if time.monotonic() >= deadline:
+            raise TopicNotReady(f"topic {topic!r} not ready after {timeout_s:.0f}s: {problem}")
+        time.sleep(0.05)
+
+
+def _incomplete(found: TopicMetadata | None, expected: int | None) -> str | None:
+    """Why a topic's metadata is not yet usable, or None when it is."""
+    if found is None:
+        return "absent from the metadata"
+    if found.error is not None:
+        return str(found.error)
+    partitions = found.partitions
+    if not partitions or (expected is not None and len(partitions) != expected):
+        return f"{len(partitions)} partitions listed, {expected or 'at least 1'} wanted"
+    leaderless = sorted(p for p, meta in partitions.items() if meta.leader < 0 or meta.error)
+    if leaderless:
+        return f"partitions {leaderless} have no leader"
+    return None
 
 
 def end_offsets(consumer: Consumer, topic: str, timeout_s: float = 10) -> dict[int, int]:
     """High watermark of each partition of `topic`."""
-    metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
     result = {}
-    for partition in metadata.partitions:
+    for partition in topic_partitions(consumer, topic, timeout_s):
         _, high = consumer.get_watermark_offsets(
             TopicPartition(topic, partition), timeout=timeout_s
         )

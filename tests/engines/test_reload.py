@@ -30,15 +30,17 @@ def settings_for(models, **overrides):
     return EngineSettings(model_dir=models, backend="onnxruntime", reload_interval_s=5, **overrides)
 
 
-def drain(watcher, clock):
-    """Poll until the load in flight finishes (it runs on the watcher's thread)."""
-    for _ in range(400):
-        ready = watcher.poll()
-        if ready:
-            return ready
-        clock.now += 0.01
+def drain(watcher, timeout_s=60):
+    """Poll until the load due or in flight is collected (it runs on the watcher's thread);
+    the clock stands still, so no other load starts meanwhile.
+    """
+    deadline = time.monotonic() + timeout_s
+    ready = watcher.poll()
+    while watcher.loading():
+        assert time.monotonic() < deadline, f"still loading {watcher.loading()} after {timeout_s}s"
         time.sleep(0.01)
-    return []
+        ready += watcher.poll()
+    return ready
 
 
 def test_a_newer_version_is_loaded_in_the_background_and_offered_once(models):
@@ -52,7 +54,7 @@ def test_a_newer_version_is_loaded_in_the_background_and_offered_once(models):
         clock.now = 5.0
         assert watcher.poll() == []  # starts the load; a later poll collects it
         assert watcher.loading() == {"fraud": version}
-        [(role, engine)] = drain(watcher, clock)
+        [(role, engine)] = drain(watcher)
         assert (role, engine.name, engine.version) == ("fraud", "fraud", version)
         watcher.swapped(role, engine.version)
         engine.close()
@@ -67,9 +69,11 @@ def test_a_version_that_fails_to_load_is_refused_and_not_retried(models):
     serving = {"fraud": versions(models, "fraud")[-1], "ranking": versions(models, "ranking")[-1]}
     watcher = ModelWatcher(settings_for(models), serving, clock)
     try:
-        publish_copy(models, "ranking", onnx_bytes=b"not an onnx graph")
+        version = publish_copy(models, "ranking", onnx_bytes=b"not an onnx graph")
         clock.now = 5.0
-        assert drain(watcher, clock) == []
+        assert watcher.poll() == []  # starts the load
+        assert watcher.loading() == {"ranking": version}
+        assert drain(watcher) == []  # it failed: refused, not offered
         clock.now = 30.0
         assert watcher.poll() == []
         assert watcher.loading() == {}

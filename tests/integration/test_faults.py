@@ -3,8 +3,13 @@
 Pipelines run as `streamscore run` processes with `processing.emit_features` on, so every
 fraud score carries a digest of the features it was computed from. The reference is the
 pure offline feature function over the same event log; every output must match it.
+
+No step depends on how fast this machine is: production starts once the first process owns
+its partitions, and it holds part of the stream back until the fault has landed, so each
+fault lands mid-stream on an idle machine and on a busy one alike.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -31,7 +36,7 @@ from tests.integration.test_pipeline import wait_for_commit
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EVENTS = 6000
-PRODUCE_S = 12.0  # the input arrives over this long, so every fault lands mid-stream
+PRODUCE_S = 12.0  # the input arrives over this long, apart from the hold (see Producing)
 
 
 class PipelineProcess:
@@ -49,12 +54,28 @@ class PipelineProcess:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_for_log(self, event: str, timeout_s: float = 120) -> None:
-        """Until the process has logged `event` (it logs unbuffered)."""
+    def logged(self, event: str) -> list[dict]:
+        """The JSON log records named `event` so far (the process logs unbuffered)."""
+        records = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a partial last line, or a library's plain text
+                continue
+            if isinstance(record, dict) and record.get("event") == event:
+                records.append(record)
+        return records
+
+    def wait_until_owning(self, timeout_s: float = 120) -> None:
+        """Until the process has restored the state of at least one partition it was given:
+        with cooperative rebalancing, a joining member's first assignment can be empty.
+        """
         deadline = time.monotonic() + timeout_s
-        while f'"{event}"' not in self.log_path.read_text():
+        while not any(r["partitions"] for r in self.logged("state_restored")):
             assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no {event} in {timeout_s}s"
+            assert time.monotonic() < deadline, (
+                f"{self.log_path.name}: no state_restored with partitions in {timeout_s}s"
+            )
             time.sleep(0.1)
 
     def kill9(self) -> None:
@@ -92,24 +113,47 @@ def fault_settings(
 
 
 class Producing:
-    """Writes the test's events to the input evenly over `PRODUCE_S` seconds, on a thread:
-    the pipeline is faster than any fixed backlog, so only a stream that is still arriving
-    makes a fault land mid-stream whatever the machine.
+    """Writes the test's events to the input on a thread, evenly over `PRODUCE_S` seconds,
+    but holds back those after `HELD_FROM` until `release()`.
+
+    The pipeline is faster than any fixed backlog, so only a stream that is still arriving
+    makes a fault land mid-stream; the hold keeps it arriving however slowly the machine
+    starts processes, so a fault injected before `release()` always has input after it.
     """
+
+    HELD_FROM = 0.7
 
     def __init__(self, settings: Settings) -> None:
         config = GeneratorConfig(events=EVENTS, users=120, seed=21).anchored_before(time.time())
         self.events = [event for event, _ in generate(config)]
         self._settings = settings
+        self._released = threading.Event()
         self._unacknowledged = -1
-        self._thread = threading.Thread(target=self._run, name="producing")
+        self._thread = threading.Thread(target=self._run, name="producing", daemon=True)
         self._thread.start()
+
+    def __enter__(self) -> "Producing":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """A failed test releases the hold, so the thread ends."""
+        self.release()
+        self._thread.join(150)
+
+    def release(self) -> None:
+        """Let the held-back rest of the stream go."""
+        self._released.set()
 
     def _run(self) -> None:
         encoder = Encoder(schemas.CLICK_EVENT)
         producer = Producer(producer_config(self._settings))  # idempotent: keeps the order
+        held_from = int(len(self.events) * self.HELD_FROM)
         started = time.monotonic()
         for i, event in enumerate(self.events):
+            if i == held_from:
+                producer.flush(120)
+                self._released.wait()
+                started = time.monotonic() - PRODUCE_S * i / len(self.events)
             due = started + PRODUCE_S * i / len(self.events)
             time.sleep(max(0.0, due - time.monotonic()))
             key, value = event["user_id"].encode(), encoder.encode(event)
@@ -118,7 +162,8 @@ class Producing:
         self._unacknowledged = producer.flush(120)
 
     def join(self) -> list[dict]:
-        """Wait until every event is written; return them in production order."""
+        """Release the rest, wait until every event is written; return them in order."""
+        self.release()
         self._thread.join()
         assert self._unacknowledged == 0, f"{self._unacknowledged} test events not written"
         return self.events
@@ -149,10 +194,11 @@ def committed_fraction(settings: Settings) -> float:
 
 
 def wait_for_progress(settings: Settings, fraction: float, timeout_s: float = 120) -> None:
+    assert fraction < Producing.HELD_FROM, "that much is held back until release()"
     deadline = time.monotonic() + timeout_s
-    while committed_fraction(settings) < fraction:
+    while (done := committed_fraction(settings)) < fraction:
         if time.monotonic() > deadline:
-            raise AssertionError(f"less than {fraction:.0%} committed after {timeout_s}s")
+            raise AssertionError(f"{done:.0%} committed after {timeout_s}s, {fraction:.0%} wanted")
         time.sleep(0.1)
 
 
@@ -198,47 +244,57 @@ def check_outputs(settings: Settings, events: list[dict], exactly_once: bool) ->
     assert not wrong, f"{len(wrong)} outputs differ from the reference, e.g. {wrong[:3]}"
 
 
+def start_owning(settings: Settings, instance: str, log_dir: Path) -> PipelineProcess:
+    """A pipeline process that already owns partitions: one that is still importing when the
+    stream starts would find the held part of it waiting, and miss the stream's middle.
+    """
+    process = PipelineProcess(settings, instance, log_dir)
+    process.wait_until_owning()
+    return process
+
+
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_kill_9_mid_stream_then_restart(kafka_settings, guarantee, tmp_path):
     settings = fault_settings(kafka_settings, guarantee)
-    producing = Producing(settings)
-    first = PipelineProcess(settings, "p0", tmp_path)
-    try:
-        wait_for_progress(settings, 0.3)
-    finally:
-        first.kill9()
-    assert committed_fraction(settings) < 1.0, "the kill came too late to test anything"
-    second = PipelineProcess(settings, "p0", tmp_path)
-    try:
-        events = producing.join()
-        wait_for_commit(settings, timeout_s=180)
-    finally:
-        second.stop()
+    first = start_owning(settings, "p0", tmp_path)
+    with Producing(settings) as producing:
+        try:
+            wait_for_progress(settings, 0.3)
+        finally:
+            first.kill9()  # while events arrive, or with the held rest still to come
+        second = PipelineProcess(settings, "p0", tmp_path)
+        try:
+            events = producing.join()
+            wait_for_commit(settings, timeout_s=180)
+        finally:
+            second.stop()
     check_outputs(settings, events, exactly_once=guarantee == "exactly_once")
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_scale_one_to_two_to_one(kafka_settings, guarantee, tmp_path):
     settings = fault_settings(kafka_settings, guarantee)
-    producing = Producing(settings)
-    a = PipelineProcess(settings, "a", tmp_path)
+    a = start_owning(settings, "a", tmp_path)
     b = None
-    try:
-        wait_for_progress(settings, 0.15)
-        b = PipelineProcess(settings, "b", tmp_path)  # takes over partitions and their state
-        b.wait_for_log("state_restored")
-        assert committed_fraction(settings) < 0.9, "b joined too late to share the stream"
-        wait_for_progress(settings, 0.6)
-        a.stop()  # b takes everything back
-        events = producing.join()
-        wait_for_commit(settings, timeout_s=180)
-    finally:
-        a.process.poll() is None and a.kill9()
-        if b is not None:
-            b.stop()
+    with Producing(settings) as producing:
+        try:
+            wait_for_progress(settings, 0.15)
+            b = PipelineProcess(settings, "b", tmp_path)  # takes partitions and their state
+            b.wait_until_owning()
+            producing.release()
+            wait_for_progress(settings, Producing.HELD_FROM - 0.05)
+            a.stop()  # b takes everything back, while the released rest arrives
+            events = producing.join()
+            wait_for_commit(settings, timeout_s=180)
+        finally:
+            a.process.poll() is None and a.kill9()
+            if b is not None:
+                b.stop()
     check_outputs(settings, events, exactly_once=guarantee == "exactly_once")
-    logs = "".join(p.read_text() for p in tmp_path.glob("pipeline-b-*.log"))
-    assert '"state_restored"' in logs and '"partitions_assigned"' in logs
+    # b restored state twice: its share when it joined, then a's partitions when a left.
+    restored = [set(r["partitions"]) for r in b.logged("state_restored") if r["partitions"]]
+    assert len(restored) >= 2, restored
+    assert set().union(*restored) == set(range(settings.topics.partitions)), restored
 
 
 def test_broker_restart_mid_stream(kafka_settings, kafka_broker, tmp_path):
@@ -246,15 +302,15 @@ def test_broker_restart_mid_stream(kafka_settings, kafka_broker, tmp_path):
         pytest.skip("KAFKA_BOOTSTRAP_SERVERS points at a broker this test cannot restart")
     # The session must outlast the restart (about 10 s here), or the member is fenced.
     settings = fault_settings(kafka_settings, "at_least_once", session_timeout_ms=45_000)
-    producing = Producing(settings)
-    pipeline = PipelineProcess(settings, "p0", tmp_path)
-    try:
-        wait_for_progress(settings, 0.3)
-        kafka_broker.down()
-        time.sleep(2)
-        kafka_broker.up()
-        events = producing.join()
-        wait_for_commit(settings, timeout_s=180)
-    finally:
-        pipeline.stop()
+    pipeline = start_owning(settings, "p0", tmp_path)
+    with Producing(settings) as producing:
+        try:
+            wait_for_progress(settings, 0.3)
+            kafka_broker.down()
+            time.sleep(2)  # the outage itself: both clients see the broker gone
+            kafka_broker.up()
+            events = producing.join()
+            wait_for_commit(settings, timeout_s=180)
+        finally:
+            pipeline.stop()
     check_outputs(settings, events, exactly_once=False)

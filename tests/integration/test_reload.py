@@ -7,16 +7,19 @@ from collections import defaultdict
 
 import pytest
 from confluent_kafka import Producer
+from prometheus_client.parser import text_string_to_metric_families
 
 import schemas
 from engines.registry import resolve
 from pipeline.codec import Encoder
 from pipeline.demo import read_topic
 from pipeline.generator import GeneratorConfig, generate
+from pipeline.kafka.broker import free_port
 from pipeline.kafka.clients import producer_config
 from pipeline.runner import run_pipeline
 from tests.engines.publish import publish_copy
 from tests.integration.test_pipeline import wait_for_commit
+from tests.pipeline.test_telemetry import status
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +27,13 @@ pytestmark = pytest.mark.integration
 def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(model_dir, models)
+    port = free_port()
     settings = kafka_settings.model_copy(
         update={
             "engine": kafka_settings.engine.model_copy(
                 update={"model_dir": models, "reload_interval_s": 0.1}
             ),
+            "telemetry": kafka_settings.telemetry.model_copy(update={"port": port}),
             # A batch in inference when the new version arrives: finished on the old one.
             "processing": kafka_settings.processing.model_copy(update={"inference_depth": 1}),
         }
@@ -54,9 +59,11 @@ def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, 
         old_fraud = resolve(models, "fraud").version
         new_fraud = publish_copy(models, "fraud")
         new_ranking = publish_copy(models, "ranking")
-        for start in range(1000, len(events), 100):  # the swap lands somewhere in here
+        for start in range(1000, 2000, 100):  # the swap may land in here, or after it
             produce(events[start : start + 100])
             time.sleep(0.05)
+        wait_until_serving(port, {"fraud": new_fraud, "ranking": new_ranking})
+        produce(events[2000:])  # after the swap, whatever the machine's speed
         wait_for_commit(settings)
     finally:
         stop.set()
@@ -81,3 +88,20 @@ def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, 
     ]
     assert new_ranking in {r["model_version"] for r in recs}
     assert len({r["event_id"] for r in recs}) == len(recs)
+
+
+def wait_until_serving(port, versions, timeout_s=60):
+    """Until the pipeline's engine_info metric shows `versions` (role → version) served."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, body = status(port, "/metrics")
+        serving = {
+            sample.labels["role"]: sample.labels["version"]
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            if sample.name == "streamscore_engine_info"
+        }
+        if serving == versions:
+            return
+        assert time.monotonic() < deadline, f"serving {serving} after {timeout_s}s, not {versions}"
+        time.sleep(0.1)
