@@ -5,6 +5,8 @@ FP16 variant TensorRT builds from when `engine.precision = "fp16"`.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from engines.base import EngineError
 
 OPSET = 18
 BATCH = "batch"
-FP16_FILE = "model.fp16.onnx"
+FP16_SUFFIX = ".fp16.onnx"
 
 
 def export_onnx(
@@ -53,14 +55,38 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fp16_onnx(onnx_path: Path) -> Path:
-    """The FP16 variant of `onnx_path`, made once beside it with ModelOpt AutoCast.
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one.
+
+    Replicas share the engine cache (`/engines`), so each writer fills a temporary file of its
+    own beside `path` and renames it into place: two replicas writing the same artefact at
+    once leave one whole file, and a crash leaves no half-written one under the real name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def fp16_onnx(onnx_path: Path, cache_dir: Path) -> Path:
+    """The FP16 variant of `onnx_path`, made once with ModelOpt AutoCast into `cache_dir`.
+
+    It is a derived artefact, so it goes to the engine cache, never beside the model: the
+    model directory is mounted read-only in production. It is named by the source's hash, so
+    versions never mix, and written atomically, so replicas sharing the cache do not race.
 
     TensorRT 11 has no builder precision flags: reduced precision must be in the ONNX file.
     AutoCast keeps nodes whose values overflow FP16 (the -1e4 attention mask, for one) in
     FP32 and keeps the inputs and outputs FP32, so callers see the same signature.
     """
-    target = onnx_path.with_name(FP16_FILE)
+    target = cache_dir / f"{file_sha256(onnx_path)[:24]}{FP16_SUFFIX}"
     if target.is_file():
         return target
     try:
@@ -73,7 +99,5 @@ def fp16_onnx(onnx_path: Path) -> Path:
         onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True
     )
     onnx.checker.check_model(model, full_check=True)
-    partial = target.with_suffix(".partial")
-    onnx.save(model, str(partial))
-    partial.replace(target)  # readers never see a half-written file
+    write_atomic(target, model.SerializeToString())
     return target

@@ -53,10 +53,19 @@ def load_engine(pin: ModelPin, settings: EngineSettings, version: str | None = N
     backend = choose_backend(settings.backend)
     try:
         engine = load_backend(artifact, backend, settings, pin.max_batch)
-    except (EngineError, ImportError, RuntimeError) as exc:
+    # Any error: GPU stacks fail in classes of their own (pycuda's driver errors derive from
+    # Exception, not RuntimeError), and OSError or AttributeError from a broken install
+    # should cost the GPU, not the start-up.
+    except Exception as exc:
         if backend is Backend.ONNXRUNTIME:
             raise
-        log.warning("engine_fallback", model=pin.name, backend=backend.value, error=str(exc))
+        log.warning(
+            "engine_fallback",
+            model=pin.name,
+            backend=backend.value,
+            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error=str(exc),
+        )
         engine = load_backend(artifact, Backend.ONNXRUNTIME, settings, pin.max_batch)
     log.info(
         "engine_loaded",

@@ -115,7 +115,9 @@ class TorchEngine:
                     self._module(**static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a hot reload captures on the watcher's thread while the inference
+            # thread keeps running CUDA work; "global" would make that work an error.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 result = self._module(**static)
         outputs = result if isinstance(result, tuple) else (result,)
         return _Graph(graph, static, outputs)

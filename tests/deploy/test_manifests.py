@@ -208,3 +208,38 @@ def test_dashboard_queries_only_metrics_the_pipeline_exports():
     }
     assert used, "the dashboard queries nothing"
     assert used <= exported, used - exported
+
+
+def dockerfile_steps(path):
+    """The instructions of a Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def test_gpu_image_gives_the_runtime_user_its_engine_cache_before_switching_to_it():
+    steps = dockerfile_steps(DEPLOY / "Dockerfile.gpu")
+    user = steps.index("USER 10001")
+    owned = [i for i, step in enumerate(steps) if re.search(r"chown streamscore /engines\b", step)]
+    assert owned and owned[0] < user
+    assert any("useradd --uid 10001" in step for step in steps[:user])
+
+
+def test_gpu_image_keeps_only_the_gpu_onnxruntime_and_checks_its_cuda_provider():
+    (install,) = [s for s in dockerfile_steps(DEPLOY / "Dockerfile.gpu") if '".[gpu]"' in s]
+    order = [
+        'pip install ".[gpu]"',
+        "pip uninstall -y onnxruntime onnxruntime-gpu",
+        'pip install --no-deps "onnxruntime-gpu==$ort_gpu"',
+        "'CUDAExecutionProvider' in p",
+    ]
+    positions = [install.find(part) for part in order]
+    assert -1 not in positions and positions == sorted(positions), positions
+
+
+def test_gpu_extra_needs_a_pycuda_that_builds_against_cuda_13():
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    gpu = [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["gpu"]]
+    (pycuda,) = [r for r in gpu if r.name == "pycuda"]
+    assert not pycuda.specifier.contains("2025.1.1") and pycuda.specifier.contains("2025.1.2")

@@ -1,12 +1,16 @@
 import dataclasses
 import importlib.util
 import shutil
+import sys
+import threading
 
 import numpy as np
 import onnx
 import pytest
+from structlog.testing import capture_logs
 
-from engines.export import fp16_onnx
+from engines import factory
+from engines.export import fp16_onnx, write_atomic
 from engines.factory import choose_backend, gpu_available, load_engine, tensorrt_unavailable_reason
 from engines.inputs import random_inputs
 from engines.models import map_item_ids
@@ -180,6 +184,46 @@ def test_engines_take_their_pinned_max_batch(model_dir, backend):
             engine.close()
 
 
+class DriverError(Exception):
+    """Like pycuda._driver.Error: an Exception, not a RuntimeError."""
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DriverError("cuInit failed: no CUDA-capable device"),
+        OSError("libnvinfer.so.10"),
+        AttributeError("x"),
+    ],
+)
+def test_any_gpu_load_error_falls_back_to_onnxruntime_and_is_logged(model_dir, monkeypatch, error):
+    real = factory.load_backend
+
+    def load_backend(artifact, backend, settings, max_batch):
+        if backend is Backend.TENSORRT:
+            raise error
+        return real(artifact, backend, settings, max_batch)
+
+    monkeypatch.setattr(factory, "load_backend", load_backend)
+    settings = EngineSettings(model_dir=model_dir, backend=Backend.TENSORRT)
+    with capture_logs() as logs:
+        engine = load_engine(settings.pins()[0], settings)
+    engine.close()
+    assert engine.backend == "onnxruntime"
+    (fallback,) = [entry for entry in logs if entry["event"] == "engine_fallback"]
+    assert fallback["error"] == str(error)
+    assert fallback["error_type"].endswith(type(error).__qualname__)
+
+
+def test_an_onnxruntime_load_error_is_not_swallowed(model_dir, monkeypatch):
+    monkeypatch.setattr(
+        factory, "load_backend", lambda *args: (_ for _ in ()).throw(OSError("disk"))
+    )
+    settings = EngineSettings(model_dir=model_dir, backend=Backend.ONNXRUNTIME)
+    with pytest.raises(OSError, match="disk"):
+        load_engine(settings.pins()[0], settings)
+
+
 def test_bucket_is_the_smallest_that_holds_the_batch():
     buckets = (1, 8, 64, 256)
     assert [bucket_for(n, buckets) for n in (1, 2, 8, 9, 64, 65, 256)] == [
@@ -213,15 +257,47 @@ def test_torch_cuda_graphs_match_cpu(model_dir, name):
         cuda.close()
 
 
+@pytest.mark.gpu
+def test_torch_cuda_graphs_captured_on_a_reload_thread_while_another_thread_infers(model_dir):
+    # The pipeline's pattern: the watcher loads (and captures) the new version on its thread
+    # while the inference thread keeps serving the old one on the same GPU.
+    if not gpu_available():
+        pytest.skip("no CUDA GPU is present")
+    artifact = resolve(model_dir, "fraud")
+    serving = TorchEngine(artifact, device="cuda", max_batch_size=256)
+    inputs = random_inputs(artifact, 200, np.random.default_rng(6))
+    stop, errors, served = threading.Event(), [], []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                served.append(serving.infer(inputs))
+            except Exception as exc:  # recorded: the assertion below names it
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        reloaded = TorchEngine(artifact, device="cuda", max_batch_size=256)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and served
+    expected = TorchEngine(artifact).infer(inputs)
+    for output, value in reloaded.infer(inputs).items():
+        assert np.max(np.abs(value - expected[output])) <= 1e-3 * max(1.0, np.abs(value).max())
+    reloaded.close()
+    serving.close()
+
+
 @pytest.mark.parametrize("name", ["fraud", "ranking"])
 def test_fp16_onnx_keeps_the_signature_and_stays_close(model_dir, tmp_path, name):
     if importlib.util.find_spec("modelopt") is None:
         pytest.skip("nvidia-modelopt is not installed (it comes with the `gpu` extra)")
     artifact = resolve(model_dir, name)
-    onnx_path = tmp_path / "model.onnx"
-    shutil.copy(artifact.onnx_path, onnx_path)
-    fp16 = fp16_onnx(onnx_path)
-    assert fp16 == tmp_path / "model.fp16.onnx"
+    fp16 = fp16_onnx(artifact.onnx_path, tmp_path / "cache")
+    assert fp16.parent == tmp_path / "cache"
     model = onnx.load(str(fp16))
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
     full = OnnxRuntimeEngine(artifact)
@@ -233,3 +309,42 @@ def test_fp16_onnx_keeps_the_signature_and_stays_close(model_dir, tmp_path, name
         assert got[output].dtype == expected[output].dtype
         scale = max(1.0, float(np.max(np.abs(expected[output]))))
         assert np.max(np.abs(got[output] - expected[output])) <= 2e-2 * scale, output
+
+
+def test_fp16_onnx_goes_to_the_cache_atomically_and_is_made_once(model_dir, tmp_path, monkeypatch):
+    # The conversion itself is ModelOpt's (tested above where installed); this stand-in
+    # returns the graph unchanged so that where and how the result is written can be checked.
+    calls = []
+
+    def convert_to_mixed_precision(onnx_path, low_precision_type, keep_io_types):
+        calls.append((low_precision_type, keep_io_types))
+        return onnx.load(onnx_path)
+
+    autocast = type(sys)("modelopt.onnx.autocast")
+    autocast.convert_to_mixed_precision = convert_to_mixed_precision
+    for name in ("modelopt", "modelopt.onnx"):
+        monkeypatch.setitem(sys.modules, name, type(sys)(name))
+    monkeypatch.setitem(sys.modules, "modelopt.onnx.autocast", autocast)
+    artifact = resolve(model_dir, "fraud")
+    before = sorted(p.name for p in artifact.path.iterdir())
+    cache = tmp_path / "engines"
+    fp16 = fp16_onnx(artifact.onnx_path, cache)
+    assert fp16_onnx(artifact.onnx_path, cache) == fp16
+    assert calls == [("fp16", True)]
+    assert sorted(p.name for p in artifact.path.iterdir()) == before  # the model dir untouched
+    assert [p.name for p in cache.iterdir()] == [fp16.name]  # no temporary file left
+    onnx.checker.check_model(onnx.load(str(fp16)))
+    other = resolve(model_dir, "ranking")
+    assert fp16_onnx(other.onnx_path, cache) != fp16  # named by the source's hash
+
+
+def test_concurrent_atomic_writers_leave_one_whole_file(tmp_path):
+    target = tmp_path / "plan"
+    payloads = [bytes([i]) * 200_000 for i in range(8)]
+    threads = [threading.Thread(target=write_atomic, args=(target, data)) for data in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["plan"]
