@@ -116,7 +116,12 @@ def produce(
     ] = 0,
     config: ConfigOption = None,
 ) -> None:
-    """Write synthetic clickstream to the input topic and its labels to the labels topic."""
+    """Write synthetic clickstream to the input topic and its labels to the labels topic.
+
+    With --rate the stream is live: event times come from the wall clock (see [produce]
+    settings: a small delay, and a few events hours late). Without, it is a backlog whose
+    generated times end before now.
+    """
     from pipeline.generator import GeneratorConfig
     from pipeline.loadgen import produce_clickstream
 
@@ -125,7 +130,12 @@ def produce(
     with Progress(console=console) as progress:
         task = progress.add_task("producing", total=events)
         report = produce_clickstream(
-            settings, generator, rate or None, malformed_every, lambda n: progress.advance(task, n)
+            settings,
+            generator,
+            rate or None,
+            malformed_every,
+            lambda n: progress.advance(task, n),
+            live=bool(rate),
         )
     console.print(json.dumps(asdict(report)))
 

@@ -9,8 +9,11 @@ pages with a recommendation slot. Three fraud patterns are planted and labelled:
   purchase with a new card whose billing country differs;
 - bot: product views at sub-second rates over random items, often with a headless user agent.
 
-Labels are yielded beside each event, never inside it. Times are milliseconds relative to
-`start_ms`, spread over `horizon_s` of event time.
+Labels are yielded beside each event, never inside it. Times are milliseconds from
+`start_ms`, and every event falls inside the config's `timeline_s`: the `horizon_s` asked
+for, grown when the events per user need more sessions than fit in it (each session is
+followed by at least half an hour of quiet, the feature session gap). `anchored_before(now)`
+ends that timeline before now, so a backlog never holds an event from the future.
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ USER_AGENTS = {
     "bot": "Mozilla/5.0 (X11; Linux x86_64) HeadlessChrome/124.0 Safari/537.36",
 }
 SEARCH_WORDS = ("shoes", "jacket", "phone", "lamp", "desk", "novel", "headphones", "mug", "tent")
+# A normal session: int(expovariate(1/12)) + 2 ≈ 13.5 events about 34 s apart (430 s), then
+# 1900–2400 s of quiet before the user's next session: about 2,600 s of every session cycle
+# are fixed, whatever the gap between sessions is stretched to.
+EVENTS_PER_SESSION = 13.5
+CYCLE_FIXED_S = 2600.0
+# The stream is planned to end at this fraction of the timeline: ending is a sum over many
+# users' cycles, so it lands close to plan, and the rest is margin. Past the timeline a user
+# gets no further event at all (that bound is exact).
+PLANNED_END = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +66,21 @@ class GeneratorConfig:
     recommendation_rate: float = 0.12
     catalog_seed: int | None = None  # a catalog from another seed (held-out evaluation)
 
+    @property
+    def sessions_per_user(self) -> float:
+        """How many sessions each user needs for `events`, on average (at least one)."""
+        return max(1.0, self.events / max(self.users, 1) / EVENTS_PER_SESSION)
+
+    @property
+    def timeline_s(self) -> float:
+        """Event time the events span at most: `horizon_s`, or longer when the sessions per
+        user need it, so that their fixed part stays under half of each planned cycle.
+        """
+        return max(self.horizon_s, 2 * CYCLE_FIXED_S * self.sessions_per_user / PLANNED_END)
+
     def anchored_before(self, now_s: float) -> GeneratorConfig:
         """The same config with the timeline placed to end just before `now_s` (Unix seconds)."""
-        return replace(self, start_ms=int((now_s - self.horizon_s * 1.05) * 1000))
+        return replace(self, start_ms=int((now_s - self.timeline_s * 1.05) * 1000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +158,17 @@ class ClickstreamGenerator:
     def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """Events and their labels, ordered by event time, until `config.events` are out."""
         cfg = self.config
-        per_user = max(1.0, cfg.events / cfg.users)
-        self._mean_gap_s = cfg.horizon_s / max(1.0, per_user / 12.0)
+        timeline = cfg.timeline_s
+        cycle = timeline * PLANNED_END / cfg.sessions_per_user
+        self._mean_gap_s = cycle - CYCLE_FIXED_S
         heap: list[tuple[float, int, _Session | None]] = [
             (self._rng.uniform(0, self._mean_gap_s), user.index, None) for user in self._users
         ]
         heapq.heapify(heap)
         while self._emitted < cfg.events and heap:
             now_s, index, session = heapq.heappop(heap)
+            if now_s > timeline:
+                continue  # this user's timeline is over; the others go on
             user = self._users[index]
             if session is None:
                 session = self._start_session(user)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import schemas
 from pipeline.codec import Encoder
 from pipeline.generator import ClickstreamGenerator, GeneratorConfig
 from pipeline.kafka.clients import producer_config
-from pipeline.settings import Settings
+from pipeline.settings import ProduceSettings, Settings
 
 # Bytes a broken producer might send: not Avro, a wrong magic byte, a cut-off record.
 MALFORMED = (b"not avro at all", b"\x07\x00\x00\x00\x01garbage", b"\x00\x00\x00\x00\x01\x02")
@@ -28,20 +29,45 @@ class ProduceReport:
     seconds: float
 
 
+class LiveClock:
+    """Event times of a live stream: the wall clock less a delivery delay, now and then hours
+    less (see `ProduceSettings`). Never ahead of the wall clock. Deterministic for a seed.
+    """
+
+    def __init__(self, settings: ProduceSettings, seed: int) -> None:
+        """Stamp as `settings` says, drawing from a generator seeded with `seed`."""
+        self._settings = settings
+        self._rng = random.Random(seed)
+
+    def stamp(self, now_ms: int) -> int:
+        """An event time for an event produced at `now_ms`."""
+        settings, rng = self._settings, self._rng
+        if rng.random() < settings.late_fraction:
+            return now_ms - int(rng.uniform(settings.late_min_s, settings.late_max_s) * 1000)
+        if settings.delay_mean_ms <= 0:
+            return now_ms
+        return now_ms - int(rng.expovariate(1.0 / settings.delay_mean_ms))
+
+
 def produce_clickstream(
     settings: Settings,
     config: GeneratorConfig,
     rate: float | None = None,
     malformed_every: int = 0,
     on_progress: Callable[[int], None] | None = None,
+    live: bool = False,
 ) -> ProduceReport:
     """Produce `config.events` events at up to `rate` per second (None: as fast as possible).
 
+    Without `live`, events keep the generator's times, which end before now: a backlog, or a
+    replay of the generated day at `rate` (the demo). With `live`, each event is stamped from
+    the wall clock as it is produced, by a `LiveClock`, as a shop's live stream is.
     With `malformed_every` = N > 0, a malformed message follows every N-th event.
     """
     producer = Producer(producer_config(settings))
     events, labels = Encoder(schemas.CLICK_EVENT), Encoder(schemas.FRAUD_LABEL)
     topics = settings.topics
+    clock = LiveClock(settings.produce, config.seed) if live else None
     started = time.monotonic()
     with_candidates = malformed = count = 0
     for count, (event, label) in enumerate(ClickstreamGenerator(config), start=1):
@@ -49,6 +75,8 @@ def produce_clickstream(
             ahead = count / rate - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
+        if clock is not None:
+            event["event_time"] = clock.stamp(int(time.time() * 1000))
         key = event["user_id"].encode()
         produce_one(producer, topics.input, key, events.encode(event))
         produce_one(producer, topics.labels, event["event_id"].encode(), labels.encode(label))

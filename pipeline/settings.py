@@ -219,6 +219,26 @@ class LimitSettings(_Frozen):
     max_event_age_s: PositiveFloat = 30 * 24 * 3600.0
 
 
+class ProduceSettings(_Frozen):
+    """How `streamscore produce --rate` stamps events, as a live shop's arrive: event time is
+    the wall clock less a delivery delay, and a few events arrive hours late (an app that was
+    offline), past `features.allowed_lateness_s`, so a live run meets the late-event rule.
+    """
+
+    delay_mean_ms: Annotated[float, Field(ge=0)] = Field(
+        default=150.0, description="Mean of the exponential delay from event to produce."
+    )
+    late_fraction: Annotated[float, Field(ge=0, le=1)] = 0.002
+    late_min_s: PositiveFloat = 3900.0
+    late_max_s: PositiveFloat = 4 * 3600.0
+
+    @model_validator(mode="after")
+    def _late_range(self) -> Self:
+        if self.late_min_s > self.late_max_s:
+            raise ValueError("late_min_s must not exceed late_max_s")
+        return self
+
+
 class Backend(StrEnum):
     """Inference backends; `auto` prefers TensorRT on a GPU, else ONNX Runtime."""
 
@@ -321,6 +341,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = TelemetrySettings()
     features: FeatureSettings = FeatureSettings()
     limits: LimitSettings = LimitSettings()
+    produce: ProduceSettings = ProduceSettings()
     engine: EngineSettings = EngineSettings()
     decision: DecisionSettings = DecisionSettings()
     ranking: RankingSettings = RankingSettings()

@@ -1,6 +1,18 @@
 import collections
+import time
 
+import pytest
+
+from pipeline.events import validate
 from pipeline.generator import GeneratorConfig, generate
+from pipeline.loadgen import LiveClock
+from pipeline.settings import (
+    FeatureSettings,
+    LimitSettings,
+    ProduceSettings,
+    SettingsError,
+    load_settings,
+)
 
 CONFIG = GeneratorConfig(events=20_000, users=300, seed=11)
 
@@ -49,3 +61,48 @@ def test_anchoring_ends_the_timeline_before_now():
     config = GeneratorConfig(events=5000, users=100).anchored_before(now_s)
     last = max(event["event_time"] for event, _ in generate(config))
     assert last <= now_s * 1000
+
+
+@pytest.mark.parametrize(
+    ("events", "users"),
+    [(9_000, 50), (40_000, 20), (3_000, 300), (2_000, 1)],  # 180, 2000, 10 and 2000 per user
+)
+def test_a_backlog_ends_before_now_whatever_the_events_per_user(events, users):
+    # A soak of 180 events per user once ran hours past the horizon: 9.5% of it was refused
+    # as validate.event_time_future.
+    now = time.time()
+    config = GeneratorConfig(events=events, users=users, seed=5).anchored_before(now)
+    pairs = list(generate(config))
+    assert len(pairs) == events
+    limits = LimitSettings()
+    for event, _ in pairs:
+        validate(event, event["user_id"].encode(), limits, int(now * 1000))  # raises if refused
+    last = max(event["event_time"] for event, _ in pairs)
+    assert config.start_ms <= min(event["event_time"] for event, _ in pairs)
+    assert last <= config.start_ms + config.timeline_s * 1000 < now * 1000
+
+
+def test_the_timeline_grows_only_when_the_sessions_per_user_need_it():
+    assert GeneratorConfig(events=3_000, users=300).timeline_s == 24 * 3600.0
+    assert GeneratorConfig(events=40_000, users=20).timeline_s > 24 * 3600.0 * 5
+
+
+def test_a_live_clock_never_runs_ahead_and_sends_a_few_events_past_the_lateness_bound():
+    settings = ProduceSettings(delay_mean_ms=150.0, late_fraction=0.01)
+    clock = LiveClock(settings, seed=3)
+    now_ms = 1_800_000_000_000
+    delays = [(now_ms - clock.stamp(now_ms)) / 1000 for _ in range(20_000)]
+    assert min(delays) >= 0
+    late = [d for d in delays if d >= settings.late_min_s]
+    assert 0.005 < len(late) / len(delays) < 0.015
+    assert max(late) <= settings.late_max_s
+    assert settings.late_min_s > FeatureSettings().allowed_lateness_s  # meets the late rule
+    on_time = [d for d in delays if d < settings.late_min_s]
+    assert 0.12 < sum(on_time) / len(on_time) < 0.18  # seconds: the mean delivery delay
+    first, second = LiveClock(settings, seed=3), LiveClock(settings, seed=3)
+    assert [first.stamp(now_ms) for _ in range(50)] == [second.stamp(now_ms) for _ in range(50)]
+
+
+def test_late_bounds_out_of_order_are_refused_by_name():
+    with pytest.raises(SettingsError, match="produce"):
+        load_settings(produce={"late_min_s": 7200, "late_max_s": 3600})
