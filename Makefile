@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EVENTS ?= 100000
 RATE ?= 2500
+SOAK_MINUTES ?= 30
+SOAK_RATE ?= 5000
+SOAK_USERS ?= 50000
 
-.PHONY: setup kafka-jars kafka-up kafka-down models demo bench lint typecheck test clean
+.PHONY: setup kafka-jars kafka-up kafka-down models demo bench soak lint typecheck test clean
 
 setup: $(STAMP)
 
@@ -35,6 +38,10 @@ demo: kafka-up models
 # The full benchmark (about 20 minutes); the report is also copied to docs/bench.
 bench: kafka-up models
 	$(BIN)/streamscore bench --publish docs/bench
+
+# A live stream for SOAK_MINUTES at SOAK_RATE on fresh topics, lag and RSS checked.
+soak: kafka-up models
+	$(BIN)/streamscore soak --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE) --users $(SOAK_USERS)
 
 lint: setup
 	$(BIN)/ruff check pipeline engines schemas tests

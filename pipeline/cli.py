@@ -514,5 +514,43 @@ def demo(
     run_demo(settings, events=events, rate=rate, users=users, console=console)
 
 
+@app.command()
+def soak(
+    minutes: Annotated[float, typer.Option(help="How long the stream runs.")] = 30.0,
+    rate: Annotated[float, typer.Option(help="Events per second.")] = 5000.0,
+    users: int = 50_000,
+    seed: int = 5,
+    malformed_every: Annotated[
+        int, typer.Option(help="Send a malformed message after every N-th event (0: none).")
+    ] = 0,
+    max_lag_s: Annotated[float, typer.Option(help="Lag bound, seconds of input.")] = 10.0,
+    max_rss_growth_mb: Annotated[
+        float, typer.Option(help="RSS growth allowed over the last two thirds.")
+    ] = 50.0,
+    keep_topics: Annotated[bool, typer.Option(help="Leave the run's topics behind.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """A live stream at a fixed rate on fresh topics for a while; lag and RSS sampled, then
+    checked: inputs accounted for, dead letters as sent, lag bounded, RSS flat.
+    """
+    from pipeline.soak import SoakPlan, run_soak
+
+    settings = _settings(config)
+    ensure_kafka(settings)
+    plan = SoakPlan(
+        seconds=minutes * 60,
+        rate=rate,
+        users=users,
+        seed=seed,
+        malformed_every=malformed_every,
+        max_lag_s=max_lag_s,
+        max_rss_growth_mb=max_rss_growth_mb,
+        keep_topics=keep_topics,
+    )
+    summary = run_soak(settings, plan, console)
+    if not summary["passed"]:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

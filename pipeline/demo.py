@@ -49,24 +49,21 @@ def run_demo(
     settings = _demo_settings(settings, run_id)
     create_topics(settings)
     ensure_models(settings, console)
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    stats_file = DEMO_DIR / "run-stats.json"
-    stats_file.unlink(missing_ok=True)
-    pipeline = _start_pipeline(settings, stats_file)
+    pipeline = RunningPipeline(settings, DEMO_DIR)
     try:
-        _wait_until_joined(settings, pipeline, timeout_s=120)
+        pipeline.wait_until_joined(timeout_s=120)
         config = GeneratorConfig(events=events, users=users, seed=7).anchored_before(time.time())
         with Progress(console=console) as progress:
             task = progress.add_task(f"producing at {rate:.0f}/s", total=events)
             report = produce_clickstream(
                 settings, config, rate, MALFORMED_EVERY, lambda n: progress.advance(task, n)
             )
-            _wait_until_consumed(settings, pipeline, timeout_s=120 + events / 500)
+            pipeline.wait_until_consumed(timeout_s=120 + events / 500)
     except BaseException:
         pipeline.kill()
         raise
-    _stop(pipeline)
-    summary = _summarise(settings, json.loads(stats_file.read_text()), report.with_candidates)
+    stats = pipeline.stop()
+    summary = _summarise(settings, stats, report.with_candidates)
     (DEMO_DIR / "summary.json").write_text(json.dumps(summary, indent=2))
     _print(summary, console)
     return summary
@@ -105,66 +102,84 @@ def ensure_models(settings: Settings, console: Console) -> None:
     )
 
 
-def _start_pipeline(settings: Settings, stats_file: Path) -> subprocess.Popen[bytes]:
-    env = os.environ | settings_env(settings) | {"STREAMSCORE_LOG_FORMAT": "json"}
-    log = (DEMO_DIR / "pipeline.log").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--stats-file", str(stats_file)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+class RunningPipeline:
+    """A `streamscore run` child process on `settings`, logging to `directory`/pipeline.log
+    and writing its run statistics to `directory`/run-stats.json when it stops.
+    """
 
-
-def _wait_until_joined(
-    settings: Settings, pipeline: subprocess.Popen[bytes], timeout_s: float
-) -> None:
-    """Wait until the pipeline owns partitions, so production does not race its start-up."""
-    admin = admin_client(settings)
-    group = settings.consumer.group_id
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _check_running(pipeline)
-        try:
-            description = admin.describe_consumer_groups([group])[group].result()
-        except KafkaException:  # the group coordinator may still be loading
-            description = None
-        if description and any(m.assignment.topic_partitions for m in description.members):
-            return
-        time.sleep(0.3)
-    raise TimeoutError(f"pipeline did not join group {group} in {timeout_s:.0f}s")
-
-
-def _check_running(pipeline: subprocess.Popen[bytes]) -> None:
-    if pipeline.poll() is not None:
-        raise RuntimeError(
-            f"pipeline exited early with {pipeline.returncode}; see {DEMO_DIR}/pipeline.log"
+    def __init__(self, settings: Settings, directory: Path) -> None:
+        """Start the process."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.log_path = directory / "pipeline.log"
+        self.stats_path = directory / "run-stats.json"
+        self.stats_path.unlink(missing_ok=True)
+        env = os.environ | settings_env(settings) | {"STREAMSCORE_LOG_FORMAT": "json"}
+        command = [sys.executable, "-m", "pipeline.cli", "run"]
+        self.process = subprocess.Popen(
+            [*command, "--stats-file", str(self.stats_path)],
+            env=env,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
         )
 
+    def check_running(self) -> None:
+        """Raise when the process has exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"pipeline exited early with {self.process.returncode}; see {self.log_path}"
+            )
 
-def _wait_until_consumed(
-    settings: Settings, pipeline: subprocess.Popen[bytes], timeout_s: float
-) -> None:
-    consumer = Consumer(settings.kafka.client_config() | {"group.id": settings.consumer.group_id})
-    try:
+    def wait_until_joined(self, timeout_s: float) -> None:
+        """Until the pipeline owns partitions, so production does not race its start-up."""
+        admin = admin_client(self.settings)
+        group = self.settings.consumer.group_id
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            _check_running(pipeline)
-            ends = end_offsets(consumer, settings.topics.input)
-            if committed_offsets(consumer, settings.topics.input, ends) == ends:
+            self.check_running()
+            try:
+                description = admin.describe_consumer_groups([group])[group].result()
+            except KafkaException:  # the group coordinator may still be loading
+                description = None
+            if description and any(m.assignment.topic_partitions for m in description.members):
                 return
-            time.sleep(0.5)
-        raise TimeoutError(f"pipeline did not consume everything in {timeout_s:.0f}s")
-    finally:
-        consumer.close()
+            time.sleep(0.3)
+        raise TimeoutError(f"pipeline did not join group {group} in {timeout_s:.0f}s")
 
+    def wait_until_consumed(self, timeout_s: float) -> None:
+        """Until the group has committed the end of every input partition."""
+        settings = self.settings
+        group = settings.consumer.group_id
+        consumer = Consumer(settings.kafka.client_config() | {"group.id": group})
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                self.check_running()
+                ends = end_offsets(consumer, settings.topics.input)
+                if committed_offsets(consumer, settings.topics.input, ends) == ends:
+                    return
+                time.sleep(0.5)
+            raise TimeoutError(
+                f"group {group} did not commit the end of {settings.topics.input} "
+                f"in {timeout_s:.0f}s"
+            )
+        finally:
+            consumer.close()
 
-def _stop(pipeline: subprocess.Popen[bytes]) -> None:
-    if pipeline.poll() is None:
-        pipeline.send_signal(signal.SIGTERM)
-    code = pipeline.wait(timeout=60)
-    if code != 0:
-        raise RuntimeError(f"pipeline exited with {code}; see {DEMO_DIR}/pipeline.log")
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM, wait for a clean exit, and return the run statistics it wrote."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=60)
+        if code != 0:
+            raise RuntimeError(f"pipeline exited with {code}; see {self.log_path}")
+        stats: dict[str, Any] = json.loads(self.stats_path.read_text())
+        return stats
+
+    def kill(self) -> None:
+        """End the process at once (after a failure elsewhere)."""
+        self.process.kill()
+        self.process.wait()
 
 
 def read_topic(
