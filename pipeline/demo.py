@@ -46,7 +46,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return (and write) its summary."""
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    settings = _demo_settings(settings, run_id)
+    settings = fresh_topics(settings, f"demo-{run_id}")
     create_topics(settings)
     ensure_models(settings, console)
     pipeline = RunningPipeline(settings, DEMO_DIR)
@@ -69,8 +69,8 @@ def run_demo(
     return summary
 
 
-def _demo_settings(settings: Settings, run_id: str) -> Settings:
-    prefix = f"demo-{run_id}"
+def fresh_topics(settings: Settings, prefix: str) -> Settings:
+    """`settings` on topics and a group of their own, named under `prefix`."""
     topics = settings.topics.model_copy(
         update={
             "input": f"{prefix}.clickstream",

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 import schemas
-from pipeline.demo import RunningPipeline, ensure_models, read_topic
+from pipeline.demo import RunningPipeline, ensure_models, fresh_topics, read_topic
 from pipeline.generator import GeneratorConfig
 from pipeline.kafka.admin import (
     admin_client,
@@ -150,7 +150,7 @@ def run_soak(
 ) -> dict[str, Any]:
     """Run `plan` on fresh topics, write the summary and the plot; return the summary."""
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    settings = _soak_settings(settings, run_id)
+    settings = fresh_topics(settings, f"soak-{run_id}")
     run_dir = out_dir / run_id
     create_topics(settings)
     ensure_models(settings, console)
@@ -187,21 +187,6 @@ def run_soak(
     if not plan.keep_topics:
         _drop(settings)
     return summary
-
-
-def _soak_settings(settings: Settings, run_id: str) -> Settings:
-    prefix = f"soak-{run_id}"
-    topics = settings.topics.model_copy(
-        update={
-            "input": f"{prefix}.clickstream",
-            "fraud_scores": f"{prefix}.fraud-scores",
-            "recommendations": f"{prefix}.recommendations",
-            "dead_letter": f"{prefix}.dlq",
-            "labels": f"{prefix}.labels",
-        }
-    )
-    consumer = settings.consumer.model_copy(update={"group_id": f"streamscore-{prefix}"})
-    return settings.model_copy(update={"topics": topics, "consumer": consumer})
 
 
 def _produce_and_sample(
