@@ -30,6 +30,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 import psutil
+from confluent_kafka import KafkaException
 from rich.console import Console
 from rich.table import Table
 
@@ -37,6 +38,7 @@ import schemas
 from pipeline.demo import RunningPipeline, ensure_models, fresh_topics, read_topic
 from pipeline.generator import GeneratorConfig
 from pipeline.kafka.admin import (
+    TopicNotReady,
     admin_client,
     create_topics,
     delete_topics,
@@ -217,7 +219,11 @@ def _produce_and_sample(
     while producer.is_alive():
         producer.join(plan.sample_s)
         pipeline.check_running()
-        samples.append(_sample(settings, pipeline, time.monotonic() - started))
+        try:
+            samples.append(_sample(settings, pipeline, time.monotonic() - started))
+        except (KafkaException, TopicNotReady) as exc:  # a slow broker costs a sample only
+            say(f"  sample skipped: {exc}")
+            continue
         if time.monotonic() >= next_say:
             next_say += 60
             last = samples[-1]

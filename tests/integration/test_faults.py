@@ -27,7 +27,7 @@ from pipeline.codec import Decoder, Encoder
 from pipeline.events import ClickEvent
 from pipeline.features import compute_features, feature_digests
 from pipeline.generator import GeneratorConfig, generate
-from pipeline.kafka.admin import committed_offsets, end_offsets
+from pipeline.kafka.admin import TopicNotReady, committed_offsets, end_offsets
 from pipeline.kafka.clients import producer_config
 from pipeline.settings import Settings, settings_env
 from pipeline.sink import FEATURES_HEADER
@@ -187,7 +187,7 @@ def committed_fraction(settings: Settings) -> float:
         ends = end_offsets(consumer, settings.topics.input)
         done = committed_offsets(consumer, settings.topics.input, ends)
         return sum(done.values()) / EVENTS
-    except KafkaException:  # the group's coordinator is still being elected
+    except (KafkaException, TopicNotReady):  # a coordinator or leaders being elected
         return 0.0
     finally:
         consumer.close()

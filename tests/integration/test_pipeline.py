@@ -14,7 +14,7 @@ import schemas
 from pipeline.codec import Encoder
 from pipeline.demo import read_topic
 from pipeline.generator import GeneratorConfig, generate
-from pipeline.kafka.admin import committed_offsets, end_offsets
+from pipeline.kafka.admin import TopicNotReady, committed_offsets, end_offsets
 from pipeline.kafka.clients import producer_config
 from pipeline.runner import run_pipeline
 
@@ -96,7 +96,7 @@ def wait_for_commit(settings, timeout_s=90):
             try:
                 ends = end_offsets(consumer, settings.topics.input)
                 done = committed_offsets(consumer, settings.topics.input, ends)
-            except KafkaException:  # a restarting broker: leaders are being elected
+            except (KafkaException, TopicNotReady):  # a restarting broker: leaders elected
                 done, ends = None, {}
             if sum(ends.values()) and done == ends:
                 return
