@@ -82,7 +82,7 @@ class _Stretch:
     """The batches between two checkpoints."""
 
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next, per partition
-    changes: dict[tuple[int, str], StateChange] = field(default_factory=dict)  # newest per user
+    changes: dict[tuple[int, bytes], StateChange] = field(default_factory=dict)  # newest per user
     outputs: Unacked | None = None  # set when sealed
     state: Unacked | None = None  # set when its changelog records are queued
 
@@ -116,7 +116,7 @@ class AtLeastOnce:
                 offsets[(topic, partition)] = offset + 1
         newest = self._open.changes
         for change in changes:
-            newest[(change.partition, change.user_id)] = change
+            newest[(change.partition, change.key)] = change
 
     def tick(self) -> None:
         """Seal a stretch when the interval has passed; commit the sealed stretches whose

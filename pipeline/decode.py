@@ -144,6 +144,7 @@ class EventColumns:
     partition: np.ndarray  # int32 (n,)
     offset: np.ndarray  # int64 (n,)
     ingest_time: np.ndarray  # int64 (n,), the message's Kafka timestamp
+    keys: list[bytes | None]  # the message keys, as the consumer returned them
 
     def __len__(self) -> int:
         return len(self.status)
@@ -289,6 +290,7 @@ class BatchDecoder:
             partition=where[:, 0].astype(np.int32),
             offset=where[:, 1].copy(),
             ingest_time=where[:, 2].copy(),
+            keys=keys,
         )
 
 

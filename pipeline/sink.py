@@ -113,7 +113,7 @@ class Sink:
         for change in changes:
             self._produce(
                 self._changelog,
-                change.user_id,
+                change.key,
                 change.value,
                 partition=change.partition,
                 to=unacked,

@@ -131,7 +131,7 @@ class StateChange:
     """One changelog record: a user's new state, or None when the user was evicted."""
 
     partition: int
-    user_id: str
+    key: bytes  # the user id, UTF-8
     value: bytes | None
 
 
@@ -225,7 +225,7 @@ class FeatureStore:
                 state = None if users is None else users.get(user_id)
                 value = state.to_bytes() if type(state) is UserState else state
                 assert value is None or type(value) is bytes
-                changes.append(StateChange(partition, user_id, value))
+                changes.append(StateChange(partition, user_id.encode(), value))
         return changes
 
     def drop_partition(self, partition: int) -> None:

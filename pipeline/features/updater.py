@@ -127,9 +127,7 @@ class FeatureUpdater:
             if event.offset > ints[OFFSET]:
                 ints[OFFSET] = event.offset
             categorical[row] = _categorical(event)
-        # One vectorised log1p per batch instead of a math.log1p per feature per event.
-        logged = numeric[:, _LOG_COLUMNS]
-        numeric[:, _LOG_COLUMNS] = np.log1p(np.maximum(logged, 0.0))
+        log_columns(numeric)
         return FeatureBatch(numeric, categorical, hist_items, hist_cats)
 
     def _update(self, state: UserState, event: ClickEvent) -> list[float]:
@@ -182,6 +180,11 @@ class FeatureUpdater:
             float(billing is not None and bool(event.country) and billing != event.country),
             affinity,
         ]
+
+
+def log_columns(numeric: np.ndarray) -> None:
+    """Take log1p of the *_log columns in place: one vectorised call per batch."""
+    numeric[:, _LOG_COLUMNS] = np.log1p(np.maximum(numeric[:, _LOG_COLUMNS], 0.0))
 
 
 def _new_session(state: UserState, t: int) -> None:

@@ -169,7 +169,7 @@ def test_offsets_wait_for_outputs_then_state_without_blocking():
 
     producer.ack("scores")
     checkpoint.tick()
-    assert producer.produced[-1] == (CHANGELOG, "u1")
+    assert producer.produced[-1] == (CHANGELOG, b"u1")
     assert consumer.commits == []  # the state record is not acknowledged yet
 
     producer.ack(CHANGELOG)
@@ -187,7 +187,7 @@ def test_a_later_stretch_acknowledged_first_commits_nothing_before_the_earlier_o
     producer.ack("scores")  # only the second stretch's output
     checkpoint.tick()
     assert consumer.commits == []
-    assert (CHANGELOG, "u2") not in producer.produced
+    assert (CHANGELOG, b"u2") not in producer.produced
 
     producer.queued = first
     producer.ack("scores")
@@ -198,7 +198,7 @@ def test_a_later_stretch_acknowledged_first_commits_nothing_before_the_earlier_o
     checkpoint.tick()
     assert [offsets for offsets, _ in consumer.commits] == [{0: 8}, {0: 8, 1: 4}]
     states = [key for topic, key in producer.produced if topic == CHANGELOG]
-    assert states == ["u1", "u2"]
+    assert states == [b"u1", b"u2"]
 
 
 def test_a_failed_output_stops_the_commit():
@@ -209,7 +209,7 @@ def test_a_failed_output_stops_the_commit():
     with pytest.raises(DeliveryError):
         checkpoint.tick()
     assert consumer.commits == []
-    assert (CHANGELOG, "u1") not in producer.produced
+    assert (CHANGELOG, b"u1") not in producer.produced
 
 
 def test_commit_waits_for_everything_and_commits_synchronously():
@@ -217,7 +217,7 @@ def test_commit_waits_for_everything_and_commits_synchronously():
     run_batch(checkpoint, store, partition=2, offset=10, user="u3")
     checkpoint.commit()
     assert consumer.commits == [({2: 11}, False)]
-    assert producer.produced == [("scores", "u3"), (CHANGELOG, "u3")]
+    assert producer.produced == [("scores", "u3"), (CHANGELOG, b"u3")]
 
 
 def test_lost_partitions_are_neither_committed_nor_written_to_the_changelog():

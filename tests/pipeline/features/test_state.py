@@ -49,7 +49,7 @@ def test_state_bytes_round_trip_and_carry_on_exactly(events, split):
     for change in store.take_changes():
         assert change.value is not None
         assert UserState.from_bytes(change.value).to_bytes() == change.value
-        restored.restore(change.partition, change.user_id, change.value)
+        restored.restore(change.partition, change.key.decode(), change.value)
     after_original = updater.process(events[split:])
     after_restored = FeatureUpdater(restored, 1800).process(events[split:])
     assert np.array_equal(after_original.numeric, after_restored.numeric)
@@ -81,7 +81,7 @@ def test_idle_users_are_evicted_by_event_time_and_leave_tombstones():
     updater.process([event(3605, "new")])  # partition time moves past old's TTL
     store.evict()
     assert store.users() == 2 and store.evicted == 1
-    changes = {c.user_id: c.value for c in store.take_changes()}
+    changes = {c.key.decode(): c.value for c in store.take_changes()}
     assert changes["old"] is None and changes["new"] is not None
     assert store.peek(0, "old") is None and store.peek(0, "kept") is not None
 
@@ -98,7 +98,7 @@ def test_the_least_recently_updated_go_first_above_max_users():
 def test_restore_applies_records_in_order_and_tombstones_delete():
     source = FeatureStore(history_length=5)
     FeatureUpdater(source, 1800).process([event(0, "a"), event(5, "b")])
-    records = {c.user_id: c.value for c in source.take_changes()}
+    records = {c.key.decode(): c.value for c in source.take_changes()}
     store = FeatureStore(history_length=5)
     store.restore(0, "a", records["a"])
     store.restore(0, "b", records["b"])
@@ -147,7 +147,7 @@ def test_features_do_not_depend_on_how_partitions_move():
     for start in range(0, len(events), 150):
         rows.append(updater.process(updater.fresh(events[start : start + 150])).numeric)
         for change in updater.store.take_changes():
-            changelog[(change.partition, change.user_id)] = change.value
+            changelog[(change.partition, change.key.decode())] = change.value
         # a rebalance: this process lets go, the next one restores from the changelog
         store = FeatureStore(10)
         for (partition, user_id), value in changelog.items():
