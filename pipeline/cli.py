@@ -350,6 +350,14 @@ def state_bench(
 
 
 @app.command()
+def warm() -> None:
+    """Compile the hot path's kernels into numba's cache (the Dockerfiles run this)."""
+    from pipeline.runner import warm_kernels
+
+    typer.echo(f"kernels ready in {warm_kernels():.1f} s")
+
+
+@app.command()
 def run(
     config: ConfigOption = None,
     stats_file: Annotated[Path | None, typer.Option(help="Write run counts here on exit.")] = None,

@@ -35,83 +35,15 @@ class Encoder:
         schema = schemas.load(schema_name)
         self._parsed = schema.parsed
         self._header = _HEADER.pack(MAGIC_BYTE, schema.schema_id)
-        self._fast = _FAST_WRITERS.get((schema_name, schema.schema_id))
 
     def encode(self, record: dict[str, Any]) -> bytes:
-        """`record` as framed Avro bytes."""
-        if self._fast is not None:
-            out = bytearray(self._header)
-            self._fast(out, record)
-            return bytes(out)
+        """`record` as framed Avro bytes (fastavro: the reference the output kernel in
+        `pipeline.encode` is tested against, and the writer of dead letters).
+        """
         buffer = io.BytesIO()
         buffer.write(self._header)
         schemaless_writer(buffer, self._parsed, record)
         return buffer.getvalue()
-
-
-# Hand-written writers for the two records produced per event. fastavro spends ~17 µs per
-# FraudScore on per-call set-up; these write the same bytes in ~5 µs (Avro binary: zig-zag
-# varints, length-prefixed UTF-8, little-endian doubles, blocked arrays). They are keyed by
-# schema id, so a schema change falls back to fastavro until they are updated, and
-# tests/pipeline/test_codec.py checks them byte for byte against fastavro.
-_DOUBLE = struct.Struct("<d").pack
-_DECISION = {"allow": 0, "review": 1, "block": 2}
-
-
-def _long(out: bytearray, n: int) -> None:
-    n = (n << 1) ^ (n >> 63)
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-
-
-def _string(out: bytearray, value: str) -> None:
-    data = value.encode()
-    _long(out, len(data))
-    out += data
-
-
-def _fraud_score(out: bytearray, r: dict[str, Any]) -> None:
-    _string(out, r["event_id"])
-    _string(out, r["user_id"])
-    _long(out, r["event_time"])
-    out += _DOUBLE(r["score"])
-    _long(out, _DECISION[r["decision"]])
-    reasons = r["reasons"]
-    if reasons:
-        _long(out, len(reasons))
-        for reason in reasons:
-            _string(out, reason["feature"])
-            out += _DOUBLE(reason["contribution"])
-    out.append(0)
-    _string(out, r["model_name"])
-    _string(out, r["model_version"])
-    _long(out, r["ingest_time"])
-    _long(out, r["scored_time"])
-
-
-def _recommendation(out: bytearray, r: dict[str, Any]) -> None:
-    _string(out, r["event_id"])
-    _string(out, r["user_id"])
-    _long(out, r["event_time"])
-    items = r["items"]
-    if items:
-        _long(out, len(items))
-        for item in items:
-            _long(out, item["item_id"])
-            out += _DOUBLE(item["score"])
-    out.append(0)
-    _string(out, r["model_name"])
-    _string(out, r["model_version"])
-    _long(out, r["ingest_time"])
-    _long(out, r["scored_time"])
-
-
-_FAST_WRITERS = {
-    (schemas.FRAUD_SCORE, 2): _fraud_score,
-    (schemas.RECOMMENDATION, 3): _recommendation,
-}
 
 
 class Decoder:

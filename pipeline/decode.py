@@ -194,9 +194,25 @@ class BatchDecoder:
         self, messages: Sequence[Message], now_ms: int
     ) -> tuple[EventColumns, list[Rejected]]:
         """Columns of `messages` (consumed, without errors) and those refused, in row order."""
-        values = [message.value() for message in messages]
-        keys = [message.key() for message in messages]
-        columns = self._run(values, keys, messages, now_ms)
+        positions = [(m.partition(), m.offset(), m.timestamp()[1]) for m in messages]
+        return self.decode_values(
+            [message.value() for message in messages],
+            [message.key() for message in messages],
+            np.array(positions, dtype=np.int64).reshape(len(messages), 3),
+            now_ms,
+        )
+
+    def decode_values(
+        self,
+        values: list[bytes | None],
+        keys: list[bytes | None],
+        positions: np.ndarray,
+        now_ms: int,
+    ) -> tuple[EventColumns, list[Rejected]]:
+        """`decode` of values and keys whose (partition, offset, timestamp) rows are
+        `positions` (int64, n x 3).
+        """
+        columns = self._run(values, keys, positions, now_ms)
         refused = np.flatnonzero(columns.status != OK)
         if not len(refused):
             return columns, []
@@ -212,7 +228,7 @@ class BatchDecoder:
             values[row] = self._encoder.encode(record)
             substituted = True
         if substituted:
-            columns = self._run(values, keys, messages, now_ms)
+            columns = self._run(values, keys, positions, now_ms)
             refused_again = {r.row for r in rejected}
             for row in np.flatnonzero(columns.status != OK).tolist():
                 if row not in refused_again:  # the reference accepts what the kernel refuses
@@ -239,7 +255,7 @@ class BatchDecoder:
         self,
         values: list[bytes | None],
         keys: list[bytes | None],
-        messages: Sequence[Message],
+        positions: np.ndarray,
         now_ms: int,
     ) -> EventColumns:
         n = len(values)
@@ -276,8 +292,7 @@ class BatchDecoder:
             buffer, starts, key_buffer, key_starts, key_null, bounds, window,
             status, spans, longs, reals, present, candidates, candidate_start,
         )  # fmt: skip
-        positions = [(m.partition(), m.offset(), m.timestamp()[1]) for m in messages]
-        where = np.array(positions, dtype=np.int64).reshape(n, 3)
+        where = positions
         return EventColumns(
             buffer=buffer,
             status=status,

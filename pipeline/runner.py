@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
@@ -45,18 +46,20 @@ from engines.base import Engine, EngineError
 from engines.factory import load_engine
 from engines.reload import ModelWatcher
 from pipeline.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce, Rewind
-from pipeline.codec import DecodeError, Decoder
-from pipeline.events import ClickEvent, validate
-from pipeline.features import FeatureBatch, FeatureStore, FeatureUpdater, feature_digests
+from pipeline.codec import Encoder
+from pipeline.decode import OK, BatchDecoder, EventColumns
+from pipeline.encode import OutputEncoder
+from pipeline.features import FeatureBatch, feature_digests
 from pipeline.features.changelog import ensure_changelog, restore
+from pipeline.features.fold import Featurizer
 from pipeline.features.state import StateChange
+from pipeline.features.table import UserTable
 from pipeline.kafka.clients import consumer_config, producer_config
-from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.scoring import Inference, InferenceThread, Request, Scored, Scorer
-from pipeline.settings import Settings
+from pipeline.settings import LimitSettings, Settings
 from pipeline.sink import FEATURES_HEADER, TIMING_HEADER, Headers, Sink, dead_letter
-from pipeline.telemetry import Telemetry
+from pipeline.telemetry import Telemetry, observe_many
 
 log = get_logger()
 
@@ -77,6 +80,14 @@ class RunStats:
     restore_s: float = 0.0
     rewinds: int = 0
     pauses: int = 0
+    # Seconds in each stage of the loop (the bench's stage table divides them by `consumed`).
+    consume_s: float = 0.0
+    decode_s: float = 0.0
+    features_s: float = 0.0
+    score_s: float = 0.0  # engine inputs, the engines (inline or waited for), shaping
+    encode_s: float = 0.0
+    produce_s: float = 0.0
+    commit_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -84,7 +95,8 @@ class _Batch:
     """A batch between its features and its outputs: its inference may still be running."""
 
     messages: list[Message]
-    events: list[ClickEvent]  # decoded, minus replays already in the state
+    columns: EventColumns  # the consumed messages without errors, decoded
+    rows: np.ndarray  # the rows scored: valid, minus replays already in the state
     replayed: int
     dead: list[dict[str, Any]]
     features: FeatureBatch
@@ -131,11 +143,15 @@ class Pipeline:
         self.settings = settings
         self.stats = RunStats()
         features = settings.features
-        self._decoder = Decoder(schemas.CLICK_EVENT)
-        self.store = FeatureStore(features.history_length, features.max_users, features.ttl_s)
-        self._updater = FeatureUpdater(
-            self.store, features.session_gap_s, features.allowed_lateness_s
+        self._decoder = BatchDecoder(settings.limits)
+        # Room for max_users and one batch of new ones before eviction (up to 2M slots are
+        # reserved at once: untouched slots take no memory; past that the table doubles).
+        capacity = min(features.max_users, 2**21) + settings.consumer.max_batch + 1
+        self.store = UserTable(
+            features.history_length, features.max_users, features.ttl_s, capacity
         )
+        self._updater = Featurizer(self.store, features.session_gap_s, features.allowed_lateness_s)
+        self._encoder = OutputEncoder()
         self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
         self._watcher = ModelWatcher(
             settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
@@ -186,7 +202,9 @@ class Pipeline:
                 telemetry.beat()
                 # With a batch in inference, take only what is already fetched: waiting for
                 # more would hold that batch's outputs back.
+                consumed_at = time.perf_counter()
                 messages = consumer.consume(batch_size, 0 if in_flight else wait_s)
+                self.stats.consume_s += time.perf_counter() - consumed_at
                 try:
                     if self._rewind_due is not None:
                         raise Rewind(self._rewind_due)  # these messages are read again
@@ -201,8 +219,11 @@ class Pipeline:
                 unacked = checkpoint.sink.in_flight()
                 if backpressure.update(consumer, unacked):
                     self.stats.pauses += 1
-                with telemetry.stage_seconds.labels("commit").time():
-                    checkpoint.tick()
+                ticked_at = time.perf_counter()
+                checkpoint.tick()
+                ticked = time.perf_counter() - ticked_at
+                telemetry.stage_seconds.labels("commit").observe(ticked)
+                self.stats.commit_s += ticked
                 self._sample_state(unacked)
             try:
                 self._drain(checkpoint)
@@ -390,22 +411,22 @@ class Pipeline:
         started_ms = time.time() * 1000
         stage = self.telemetry.stage_seconds
         with stage.labels("decode").time():
-            decoded, dead = self._decode(messages)
+            columns, valid, dead = self._decode(messages)
         decoded_at = time.perf_counter()
         with stage.labels("features").time():
-            events = self._updater.fresh(decoded)
             late_before = self._updater.late
-            features = self._updater.process(events)
+            rows, features = self._updater.process(columns, valid)
             self.store.evict()
             changes = self.store.take_changes()
         featured_at = time.perf_counter()
-        request = self._scorer.prepare(events, features)
+        request = self._scorer.prepare(columns, rows, features)
         inference = self._inference.submit(request)
         done = time.perf_counter()
         return _Batch(
             messages=messages,
-            events=events,
-            replayed=len(decoded) - len(events),
+            columns=columns,
+            rows=rows,
+            replayed=len(valid) - len(rows),
             dead=dead,
             features=features,
             changes=changes,
@@ -426,19 +447,30 @@ class Pipeline:
             inference = batch.inference.result()
         stage.labels("inference").observe(inference.seconds)
         shaping = time.perf_counter()
-        scored = self._scorer.shape(batch.events, batch.request, inference)
-        stage.labels("score").observe(batch.prepare_s + time.perf_counter() - shaping)
+        scored = self._scorer.shape(batch.columns, batch.rows, batch.request, inference)
+        encoding = time.perf_counter()
+        stage.labels("score").observe(batch.prepare_s + encoding - shaping)
+        encoded = self._encoder.encode(batch.columns, scored)
+        producing = time.perf_counter()
+        stage.labels("encode").observe(producing - encoding)
         headers = self._debug_headers(batch, inference)
-        with stage.labels("produce").time():
-            checkpoint.begin_batch()
-            checkpoint.sink.publish(scored, batch.dead, headers)
-            checkpoint.end_batch(batch.messages, batch.changes)
+        checkpoint.begin_batch()
+        checkpoint.sink.publish(batch.columns, scored, encoded, batch.dead, headers)
+        checkpoint.end_batch(batch.messages, batch.changes)
+        done = time.perf_counter()
+        stage.labels("produce").observe(done - producing)
+        stats = self.stats
+        stats.decode_s += batch.decode_s
+        stats.features_s += batch.features_s
+        stats.score_s += batch.prepare_s + encoding - started
+        stats.encode_s += producing - encoding
+        stats.produce_s += done - producing
         self._count(batch, scored)
         prepared_s = batch.decode_s + batch.features_s + batch.prepare_s
         self.stats.busy_s += prepared_s + time.perf_counter() - started
 
-    def _debug_headers(self, batch: _Batch, inference: Inference) -> dict[str, Headers] | None:
-        """Per event id: the features digest and the latency breakdown, when turned on.
+    def _debug_headers(self, batch: _Batch, inference: Inference) -> list[Headers] | None:
+        """Per scored row: the features digest and the latency breakdown, when turned on.
 
         Timing: `queue_ms` from the input's Kafka timestamp to the batch starting, then the
         batch's decode, features and inference (the engines alone) times; the rest, up to
@@ -448,75 +480,62 @@ class Pipeline:
         processing = self.settings.processing
         if not (processing.emit_features or processing.emit_timing):
             return None
-        events = batch.events
-        headers: dict[str, Headers] = {event.event_id: [] for event in events}
+        ingest = batch.columns.ingest_time[batch.rows].tolist()
+        headers: list[Headers] = [[] for _ in ingest]
         if processing.emit_features:
-            for event, digest in zip(events, feature_digests(batch.features), strict=True):
-                headers[event.event_id].append((FEATURES_HEADER, digest))
+            for row, digest in zip(headers, feature_digests(batch.features), strict=True):
+                row.append((FEATURES_HEADER, digest))
         if processing.emit_timing:
             decode, feats, infer = (
                 round(seconds * 1000, 3)
                 for seconds in (batch.decode_s, batch.features_s, inference.seconds)
             )
-            for event in events:
+            for row, ingest_time in zip(headers, ingest, strict=True):
                 timing = {
-                    "queue_ms": round(batch.started_ms - event.ingest_time, 3),
+                    "queue_ms": round(batch.started_ms - ingest_time, 3),
                     "decode_ms": decode,
                     "features_ms": feats,
                     "inference_ms": infer,
                 }
-                headers[event.event_id].append((TIMING_HEADER, json.dumps(timing)))
+                row.append((TIMING_HEADER, json.dumps(timing)))
         return headers
 
     def _count(self, batch: _Batch, scored: Scored) -> None:
         stats, telemetry, topics = self.stats, self.telemetry, self.settings.topics
         stats.batches += 1
-        stats.scored += len(scored.fraud_scores)
+        stats.scored += len(scored.rows)
         stats.replayed += batch.replayed
         stats.late += batch.late
-        stats.recommendations += len(scored.recommendations)
+        stats.recommendations += len(scored.ranked)
         stats.dead_lettered += len(batch.dead)
         telemetry.batch_size.observe(len(batch.messages))
         telemetry.consumed.labels(topic=topics.input).inc(len(batch.messages))
-        telemetry.produced.labels(topic=topics.fraud_scores).inc(len(scored.fraud_scores))
-        telemetry.produced.labels(topic=topics.recommendations).inc(len(scored.recommendations))
+        telemetry.produced.labels(topic=topics.fraud_scores).inc(len(scored.rows))
+        telemetry.produced.labels(topic=topics.recommendations).inc(len(scored.ranked))
         telemetry.produced.labels(topic=topics.dead_letter).inc(len(batch.dead))
         for record in batch.dead:
             telemetry.dead_letters.labels(reason=record["error_kind"]).inc()
         now_ms = time.time() * 1000
-        for event in batch.events:
-            telemetry.end_to_end_seconds.observe(max(0.0, now_ms - event.ingest_time) / 1000)
+        waited = np.maximum(0.0, now_ms - batch.columns.ingest_time[batch.rows]) / 1000
+        observe_many(telemetry.end_to_end_seconds, waited)
 
-    def _decode(self, messages: list[Message]) -> tuple[list[ClickEvent], list[dict[str, Any]]]:
-        limits = self.settings.limits
-        now_ms = int(time.time() * 1000)
-        events: list[ClickEvent] = []
-        dead: list[dict[str, Any]] = []
+    def _decode(
+        self, messages: list[Message]
+    ) -> tuple[EventColumns, np.ndarray, list[dict[str, Any]]]:
+        """The batch's messages without errors as columns, the rows that are valid events,
+        and the dead letters of the rest.
+        """
+        good = []
         for message in messages:
             error = message.error()
-            if error is not None:
+            if error is None:
+                good.append(message)
+            else:
                 _raise_if_fatal(error, message)
-                continue
-            self.stats.consumed += 1
-            value = message.value()
-            try:
-                if value is not None and len(value) > limits.max_payload_bytes:
-                    raise DecodeError(
-                        "decode.payload_too_large",
-                        f"{len(value)} bytes, limit {limits.max_payload_bytes}",
-                    )
-                record = self._decoder.decode(value)
-                validate(record, message.key(), limits, now_ms)
-            except DecodeError as exc:
-                dead.append(dead_letter(message, exc))
-                continue
-            _, partition, offset = position(message)
-            events.append(
-                ClickEvent(
-                    **record, partition=partition, offset=offset, ingest_time=message.timestamp()[1]
-                )
-            )
-        return events, dead
+        self.stats.consumed += len(good)
+        columns, rejected = self._decoder.decode(good, int(time.time() * 1000))
+        dead = [dead_letter(good[r.row], r.error) for r in rejected]
+        return columns, np.flatnonzero(columns.status == OK), dead
 
 
 def _inference_depth(settings: Settings, *engines: Engine) -> int:
@@ -563,10 +582,45 @@ def _on_client_error(error: KafkaError) -> None:
     log.warning("kafka_client_error", code=error.name(), reason=error.str(), fatal=error.fatal())
 
 
+def warm_kernels() -> float:
+    """Run every compiled kernel once on a one-event batch, so that none compiles (or loads
+    from numba's cache) while events wait; returns the seconds it took. The Dockerfiles call
+    it at build time (`streamscore warm`) so that a container starts from the cache.
+    """
+    started = time.perf_counter()
+    record: dict[str, Any] = {f["name"]: None for f in schemas.raw(schemas.CLICK_EVENT)["fields"]}
+    record |= {
+        "event_id": "e", "user_id": "u", "session_id": "s", "event_time": 0,
+        "event_type": "purchase", "item_id": 1, "category_id": 1, "device_id": "d",
+        "ip": "i", "country": "DE", "user_agent": "a", "candidates": [1],
+    }  # fmt: skip
+    columns, _ = BatchDecoder(LimitSettings(max_event_age_s=1e12)).decode_values(
+        [Encoder(schemas.CLICK_EVENT).encode(record)], [b"u"], np.zeros((1, 3), np.int64), 0
+    )
+    table = UserTable(2, max_users=1, ttl_s=1.0)
+    rows, _ = Featurizer(table, 1800).process(columns, np.zeros(1, dtype=np.int64))
+    table.evict()
+    changes = table.take_changes()
+    table.restore([c.partition for c in changes], [c.key for c in changes], [None])
+    empty = np.zeros((1, 1))
+    scored = Scored(
+        rows=rows, score=np.zeros(1, np.float32), decision=np.zeros(1, np.int64),
+        reasons=empty.astype(np.int64), contributions=empty.astype(np.float32),
+        reason_count=np.ones(1, np.int64), fraud_model=("m", "1"), ranked=rows,
+        items=empty.astype(np.int64), item_scores=empty.astype(np.float32),
+        item_count=np.ones(1, np.int64), ranking_model=("m", "1"), scored_time=0,
+    )  # fmt: skip
+    OutputEncoder().encode(columns, scored)
+    return time.perf_counter() - started
+
+
 def run_pipeline(
     settings: Settings, stop: threading.Event, stats_file: Path | None = None
 ) -> RunStats:
-    """Load the engines, run until `stop`, close everything, optionally write stats."""
+    """Warm the kernels, load the engines, run until `stop`, close everything, optionally
+    write stats.
+    """
+    log.info("kernels_warm", seconds=round(warm_kernels(), 3))
     fraud_pin, ranking_pin = settings.engine.pins()
     fraud = load_engine(fraud_pin, settings.engine)
     ranking = load_engine(ranking_pin, settings.engine)

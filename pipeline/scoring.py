@@ -3,24 +3,23 @@
 Scoring is three steps so that inference can overlap the loop's other work: `prepare`
 builds the engines' input arrays, `infer` runs only the engines (on the inference thread
 when `processing.inference_depth` is 1 or more; ONNX Runtime and TensorRT release the GIL
-while they run), and `shape` turns their outputs into records. `score` is the three in a
-row.
+while they run), and `shape` turns their outputs into the batch's score columns: decisions,
+reasons, and each ranked event's top items. `score` is the three in a row. All of it works
+on whole arrays; nothing is per event.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from engines.base import Engine, EngineError
 from engines.models import map_item_ids
 from engines.models.ranking import PAD
-from pipeline.events import ClickEvent
+from pipeline.decode import EventColumns
 from pipeline.features import FRAUD_CATEGORICAL, FRAUD_NUMERIC, FeatureBatch
 from pipeline.features.spec import feature_hash
 from pipeline.settings import DecisionSettings, RankingSettings
@@ -31,10 +30,21 @@ DECISIONS = ("allow", "review", "block")
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """Output records of one batch, ready to encode."""
+    """A batch's scores as columns, ready to encode (`encode.OutputEncoder`)."""
 
-    fraud_scores: list[dict[str, Any]]
-    recommendations: list[dict[str, Any]]
+    rows: np.ndarray  # int64 (n,): the scored events' rows in their EventColumns
+    score: np.ndarray  # float32 (n,)
+    decision: np.ndarray  # int64 (n,): index into DECISIONS
+    reasons: np.ndarray  # int64 (n, top_reasons): index into REASON_NAMES
+    contributions: np.ndarray  # float32 (n, top_reasons), largest first
+    reason_count: np.ndarray  # int64 (n,): the leading reasons that are positive
+    fraud_model: tuple[str, str]  # name, version
+    ranked: np.ndarray  # int64 (m,): which of `rows` have a recommendation
+    items: np.ndarray  # int64 (m, top_k): item ids, best first
+    item_scores: np.ndarray  # float32 (m, top_k)
+    item_count: np.ndarray  # int64 (m,)
+    ranking_model: tuple[str, str]
+    scored_time: int  # epoch milliseconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +59,9 @@ class Request:
     ranking: Engine
     fraud_chunks: list[dict[str, np.ndarray]]
     ranking_chunks: list[dict[str, np.ndarray]]
-    owners: list[int]  # per ranking input row, its event's row
-    candidates: list[list[int]]  # per ranking input row, the candidate ids it holds
+    ranked: np.ndarray  # which of the batch's rows carry candidates
+    owners: np.ndarray  # per ranking input row, its index in `ranked`
+    first: np.ndarray  # per ranking input row, the position of its first candidate
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,142 +107,123 @@ class Scorer:
             self._items, self._categories, self._slots = shape
         return old
 
-    def score(self, events: Sequence[ClickEvent], features: FeatureBatch) -> Scored:
-        """Fraud records for all `events`, recommendations for those with candidates."""
-        request = self.prepare(events, features)
-        return self.shape(events, request, infer(request))
+    def score(self, columns: EventColumns, rows: np.ndarray, features: FeatureBatch) -> Scored:
+        """Fraud scores for all `rows` of `columns`, rankings for those with candidates."""
+        request = self.prepare(columns, rows, features)
+        return self.shape(columns, rows, request, infer(request))
 
-    def prepare(self, events: Sequence[ClickEvent], features: FeatureBatch) -> Request:
-        """The engine inputs of `events`, in chunks of each engine's max batch size."""
+    def prepare(self, columns: EventColumns, rows: np.ndarray, features: FeatureBatch) -> Request:
+        """The engine inputs of `rows`, in chunks of each engine's max batch size.
+
+        An event with more candidates than the model's slots takes several ranking rows:
+        each candidate's score depends only on it and the history, so chunks are exact.
+        """
         step = self.fraud.max_batch_size
         fraud_chunks = [
             {
                 "numeric": features.numeric[start : start + step],
                 "categorical": features.categorical[start : start + step],
             }
-            for start in range(0, len(events), step)
+            for start in range(0, len(rows), step)
         ]
-        ranked = [i for i, event in enumerate(events) if event.candidates]
-        owners: list[int] = []
-        candidates: list[list[int]] = []
+        starts = columns.candidate_start
+        counts = starts[rows + 1] - starts[rows]
+        ranked = np.flatnonzero(counts > 0)
+        slots = self._slots
+        chunks = (counts[ranked] + slots - 1) // slots
+        owners = np.repeat(np.arange(len(ranked)), chunks)
+        # Chunk j of an event starts j * slots candidates into its list.
+        index_in_event = np.arange(len(owners)) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+        first = starts[rows[ranked]][owners] + index_in_event * slots
         ranking_chunks: list[dict[str, np.ndarray]] = []
-        if ranked:
-            owners, candidates, inputs = self._ranking_inputs(events, features, ranked)
+        if len(owners):
+            last = (starts[rows[ranked] + 1])[owners]
+            positions = first[:, None] + np.arange(slots)[None, :]
+            filled = positions < last[:, None]
+            padded = np.full((len(owners), slots), PAD, dtype=np.int64)
+            padded[filled] = map_item_ids(columns.candidates[positions[filled]], self._items)
+            history_rows = ranked[owners]
+            inputs = {
+                "history_items": map_item_ids(features.history_items[history_rows], self._items),
+                "history_categories": map_item_ids(
+                    features.history_categories[history_rows], self._categories
+                ),
+                "candidate_items": padded,
+            }
             step = self.ranking.max_batch_size
             ranking_chunks = [
                 {name: value[start : start + step] for name, value in inputs.items()}
                 for start in range(0, len(owners), step)
             ]
-        return Request(self.fraud, self.ranking, fraud_chunks, ranking_chunks, owners, candidates)
-
-    def shape(self, events: Sequence[ClickEvent], request: Request, inference: Inference) -> Scored:
-        """Records of `events` from the outputs of `request`'s engines."""
-        if not events:
-            return Scored([], [])
-        now = int(time.time() * 1000)
-        fraud = self._fraud_records(
-            events, request.fraud, inference.probability, inference.contributions, now
+        return Request(
+            self.fraud, self.ranking, fraud_chunks, ranking_chunks, ranked, owners, first
         )
-        recommendations = []
-        if inference.ranking_scores is not None:
-            recommendations = self._recommendations(events, request, inference.ranking_scores, now)
-        return Scored(fraud, recommendations)
 
-    def _fraud_records(
-        self,
-        events: Sequence[ClickEvent],
-        engine: Engine,
-        probability: np.ndarray,
-        contributions: np.ndarray,
-        now: int,
-    ) -> list[dict[str, Any]]:
-        """One FraudScore record per event; reasons and decisions computed for the whole batch
-        with numpy, then read back as Python lists (one conversion, not one per value).
-        """
+    def shape(
+        self, columns: EventColumns, rows: np.ndarray, request: Request, inference: Inference
+    ) -> Scored:
+        """Scores of `rows` from the outputs of `request`'s engines, as columns."""
         decision = self._decision
+        contributions = inference.contributions
+        probability = inference.probability
         top = np.argsort(-contributions, axis=1)[:, : decision.top_reasons]
-        top_values = np.take_along_axis(contributions, top, axis=1).tolist()
+        values = np.take_along_axis(contributions, top, axis=1)
         verdict = np.where(
             probability >= decision.block_threshold,
             2,
             np.where(probability >= decision.review_threshold, 1, 0),
-        ).tolist()
-        scores = probability.tolist()
-        name, version = engine.name, engine.version
-        return [
-            {
-                "event_id": event.event_id,
-                "user_id": event.user_id,
-                "event_time": event.event_time,
-                "score": scores[i],
-                "decision": DECISIONS[verdict[i]],
-                "reasons": [
-                    {"feature": REASON_NAMES[j], "contribution": value}
-                    for j, value in zip(columns, top_values[i], strict=True)
-                    if value > 0
-                ],
-                "model_name": name,
-                "model_version": version,
-                "ingest_time": event.ingest_time,
-                "scored_time": now,
-            }
-            for i, (event, columns) in enumerate(zip(events, top.tolist(), strict=True))
-        ]
+        )
+        items, item_scores, item_count = self._rank(columns, rows, request, inference)
+        return Scored(
+            rows=rows,
+            score=probability,
+            decision=verdict.astype(np.int64),
+            reasons=top.astype(np.int64),
+            contributions=values,
+            # Sorted largest first, the positive contributions lead each row.
+            reason_count=(values > 0).sum(axis=1).astype(np.int64),
+            fraud_model=(request.fraud.name, request.fraud.version),
+            ranked=request.ranked,
+            items=items,
+            item_scores=item_scores,
+            item_count=item_count,
+            ranking_model=(request.ranking.name, request.ranking.version),
+            scored_time=int(time.time() * 1000),
+        )
 
-    def _ranking_inputs(
-        self, events: Sequence[ClickEvent], features: FeatureBatch, rows: list[int]
-    ) -> tuple[list[int], list[list[int]], dict[str, np.ndarray]]:
-        # An event with more candidates than the model's slots takes several rows: each
-        # candidate's score depends only on it and the history, so chunks are exact.
-        owners: list[int] = []
-        chunks: list[list[int]] = []
-        for row in rows:
-            candidates = events[row].candidates
-            for start in range(0, len(candidates), self._slots):
-                owners.append(row)
-                chunks.append(candidates[start : start + self._slots])
-        padded = np.full((len(chunks), self._slots), PAD, dtype=np.int64)
-        for k, chunk in enumerate(chunks):
-            padded[k, : len(chunk)] = map_item_ids(np.asarray(chunk, dtype=np.int64), self._items)
-        owner_rows = np.asarray(owners)
-        inputs = {
-            "history_items": map_item_ids(features.history_items[owner_rows], self._items),
-            "history_categories": map_item_ids(
-                features.history_categories[owner_rows], self._categories
-            ),
-            "candidate_items": padded,
-        }
-        return owners, chunks, inputs
-
-    def _recommendations(
-        self, events: Sequence[ClickEvent], request: Request, scores: np.ndarray, now: int
-    ) -> list[dict[str, Any]]:
-        per_event: dict[int, list[tuple[int, float]]] = {}
-        for k, row in enumerate(request.owners):
-            pairs = per_event.setdefault(row, [])
-            # Only the first len(chunk) slots hold candidates; the rest is padding.
-            pairs.extend(
-                (item, float(s)) for item, s in zip(request.candidates[k], scores[k], strict=False)
-            )
-        return [
-            self._recommendation(events[row], request.ranking, pairs, now)
-            for row, pairs in per_event.items()
-        ]
-
-    def _recommendation(
-        self, event: ClickEvent, engine: Engine, pairs: list[tuple[int, float]], now: int
-    ) -> dict[str, Any]:
-        pairs.sort(key=lambda pair: -pair[1])
-        return {
-            "event_id": event.event_id,
-            "user_id": event.user_id,
-            "event_time": event.event_time,
-            "items": [{"item_id": item, "score": s} for item, s in pairs[: self._top_k]],
-            "model_name": engine.name,
-            "model_version": engine.version,
-            "ingest_time": event.ingest_time,
-            "scored_time": now,
-        }
+    def _rank(
+        self, columns: EventColumns, rows: np.ndarray, request: Request, inference: Inference
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per ranked event, its top_k candidates by score, best first (ties in list order)."""
+        top_k = self._top_k
+        ranked = request.ranked
+        if not len(ranked) or inference.ranking_scores is None:
+            empty = np.zeros((0, top_k))
+            return empty.astype(np.int64), empty.astype(np.float32), np.zeros(0, np.int64)
+        starts = columns.candidate_start
+        first, last = starts[rows[ranked]], starts[rows[ranked] + 1]
+        counts = last - first
+        width = int(counts.max())
+        # Each event's candidates and their scores, padded to the longest list.
+        flat = np.empty(len(columns.candidates), dtype=np.float32)
+        chunk_positions = request.first[:, None] + np.arange(self._slots)[None, :]
+        filled = chunk_positions < last[request.owners][:, None]
+        flat[chunk_positions[filled]] = inference.ranking_scores[filled]
+        positions = first[:, None] + np.arange(width)[None, :]
+        present = positions < last[:, None]
+        positions = np.where(present, positions, 0)
+        scores = np.where(present, flat[positions], np.float32(0))
+        key = np.where(present, -scores.astype(np.float64), np.inf)
+        order = np.argsort(key, axis=1, kind="stable")[:, :top_k]
+        chosen = np.take_along_axis(positions, order, axis=1)
+        item_count = np.minimum(counts, top_k)
+        items = columns.candidates[chosen]
+        item_scores = np.take_along_axis(scores, order, axis=1)
+        if items.shape[1] < top_k:  # every list shorter than top_k
+            pad = top_k - items.shape[1]
+            items = np.pad(items, ((0, 0), (0, pad)))
+            item_scores = np.pad(item_scores, ((0, 0), (0, pad)))
+        return items, item_scores, item_count.astype(np.int64)
 
 
 def infer(request: Request) -> Inference:

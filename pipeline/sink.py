@@ -13,6 +13,8 @@ from confluent_kafka import KafkaError, Message, Producer
 
 import schemas
 from pipeline.codec import DecodeError, Encoder
+from pipeline.decode import EventColumns
+from pipeline.encode import Encoded
 from pipeline.features.state import StateChange
 from pipeline.scoring import Scored
 from pipeline.settings import TopicSettings
@@ -70,36 +72,39 @@ class Sink:
         self._producer = producer
         self._topics = topics
         self._changelog = changelog
-        self._fraud = Encoder(schemas.FRAUD_SCORE)
-        self._recommendation = Encoder(schemas.RECOMMENDATION)
         self._dead_letter = Encoder(schemas.DEAD_LETTER)
         self._failures: list[str] = []
         self._outputs = Unacked(self._failures)
 
     def publish(
         self,
+        columns: EventColumns,
         scored: Scored,
+        encoded: Encoded,
         dead_letters: list[dict[str, Any]],
-        headers: dict[str, Headers] | None = None,
+        headers: list[Headers] | None = None,
     ) -> None:
         """Queue every output of a batch; deliveries are confirmed at the next flush.
-        `headers` (debug outputs) go on the fraud score and recommendation of each event id.
+        `headers` (debug outputs), one list per scored row, go on its fraud score and
+        recommendation. Each output is keyed by its input's key (the user id).
         """
-        extra = headers or {}
-        for record in scored.fraud_scores:
-            self._produce(
-                self._topics.fraud_scores,
-                record["user_id"],
-                self._fraud.encode(record),
-                extra.get(record["event_id"]),
-            )
-        for record in scored.recommendations:
-            self._produce(
-                self._topics.recommendations,
-                record["user_id"],
-                self._recommendation.encode(record),
-                extra.get(record["event_id"]),
-            )
+        keys = columns.keys
+        rows = scored.rows.tolist()
+        ranked = scored.ranked.tolist()
+        self._produce_all(
+            self._topics.fraud_scores,
+            [keys[row] for row in rows],
+            encoded.fraud,
+            encoded.fraud_starts,
+            headers,
+        )
+        self._produce_all(
+            self._topics.recommendations,
+            [keys[rows[i]] for i in ranked],
+            encoded.recommendations,
+            encoded.recommendation_starts,
+            None if headers is None else [headers[i] for i in ranked],
+        )
         for record in dead_letters:
             key = record["original_key"]
             self._produce(self._topics.dead_letter, key, self._dead_letter.encode(record))
@@ -149,6 +154,25 @@ class Sink:
             failures = list(self._failures)
             self._failures.clear()  # in place: every Unacked appends to this list
             raise DeliveryError(f"{len(failures)} outputs failed delivery, first: {failures[0]}")
+
+    def _produce_all(
+        self,
+        topic: str,
+        keys: list[bytes | None],
+        data: bytes,
+        starts: list[int],
+        headers: list[Headers] | None,
+    ) -> None:
+        """One produce() per record of `data`; the loop confluent-kafka's API leaves us."""
+        produce, unacked = self._producer.produce, self._outputs
+        for i, key in enumerate(keys):
+            value = data[starts[i] : starts[i + 1]]
+            extra = None if headers is None else headers[i]
+            try:
+                produce(topic, value, key, headers=extra, on_delivery=unacked.delivered)
+                unacked.count += 1
+            except BufferError:  # local queue full: the slow path serves and retries
+                self._produce(topic, key, value, extra)
 
     def _produce(
         self,

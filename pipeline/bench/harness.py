@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
 import math
 import os
 import platform
@@ -56,11 +57,14 @@ Kind = Literal["ceiling", "naive", "peer", "streamscore"]
 ROOT = Path(__file__).resolve().parents[2]
 PEER_VENV = ROOT / "var" / "bench" / "peer-venv"
 # The peer's own environment: Quix Streams pins confluent-kafka 2.12, ours is newer.
+# The loop's stages as `RunStats` times them (`<stage>_s`).
+STAGES = ("consume", "decode", "features", "score", "encode", "produce", "commit")
 PEER_REQUIREMENTS = (
     "quixstreams==3.28.1",
     "onnxruntime==1.32.0",
     "fastavro==1.13.1",
     "numpy>=2.0",
+    "numba==0.68.1",  # imported with pipeline.features (the peer uses its reference updater)
     "pydantic-settings>=2.7,<3",
     "structlog>=25.1",
 )
@@ -99,6 +103,8 @@ class Plan:
     live_pool: int = 100_000
     live_s: float = 8.0
     rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    # Offered rates that do not move with max (events/s; skipped where above a max).
+    fixed_rates: tuple[float, ...] = (10_000.0,)
     max_phase_s: float = 45.0
     repeats: int = 2  # throughput runs per configuration; the best one counts
     sweep_events: int = 60_000
@@ -121,6 +127,7 @@ class Plan:
             max_waits_ms=(5,),
             rss_users=3000,
             repeats=1,
+            fixed_rates=(300.0,),
         )
 
 
@@ -135,6 +142,7 @@ class Throughput:
     broker_cpu_percent: float
     bench_cpu_percent: float
     rss_mb: float
+    stages_us: dict[str, float] | None = None  # µs per event per stage (streamscore only)
 
 
 @dataclass(slots=True)
@@ -153,6 +161,7 @@ class Latency:
     cpu_percent: float  # the configuration's processes while the load was offered
     broker_cpu_percent: float
     bench_cpu_percent: float  # this process: the paced producer and the probe
+    fixed: bool = False  # offered at one of `Plan.fixed_rates`, not a fraction of max
 
 
 @dataclass(slots=True)
@@ -262,6 +271,7 @@ class Bench:
             finally:
                 probe.close()
         return Throughput(
+            stages_us=self.stages(config, tag),
             throughput_eps=round(window.rate(), 1),
             outputs=window.count,
             window_s=round(window.seconds, 3),
@@ -291,8 +301,9 @@ class Bench:
                 warmed = probe.wait_for(warm_ms, math.ceil(time.time() * 1000), warm, 30.0, procs)
                 if warmed < warm:
                     self.say(f"  {config.name}: {warmed} of {warm} warm-up outputs in 30 s")
-                for fraction in self.plan.rate_fractions:
-                    rate = max(max_eps * fraction, 1.0)
+                points = [(f, max(max_eps * f, 1.0), False) for f in self.plan.rate_fractions]
+                points += [(r / max_eps, r, True) for r in self.plan.fixed_rates if r < max_eps]
+                for fraction, rate, fixed in points:
                     meter = CpuMeter([proc.pid for proc in procs], self._broker)
                     started_ms = math.floor(time.time() * 1000)  # Kafka: whole ms
                     sent, seconds = offer(producer, live_topic, pool, rate, self.plan.live_s)
@@ -306,7 +317,9 @@ class Bench:
                             f"on {settings.topics.fraud_scores} in {wait_s:.0f} s"
                         )
                     latencies = probe.latencies_between(started_ms, ended_ms)
-                    results.append(_latency(fraction, rate, sent, seconds, latencies, meter))
+                    point = _latency(fraction, rate, sent, seconds, latencies, meter)
+                    point.fixed = fixed
+                    results.append(point)
                     self.say(
                         f"  {config.name} at {fraction:.0%} ({rate:,.0f}/s): "
                         f"p50 {results[-1].p50_ms} ms, p99 {results[-1].p99_ms} ms"
@@ -418,7 +431,7 @@ class Bench:
         env = os.environ | settings_env(settings) | {"PYTHONPATH": str(ROOT)}
         python = sys.executable
         if config.kind == "streamscore":
-            argv = [python, "-m", "pipeline.cli", "run"]
+            argv = [python, "-m", "pipeline.cli", "run", "--stats-file", str(self._stats(label))]
             if profile is not None:
                 argv += ["--profile", str(profile)]
         elif config.kind == "peer":
@@ -431,6 +444,23 @@ class Bench:
             argv = [python, "-m", "pipeline.bench.baselines", config.kind]
         log = (self.run_dir / "logs" / f"{label}.log").open("wb")
         return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def _stats(self, label: str) -> Path:
+        return self.run_dir / "stats" / f"{label}.json"
+
+    def stages(self, config: Config, tag: str) -> dict[str, float] | None:
+        """µs per consumed event in each stage, over the processes of one finished phase
+        (their `--stats-file`); None for a configuration that is not streamscore.
+        """
+        files = [self._stats(f"{config.name}.{tag}.{i}") for i in range(config.processes)]
+        if config.kind != "streamscore" or not all(path.is_file() for path in files):
+            return None
+        runs = [json.loads(path.read_text()) for path in files]
+        consumed = sum(run["consumed"] for run in runs)
+        return {
+            stage: round(sum(run[f"{stage}_s"] for run in runs) / max(consumed, 1) * 1e6, 2)
+            for stage in STAGES
+        }
 
     def _wait_joined(
         self, group: str, members: int, procs: Sequence[subprocess.Popen[bytes]]

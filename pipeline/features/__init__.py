@@ -1,13 +1,10 @@
 """Per-user session state, its changelog, and the features the engines read."""
 
+from pipeline.features.fold import Featurizer, compute_features
 from pipeline.features.spec import FRAUD_CATEGORICAL, FRAUD_NUMERIC
 from pipeline.features.state import FeatureStore, StateChange, UserState
-from pipeline.features.updater import (
-    FeatureBatch,
-    FeatureUpdater,
-    compute_features,
-    feature_digests,
-)
+from pipeline.features.table import UserTable
+from pipeline.features.updater import FeatureBatch, FeatureUpdater, feature_digests
 
 __all__ = [
     "FRAUD_CATEGORICAL",
@@ -15,8 +12,10 @@ __all__ = [
     "FeatureBatch",
     "FeatureStore",
     "FeatureUpdater",
+    "Featurizer",
     "StateChange",
     "UserState",
+    "UserTable",
     "compute_features",
     "feature_digests",
 ]

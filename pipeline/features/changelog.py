@@ -3,7 +3,8 @@
 Key: the user id. Value: the user's state bytes (`UserState.to_bytes`), or null when the
 user was evicted. Changelog partition p holds the users of input partition p, so a process
 that is assigned input partition p restores exactly changelog partition p before it
-processes p's events. Restored records stay as bytes until the user's next event.
+processes p's events. Each fetched batch of records is decoded into the user table's
+columns in one compiled pass.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
-from pipeline.features.state import FeatureStore
+from pipeline.features.table import UserTable
 from pipeline.kafka.admin import connect, topic_partitions
 from pipeline.kafka.messages import position
 from pipeline.settings import Settings
@@ -82,7 +83,7 @@ def ensure_changelog(settings: Settings, timeout_s: float = 30) -> str:
 
 def restore(
     settings: Settings,
-    store: FeatureStore,
+    store: UserTable,
     partitions: Iterable[int],
     timeout_s: float = 300,
     progress: Callable[[], None] = lambda: None,
@@ -119,6 +120,9 @@ def restore(
             if time.monotonic() > deadline:
                 raise ChangelogError(f"restore of {topic} {sorted(pending)} timed out")
             # consume() waits its whole timeout for a short batch: keep it short.
+            owners: list[int] = []
+            keys: list[bytes] = []
+            values: list[bytes | None] = []
             for message in consumer.consume(batch, 0.02):
                 error = message.error()
                 if error is not None:
@@ -128,9 +132,12 @@ def restore(
                     raise KafkaException(error)
                 key = message.key()
                 if key is not None:
-                    _, partition, _ = position(message)
-                    store.restore(partition, key.decode(), message.value())
-                    records += 1
+                    owners.append(position(message)[1])
+                    keys.append(key)
+                    values.append(message.value())
+            if keys:
+                store.restore(owners, keys, values)  # one compiled pass per fetch
+                records += len(keys)
             progress()
     finally:
         consumer.close()

@@ -11,9 +11,13 @@ function each kernel mirrors.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from numba import njit
 
+import schemas
+from pipeline.codec import Encoder
 from pipeline.decode import (
     AMOUNT,
     BILLING_COUNTRY,
@@ -34,8 +38,10 @@ from pipeline.decode import (
     TIME,
     TYPE,
     USER_AGENT,
+    BatchDecoder,
     EventColumns,
 )
+from pipeline.events import ClickEvent
 from pipeline.features import spec
 from pipeline.features.state import (
     AFFINITY,
@@ -60,6 +66,7 @@ from pipeline.features.state import (
 )
 from pipeline.features.table import KINDS, SCRATCH, UserTable, _touch
 from pipeline.features.updater import FeatureBatch, log_columns
+from pipeline.settings import LimitSettings
 
 _LONG_AGO_S = 1e7
 _HOUR_MS = 3_600_000
@@ -106,6 +113,61 @@ _WORD_START = np.cumsum([0] + [len(word) for word, _ in _AGENT_WORDS]).astype(np
 _WORD_CLASS = np.array([cls for _, cls in _AGENT_WORDS], dtype=np.int64)
 # Precedence of `spec.device_type_index`: bot, then tablet, mobile, desktop.
 _PRECEDENCE = np.array([_DEVICE[name] for name in ("bot", "tablet", "mobile", "desktop")])
+
+
+def compute_features(
+    events: Iterable[ClickEvent],
+    history_length: int,
+    session_gap_s: float,
+    all_histories: bool = False,
+    allowed_lateness_s: float = float("inf"),
+    chunk: int = 50_000,
+) -> FeatureBatch:
+    """Features of an event log computed offline from an empty table, by the serving path:
+    each event is written as its Avro record, decoded by the columnar decoder and folded by
+    the same kernel, so training and serving cannot skew.
+    """
+    decoder = BatchDecoder(_OFFLINE_LIMITS)
+    encoder = Encoder(schemas.CLICK_EVENT)
+    featurizer = Featurizer(UserTable(history_length), session_gap_s, allowed_lateness_s)
+    batches: list[FeatureBatch] = []
+    log = list(events)
+    for first in range(0, len(log), chunk):
+        part = log[first : first + chunk]
+        records = [{name: getattr(event, name) for name in _RECORD_FIELDS} for event in part]
+        positions = np.array(
+            [(event.partition, event.offset, event.ingest_time) for event in part],
+            dtype=np.int64,
+        ).reshape(len(part), 3)
+        columns, rejected = decoder.decode_values(
+            [encoder.encode(record) for record in records],
+            [event.user_id.encode() for event in part],
+            positions,
+            0,
+        )
+        if rejected:
+            first_bad = rejected[0]
+            raise ValueError(f"event {first + first_bad.row} is not valid: {first_bad.error}")
+        _, features = featurizer.process(
+            columns, np.arange(len(part), dtype=np.int64), all_histories=all_histories
+        )
+        batches.append(features)
+    if not batches:
+        return featurizer.process(*_no_events(decoder), all_histories=all_histories)[1]
+    return FeatureBatch(
+        *(np.concatenate([getattr(b, name) for b in batches]) for name in _BATCH_FIELDS)
+    )
+
+
+def _no_events(decoder: BatchDecoder) -> tuple[EventColumns, np.ndarray]:
+    columns, _ = decoder.decode_values([], [], np.zeros((0, 3), dtype=np.int64), 0)
+    return columns, np.zeros(0, dtype=np.int64)
+
+
+# An offline log is replayed, not live: any event time is acceptable.
+_OFFLINE_LIMITS = LimitSettings(max_event_age_s=1e12, max_future_skew_s=1e12)
+_RECORD_FIELDS = tuple(field["name"] for field in schemas.raw(schemas.CLICK_EVENT)["fields"])
+_BATCH_FIELDS = ("numeric", "categorical", "history_items", "history_categories")
 
 
 class Featurizer:

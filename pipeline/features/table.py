@@ -55,7 +55,7 @@ class Columns:
     history_len: np.ndarray  # int32 (capacity,): entries used (two per event)
     items: np.ndarray  # int32 (capacity, MAX_SESSION_ITEMS)
     items_len: np.ndarray  # int32 (capacity,)
-    seen_hash: np.ndarray  # int64 (capacity, KINDS, MAX_SEEN)
+    seen_hash: np.ndarray  # uint32 (capacity, KINDS, MAX_SEEN): CRC-32 of the value
     seen_time: np.ndarray  # int64 (capacity, KINDS, MAX_SEEN)
     seen_len: np.ndarray  # int32 (capacity, KINDS)
     pending: np.ndarray  # bool (capacity,): allocated, initialised by its first event
@@ -66,26 +66,28 @@ class Columns:
 
     @classmethod
     def empty(cls, capacity: int, history_length: int) -> Columns:
-        """Arrays for `capacity` slots."""
+        """Zeroed arrays for `capacity` slots. Large zeroed arrays are calloc'ed, so memory is
+        taken only as slots are used: a slot's fields are set when it is first used.
+        """
         return cls(
-            ints=np.full((capacity, INT_SLOTS), NEVER, dtype=np.int64),
+            ints=np.zeros((capacity, INT_SLOTS), dtype=np.int64),
             floats=np.zeros((capacity, FLOAT_SLOTS), dtype=np.float64),
             history=np.zeros((capacity, 2 * history_length), dtype=np.int32),
             history_len=np.zeros(capacity, dtype=np.int32),
             items=np.zeros((capacity, MAX_SESSION_ITEMS), dtype=np.int32),
             items_len=np.zeros(capacity, dtype=np.int32),
-            seen_hash=np.zeros((capacity, KINDS, MAX_SEEN), dtype=np.int64),
+            seen_hash=np.zeros((capacity, KINDS, MAX_SEEN), dtype=np.uint32),
             seen_time=np.zeros((capacity, KINDS, MAX_SEEN), dtype=np.int64),
             seen_len=np.zeros((capacity, KINDS), dtype=np.int32),
             pending=np.zeros(capacity, dtype=np.bool_),
             changed=np.zeros(capacity, dtype=np.bool_),
-            prev=np.full(capacity, NO_SLOT, dtype=np.int32),
-            next=np.full(capacity, NO_SLOT, dtype=np.int32),
-            partition=np.full(capacity, NO_SLOT, dtype=np.int32),
+            prev=np.zeros(capacity, dtype=np.int32),  # set when the slot is first linked
+            next=np.zeros(capacity, dtype=np.int32),
+            partition=np.zeros(capacity, dtype=np.int32),
         )
 
     def grown(self, capacity: int) -> Columns:
-        """A copy with room for `capacity` slots."""
+        """A copy with room for `capacity` slots (its new slots zeroed, as `empty`'s)."""
         bigger = Columns.empty(capacity, self.history.shape[1] // 2)
         used = len(self.ints)
         for name in self.__dataclass_fields__:
@@ -113,13 +115,17 @@ class UserTable:
         ttl_s: float = float("inf"),
         capacity: int = 1024,
     ) -> None:
-        """An empty table; `history_length` bounds each user's recent item sequence."""
+        """An empty table; `history_length` bounds each user's recent item sequence. Size
+        `capacity` for the users a process holds (max_users plus a batch): it grows by
+        doubling past that, which copies the columns once.
+        """
         self.history_length = history_length
         self.max_users = max_users
         self._ttl_ms = ttl_s * 1000.0
         self.columns = Columns.empty(max(capacity, 2), history_length)
         self._keys: list[bytes | None] = [None] * len(self.columns.ints)
-        self._free = list(range(len(self._keys) - 1, SCRATCH, -1))  # pop() gives 1, 2, ...
+        self._unused = SCRATCH + 1  # slots from here on were never used
+        self._free: list[int] = []  # slots released since
         # partition -> key -> slot; its order is the order partitions were first seen.
         self._index: dict[int, dict[bytes, int]] = {}
         self._ends = np.full((0, 2), NO_SLOT, dtype=np.int32)  # per partition: LRU head, tail
@@ -163,12 +169,15 @@ class UserTable:
         return users
 
     def _allocate(self, partition: int, key: bytes) -> int:
-        if not self._free:
-            old = len(self._keys)
-            self.columns = self.columns.grown(2 * old)
-            self._keys.extend([None] * old)
-            self._free = list(range(2 * old - 1, old - 1, -1))
-        slot = self._free.pop()
+        if self._free:
+            slot = self._free.pop()
+        else:
+            if self._unused == len(self._keys):
+                old = len(self._keys)
+                self.columns = self.columns.grown(2 * old)
+                self._keys.extend([None] * old)
+            slot = self._unused
+            self._unused += 1
         self._keys[slot] = key
         self.columns.partition[slot] = partition
         return slot
@@ -265,33 +274,38 @@ class UserTable:
 
     def restore(self, partitions: list[int], keys: list[bytes], values: list[bytes | None]) -> None:
         """Apply changelog records in order (None deletes); later records win."""
-        ops = np.empty(len(keys), dtype=np.int64)  # slot to set, or -(slot + 1) to delete
+        # The one Python loop of a restore (the index is a dict): per record, its slot to
+        # set, or -(slot + 1) to delete. Records come in runs of one partition.
+        ops: list[int] = []
         deleted: list[int] = []
-        index = self._index
-        for i, (partition, key, value) in enumerate(zip(partitions, keys, values, strict=True)):
-            users = index.get(partition)
-            if users is None:
-                users = self._add_partition(partition)
+        index, allocate, append = self._index, self._allocate, ops.append
+        current, users = -1, {}
+        for partition, key, value in zip(partitions, keys, values, strict=True):
+            if partition != current:
+                current = partition
+                found = index.get(partition)
+                users = self._add_partition(partition) if found is None else found
             slot = users.get(key)
             if value is None:
-                ops[i] = NO_SLOT if slot is None else -(slot + 1)
+                append(NO_SLOT if slot is None else -(slot + 1))
                 if slot is not None:
                     del users[key]
                     self._keys[slot] = None
                     deleted.append(slot)
-                continue
-            if slot is None:
-                slot = users[key] = self._allocate(partition, key)
+            elif slot is None:
+                slot = users[key] = allocate(partition, key)
                 self._count += 1
-            ops[i] = slot
+                append(slot)
+            else:
+                append(slot)
         buffer = np.frombuffer(b"".join(v for v in values if v is not None), dtype=np.uint8)
         lengths = np.fromiter((len(v) for v in values if v is not None), dtype=np.int64)
         starts = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=starts[1:])
         c = self.columns
         bad = _restore(
-            ops, buffer, starts, c.ints, c.floats, c.history, c.history_len, c.items,
-            c.items_len, c.seen_hash, c.seen_time, c.seen_len, c.pending, c.changed, c.prev,
+            np.array(ops, dtype=np.int64), buffer, starts, c.ints, c.floats, c.history,
+            c.history_len, c.items, c.items_len, c.seen_hash, c.seen_time, c.seen_len, c.pending, c.changed, c.prev,
             c.next, c.partition, self._ends,
         )  # fmt: skip
         self._free.extend(deleted)  # only now: a slot must not be reused within the batch
@@ -328,10 +342,11 @@ class UserTable:
         return self._count
 
     def estimate_bytes(self) -> int:
-        """Bytes held by user states: the columns, plus each key and its index entry
-        (about 100 bytes of dict and bytes object overhead).
+        """Bytes held by user states: the slots used so far, plus each key and its index
+        entry (about 100 bytes of dict and bytes object overhead).
         """
-        return self.columns.nbytes() + sum(len(k) + 100 for k in self._keys if k is not None)
+        slot = self.columns.nbytes() // len(self._keys)
+        return slot * self._unused + sum(len(k) + 100 for k in self._keys if k is not None)
 
     def watermark(self, partition: int) -> int:
         """The newest event time seen in `partition`, or NEVER."""
@@ -529,7 +544,7 @@ def _encode(
             at = _put(buffer, at, items[s, k], 4)
         for kind in range(KINDS):
             for k in range(seen_len[s, kind]):
-                at = _put(buffer, at, seen_hash[s, kind, k], 8)
+                at = _put(buffer, at, int(seen_hash[s, kind, k]), 8)
                 at = _put(buffer, at, seen_time[s, kind, k], 8)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -319,18 +319,6 @@ def _categorical(event: ClickEvent) -> list[int]:
 
 def _since(t: int, then: int) -> float:
     return _LONG_AGO_S if then == NEVER else (t - then) / 1000.0
-
-
-def compute_features(
-    events: Iterable[ClickEvent],
-    history_length: int,
-    session_gap_s: float,
-    all_histories: bool = False,
-    allowed_lateness_s: float = float("inf"),
-) -> FeatureBatch:
-    """The reference: features of an event log computed offline from empty state."""
-    updater = FeatureUpdater(FeatureStore(history_length), session_gap_s, allowed_lateness_s)
-    return updater.process(list(events), all_histories=all_histories)
 
 
 def feature_digests(batch: FeatureBatch) -> list[str]:

@@ -2,14 +2,19 @@
 offsets; ExactlyOnce's handling of each transactional error class.
 """
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from pipeline.checkpoint import AtLeastOnce, ExactlyOnce, Rewind
+from pipeline.encode import Encoded
 from pipeline.features import FeatureStore
-from pipeline.scoring import Scored
 from pipeline.settings import TopicSettings
 from pipeline.sink import DeliveryError, Sink
+from tests.pipeline.columnar import columns_of
+from tests.pipeline.sample import click_record
 
 
 def error(retriable=False, abortable=False, fatal=False):
@@ -146,18 +151,12 @@ def at_least_once():
 def run_batch(checkpoint, store, partition, offset, user):
     """One batch of one event: the user's state changes, one output is produced."""
     store.get(partition, user, 1_000)
-    score = {"user_id": user, "event_id": f"e{offset}"}
+    columns = columns_of(click_record(user_id=user, event_id=f"e{offset}"))
+    scored = SimpleNamespace(rows=np.array([0]), ranked=np.array([], dtype=np.int64))
+    encoded = Encoded(b"e", [0, 1], b"", [0])  # outputs are opaque here
     checkpoint.begin_batch()
-    checkpoint.sink.publish(Scored([score], []), [])
+    checkpoint.sink.publish(columns, scored, encoded, [])
     checkpoint.end_batch([FakeMessage(partition, offset)], store.take_changes())
-
-
-@pytest.fixture(autouse=True)
-def plain_encoders(monkeypatch):
-    """Outputs are opaque here: encode them as their event id."""
-    monkeypatch.setattr(
-        "pipeline.sink.Encoder.encode", lambda self, record: record["event_id"].encode()
-    )
 
 
 def test_offsets_wait_for_outputs_then_state_without_blocking():
@@ -165,7 +164,7 @@ def test_offsets_wait_for_outputs_then_state_without_blocking():
     run_batch(checkpoint, store, partition=0, offset=7, user="u1")
     checkpoint.tick()
     assert consumer.commits == []
-    assert producer.produced == [("scores", "u1")]  # no state before its outputs are safe
+    assert producer.produced == [("scores", b"u1")]  # no state before its outputs are safe
 
     producer.ack("scores")
     checkpoint.tick()
@@ -217,7 +216,7 @@ def test_commit_waits_for_everything_and_commits_synchronously():
     run_batch(checkpoint, store, partition=2, offset=10, user="u3")
     checkpoint.commit()
     assert consumer.commits == [({2: 11}, False)]
-    assert producer.produced == [("scores", "u3"), (CHANGELOG, b"u3")]
+    assert producer.produced == [("scores", b"u3"), (CHANGELOG, b"u3")]
 
 
 def test_lost_partitions_are_neither_committed_nor_written_to_the_changelog():
@@ -227,7 +226,7 @@ def test_lost_partitions_are_neither_committed_nor_written_to_the_changelog():
     checkpoint.forget([TopicPartition("in", 1)])
     checkpoint.commit()
     assert consumer.commits == [({0: 8}, False)]
-    assert [key for topic, key in producer.produced if topic == CHANGELOG] == ["u1"]
+    assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1"]
 
 
 def test_revoked_partitions_are_committed_once_then_left_to_their_new_owner():

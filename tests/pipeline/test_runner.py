@@ -11,6 +11,7 @@ import pytest
 import schemas
 from pipeline.checkpoint import Rewind
 from pipeline.codec import Encoder
+from pipeline.decode import EVENT_ID
 from pipeline.features.state import OFFSET, SESSION_EVENTS, UserState
 from pipeline.runner import Backpressure, Pipeline, _inference_depth
 from pipeline.scoring import REASON_NAMES
@@ -90,8 +91,8 @@ class RecordingSink:
     def __init__(self):
         self.published = []
 
-    def publish(self, scored, dead, headers):
-        self.published.append([record["event_id"] for record in scored.fraud_scores])
+    def publish(self, columns, scored, encoded, dead, headers):
+        self.published.append([columns.text(row, EVENT_ID) for row in scored.rows.tolist()])
 
 
 class RecordingCheckpoint:
@@ -109,7 +110,7 @@ class RecordingCheckpoint:
         if self._rewind:
             self._rewind = False
             raise Rewind("aborted")
-        states = {c.user_id: UserState.from_bytes(c.value) for c in changes}
+        states = {c.key.decode(): UserState.from_bytes(c.value) for c in changes}
         self.ended.append(([m.offset() for m in messages], states))
 
 

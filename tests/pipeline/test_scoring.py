@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from engines.base import EngineError
-from pipeline.events import ClickEvent
-from pipeline.features import FeatureStore, FeatureUpdater
 from pipeline.features.spec import FRAUD_NUMERIC, feature_hash
 from pipeline.scoring import REASON_NAMES, InferenceThread, Scorer, infer
 from pipeline.settings import DecisionSettings, RankingSettings
+from tests.pipeline.columnar import featurised, fraud_records, recommendation_records
 from tests.pipeline.sample import click_record
 
 
@@ -58,44 +57,48 @@ def scorer(fraud):
     return Scorer(fraud, FakeRanking(), DecisionSettings(), RankingSettings(top_k=4))
 
 
+def score(current, columns, rows, features):
+    scored = current.score(columns, rows, features)
+    return fraud_records(columns, scored), recommendation_records(columns, scored)
+
+
 def test_every_candidate_is_scored_even_an_id_that_looks_like_padding():
-    events, features = events_and_features(click_record(event_id="a", candidates=[-1, 3]))
+    batch = featurised(click_record(event_id="a", candidates=[-1, 3]))
     scorer_all = Scorer(
         FakeFraud([0.1]), FakeRanking(), DecisionSettings(), RankingSettings(top_k=10)
     )
-    (rec,) = scorer_all.score(events, features).recommendations
+    _, (rec,) = score(scorer_all, *batch)
     assert sorted(item["item_id"] for item in rec["items"]) == [-1, 3]
 
 
-def events_and_features(*records):
-    events = [ClickEvent(**record) for record in records]
-    return events, FeatureUpdater(FeatureStore(5), 1800).process(events)
-
-
 def test_decisions_reasons_and_model_versions():
-    events, features = events_and_features(
+    batch = featurised(
         click_record(event_id="a"), click_record(event_id="b"), click_record(event_id="c")
     )
-    scored = scorer(FakeFraud([0.1, 0.6, 0.95])).score(events, features)
-    assert [r["decision"] for r in scored.fraud_scores] == ["allow", "review", "block"]
-    first = scored.fraud_scores[0]
+    fraud, recommendations = score(scorer(FakeFraud([0.1, 0.6, 0.95])), *batch)
+    assert [r["decision"] for r in fraud] == ["allow", "review", "block"]
+    first = fraud[0]
     assert first["reasons"] == [{"feature": "new_card", "contribution": 2.0}]  # only positive ones
     assert (first["model_name"], first["model_version"]) == ("fraud", "3")
-    assert scored.recommendations == []
+    assert [r["event_id"] for r in fraud] == ["a", "b", "c"]
+    assert recommendations == []
 
 
 def test_candidates_beyond_the_model_slots_are_chunked_and_ranked_together():
-    events, features = events_and_features(
+    batch = featurised(
         click_record(event_id="a", candidates=[5, 900, 7, 10**9, 42, -1]),
         click_record(event_id="b"),
+        click_record(event_id="c", candidates=[3, 3, 8]),
     )
-    scored = scorer(FakeFraud([0.1, 0.1])).score(events, features)
-    (rec,) = scored.recommendations
+    _, (rec, other) = score(scorer(FakeFraud([0.1, 0.1, 0.1])), *batch)
     ranked = [item["item_id"] for item in rec["items"]]
     # Known ids map to row id+2, unknown ones to row 1: 900 > 42 > 7 > 5 > unknown; top 4 kept.
     assert ranked == [900, 42, 7, 5]
     assert len(rec["items"]) == 4  # top_k of the six, -1 included as a candidate, not padding
     assert rec["event_id"] == "a" and rec["model_version"] == "7"
+    # Equal scores keep the list's order; a list shorter than top_k keeps all its items.
+    assert other["event_id"] == "c"
+    assert [item["item_id"] for item in other["items"]] == [8, 3, 3]
 
 
 def test_a_model_trained_on_other_features_is_refused():
@@ -104,30 +107,30 @@ def test_a_model_trained_on_other_features_is_refused():
 
 
 def test_swap_serves_the_new_version_from_the_next_batch_and_keeps_the_old_on_refusal():
-    events, features = events_and_features(click_record(event_id="a"))
+    batch = featurised(click_record(event_id="a"))
     current = scorer(FakeFraud([0.1, 0.1]))
     newer = FakeFraud([0.2] * 4)
     newer.version = "4"
     old = current.swap("fraud", newer)
     assert old.version == "3"
-    assert current.score(events, features).fraud_scores[0]["model_version"] == "4"
+    assert score(current, *batch)[0][0]["model_version"] == "4"
 
     with pytest.raises(EngineError, match="retrain or pin"):
         current.swap("fraud", FakeFraud([0.3], manifest_hash="other"))
     with pytest.raises(EngineError, match="lacks a ranking manifest field"):
         current.swap("ranking", FakeFraud([0.3]))
-    scored = current.score(events, features)
-    assert scored.fraud_scores[0]["model_version"] == "4"
+    assert score(current, *batch)[0][0]["model_version"] == "4"
 
 
 def test_a_batch_prepared_before_a_swap_is_scored_and_labelled_by_the_engine_it_was_prepared_for():
-    events, features = events_and_features(click_record(event_id="a"))
+    columns, rows, features = featurised(click_record(event_id="a"))
     current = scorer(FakeFraud([0.1]))
-    request = current.prepare(events, features)
+    request = current.prepare(columns, rows, features)
     newer = FakeFraud([0.99])
     newer.version = "4"
     current.swap("fraud", newer)
-    (record,) = current.shape(events, request, infer(request)).fraud_scores
+    scored = current.shape(columns, rows, request, infer(request))
+    (record,) = fraud_records(columns, scored)
     assert (record["model_version"], record["decision"]) == ("3", "allow")
     assert newer.calls == 0
 
@@ -153,7 +156,7 @@ def test_the_inference_thread_scores_in_submission_order_and_hands_back_engine_e
     fraud = SlowFraud([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], fail_on=3)
     current = scorer(fraud)
     thread = InferenceThread(depth)
-    batches = [events_and_features(click_record(event_id=str(i))) for i in range(4)]
+    batches = [featurised(click_record(event_id=str(i))) for i in range(4)]
     try:
         futures = [thread.submit(current.prepare(*batch)) for batch in batches]
         # Two rows per engine call and one per batch: calls 0, 1 and 2 score rows 0, 2 and 4.

@@ -7,8 +7,14 @@ import json
 import urllib.error
 import urllib.request
 
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
 from pipeline.kafka.broker import free_port
-from pipeline.telemetry import Telemetry
+from pipeline.telemetry import Telemetry, observe_many
 
 
 def status(port, path):
@@ -95,3 +101,25 @@ def test_gc_pauses_are_timed_only_while_watched():
     assert collections() == 2
     gc.collect()
     assert collections() == 2
+
+
+@given(
+    st.lists(st.floats(-1.0, 100.0) | st.sampled_from([0.0, 0.005, 0.01, 2.5, 1e9]), max_size=50)
+)
+def test_observe_many_equals_one_observe_per_value(values):
+    one, many = CollectorRegistry(), CollectorRegistry()
+    for registry in (one, many):
+        Histogram("h", "", buckets=(0.005, 0.01, 0.1, 2.5, 10.0), registry=registry)
+    single = one._names_to_collectors["h"]
+    for value in values:
+        single.observe(value)
+    observe_many(many._names_to_collectors["h"], np.asarray(values, dtype=np.float64))
+
+    def exposed(registry):  # buckets and count exactly; the sum in another order
+        lines = generate_latest(registry).decode().splitlines()
+        total = next(float(line.split()[1]) for line in lines if line.startswith("h_sum"))
+        return [line for line in lines if "_created" not in line and "_sum" not in line], total
+
+    (lines, total), (expected_lines, expected_total) = exposed(many), exposed(one)
+    assert lines == expected_lines
+    assert total == pytest.approx(expected_total)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from pipeline.bench.harness import CONFIGS, Plan
+from pipeline.bench.harness import CONFIGS, STAGES, Plan
 from pipeline.bench.report import PLOT_LATENCY, PLOT_SWEEP, PROFILE, latest, run_bench
 from pipeline.kafka.admin import admin_client
 
@@ -27,13 +27,19 @@ def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_p
     for name, entry in written["configs"].items():
         for key in REQUIRED:
             assert isinstance(entry[key], int | float), (name, key)
-        assert [point["fraction"] for point in entry["latency"]] == [0.25, 0.5, 0.75]
+        assert [p["fraction"] for p in entry["latency"] if not p["fixed"]] == [0.25, 0.5, 0.75]
+        fixed = [p["offered_eps"] for p in entry["latency"] if p["fixed"]]
+        assert fixed == ([300.0] if entry["throughput_eps"] > 300 else []), name
         assert entry["rss_mb"] > 0, name
         if name.startswith("streamscore"):
             # Each of these processed the whole backlog, and a read_committed consumer read
             # an output for every live event at every rate.
             assert entry["outputs_measured"] == Plan.smoke().events, name
             assert entry["throughput_eps"] > 0, name
+            # The stage table: every stage timed by the process itself, per event.
+            assert set(entry["stages_us"]) == set(STAGES), name
+            assert all(value >= 0 for value in entry["stages_us"].values()), name
+            assert entry["stages_us"]["decode"] > 0 and entry["stages_us"]["features"] > 0
             for point in entry["latency"]:
                 assert point["received"] == point["events"], (name, point)
                 assert not math.isnan(point["p99_ms"])
@@ -49,6 +55,7 @@ def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_p
     assert "run_pipeline" in (run_dir / PROFILE).read_text()
     report = (run_dir / "report.md").read_text()
     assert "| streamscore_alo_1p |" in report and PLOT_LATENCY in report
+    assert "## Stages (streamscore_alo_1p" in report
     # Every phase left the broker as it found it: no topic of this run remains.
     topics = admin_client(kafka_settings).list_topics(timeout=30).topics
     assert [name for name in topics if results["run"] in name] == []
