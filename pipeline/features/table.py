@@ -305,8 +305,8 @@ class UserTable:
         c = self.columns
         bad = _restore(
             np.array(ops, dtype=np.int64), buffer, starts, c.ints, c.floats, c.history,
-            c.history_len, c.items, c.items_len, c.seen_hash, c.seen_time, c.seen_len, c.pending, c.changed, c.prev,
-            c.next, c.partition, self._ends,
+            c.history_len, c.items, c.items_len, c.seen_hash, c.seen_time, c.seen_len,
+            c.pending, c.changed, c.prev, c.next, c.partition, self._ends,
         )  # fmt: skip
         self._free.extend(deleted)  # only now: a slot must not be reused within the batch
         self._count -= len(deleted)
