@@ -27,23 +27,10 @@ from numba import njit
 
 import schemas
 from pipeline.codec import DecodeError, Decoder, Encoder
-from pipeline.events import validate
+from pipeline.events import STRING_FIELDS, validate
 from pipeline.settings import LimitSettings
 
-# String fields, in the order validation checks their length (`events._STRING_FIELDS`).
-STRING_FIELDS = (
-    "event_id",
-    "user_id",
-    "session_id",
-    "currency",
-    "search_query",
-    "device_id",
-    "ip",
-    "country",
-    "user_agent",
-    "card_fingerprint",
-    "billing_country",
-)
+# Span columns: the string fields in the order validation checks their length.
 (
     EVENT_ID,
     USER_ID,

@@ -137,6 +137,31 @@ def _double(out: np.ndarray, at: int, value: float, scratch: np.ndarray) -> int:
 
 
 @njit(cache=True, nogil=True)
+def _head(
+    out: np.ndarray, at: int, header: np.ndarray, buf: np.ndarray, spans: np.ndarray, time: int
+) -> int:
+    """The wire header, then the fields both records start with: event_id, user_id (copied
+    from the input's spans) and event_time.
+    """
+    out[at : at + len(header)] = header
+    at += len(header)
+    at = _copy(out, at, buf, spans[EVENT_ID, 0], spans[EVENT_ID, 1])
+    at = _copy(out, at, buf, spans[USER_ID, 0], spans[USER_ID, 1])
+    return _long(out, at, time)
+
+
+@njit(cache=True, nogil=True)
+def _tail(
+    out: np.ndarray, at: int, model: np.ndarray, name_length: int, ingest: int, scored: int
+) -> int:
+    """The fields both records end with: model name and version, ingest and scored time."""
+    at = _copy(out, at, model, 0, name_length)
+    at = _copy(out, at, model, name_length, len(model) - name_length)
+    at = _long(out, at, ingest)
+    return _long(out, at, scored)
+
+
+@njit(cache=True, nogil=True)
 def _fraud_scores(
     out: np.ndarray,
     starts: np.ndarray,
@@ -162,11 +187,7 @@ def _fraud_scores(
     for i in range(len(rows)):
         row = rows[i]
         starts[i] = at
-        out[at : at + len(header)] = header
-        at += len(header)
-        at = _copy(out, at, buf, spans[row, EVENT_ID, 0], spans[row, EVENT_ID, 1])
-        at = _copy(out, at, buf, spans[row, USER_ID, 0], spans[row, USER_ID, 1])
-        at = _long(out, at, longs[row, TIME])
+        at = _head(out, at, header, buf, spans[row], longs[row, TIME])
         at = _double(out, at, np.float64(score[i]), scratch)
         at = _long(out, at, decision[i])
         count = reason_count[i]
@@ -176,12 +197,8 @@ def _fraud_scores(
                 j = reasons[i, k]
                 at = _copy(out, at, names, name_starts[j], name_starts[j + 1] - name_starts[j])
                 at = _double(out, at, np.float64(contributions[i, k]), scratch)
-        out[at] = 0
-        at += 1
-        at = _copy(out, at, model, 0, name_length)
-        at = _copy(out, at, model, name_length, len(model) - name_length)
-        at = _long(out, at, ingest_time[row])
-        at = _long(out, at, scored_time)
+        out[at] = 0  # the array's end
+        at = _tail(out, at + 1, model, name_length, ingest_time[row], scored_time)
     starts[len(rows)] = at
 
 
@@ -207,21 +224,13 @@ def _recommendations(
     for i in range(len(rows)):
         row = rows[i]
         starts[i] = at
-        out[at : at + len(header)] = header
-        at += len(header)
-        at = _copy(out, at, buf, spans[row, EVENT_ID, 0], spans[row, EVENT_ID, 1])
-        at = _copy(out, at, buf, spans[row, USER_ID, 0], spans[row, USER_ID, 1])
-        at = _long(out, at, longs[row, TIME])
+        at = _head(out, at, header, buf, spans[row], longs[row, TIME])
         count = item_count[i]
         if count > 0:
             at = _long(out, at, count)
             for k in range(count):
                 at = _long(out, at, items[i, k])
                 at = _double(out, at, np.float64(item_scores[i, k]), scratch)
-        out[at] = 0
-        at += 1
-        at = _copy(out, at, model, 0, name_length)
-        at = _copy(out, at, model, name_length, len(model) - name_length)
-        at = _long(out, at, ingest_time[row])
-        at = _long(out, at, scored_time)
+        out[at] = 0  # the array's end
+        at = _tail(out, at + 1, model, name_length, ingest_time[row], scored_time)
     starts[len(rows)] = at

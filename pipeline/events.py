@@ -10,7 +10,7 @@ from pipeline.codec import DecodeError
 from pipeline.settings import LimitSettings
 
 PAYMENT_EVENTS = frozenset({"begin_checkout", "purchase", "add_payment_method"})
-_STRING_FIELDS = (
+STRING_FIELDS = (
     "event_id",
     "user_id",
     "session_id",
@@ -86,7 +86,7 @@ def _check_identity(record: dict[str, Any], key: bytes | None) -> None:
 
 
 def _check_strings(record: dict[str, Any], limits: LimitSettings) -> None:
-    for name in _STRING_FIELDS:
+    for name in STRING_FIELDS:
         value = record[name]
         if value is not None and len(value) > limits.max_string_length:
             raise InvalidEvent(

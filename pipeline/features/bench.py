@@ -2,10 +2,10 @@
 
 Users are synthetic but full: L items of history, a session of 10 items, two devices and
 IPs, a country and a card, so the figures are for the largest state a user normally has.
-Memory is measured with tracemalloc over the user table (its columns, including the slack of
-its last doubling, the user ids and the index). A restored user and a live one take the
-same slot, so the two figures are one since the table replaced per-user objects. The
-restore rate is end to end: records written to a fresh compacted changelog on the broker,
+Memory is measured with tracemalloc over a user table sized for the users, as the runner
+sizes its table for `features.max_users` (its columns, the user ids and the index). A
+restored user and a live one take the same slot, so the two figures are one since the
+table replaced per-user objects. The restore rate is end to end: records written to a fresh compacted changelog on the broker,
 then read back into an empty table by the same code a rebalance runs.
 """
 
@@ -68,7 +68,7 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
     records = [(f"user-{i:09d}", full_user(rng, now, length).to_bytes()) for i in range(users)]
     partitions = settings.topics.partitions
 
-    restored = live = _measure(lambda table: _fill(table, records, partitions), length)
+    restored = live = _measure(lambda table: _fill(table, records, partitions), length, users)
 
     run = uuid.uuid4().hex[:10]
     topics = settings.topics.model_copy(update={"input": f"state-bench-{run}.in"})
@@ -86,7 +86,7 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
                 producer.poll(0.05)
     if producer.flush(120):
         raise RuntimeError("changelog records were not all acknowledged")
-    table = UserTable(length)
+    table = UserTable(length, capacity=users + 1)  # sized as the runner sizes it
     stats = restore(bench_settings, table, range(partitions))
     if stats.records != users or table.users() != users:
         raise RuntimeError(f"restored {stats.records} records for {users} users")
@@ -113,12 +113,12 @@ def _fill(table: UserTable, records: list[tuple[str, bytes]], partitions: int) -
         )
 
 
-def _measure(fill: Any, history_length: int) -> int:
+def _measure(fill: Any, history_length: int, users: int) -> int:
     """Bytes still allocated by a table after `fill` (the records list excluded)."""
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        table = UserTable(history_length)
+        table = UserTable(history_length, capacity=users + 1)
         fill(table)
         after = tracemalloc.get_traced_memory()[0]
     finally:
