@@ -5,8 +5,9 @@ IPs, a country and a card, so the figures are for the largest state a user norma
 Memory is measured with tracemalloc over a user table sized for the users, as the runner
 sizes its table for `features.max_users` (its columns, the user ids and the index). A
 restored user and a live one take the same slot, so the two figures are one since the
-table replaced per-user objects. The restore rate is end to end: records written to a fresh compacted changelog on the broker,
-then read back into an empty table by the same code a rebalance runs.
+table replaced per-user objects. The restore rate is end to end: records written to a fresh
+compacted changelog on the broker, then read back into an empty table by the same code a
+rebalance runs.
 """
 
 from __future__ import annotations
