@@ -43,6 +43,19 @@ class Rewind(Exception):
     """The batch in hand was rolled back: rewind state and input to the last commit."""
 
 
+Offsets = dict[tuple[str, int], int]  # (topic, partition) -> the next offset to consume
+
+
+def next_offsets(messages: list[Message]) -> Offsets:
+    """The offsets to commit after `messages` (those without an error), per partition."""
+    offsets: Offsets = {}
+    for message in messages:
+        if message.error() is None:
+            topic, partition, offset = position(message)
+            offsets[(topic, partition)] = max(offsets.get((topic, partition), 0), offset + 1)
+    return offsets
+
+
 class Checkpoint(Protocol):
     """How a delivery guarantee brackets batches and commits progress."""
 
@@ -52,9 +65,10 @@ class Checkpoint(Protocol):
         """Before the batch's outputs are produced."""
         ...
 
-    def end_batch(self, messages: list[Message], changes: list[StateChange]) -> None:
-        """After the batch's outputs are produced; `changes` are the changelog records of
-        the state as this batch left it. May raise Rewind.
+    def end_batch(self, offsets: Offsets, changes: list[StateChange]) -> None:
+        """After the batch's outputs are produced; `offsets` are the batch's next offsets
+        and `changes` the changelog records of the state as this batch left it. May raise
+        Rewind.
         """
         ...
 
@@ -105,15 +119,11 @@ class AtLeastOnce:
     def begin_batch(self) -> None:
         """Nothing to open."""
 
-    def end_batch(self, messages: list[Message], changes: list[StateChange]) -> None:
+    def end_batch(self, offsets: Offsets, changes: list[StateChange]) -> None:
         """Remember the batch's next offsets and `changes`, the state of the users it changed
         as the batch left it (written later, after these outputs are acknowledged).
         """
-        offsets = self._open.offsets
-        for message in messages:
-            if message.error() is None:
-                topic, partition, offset = position(message)
-                offsets[(topic, partition)] = offset + 1
+        self._open.offsets.update(offsets)
         newest = self._open.changes
         for change in changes:
             newest[(change.partition, change.key)] = change
@@ -233,13 +243,8 @@ class ExactlyOnce:
                 self._recover(exc)
             self._open = True
 
-    def end_batch(self, messages: list[Message], changes: list[StateChange]) -> None:
+    def end_batch(self, offsets: Offsets, changes: list[StateChange]) -> None:
         """Add `changes` and the offsets, then commit the transaction."""
-        offsets: dict[tuple[str, int], int] = {}
-        for message in messages:
-            if message.error() is None:
-                topic, partition, offset = position(message)
-                offsets[(topic, partition)] = offset + 1
         try:
             self.sink.publish_state(changes)
             if offsets:

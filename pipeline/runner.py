@@ -45,7 +45,7 @@ import schemas
 from engines.base import Engine, EngineError
 from engines.factory import load_engine
 from engines.reload import ModelWatcher
-from pipeline.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce, Rewind
+from pipeline.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce, Offsets, Rewind
 from pipeline.codec import Encoder
 from pipeline.decode import OK, BatchDecoder, EventColumns
 from pipeline.encode import OutputEncoder
@@ -456,7 +456,9 @@ class Pipeline:
         headers = self._debug_headers(batch, inference)
         checkpoint.begin_batch()
         checkpoint.sink.publish(batch.columns, scored, encoded, batch.dead, headers)
-        checkpoint.end_batch(batch.messages, batch.changes)
+        checkpoint.end_batch(
+            _next_offsets(self.settings.topics.input, batch.columns), batch.changes
+        )
         done = time.perf_counter()
         stage.labels("produce").observe(done - producing)
         stats = self.stats
@@ -536,6 +538,21 @@ class Pipeline:
         columns, rejected = self._decoder.decode(good, int(time.time() * 1000))
         dead = [dead_letter(good[r.row], r.error) for r in rejected]
         return columns, np.flatnonzero(columns.status == OK), dead
+
+
+def _next_offsets(topic: str, columns: EventColumns) -> Offsets:
+    """The batch's next offset per partition, from its offset column: a few numpy calls a
+    batch instead of reading every message's position.
+    """
+    if not len(columns):
+        return {}
+    order = np.lexsort((columns.offset, columns.partition))
+    partitions, offsets = columns.partition[order], columns.offset[order]
+    last = np.flatnonzero(np.diff(partitions, append=-1) != 0)  # each partition's highest
+    return {
+        (topic, partition): offset + 1
+        for partition, offset in zip(partitions[last].tolist(), offsets[last].tolist(), strict=True)
+    }
 
 
 def _inference_depth(settings: Settings, *engines: Engine) -> int:

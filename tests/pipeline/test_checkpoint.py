@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from pipeline.checkpoint import AtLeastOnce, ExactlyOnce, Rewind
+from pipeline.checkpoint import AtLeastOnce, ExactlyOnce, Rewind, next_offsets
 from pipeline.encode import Encoded
 from pipeline.features import FeatureStore
 from pipeline.settings import TopicSettings
@@ -156,7 +156,7 @@ def run_batch(checkpoint, store, partition, offset, user):
     encoded = Encoded(b"e", [0, 1], b"", [0])  # outputs are opaque here
     checkpoint.begin_batch()
     checkpoint.sink.publish(columns, scored, encoded, [])
-    checkpoint.end_batch([FakeMessage(partition, offset)], store.take_changes())
+    checkpoint.end_batch(next_offsets([FakeMessage(partition, offset)]), store.take_changes())
 
 
 def test_offsets_wait_for_outputs_then_state_without_blocking():
@@ -251,7 +251,7 @@ def test_a_retriable_commit_is_retried_until_it_succeeds():
     producer = FakeProducer([error(retriable=True)])
     checkpoint = checkpoint_with(producer)
     checkpoint.begin_batch()
-    checkpoint.end_batch([FakeMessage()], [])
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
     assert producer.calls == ["init", "begin", "offsets", "commit", "commit"]
 
 
@@ -260,7 +260,7 @@ def test_an_abortable_error_aborts_and_rewinds():
     checkpoint = checkpoint_with(producer)
     checkpoint.begin_batch()
     with pytest.raises(Rewind):
-        checkpoint.end_batch([FakeMessage()], [])
+        checkpoint.end_batch(next_offsets([FakeMessage()]), [])
     assert producer.calls[-1] == "abort"
     checkpoint.begin_batch()  # the next batch opens a new transaction on the same producer
     assert producer.calls[-1] == "begin"
@@ -271,8 +271,17 @@ def test_a_fatal_error_replaces_the_producer_and_rewinds():
     checkpoint = checkpoint_with(first, second)
     checkpoint.begin_batch()
     with pytest.raises(Rewind):
-        checkpoint.end_batch([FakeMessage()], [])
+        checkpoint.end_batch(next_offsets([FakeMessage()]), [])
     assert "abort" not in first.calls
     assert second.calls == ["init"]  # the new producer fences the old transactional id
     checkpoint.begin_batch()
     assert second.calls == ["init", "begin"]
+
+
+def test_next_offsets_skip_errors_and_keep_each_partitions_highest():
+    class Failed(FakeMessage):
+        def error(self):
+            return KafkaError(KafkaError._PARTITION_EOF)
+
+    messages = [FakeMessage(0, 4), FakeMessage(1, 9), FakeMessage(0, 5), Failed(0, 50)]
+    assert next_offsets(messages) == {("in", 0): 6, ("in", 1): 10}

@@ -13,9 +13,10 @@ from pipeline.checkpoint import Rewind
 from pipeline.codec import Encoder
 from pipeline.decode import EVENT_ID
 from pipeline.features.state import OFFSET, SESSION_EVENTS, UserState
-from pipeline.runner import Backpressure, Pipeline, _inference_depth
+from pipeline.runner import Backpressure, Pipeline, _inference_depth, _next_offsets
 from pipeline.scoring import REASON_NAMES
 from pipeline.settings import ProcessingSettings, Settings
+from tests.pipeline.columnar import columns_of
 from tests.pipeline.sample import click_record
 from tests.pipeline.test_scoring import FakeFraud, FakeRanking
 
@@ -106,12 +107,12 @@ class RecordingCheckpoint:
     def begin_batch(self):
         pass
 
-    def end_batch(self, messages, changes):
+    def end_batch(self, offsets, changes):
         if self._rewind:
             self._rewind = False
             raise Rewind("aborted")
         states = {c.key.decode(): UserState.from_bytes(c.value) for c in changes}
-        self.ended.append(([m.offset() for m in messages], states))
+        self.ended.append((offsets, states))
 
 
 def pipeline(depth):
@@ -139,7 +140,8 @@ def test_batches_in_flight_finish_in_order_each_with_the_state_it_left(depth):
         runner.close()
     assert checkpoint.sink.published == [["e0"], ["e1", "e2"]]
     (first_offsets, first), (second_offsets, second) = checkpoint.ended
-    assert (first_offsets, second_offsets) == ([0], [1, 2])
+    # One partition: the next offsets after each batch.
+    assert (first_offsets, second_offsets) == ({("clickstream", 0): 1}, {("clickstream", 0): 3})
     assert first["u1"].ints[OFFSET] == 0 and first["u1"].ints[SESSION_EVENTS] == 1
     assert set(first) == {"u1"}
     assert second["u1"].ints[OFFSET] == 1 and second["u1"].ints[SESSION_EVENTS] == 2
@@ -170,3 +172,12 @@ def test_inference_runs_on_its_own_thread_by_default_only_when_an_engine_is_on_a
     assert _inference_depth(unset, cpu, gpu) == 1
     explicit = Settings(processing=ProcessingSettings(inference_depth=2))
     assert _inference_depth(explicit, cpu, FakeRanking()) == 2
+
+
+def test_next_offsets_are_each_partitions_highest_plus_one():
+    records = [click_record(event_id=f"e{i}") for i in range(5)]
+    columns = columns_of(*records)
+    columns.partition[:] = [2, 0, 2, 0, 1]
+    columns.offset[:] = [10, 4, 11, 5, 7]
+    assert _next_offsets("t", columns) == {("t", 0): 6, ("t", 1): 8, ("t", 2): 12}
+    assert _next_offsets("t", columns_of()) == {}
