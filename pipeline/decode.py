@@ -136,11 +136,6 @@ class EventColumns:
     def __len__(self) -> int:
         return len(self.status)
 
-    @property
-    def event_time(self) -> np.ndarray:
-        """Event time, epoch milliseconds."""
-        return self.longs[:, TIME]
-
     def text(self, row: int, field: int) -> str | None:
         """String field `field` of `row` (tests, debugging; not used on the hot path)."""
         start, length = (int(x) for x in self.spans[row, field])

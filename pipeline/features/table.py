@@ -202,19 +202,6 @@ class UserTable:
         """Remember the slots a kernel newly flagged changed (`fold` returns them)."""
         self._changed.extend(slots.tolist())
 
-    def touch(self, slot: int, now_ms: int) -> None:
-        """What the store's `get` does besides returning the state: initialise a pending
-        user, make the user most recent, mark it changed and advance the watermark. Kernels
-        do this themselves; this is for code that works a user at a time.
-        """
-        c = self.columns
-        fresh = _touch(
-            slot, now_ms, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
-            c.pending, c.changed, c.prev, c.next, c.partition, self._ends, self._watermark,
-        )  # fmt: skip
-        if fresh:
-            self._changed.append(slot)
-
     def evict(self) -> None:
         """Drop idle users past the TTL, then the least recent above `max_users`."""
         order = np.fromiter(self._index, dtype=np.int64, count=len(self._index))
@@ -347,10 +334,6 @@ class UserTable:
         """
         slot = self.columns.nbytes() // len(self._keys)
         return slot * self._unused + sum(len(k) + 100 for k in self._keys if k is not None)
-
-    def watermark(self, partition: int) -> int:
-        """The newest event time seen in `partition`, or NEVER."""
-        return int(self._watermark[partition]) if partition in self._index else NEVER
 
     def recency(self, partition: int) -> list[bytes]:
         """The partition's keys, least recently updated first (tests)."""
