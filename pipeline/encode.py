@@ -18,6 +18,7 @@ import schemas
 from pipeline.codec import MAGIC_BYTE
 from pipeline.decode import EVENT_ID, TIME, USER_ID, EventColumns
 from pipeline.scoring import REASON_NAMES, Scored
+from schemas.catalog import Catalog, StaticCatalog
 
 _VARINT_MAX = 10  # bytes of the longest zig-zag varint
 
@@ -45,10 +46,11 @@ class Encoded:
 class OutputEncoder:
     """Writes FraudScore and Recommendation records of scored batches."""
 
-    def __init__(self) -> None:
-        """Frame with the schemas' current ids."""
-        self._fraud_header = _header(schemas.FRAUD_SCORE)
-        self._recommendation_header = _header(schemas.RECOMMENDATION)
+    def __init__(self, catalog: Catalog | None = None) -> None:
+        """Frame with the ids of `catalog` (default: the static catalog's)."""
+        catalog = catalog if catalog is not None else StaticCatalog()
+        self._fraud_header = _header(catalog.output_id(schemas.FRAUD_SCORE))
+        self._recommendation_header = _header(catalog.output_id(schemas.RECOMMENDATION))
 
     def encode(self, columns: EventColumns, scored: Scored) -> Encoded:
         """The records of `scored`, whose rows are rows of `columns`."""
@@ -100,8 +102,8 @@ class OutputEncoder:
         )
 
 
-def _header(schema_name: str) -> np.ndarray:
-    header = struct.pack(">bI", MAGIC_BYTE, schemas.CURRENT_ID[schema_name])
+def _header(schema_id: int) -> np.ndarray:
+    header = struct.pack(">bI", MAGIC_BYTE, schema_id)
     return np.frombuffer(header, dtype=np.uint8).copy()
 
 

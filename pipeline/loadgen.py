@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 import schemas
 from pipeline.codec import Encoder
 from pipeline.generator import ClickstreamGenerator, GeneratorConfig
-from pipeline.kafka.clients import producer_config
+from pipeline.kafka.clients import connect_catalog, producer_config, producer_outputs
 from pipeline.settings import ProduceSettings, Settings
 
 # Bytes a broken producer might send: not Avro, a wrong magic byte, a cut-off record.
@@ -65,7 +65,11 @@ def produce_clickstream(
     With `malformed_every` = N > 0, a malformed message follows every N-th event.
     """
     producer = Producer(producer_config(settings))
-    events, labels = Encoder(schemas.CLICK_EVENT), Encoder(schemas.FRAUD_LABEL)
+    # As a producer with a registry serializer: the schemas are registered under the input's
+    # and the labels' subjects, and the ids the registry gives frame the records.
+    catalog = connect_catalog(settings, producer_outputs(settings))
+    events = Encoder(schemas.CLICK_EVENT, catalog.output_id(schemas.CLICK_EVENT))
+    labels = Encoder(schemas.FRAUD_LABEL, catalog.output_id(schemas.FRAUD_LABEL))
     topics = settings.topics
     clock = LiveClock(settings.produce, config.seed) if live else None
     started = time.monotonic()

@@ -54,12 +54,18 @@ from pipeline.features.changelog import ensure_changelog, restore
 from pipeline.features.fold import Featurizer
 from pipeline.features.state import StateChange
 from pipeline.features.table import UserTable
-from pipeline.kafka.clients import consumer_config, producer_config
+from pipeline.kafka.clients import (
+    connect_catalog,
+    consumer_config,
+    pipeline_outputs,
+    producer_config,
+)
 from pipeline.logging import get_logger
 from pipeline.scoring import Inference, InferenceThread, Request, Scored, Scorer
 from pipeline.settings import LimitSettings, Settings
 from pipeline.sink import FEATURES_HEADER, TIMING_HEADER, Headers, Sink, dead_letter
 from pipeline.telemetry import Telemetry, observe_many
+from schemas.catalog import Catalog, RegistryUnavailable
 
 log = get_logger()
 
@@ -111,7 +117,8 @@ class _Batch:
 
 
 class Backpressure:
-    """Pauses fetching while too many outputs await acknowledgement; resumes at half.
+    """Pauses fetching while too many outputs await acknowledgement (resuming at half), and
+    while the input is held for an unavailable dependency (`hold` until `release`).
 
     The consumer keeps polling while paused, so it stays in its group.
     """
@@ -119,31 +126,86 @@ class Backpressure:
     def __init__(self, max_in_flight: int) -> None:
         """Pause above `max_in_flight` unacknowledged outputs."""
         self._limit = max_in_flight
+        self._over = False
+        self.held: str | None = None  # why the input is held, if it is
         self.paused = False
 
     def update(self, consumer: Consumer, in_flight: int) -> bool:
         """Pause or resume `consumer` for `in_flight`; True when it has just paused."""
-        if not self.paused and in_flight > self._limit:
+        if not self._over and in_flight > self._limit:
+            self._over = True
+            log.warning("input_paused", in_flight=in_flight, limit=self._limit)
+        elif self._over and in_flight <= self._limit // 2:
+            self._over = False
+            log.info("input_resumed", in_flight=in_flight)
+        return self._apply(consumer)
+
+    def hold(self, consumer: Consumer, reason: str) -> None:
+        """Pause `consumer` until `release`, whatever the outputs in flight."""
+        self.held = reason
+        self._apply(consumer)
+
+    def release(self, consumer: Consumer) -> None:
+        """End a `hold`; fetching resumes unless too many outputs are in flight."""
+        self.held = None
+        self._apply(consumer)
+
+    def _apply(self, consumer: Consumer) -> bool:
+        wanted = self._over or self.held is not None
+        if wanted and not self.paused:
             consumer.pause(consumer.assignment())
             self.paused = True
-            log.warning("input_paused", in_flight=in_flight, limit=self._limit)
             return True
-        if self.paused and in_flight <= self._limit // 2:
+        if not wanted and self.paused:
             consumer.resume(consumer.assignment())
             self.paused = False
-            log.info("input_resumed", in_flight=in_flight)
         return False
+
+
+class RegistryHold:
+    """When the next try is due after the schema registry did not answer: the first wait is
+    `backoff_s`, doubling to `max_s`, and a batch that decodes resets it.
+    """
+
+    def __init__(self, backoff_s: float, max_s: float) -> None:
+        """Wait `backoff_s` after the first failure, never more than `max_s`."""
+        self._first = self._next = backoff_s
+        self._max = max_s
+        self.retry_at = 0.0
+
+    def failed(self) -> float:
+        """A try failed: schedule the next; return the wait."""
+        wait = self._next
+        self.retry_at = time.monotonic() + wait
+        self._next = min(2 * wait, self._max)
+        return wait
+
+    def succeeded(self) -> None:
+        """A batch decoded: the next outage starts from the first wait again."""
+        self._next = self._first
+
+    def due(self) -> bool:
+        """Whether the wait is over."""
+        return time.monotonic() >= self.retry_at
 
 
 class Pipeline:
     """One consumer-group member and everything it owns."""
 
-    def __init__(self, settings: Settings, fraud: Engine, ranking: Engine) -> None:
-        """Wire the stages; Kafka clients are created by `run`."""
+    def __init__(
+        self, settings: Settings, fraud: Engine, ranking: Engine, catalog: Catalog
+    ) -> None:
+        """Wire the stages; Kafka clients are created by `run`. `catalog` frames the outputs
+        and resolves input writer ids (`kafka.clients.connect_catalog`).
+        """
         self.settings = settings
         self.stats = RunStats()
         features = settings.features
-        self._decoder = BatchDecoder(settings.limits)
+        self._decoder = BatchDecoder(settings.limits, catalog)
+        self._dead_letter_id = catalog.output_id(schemas.DEAD_LETTER)
+        registry = settings.schema_registry
+        self._gate = Backpressure(settings.processing.max_in_flight)
+        self._registry_hold = RegistryHold(registry.retry_backoff_s, registry.retry_backoff_max_s)
         # Room for max_users and one batch of new ones before eviction (up to 2M slots are
         # reserved at once: untouched slots take no memory; past that the table doubles).
         capacity = min(features.max_users, 2**21) + settings.consumer.max_batch + 1
@@ -151,7 +213,7 @@ class Pipeline:
             features.history_length, features.max_users, features.ttl_s, capacity
         )
         self._updater = Featurizer(self.store, features.session_gap_s, features.allowed_lateness_s)
-        self._encoder = OutputEncoder()
+        self._encoder = OutputEncoder(catalog)
         self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
         self._watcher = ModelWatcher(
             settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
@@ -193,7 +255,7 @@ class Pipeline:
             checkpoint = self._checkpoint(consumer, changelog)
             stack.callback(checkpoint.close)
             self._subscribe(consumer, checkpoint)
-            backpressure = Backpressure(self.settings.processing.max_in_flight)
+            backpressure = self._gate
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
             depth = self._inference.depth
@@ -210,12 +272,19 @@ class Pipeline:
                         raise Rewind(self._rewind_due)  # these messages are read again
                     if messages:
                         in_flight.append(self._prepare(messages))
+                        self._registry_hold.succeeded()
+                    elif backpressure.held is not None and self._registry_hold.due():
+                        backpressure.release(consumer)  # try again: the batch is read anew
+                        telemetry.held(None)
+                        log.info("input_released", reason="retrying the schema registry")
                     while len(in_flight) > depth or (in_flight and not messages):
                         self._finish(in_flight.popleft(), checkpoint)
                     self._swap_reloaded_models(checkpoint)
                 except Rewind as rewind:
                     self._discard()
                     self._rewind(consumer, str(rewind))
+                except RegistryUnavailable as outage:
+                    self._hold_input(consumer, messages, outage)
                 unacked = checkpoint.sink.in_flight()
                 if backpressure.update(consumer, unacked):
                     self.stats.pauses += 1
@@ -246,6 +315,33 @@ class Pipeline:
         """
         wait_for([batch.inference for batch in self._in_flight])
         self._in_flight.clear()
+
+    def _hold_input(
+        self, consumer: Consumer, messages: list[Message], outage: RegistryUnavailable
+    ) -> None:
+        """The registry did not answer a lookup this batch needs: the batch changed nothing
+        (decode comes first), so put it back (each of its partitions seeks to its first
+        offset in it), pause the input and report not-ready until the next try is due.
+        Batches already prepared finish as usual. Nothing is dead-lettered for an outage.
+        """
+        first: dict[tuple[str, int], int] = {}
+        for message in messages:
+            if message.error() is None:
+                where = (message.topic() or "", message.partition() or 0)
+                offset = message.offset() or 0
+                first[where] = min(offset, first.get(where, offset))
+        for (topic, partition), offset in first.items():
+            consumer.seek(TopicPartition(topic, partition, offset))
+        wait = self._registry_hold.failed()
+        self._gate.hold(consumer, "schema_registry")
+        self.telemetry.held(outage.cause)
+        log.warning(
+            "input_held",
+            reason=str(outage),
+            cause=outage.cause,
+            retry_in_s=wait,
+            partitions=sorted(partition for _, partition in first),
+        )
 
     def _settle(self, checkpoint: Checkpoint) -> None:
         """In a rebalance callback: finish the batches in flight while their partitions are
@@ -287,7 +383,7 @@ class Pipeline:
             return Producer(config | {"error_cb": _on_client_error})
 
         if settings.processing.guarantee == "at_least_once":
-            sink = Sink(make_producer(), topics, changelog)
+            sink = Sink(make_producer(), topics, changelog, self._dead_letter_id)
             return AtLeastOnce(consumer, sink, settings.checkpoint.interval_ms)
         # One id per process instance: stable under static membership, fresh otherwise
         # (fencing across restarts comes from the group generation, KIP-447).
@@ -296,7 +392,7 @@ class Pipeline:
         return ExactlyOnce(
             consumer,
             lambda: make_producer(transactional_id),
-            lambda producer: Sink(producer, topics, changelog),
+            lambda producer: Sink(producer, topics, changelog, self._dead_letter_id),
         )
 
     def _swap_reloaded_models(self, checkpoint: Checkpoint) -> None:
@@ -374,11 +470,13 @@ class Pipeline:
             )
 
     def _subscribe(self, consumer: Consumer, checkpoint: Checkpoint) -> None:
-        def on_assign(_: Consumer, partitions: list[TopicPartition]) -> None:
+        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             numbers = [tp.partition for tp in partitions]
             log.info("partitions_assigned", partitions=numbers)
             self.telemetry.rebalances.labels(kind="assign").inc()
             self._restore(numbers)
+            if self._gate.paused:  # a held or backed-up input stays paused on new partitions
+                consumer.pause(partitions)
             self.telemetry.joined()
 
         def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
@@ -534,8 +632,8 @@ class Pipeline:
                 good.append(message)
             else:
                 _raise_if_fatal(error, message)
-        self.stats.consumed += len(good)
         columns, rejected = self._decoder.decode(good, int(time.time() * 1000))
+        self.stats.consumed += len(good)  # after decode: a held batch is consumed again
         dead = [dead_letter(good[r.row], r.error) for r in rejected]
         return columns, np.flatnonzero(columns.status == OK), dead
 
@@ -634,15 +732,21 @@ def warm_kernels() -> float:
 def run_pipeline(
     settings: Settings, stop: threading.Event, stats_file: Path | None = None
 ) -> RunStats:
-    """Warm the kernels, load the engines, run until `stop`, close everything, optionally
-    write stats.
+    """Warm the kernels, register the output schemas, load the engines, run until `stop`,
+    close everything, optionally write stats.
     """
     log.info("kernels_warm", seconds=round(warm_kernels(), 3))
+    catalog = connect_catalog(
+        settings,
+        pipeline_outputs(settings),
+        lambda outage: log.warning("schema_registry_waiting", reason=str(outage)),
+    )
+    log.info("schema_catalog", **catalog.describe())
     fraud_pin, ranking_pin = settings.engine.pins()
     fraud = load_engine(fraud_pin, settings.engine)
     ranking = load_engine(ranking_pin, settings.engine)
     try:
-        pipeline = Pipeline(settings, fraud, ranking)
+        pipeline = Pipeline(settings, fraud, ranking, catalog)
     except BaseException:
         fraud.close()
         ranking.close()

@@ -3,7 +3,8 @@
 Precedence, highest first: constructor arguments (the CLI), `STREAMSCORE_*` environment
 variables (nested with `__`, e.g. `STREAMSCORE_CONSUMER__MAX_BATCH=1000`), the TOML file named
 by `--config` or `STREAMSCORE_CONFIG`, then the defaults below. `KAFKA_BOOTSTRAP_SERVERS`, when
-set, names an existing cluster. A bad value fails at start with the dotted setting name.
+set, names an existing cluster, and `SCHEMA_REGISTRY_URL` an existing registry (empty: the
+static catalog). A bad value fails at start with the dotted setting name.
 """
 
 from __future__ import annotations
@@ -96,6 +97,90 @@ class KafkaSettings(_Frozen):
         if self.ssl_ca_location is not None:
             config["ssl.ca.location"] = str(self.ssl_ca_location)
         return config | self.extra
+
+
+DEFAULT_REGISTRY_URL = "http://127.0.0.1:8081/apis/ccompat/v7"
+
+
+class SchemaRegistrySettings(_Frozen):
+    """The Confluent-compatible schema registry that assigns wire ids (`make demo` and the
+    tests start Apicurio on the default URL). An empty `url` is the static mode: ids come
+    from the fixed catalog in `schemas`, for a deployment without a registry.
+    """
+
+    url: str = Field(
+        default=DEFAULT_REGISTRY_URL,
+        description="Base URL of the Confluent API (Apicurio: `.../apis/ccompat/v7`); "
+        "empty for the static catalog.",
+    )
+    basic_auth_user: str | None = None
+    basic_auth_password: SecretStr | None = None
+    basic_auth_password_file: Path | None = Field(
+        default=None, description="Read the basic-auth password from this file (a Secret)."
+    )
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    timeout_s: PositiveFloat = Field(
+        default=5.0, description="Per request: the client's own default is no timeout."
+    )
+    retry_backoff_s: PositiveFloat = Field(
+        default=1.0, description="First wait after the registry did not answer; doubles."
+    )
+    retry_backoff_max_s: PositiveFloat = 30.0
+    startup_timeout_s: PositiveFloat = Field(
+        default=120.0, description="How long start-up retries registering the output schemas."
+    )
+    compatibility: Literal[
+        "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL",
+        "FULL_TRANSITIVE", "NONE",
+    ] = "BACKWARD"  # fmt: skip
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.basic_auth_password is not None and self.basic_auth_password_file is not None:
+            raise ValueError("set basic_auth_password or basic_auth_password_file, not both")
+        password_file = self.basic_auth_password_file
+        if password_file is not None and not password_file.is_file():
+            raise ValueError(f"basic_auth_password_file {password_file} does not exist")
+        has_password = self.basic_auth_password or self.basic_auth_password_file
+        if bool(self.basic_auth_user) != bool(has_password):
+            raise ValueError("basic_auth_user and a basic-auth password go together")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} is not an http(s) URL")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """False in the static mode."""
+        return bool(self.url)
+
+    def client_config(self) -> dict[str, Any]:
+        """`SchemaRegistryClient` configuration (the password revealed here only). The
+        client retries once; longer outages are the pipeline's to wait out.
+        """
+        config: dict[str, Any] = {
+            "url": self.url,
+            "timeout": self.timeout_s,
+            "max.retries": 1,
+            "retries.wait.ms": 200,
+            "retries.max.wait.ms": 1000,
+        }
+        password = None
+        if self.basic_auth_password is not None:
+            password = self.basic_auth_password.get_secret_value()
+        elif self.basic_auth_password_file is not None:
+            password = self.basic_auth_password_file.read_text().strip()
+        if self.basic_auth_user and password is not None:
+            config["basic.auth.user.info"] = f"{self.basic_auth_user}:{password}"
+        for key, path in (
+            ("ssl.ca.location", self.ssl_ca_location),
+            ("ssl.certificate.location", self.ssl_certificate_location),
+            ("ssl.key.location", self.ssl_key_location),
+        ):
+            if path is not None:
+                config[key] = str(path)
+        return config
 
 
 class TopicSettings(_Frozen):
@@ -334,6 +419,7 @@ class Settings(BaseSettings):
     )
 
     kafka: KafkaSettings = KafkaSettings()
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
     topics: TopicSettings = TopicSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
@@ -371,6 +457,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for section, value in settings.model_dump(mode="json").items():
         if section == "kafka" and settings.kafka.sasl_password is not None:
             value["sasl_password"] = settings.kafka.sasl_password.get_secret_value()
+        registry_password = settings.schema_registry.basic_auth_password
+        if section == "schema_registry" and registry_password is not None:
+            value["basic_auth_password"] = registry_password.get_secret_value()
         env[f"STREAMSCORE_{section.upper()}"] = (
             value if isinstance(value, str) else json.dumps(value)
         )
@@ -393,6 +482,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if bootstrap and "STREAMSCORE_KAFKA__BOOTSTRAP_SERVERS" not in os.environ:
         overrides.setdefault("kafka", {}).setdefault("bootstrap_servers", bootstrap)
+    registry = os.environ.get("SCHEMA_REGISTRY_URL")
+    if registry is not None and "STREAMSCORE_SCHEMA_REGISTRY__URL" not in os.environ:
+        overrides.setdefault("schema_registry", {}).setdefault("url", registry)
     try:
         return settings_cls(**overrides)
     except ValidationError as exc:

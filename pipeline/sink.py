@@ -67,12 +67,20 @@ class Sink:
     changelog records to the changelog partition of their input partition.
     """
 
-    def __init__(self, producer: Producer, topics: TopicSettings, changelog: str) -> None:
-        """Write to the topics named in `topics` and to `changelog` through `producer`."""
+    def __init__(
+        self,
+        producer: Producer,
+        topics: TopicSettings,
+        changelog: str,
+        dead_letter_id: int | None = None,
+    ) -> None:
+        """Write to the topics named in `topics` and to `changelog` through `producer`;
+        dead letters are framed with `dead_letter_id` (default: the static catalog's).
+        """
         self._producer = producer
         self._topics = topics
         self._changelog = changelog
-        self._dead_letter = Encoder(schemas.DEAD_LETTER)
+        self._dead_letter = Encoder(schemas.DEAD_LETTER, dead_letter_id)
         self._failures: list[str] = []
         self._outputs = Unacked(self._failures)
 

@@ -3,7 +3,8 @@
 prometheus-client serves metrics but has no health endpoints, so the small HTTP handler
 here is hand-written: `/metrics` renders the registry, `/healthz` is 200 while the consume
 loop has beaten within `telemetry.liveness_timeout_s`, and `/readyz` is 200 only once the
-engines are loaded, the group is joined and no state restore is running.
+engines are loaded, the group is joined, no state restore is running and the input is not
+held for an outage of the schema registry.
 
 Consumer lag per partition comes from librdkafka's statistics (`statistics.interval.ms`),
 so it costs no extra requests to the broker.
@@ -118,12 +119,25 @@ class Telemetry:
             buckets=_STAGE_BUCKETS,
             registry=registry,
         )
+        self.registry_unavailable = Counter(
+            "streamscore_schema_registry_unavailable",
+            "Times the schema registry did not answer a lookup the input needed, by cause; "
+            "the input is held (paused, not dead-lettered) until it answers.",
+            ["cause"],
+            registry=registry,
+        )
+        self.input_held = Gauge(
+            "streamscore_input_held",
+            "1 while the input is paused for an unavailable dependency.",
+            registry=registry,
+        )
         self._gc_started = 0.0
         self._liveness_timeout_s = liveness_timeout_s
         self._beat = time.monotonic()
         self._engines_loaded = False
         self._joined = False
         self._restoring = 0
+        self._held = False
         self._server: ThreadingHTTPServer | None = None
 
     # -- health --------------------------------------------------------------------------
@@ -144,13 +158,26 @@ class Telemetry:
         """A state restore began or ended."""
         self._restoring += 1 if started else -1
 
+    def held(self, cause: str | None) -> None:
+        """The input is held for an unavailable dependency (`cause`), or no longer (None)."""
+        self._held = cause is not None
+        self.input_held.set(1 if self._held else 0)
+        if cause is not None:
+            self.registry_unavailable.labels(cause=cause).inc()
+
     def alive(self) -> bool:
         """Whether the loop beat recently."""
         return time.monotonic() - self._beat <= self._liveness_timeout_s
 
     def ready(self) -> bool:
-        """Engines loaded, group joined, no restore running, and alive."""
-        return self._engines_loaded and self._joined and self._restoring == 0 and self.alive()
+        """Engines loaded, group joined, no restore running, input not held, and alive."""
+        return (
+            self._engines_loaded
+            and self._joined
+            and self._restoring == 0
+            and not self._held
+            and self.alive()
+        )
 
     # -- garbage collector ---------------------------------------------------------------
 

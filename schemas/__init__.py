@@ -1,9 +1,10 @@
-"""Avro schemas of streamscore's topics and the catalog that gives each one a wire id.
+"""Avro schemas of streamscore's topics, and the fixed catalog of the static mode.
 
 Messages use the Confluent wire format (magic byte 0, a 4-byte big-endian schema id, then the
-Avro body) so that Schema Registry-aware tools can read them. No registry runs here, so the
-ids come from this fixed catalog. A new schema version is a new `.avsc` file with a new id; a
-reader resolves any known writer id against its own (newest) schema.
+Avro body). With a schema registry (`schemas.registry`, the default) the registry assigns the
+ids. Without one (the static mode) they come from the fixed catalog below: a new schema
+version is a new `.avsc` file with a new id. Either way a reader resolves a known writer id
+against its own (newest) schema.
 """
 
 from __future__ import annotations
@@ -67,8 +68,13 @@ def _without_logical_types(node: Any) -> Any:
     return node
 
 
+def parse(schema: dict[str, Any]) -> Any:
+    """`schema` (JSON) parsed for fastavro, timestamps kept as epoch-millisecond ints."""
+    return parse_schema(_without_logical_types(schema))
+
+
 def _parse(stem: str) -> Any:
-    return parse_schema(_without_logical_types(raw(stem)))
+    return parse(raw(stem))
 
 
 @cache

@@ -12,6 +12,7 @@ import pytest
 from engines.train import TrainConfig, train_all
 from pipeline.kafka.admin import create_topics
 from pipeline.kafka.broker import REPO_ROOT, LocalBroker, free_port
+from pipeline.kafka.registry import LocalRegistry
 from pipeline.settings import Settings, load_settings
 
 TINY_TRAINING = TrainConfig(events=20_000, users=300, max_epochs=2, seed=3)
@@ -70,6 +71,42 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
         checkpoint={"interval_ms": 200},
         engine={"model_dir": str(model_dir), "backend": "onnxruntime"},
         telemetry={"port": 0},  # tests that probe it choose a free port
+        schema_registry={"url": ""},  # static ids; the registry's tests use registry_settings
     )
     create_topics(settings)
     return settings
+
+
+@pytest.fixture(scope="session")
+def schema_registry(
+    tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str
+) -> Iterator[LocalRegistry | None]:
+    """The session's Apicurio registry on free ports, storing into the session's broker;
+    None when SCHEMA_REGISTRY_URL names an existing one.
+    """
+    if os.environ.get("SCHEMA_REGISTRY_URL"):
+        yield None
+        return
+    registry = LocalRegistry(
+        home=tmp_path_factory.mktemp("registry"),
+        app_home=REPO_ROOT / "var" / "registry" / "app",
+        bootstrap=kafka_bootstrap,
+        port=free_port(),
+        management_port=free_port(),
+        journal_topic=f"_apicurio.journal.{uuid.uuid4().hex[:8]}",
+    )
+    registry.up()
+    yield registry
+    registry.down()
+
+
+@pytest.fixture
+def registry_settings(kafka_settings: Settings, schema_registry: LocalRegistry | None) -> Settings:
+    """`kafka_settings` with the registry: SCHEMA_REGISTRY_URL or the session's. Short
+    timeouts and backoff, so that an outage is seen and outlived quickly.
+    """
+    url = os.environ.get("SCHEMA_REGISTRY_URL") or schema_registry.url  # type: ignore[union-attr]
+    registry = kafka_settings.schema_registry.model_copy(
+        update={"url": url, "timeout_s": 2.0, "retry_backoff_s": 0.5, "retry_backoff_max_s": 2.0}
+    )
+    return kafka_settings.model_copy(update={"schema_registry": registry})

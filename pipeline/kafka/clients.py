@@ -1,8 +1,16 @@
-"""librdkafka configurations of the pipeline's consumer and producer."""
+"""Client configurations of the pipeline: librdkafka's consumer and producer, and the schema
+catalog (a registry, or the static catalog) that frames and resolves their records.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
+
+import schemas
 from pipeline.settings import Settings
+from schemas.catalog import Catalog, RegistryUnavailable, StaticCatalog
+from schemas.registry import RegistryCatalog
 
 
 def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
@@ -44,3 +52,58 @@ def producer_config(
         config["transactional.id"] = transactional_id
         config["transaction.timeout.ms"] = settings.processing.transaction_timeout_ms
     return config
+
+
+def pipeline_outputs(settings: Settings) -> dict[str, str]:
+    """Schema name → topic of every record type the pipeline writes."""
+    topics = settings.topics
+    return {
+        schemas.FRAUD_SCORE: topics.fraud_scores,
+        schemas.RECOMMENDATION: topics.recommendations,
+        schemas.DEAD_LETTER: topics.dead_letter,
+    }
+
+
+def producer_outputs(settings: Settings) -> dict[str, str]:
+    """Schema name → topic of what a clickstream producer (the generator) writes."""
+    return {schemas.CLICK_EVENT: settings.topics.input, schemas.FRAUD_LABEL: settings.topics.labels}
+
+
+def connect_catalog(
+    settings: Settings,
+    outputs: Mapping[str, str],
+    on_wait: Callable[[RegistryUnavailable], None] = lambda _: None,
+) -> Catalog:
+    """The catalog of `settings`: static, or the registry with `outputs` (schema name →
+    topic) registered under their TopicNameStrategy subjects. A registry that does not
+    answer is retried with backoff for `schema_registry.startup_timeout_s` (calling
+    `on_wait` before each wait); a refused schema (IncompatibleSchema) fails at once.
+    """
+    registry = settings.schema_registry
+    if not registry.enabled:
+        return StaticCatalog()
+    catalog = RegistryCatalog(registry.client_config(), outputs, registry.compatibility)
+    deadline = time.monotonic() + registry.startup_timeout_s
+    backoff = registry.retry_backoff_s
+    while True:
+        try:
+            catalog.register_outputs()
+            return catalog
+        except RegistryUnavailable as exc:
+            if time.monotonic() + backoff > deadline:
+                raise RegistryUnavailable(
+                    exc.cause,
+                    f"no usable registry at {registry.url} within "
+                    f"{registry.startup_timeout_s:.0f} s (schema_registry.startup_timeout_s)",
+                ) from exc
+            on_wait(exc)
+            time.sleep(backoff)
+            backoff = min(2 * backoff, registry.retry_backoff_max_s)
+
+
+def reading_catalog(settings: Settings) -> Catalog:
+    """A catalog for reading records back (the demo, tests): it registers nothing."""
+    registry = settings.schema_registry
+    if not registry.enabled:
+        return StaticCatalog()
+    return RegistryCatalog(registry.client_config(), {}, registry.compatibility)

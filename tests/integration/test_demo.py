@@ -10,10 +10,10 @@ from pipeline import demo
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_demo_summary_accounts_for_every_event(kafka_settings, tmp_path, monkeypatch):
+def test_demo_summary_accounts_for_every_event(registry_settings, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo")
     summary = demo.run_demo(
-        kafka_settings, events=3000, rate=3000, users=100, console=Console(quiet=True)
+        registry_settings, events=3000, rate=3000, users=100, console=Console(quiet=True)
     )
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
@@ -23,3 +23,8 @@ def test_demo_summary_accounts_for_every_event(kafka_settings, tmp_path, monkeyp
     assert summary["dead_lettered"] == 3
     for key in ("throughput_eps", "latency_p50_ms", "latency_p99_ms", "fraud_pr_auc"):
         assert summary[key] is not None and summary[key] > 0
+    registry = summary["schema_registry"]
+    assert registry["url"] == registry_settings.schema_registry.url
+    topics = summary["topics"]
+    assert set(registry["subjects"]) == {f"{topic}-value" for topic in topics.values()}
+    assert all(v["id"] > 0 for versions in registry["subjects"].values() for v in versions)

@@ -128,6 +128,7 @@ def secure_settings(bootstrap, ca, model_dir, password_file):
         checkpoint={"interval_ms": 200},
         engine={"model_dir": str(model_dir), "backend": "onnxruntime"},
         telemetry={"port": free_port()},
+        schema_registry={"url": ""},
         log_format="json",
     )
 

@@ -31,7 +31,8 @@ def test_header_is_confluent_wire_format():
         (b"\x00\x00", "decode.truncated"),
         (b"\x05\x00\x00\x00\x01abc", "decode.bad_magic_byte"),
         (b"\x00\x00\x00\x03\xe7abc", "decode.unknown_schema_id"),
-        (b"\x00\x00\x00\x00\x02abc", "decode.unknown_schema_id"),  # a FraudScore id on the input
+        # A FraudScore id on the input: a writer that cannot be read as a ClickEvent.
+        (b"\x00\x00\x00\x00\x02abc", "decode.incompatible_schema"),
     ],
 )
 def test_bad_framing_has_its_reason(payload, kind):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 import struct
 from dataclasses import dataclass
 
+import fastavro
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +26,7 @@ from pipeline.decode import (
 from pipeline.events import validate
 from pipeline.features import spec
 from pipeline.settings import LimitSettings
+from schemas.catalog import RegistryUnavailable, UnknownSchemaId, Writer, canonical
 from tests.pipeline.sample import NOW_MS, click_record
 
 LIMITS = LimitSettings(max_string_length=40, max_candidates=30)
@@ -214,3 +218,67 @@ def test_an_empty_batch():
     columns, rejected = BatchDecoder(LIMITS).decode([], NOW_MS)
     assert len(columns) == 0 and rejected == []
     assert columns.candidate_start.tolist() == [0]
+
+
+class FakeCatalog:
+    """Registry ids as a dict: 40 and 41 are the reader schema (two subjects), 42 a newer
+    writer with one more field, and 43 a registry that does not answer.
+    """
+
+    def __init__(self) -> None:
+        reader = schemas.raw(schemas.CLICK_EVENT)
+        newer = dict(reader, fields=[*reader["fields"], {"name": "referrer", "type": "string"}])
+        self.schemas = {40: reader, 41: reader, 42: newer}
+
+    def output_id(self, name: str) -> int:
+        raise KeyError(name)
+
+    def writer(self, schema_id: int) -> Writer:
+        if schema_id == 43:
+            raise RegistryUnavailable("timeout", "no answer")
+        if schema_id not in self.schemas:
+            raise UnknownSchemaId(f"{schema_id}")
+        schema = self.schemas[schema_id]
+        return Writer(schema_id, schemas.parse(schema), canonical(schema))
+
+    def describe(self) -> dict[str, object]:
+        return {}
+
+
+def framed(schema_id: int, record: dict[str, object], schema: dict[str, object]) -> bytes:
+    body = io.BytesIO()
+    body.write(struct.pack(">bI", 0, schema_id))
+    fastavro.schemaless_writer(body, schemas.parse(schema), record)
+    return body.getvalue()
+
+
+def test_registry_ids_of_the_reader_schema_are_learned_and_others_resolved():
+    catalog = FakeCatalog()
+    decoder = BatchDecoder(LimitSettings(), catalog)
+    record = click_record(candidates=[3])
+    newer = dict(record, referrer="r")
+    batch = [
+        Message(framed(40, record, catalog.schemas[40]), b"u1"),
+        Message(framed(42, newer, catalog.schemas[42]), b"u1", 1),
+        Message(framed(44, record, catalog.schemas[40]), b"u1", 2),
+        Message(framed(41, record, catalog.schemas[41]), b"u1", 3),
+    ]
+    columns, rejected = decoder.decode(batch, NOW_MS)
+    assert [(r.row, r.error.kind) for r in rejected] == [(2, "decode.unknown_schema_id")]
+    assert row_record(columns, 0) == record == row_record(columns, 1) == row_record(columns, 3)
+    # 40 and 41 write the reader schema: the kernel takes them from now on; 42 never.
+    assert sorted(decoder._reader_ids.tolist()) == [40, 41]
+    again, _ = decoder.decode(batch[:1] + batch[3:], NOW_MS)
+    assert again.status.tolist() == [OK, OK]
+
+
+def test_a_registry_that_does_not_answer_is_raised_not_dead_lettered():
+    catalog = FakeCatalog()
+    decoder = BatchDecoder(LimitSettings(), catalog)
+    record = click_record()
+    batch = [
+        Message(framed(40, record, catalog.schemas[40]), b"u1"),
+        Message(framed(43, record, catalog.schemas[40]), b"u1", 1),
+    ]
+    with pytest.raises(RegistryUnavailable, match="timeout"):
+        decoder.decode(batch, NOW_MS)

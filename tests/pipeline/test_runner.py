@@ -13,9 +13,16 @@ from pipeline.checkpoint import Rewind
 from pipeline.codec import Encoder
 from pipeline.decode import EVENT_ID
 from pipeline.features.state import OFFSET, SESSION_EVENTS, UserState
-from pipeline.runner import Backpressure, Pipeline, _inference_depth, _next_offsets
+from pipeline.runner import (
+    Backpressure,
+    Pipeline,
+    RegistryHold,
+    _inference_depth,
+    _next_offsets,
+)
 from pipeline.scoring import REASON_NAMES
 from pipeline.settings import ProcessingSettings, Settings
+from schemas.catalog import StaticCatalog
 from tests.pipeline.columnar import columns_of
 from tests.pipeline.sample import click_record
 from tests.pipeline.test_scoring import FakeFraud, FakeRanking
@@ -43,6 +50,26 @@ def test_pauses_above_the_limit_and_resumes_at_half():
         assert backpressure.update(consumer, in_flight) is just_paused
     assert consumer.calls == [("pause", ["p0", "p1"]), ("resume", ["p0", "p1"])]
     assert not backpressure.paused
+
+
+def test_a_hold_pauses_whatever_is_in_flight_and_backpressure_never_lifts_it():
+    consumer = FakeConsumer()
+    gate = Backpressure(max_in_flight=100)
+    gate.hold(consumer, "schema_registry")
+    assert gate.paused and consumer.calls == [("pause", ["p0", "p1"])]
+    gate.update(consumer, 101)
+    gate.update(consumer, 0)  # below half: backpressure alone would resume here
+    assert gate.paused and len(consumer.calls) == 1
+    gate.release(consumer)
+    assert not gate.paused and consumer.calls[-1] == ("resume", ["p0", "p1"])
+
+
+def test_registry_retries_back_off_doubling_to_the_cap_and_reset_after_a_batch():
+    hold = RegistryHold(backoff_s=0.5, max_s=2.0)
+    assert [hold.failed() for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
+    assert not hold.due()
+    hold.succeeded()
+    assert hold.failed() == 0.5
 
 
 # --- batches in flight ----------------------------------------------------------------------
@@ -117,7 +144,7 @@ class RecordingCheckpoint:
 
 def pipeline(depth):
     settings = Settings(processing=ProcessingSettings(inference_depth=depth))
-    return Pipeline(settings, ConstantFraud([]), FakeRanking())
+    return Pipeline(settings, ConstantFraud([]), FakeRanking(), StaticCatalog())
 
 
 def event_message(offset, user="u1"):

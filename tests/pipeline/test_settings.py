@@ -77,3 +77,35 @@ def test_the_password_can_come_from_a_mounted_file_but_not_from_two_places(tmp_p
         load_settings(kafka={"sasl_password_file": str(secret), "sasl_password": "x"})
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(kafka={"sasl_password_file": str(tmp_path / "missing")})
+
+
+def test_the_registry_password_comes_from_a_file_and_never_shows(tmp_path, monkeypatch):
+    secret = tmp_path / "registry-password"
+    secret.write_text("registry-secret\n")
+    settings = load_settings(
+        schema_registry={
+            "url": "https://registry.test/apis/ccompat/v7",
+            "basic_auth_user": "streamscore",
+            "basic_auth_password_file": str(secret),
+            "ssl_ca_location": str(secret),
+        }
+    )
+    config = settings.schema_registry.client_config()
+    assert config["basic.auth.user.info"] == "streamscore:registry-secret"
+    assert config["ssl.ca.location"] == str(secret) and config["timeout"] > 0
+    assert "registry-secret" not in repr(settings)
+    monkeypatch.setenv("SCHEMA_REGISTRY_URL", "")
+    assert not load_settings().schema_registry.enabled  # the static mode
+
+
+@pytest.mark.parametrize(
+    "registry",
+    [
+        {"url": "registry:8081"},
+        {"url": "http://r", "basic_auth_user": "u"},
+        {"url": "http://r", "basic_auth_password": "p"},
+    ],
+)
+def test_a_bad_registry_setting_is_named(registry):
+    with pytest.raises(SettingsError, match="schema_registry"):
+        load_settings(schema_registry=registry)
