@@ -64,7 +64,18 @@ from pipeline.features.state import (
     SESSION_VIEWS,
     WINDOWS,
 )
-from pipeline.features.table import KINDS, SCRATCH, UserTable, _touch
+from pipeline.features.table import (
+    KINDS,
+    SCRATCH,
+    UserTable,
+    Var,
+    _touch,
+    hashes_of,
+    history_of,
+    items_of,
+    promote,
+    times_of,
+)
 from pipeline.features.updater import FeatureBatch, log_columns
 from pipeline.settings import LimitSettings
 
@@ -206,14 +217,14 @@ class Featurizer:
         hist_items = np.full((n, length), -1, dtype=np.int64)
         hist_cats = np.full((n, length), -1, dtype=np.int64)
         newly = np.empty(n, dtype=np.int64)
+        table.pool.reserve(n)  # each event moves at most its own user to the pool
         late, flagged = _fold(
             columns.buffer, columns.spans, columns.longs, columns.reals, columns.present,
             columns.candidate_start, columns.offset, kept, slots, all_histories, self._gap_ms,
-            self._lateness_ms, c.ints, c.floats, c.history, c.history_len, c.items,
-            c.items_len, c.seen_hash, c.seen_time, c.seen_len, c.pending, c.changed, c.prev,
-            c.next, c.partition, table.ends, table.watermarks, numeric, categorical,
-            hist_items, hist_cats, newly, _CRC, _WORD_BYTES, _WORD_START, _WORD_CLASS,
-            _PRECEDENCE, _DECAY_MS,
+            self._lateness_ms, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
+            table.var(), c.pending, c.changed, c.prev, c.next, c.partition, table.ends,
+            table.watermarks, numeric, categorical, hist_items, hist_cats, newly, _CRC,
+            _WORD_BYTES, _WORD_START, _WORD_CLASS, _PRECEDENCE, _DECAY_MS,
         )  # fmt: skip
         table.mark_changed(newly[:flagged])
         self.late += late
@@ -314,23 +325,29 @@ def _copy_slot(
     target: int,
     ints: np.ndarray,
     floats: np.ndarray,
-    history: np.ndarray,
     history_len: np.ndarray,
-    items: np.ndarray,
     items_len: np.ndarray,
-    seen_hash: np.ndarray,
-    seen_time: np.ndarray,
     seen_len: np.ndarray,
+    v: Var,
 ) -> None:
+    """Copy a user into the scratch slot (`target`, which always works in a pool row)."""
     ints[target] = ints[source]
     floats[target] = floats[source]
-    history[target] = history[source]
     history_len[target] = history_len[source]
-    items[target] = items[source]
     items_len[target] = items_len[source]
-    seen_hash[target] = seen_hash[source]
-    seen_time[target] = seen_time[source]
     seen_len[target] = seen_len[source]
+    history, to_history = history_of(source, v), history_of(target, v)
+    for k in range(history_len[source]):
+        to_history[k] = history[k]
+    items, to_items = items_of(source, v), items_of(target, v)
+    for k in range(items_len[source]):
+        to_items[k] = items[k]
+    hashes, to_hashes = hashes_of(source, v), hashes_of(target, v)
+    times, to_times = times_of(source, v), times_of(target, v)
+    for kind in range(KINDS):
+        for k in range(seen_len[source, kind]):
+            to_hashes[kind, k] = hashes[kind, k]
+            to_times[kind, k] = times[kind, k]
 
 
 @njit(cache=True, nogil=True)
@@ -349,13 +366,10 @@ def _fold(
     lateness_ms: float,
     ints: np.ndarray,
     floats: np.ndarray,
-    history: np.ndarray,
     history_len: np.ndarray,
-    items: np.ndarray,
     items_len: np.ndarray,
-    seen_hash: np.ndarray,
-    seen_time: np.ndarray,
     seen_len: np.ndarray,
+    v: Var,
     pending: np.ndarray,
     changed: np.ndarray,
     prev: np.ndarray,
@@ -398,9 +412,10 @@ def _fold(
         n_candidates = candidate_start[row + 1] - candidate_start[row]
         pairs = history_len[s] // 2
         if (all_histories or n_candidates > 0) and pairs > 0:
+            history = history_of(s, v)
             for k in range(pairs):
-                hist_items[r, length - pairs + k] = history[s, 2 * k]
-                hist_cats[r, length - pairs + k] = history[s, 2 * k + 1]
+                hist_items[r, length - pairs + k] = history[2 * k]
+                hist_cats[r, length - pairs + k] = history[2 * k + 1]
         for kind, field in enumerate((DEVICE_ID, IP, COUNTRY, CARD_FINGERPRINT)):
             size = spans[row, field, 1]
             hashes[kind] = -1 if size < 0 else crc32(buf, spans[row, field, 0], size, crc)
@@ -415,15 +430,12 @@ def _fold(
         last = ints[s, LAST_TIME]
         if last != NEVER and t < last - lateness_ms:  # late: scored, state unchanged
             late += 1
-            _copy_slot(
-                s, SCRATCH, ints, floats, history, history_len, items, items_len, seen_hash,
-                seen_time, seen_len,
-            )  # fmt: skip
+            _copy_slot(s, SCRATCH, ints, floats, history_len, items_len, seen_len, v)
             target = SCRATCH
         _update(
             target, t, longs[row], reals[row], present[row], hashes, nonempty, mismatch,
-            gap_ms, ints, floats, history, history_len, items, items_len, seen_hash,
-            seen_time, seen_len, numeric[r], decay_ms, novelty, weights,
+            gap_ms, ints, floats, history_len, items_len, seen_len, v, numeric[r], decay_ms,
+            novelty, weights,
         )  # fmt: skip
         if offsets[row] > ints[s, OFFSET]:
             ints[s, OFFSET] = offsets[row]
@@ -457,13 +469,10 @@ def _update(
     gap_ms: float,
     ints: np.ndarray,
     floats: np.ndarray,
-    history: np.ndarray,
     history_len: np.ndarray,
-    items: np.ndarray,
     items_len: np.ndarray,
-    seen_hash: np.ndarray,
-    seen_time: np.ndarray,
     seen_len: np.ndarray,
+    v: Var,
     out: np.ndarray,
     decay_ms: np.ndarray,
     novelty: np.ndarray,
@@ -479,13 +488,14 @@ def _update(
         for i in range(4):
             floats[s, SESSION_NOVELTY + i] = 0.0
     novelty[:] = 0.0
+    seen_hash = hashes_of(s, v)
     for kind in range(KINDS):
         h = hashes[kind]
         if first or h < 0:
             continue
         known = False
         for k in range(seen_len[s, kind]):
-            if seen_hash[s, kind, k] == h:
+            if seen_hash[kind, k] == h:
                 known = True
                 break
         if not known:
@@ -564,25 +574,33 @@ def _update(
         item = _int32(longs[ITEM])
         n_items = items_len[s]
         if n_items < MAX_SESSION_ITEMS:
+            items = items_of(s, v)
             known = False
             for k in range(n_items):
-                if items[s, k] == item:
+                if items[k] == item:
                     known = True
                     break
             if not known:
-                items[s, n_items] = item
+                if n_items == len(items):  # its inline room is full
+                    promote(s, v, history_len, items_len, seen_len)
+                    items = items_of(s, v)
+                items[n_items] = item
                 items_len[s] = n_items + 1
+        history = history_of(s, v)
         n = history_len[s]
-        if n == history.shape[1]:  # full: drop the oldest pair
+        if n == len(history) and n < v.pool_history.shape[1]:  # inline room full
+            promote(s, v, history_len, items_len, seen_len)
+            history = history_of(s, v)
+        if n == len(history):  # full: drop the oldest pair
             for k in range(n - 2):
-                history[s, k] = history[s, k + 2]
+                history[k] = history[k + 2]
             n -= 2
-        history[s, n] = item
-        history[s, n + 1] = _int32(longs[CATEGORY]) if present[HAS_CATEGORY] else -1
+        history[n] = item
+        history[n + 1] = _int32(longs[CATEGORY]) if present[HAS_CATEGORY] else -1
         history_len[s] = n + 2
     for kind in range(KINDS):
         if nonempty[kind]:
-            _remember(s, kind, hashes[kind], t, seen_hash, seen_time, seen_len)
+            _remember(s, kind, hashes[kind], t, v, history_len, items_len, seen_len)
     # the row, in FRAUD_NUMERIC order
     out[0] = amount
     out[1] = reals[PRICE] if present[HAS_PRICE] and reals[PRICE] != 0.0 else 0.0
@@ -604,10 +622,11 @@ def _update(
     column += 2 * WINDOWS
     out[column] = floats[s, AMOUNT_1H]
     column += 1
+    seen_time = times_of(s, v)
     for kind in _DISTINCT_ORDER:
         count = 0
         for k in range(seen_len[s, kind]):
-            if t - seen_time[s, kind, k] <= _HOUR_MS:
+            if t - seen_time[kind, k] <= _HOUR_MS:
                 count += 1
         out[column] = count
         column += 1
@@ -625,31 +644,36 @@ def _remember(
     kind: int,
     h: int,
     t: int,
-    seen_hash: np.ndarray,
-    seen_time: np.ndarray,
+    v: Var,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
     seen_len: np.ndarray,
 ) -> None:
     """`updater._remember`: record hash `h` seen at `t`; with MAX_SEEN + 1 values, drop the
     first of the longest unseen (which may be the new one).
     """
+    seen_hash, seen_time = hashes_of(s, v), times_of(s, v)
     n = seen_len[s, kind]
     for k in range(n):
-        if seen_hash[s, kind, k] == h:
-            seen_time[s, kind, k] = max(seen_time[s, kind, k], t)
+        if seen_hash[kind, k] == h:
+            seen_time[kind, k] = max(seen_time[kind, k], t)
             return
     if n < MAX_SEEN:
-        seen_hash[s, kind, n] = h
-        seen_time[s, kind, n] = t
+        if n == seen_hash.shape[1]:  # its inline room is full
+            promote(s, v, history_len, items_len, seen_len)
+            seen_hash, seen_time = hashes_of(s, v), times_of(s, v)
+        seen_hash[kind, n] = h
+        seen_time[kind, n] = t
         seen_len[s, kind] = n + 1
         return
     oldest = 0
     for k in range(1, n):
-        if seen_time[s, kind, k] < seen_time[s, kind, oldest]:
+        if seen_time[kind, k] < seen_time[kind, oldest]:
             oldest = k
-    if t < seen_time[s, kind, oldest]:
+    if t < seen_time[kind, oldest]:
         return  # the new value is the oldest: appended and dropped at once
     for k in range(oldest, n - 1):
-        seen_hash[s, kind, k] = seen_hash[s, kind, k + 1]
-        seen_time[s, kind, k] = seen_time[s, kind, k + 1]
-    seen_hash[s, kind, n - 1] = h
-    seen_time[s, kind, n - 1] = t
+        seen_hash[kind, k] = seen_hash[kind, k + 1]
+        seen_time[kind, k] = seen_time[kind, k + 1]
+    seen_hash[kind, n - 1] = h
+    seen_time[kind, n - 1] = t

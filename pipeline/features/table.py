@@ -4,11 +4,16 @@ readable reference, and the changelog bytes are the same (`UserState.to_bytes`),
 changelog written by either restores into the other.
 
 Each slot holds the int64 and float64 slots of `state` (times, counts, decayed counters,
-affinities), the recent (item, category) history as an int32 ring of `2 * history_length`
-entries kept oldest first, the session's distinct items (up to MAX_SESSION_ITEMS), and per
-seen kind (device, IP, country, card) up to MAX_SEEN (hash, last seen) pairs in arrival
-order. A user costs the same bytes whatever their activity, and there is no Python object
-per user except the key bytes and their slot in the index.
+affinities) and three variable-length parts: the recent (item, category) history, kept
+oldest first, up to `2 * history_length` entries; the session's distinct items (up to
+MAX_SESSION_ITEMS); and per seen kind (device, IP, country, card) up to MAX_SEEN (hash, last
+seen) pairs in arrival order. The variable parts are two-tier, as a small-string
+optimisation is: a slot has room inline for a few of each (INLINE_EVENTS events,
+INLINE_ITEMS items, INLINE_SEEN values per kind), which is all that most users ever use, and
+a user who outgrows any of them moves all three to a full-size row of the `Pool` (`big`
+names it). A slot costs about 500 bytes and a pool row about 1.4 KB, against 1.7 KB for one
+full-size slot per user (README, Performance). There is no Python object per user except the
+key bytes and their entry in the index.
 
 Least-recently-updated order, which eviction follows, is a doubly linked list through the
 slots of each partition, as `FeatureStore`'s OrderedDicts are. Slot 0 is never a user's: it
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -39,6 +45,9 @@ from pipeline.features.state import (
 )
 
 KINDS = len(SEEN_KINDS)
+INLINE_EVENTS = 8  # history events a slot holds before its user moves to a pool row
+INLINE_ITEMS = 8
+INLINE_SEEN = 2  # values per seen kind
 _HEADER = struct.Struct(f"<B{INT_SLOTS}q{FLOAT_SLOTS}d6H")
 HEADER_BYTES = _HEADER.size
 NO_SLOT = -1
@@ -51,13 +60,14 @@ class Columns:
 
     ints: np.ndarray  # int64 (capacity, INT_SLOTS)
     floats: np.ndarray  # float64 (capacity, FLOAT_SLOTS)
-    history: np.ndarray  # int32 (capacity, 2 * history_length): item, category, ...
+    history: np.ndarray  # int32 (capacity, inline history entries): item, category, ...
     history_len: np.ndarray  # int32 (capacity,): entries used (two per event)
-    items: np.ndarray  # int32 (capacity, MAX_SESSION_ITEMS)
+    items: np.ndarray  # int32 (capacity, INLINE_ITEMS)
     items_len: np.ndarray  # int32 (capacity,)
-    seen_hash: np.ndarray  # uint32 (capacity, KINDS, MAX_SEEN): CRC-32 of the value
-    seen_time: np.ndarray  # int64 (capacity, KINDS, MAX_SEEN)
+    seen_hash: np.ndarray  # uint32 (capacity, KINDS, INLINE_SEEN): CRC-32 of the value
+    seen_time: np.ndarray  # int64 (capacity, KINDS, INLINE_SEEN)
     seen_len: np.ndarray  # int32 (capacity, KINDS)
+    big: np.ndarray  # int32 (capacity,): the slot's pool row + 1; 0 while inline
     pending: np.ndarray  # bool (capacity,): allocated, initialised by its first event
     changed: np.ndarray  # bool (capacity,): a changelog record is due
     prev: np.ndarray  # int32 (capacity,): LRU links within the slot's partition
@@ -65,20 +75,22 @@ class Columns:
     partition: np.ndarray  # int32 (capacity,)
 
     @classmethod
-    def empty(cls, capacity: int, history_length: int) -> Columns:
-        """Zeroed arrays for `capacity` slots. Large zeroed arrays are calloc'ed, so memory is
-        taken only as slots are used: a slot's fields are set when it is first used.
+    def empty(cls, capacity: int, history_width: int) -> Columns:
+        """Zeroed arrays for `capacity` slots with `history_width` inline history entries.
+        Large zeroed arrays are calloc'ed, so memory is taken only as slots are used: a
+        slot's fields are set when it is first used.
         """
         return cls(
             ints=np.zeros((capacity, INT_SLOTS), dtype=np.int64),
             floats=np.zeros((capacity, FLOAT_SLOTS), dtype=np.float64),
-            history=np.zeros((capacity, 2 * history_length), dtype=np.int32),
+            history=np.zeros((capacity, history_width), dtype=np.int32),
             history_len=np.zeros(capacity, dtype=np.int32),
-            items=np.zeros((capacity, MAX_SESSION_ITEMS), dtype=np.int32),
+            items=np.zeros((capacity, min(INLINE_ITEMS, MAX_SESSION_ITEMS)), dtype=np.int32),
             items_len=np.zeros(capacity, dtype=np.int32),
-            seen_hash=np.zeros((capacity, KINDS, MAX_SEEN), dtype=np.uint32),
-            seen_time=np.zeros((capacity, KINDS, MAX_SEEN), dtype=np.int64),
+            seen_hash=np.zeros((capacity, KINDS, min(INLINE_SEEN, MAX_SEEN)), dtype=np.uint32),
+            seen_time=np.zeros((capacity, KINDS, min(INLINE_SEEN, MAX_SEEN)), dtype=np.int64),
             seen_len=np.zeros((capacity, KINDS), dtype=np.int32),
+            big=np.zeros(capacity, dtype=np.int32),
             pending=np.zeros(capacity, dtype=np.bool_),
             changed=np.zeros(capacity, dtype=np.bool_),
             prev=np.zeros(capacity, dtype=np.int32),  # set when the slot is first linked
@@ -88,7 +100,7 @@ class Columns:
 
     def grown(self, capacity: int) -> Columns:
         """A copy with room for `capacity` slots (its new slots zeroed, as `empty`'s)."""
-        bigger = Columns.empty(capacity, self.history.shape[1] // 2)
+        bigger = Columns.empty(capacity, self.history.shape[1])
         used = len(self.ints)
         for name in self.__dataclass_fields__:
             getattr(bigger, name)[:used] = getattr(self, name)
@@ -97,6 +109,84 @@ class Columns:
     def nbytes(self) -> int:
         """Bytes held by the arrays."""
         return sum(getattr(self, name).nbytes for name in self.__dataclass_fields__)
+
+
+@dataclass(slots=True)
+class Pool:
+    """Full-size rows for the variable parts of users who outgrew their slot's inline room.
+    Row 0 belongs to the scratch slot; the free rows are a stack, `free[:top[0]]`, which
+    kernels pop (`promote`), so `reserve` must leave enough before each kernel.
+    """
+
+    history: np.ndarray  # int32 (rows, 2 * history_length)
+    items: np.ndarray  # int32 (rows, MAX_SESSION_ITEMS)
+    seen_hash: np.ndarray  # uint32 (rows, KINDS, MAX_SEEN)
+    seen_time: np.ndarray  # int64 (rows, KINDS, MAX_SEEN)
+    free: np.ndarray  # int32 (rows,): free rows, the next one to take last
+    top: np.ndarray  # int64 (1,): how many of `free` are free
+
+    @classmethod
+    def empty(cls, rows: int, history_length: int) -> Pool:
+        """`rows` zeroed rows (calloc'ed, as the slots), all but row 0 free."""
+        return cls(
+            history=np.zeros((rows, 2 * history_length), dtype=np.int32),
+            items=np.zeros((rows, MAX_SESSION_ITEMS), dtype=np.int32),
+            seen_hash=np.zeros((rows, KINDS, MAX_SEEN), dtype=np.uint32),
+            seen_time=np.zeros((rows, KINDS, MAX_SEEN), dtype=np.int64),
+            free=np.arange(rows - 1, -1, -1, dtype=np.int32),
+            top=np.array([rows - 1], dtype=np.int64),
+        )
+
+    def reserve(self, rows: int) -> None:
+        """Make sure `rows` rows are free, doubling the pool when they are not."""
+        free = int(self.top[0])
+        if free >= rows:
+            return
+        old = len(self.free)
+        size = max(2 * old, old + rows - free)
+        for name in ("history", "items", "seen_hash", "seen_time"):
+            array = getattr(self, name)
+            grown = np.zeros((size, *array.shape[1:]), dtype=array.dtype)
+            grown[:old] = array
+            setattr(self, name, grown)
+        stack = np.empty(size, dtype=np.int32)
+        stack[:free] = self.free[:free]
+        stack[free : free + size - old] = np.arange(size - 1, old - 1, -1, dtype=np.int32)
+        self.free = stack
+        self.top[0] = free + size - old
+
+    def release(self, rows: np.ndarray) -> None:
+        """Return `rows` to the free stack."""
+        top = int(self.top[0])
+        self.free[top : top + len(rows)] = rows
+        self.top[0] = top + len(rows)
+
+    def used(self) -> int:
+        """Rows in use (the scratch slot's included)."""
+        return len(self.free) - int(self.top[0])
+
+    def row_bytes(self) -> int:
+        """Bytes of one row."""
+        arrays = (self.history, self.items, self.seen_hash, self.seen_time, self.free)
+        return sum(a.nbytes // len(a) for a in arrays)
+
+
+class Var(NamedTuple):
+    """The variable parts of every slot, inline and pooled, as kernels take them (numba
+    reads a NamedTuple's fields as typed arguments).
+    """
+
+    history: np.ndarray
+    items: np.ndarray
+    seen_hash: np.ndarray
+    seen_time: np.ndarray
+    big: np.ndarray
+    pool_history: np.ndarray
+    pool_items: np.ndarray
+    pool_hash: np.ndarray
+    pool_time: np.ndarray
+    free: np.ndarray
+    top: np.ndarray
 
 
 class UserTable:
@@ -122,7 +212,10 @@ class UserTable:
         self.history_length = history_length
         self.max_users = max_users
         self._ttl_ms = ttl_s * 1000.0
-        self.columns = Columns.empty(max(capacity, 2), history_length)
+        width = 2 * min(INLINE_EVENTS, history_length)
+        self.columns = Columns.empty(max(capacity, 2), width)
+        self.pool = Pool.empty(1024, history_length)
+        self.columns.big[SCRATCH] = 1  # the scratch slot always works in pool row 0
         self._keys: list[bytes | None] = [None] * len(self.columns.ints)
         self._unused = SCRATCH + 1  # slots from here on were never used
         self._free: list[int] = []  # slots released since
@@ -182,8 +275,23 @@ class UserTable:
         self.columns.partition[slot] = partition
         return slot
 
+    def var(self) -> Var:
+        """The variable parts, for a kernel (after `pool.reserve` when it may promote)."""
+        c, p = self.columns, self.pool
+        return Var(
+            c.history, c.items, c.seen_hash, c.seen_time, c.big, p.history, p.items,
+            p.seen_hash, p.seen_time, p.free, p.top,
+        )  # fmt: skip
+
+    def _unpool(self, slots: np.ndarray) -> None:
+        """Return the pool rows of `slots` (users gone) and mark the slots inline."""
+        big = self.columns.big[slots]
+        self.pool.release(big[big > 0] - 1)
+        self.columns.big[slots] = 0
+
     def _release(self, slots: np.ndarray, tombstones: bool) -> None:
         """Forget the users in `slots` (already unlinked by a kernel)."""
+        self._unpool(slots)
         keys, index = self._keys, self._index
         for slot in slots.tolist():
             key = keys[slot]
@@ -254,8 +362,8 @@ class UserTable:
         np.cumsum(sizes, out=starts[1:])
         buffer = np.empty(int(starts[-1]), dtype=np.uint8)
         _encode(
-            slots, starts, buffer, c.ints, c.floats, c.history, c.history_len, c.items,
-            c.items_len, c.seen_hash, c.seen_time, c.seen_len,
+            slots, starts, buffer, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
+            self.var(),
         )  # fmt: skip
         return buffer, starts
 
@@ -290,11 +398,13 @@ class UserTable:
         starts = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=starts[1:])
         c = self.columns
+        self.pool.reserve(len(ops))
         bad = _restore(
-            np.array(ops, dtype=np.int64), buffer, starts, c.ints, c.floats, c.history,
-            c.history_len, c.items, c.items_len, c.seen_hash, c.seen_time, c.seen_len,
-            c.pending, c.changed, c.prev, c.next, c.partition, self._ends,
+            np.array(ops, dtype=np.int64), buffer, starts, self.history_length, c.ints,
+            c.floats, c.history_len, c.items_len, c.seen_len, self.var(), c.pending,
+            c.changed, c.prev, c.next, c.partition, self._ends,
         )  # fmt: skip
+        self._unpool(np.array(deleted, dtype=np.int64))
         self._free.extend(deleted)  # only now: a slot must not be reused within the batch
         self._count -= len(deleted)
         if bad >= 0:
@@ -329,11 +439,13 @@ class UserTable:
         return self._count
 
     def estimate_bytes(self) -> int:
-        """Bytes held by user states: the slots used so far, plus each key and its index
-        entry (about 100 bytes of dict and bytes object overhead).
+        """Bytes held by user states: the slots used so far, the pool rows in use, plus
+        each key and its index entry (about 100 bytes of dict and bytes object overhead).
         """
         slot = self.columns.nbytes() // len(self._keys)
-        return slot * self._unused + sum(len(k) + 100 for k in self._keys if k is not None)
+        pooled = self.pool.row_bytes() * self.pool.used()
+        keys = sum(len(k) + 100 for k in self._keys if k is not None)
+        return slot * self._unused + pooled + keys
 
     def recency(self, partition: int) -> list[bytes]:
         """The partition's keys, least recently updated first (tests)."""
@@ -389,6 +501,64 @@ def _append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: i
 @njit(cache=True, nogil=True)
 def _linked(slot: int, prev: np.ndarray, ends: np.ndarray, p: int) -> bool:
     return bool(prev[slot] != NO_SLOT or ends[p, 0] == slot)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def history_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s history entries: inline, or its pool row's."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_history[b - 1] if b else v.history[s]
+    return found
+
+
+@njit(cache=True, nogil=True, inline="always")
+def items_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s session items."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_items[b - 1] if b else v.items[s]
+    return found
+
+
+@njit(cache=True, nogil=True, inline="always")
+def hashes_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s seen hashes, (KINDS, room)."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_hash[b - 1] if b else v.seen_hash[s]
+    return found
+
+
+@njit(cache=True, nogil=True, inline="always")
+def times_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s seen times, (KINDS, room)."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_time[b - 1] if b else v.seen_time[s]
+    return found
+
+
+@njit(cache=True, nogil=True)
+def promote(
+    s: int, v: Var, history_len: np.ndarray, items_len: np.ndarray, seen_len: np.ndarray
+) -> None:
+    """Move slot `s`'s variable parts to a free pool row (one of them outgrew its room).
+    The copies are clamped to the inline room: a reused slot may still carry the lengths of
+    its previous user until they are set.
+    """
+    if v.big[s]:
+        return
+    top = v.top[0]
+    if top == 0:
+        raise RuntimeError("user state pool exhausted: reserve rows before the kernel")
+    row = v.free[top - 1]
+    v.top[0] = top - 1
+    v.big[s] = row + 1
+    for k in range(min(history_len[s], v.history.shape[1])):
+        v.pool_history[row, k] = v.history[s, k]
+    for k in range(min(items_len[s], v.items.shape[1])):
+        v.pool_items[row, k] = v.items[s, k]
+    for kind in range(KINDS):
+        for k in range(min(seen_len[s, kind], v.seen_hash.shape[2])):
+            v.pool_hash[row, kind, k] = v.seen_hash[s, kind, k]
+            v.pool_time[row, kind, k] = v.seen_time[s, kind, k]
 
 
 @njit(cache=True, nogil=True)
@@ -498,13 +668,10 @@ def _encode(
     buffer: np.ndarray,
     ints: np.ndarray,
     floats: np.ndarray,
-    history: np.ndarray,
     history_len: np.ndarray,
-    items: np.ndarray,
     items_len: np.ndarray,
-    seen_hash: np.ndarray,
-    seen_time: np.ndarray,
     seen_len: np.ndarray,
+    v: Var,
 ) -> None:
     """`UserState.to_bytes` of each slot, at `starts`."""
     as_ints = floats.view(np.int64)  # a double's bytes, little-endian
@@ -521,14 +688,16 @@ def _encode(
         at = _put(buffer, at, items_len[s], 2)
         for kind in range(KINDS):
             at = _put(buffer, at, 2 * seen_len[s, kind], 2)
+        history, items = history_of(s, v), items_of(s, v)
+        seen_hash, seen_time = hashes_of(s, v), times_of(s, v)
         for k in range(history_len[s]):
-            at = _put(buffer, at, history[s, k], 4)
+            at = _put(buffer, at, history[k], 4)
         for k in range(items_len[s]):
-            at = _put(buffer, at, items[s, k], 4)
+            at = _put(buffer, at, items[k], 4)
         for kind in range(KINDS):
             for k in range(seen_len[s, kind]):
-                at = _put(buffer, at, int(seen_hash[s, kind, k]), 8)
-                at = _put(buffer, at, seen_time[s, kind, k], 8)
+                at = _put(buffer, at, int(seen_hash[kind, k]), 8)
+                at = _put(buffer, at, seen_time[kind, k], 8)
 
 
 @njit(cache=True, nogil=True)
@@ -536,15 +705,13 @@ def _restore(
     ops: np.ndarray,
     buffer: np.ndarray,
     starts: np.ndarray,
+    history_length: int,
     ints: np.ndarray,
     floats: np.ndarray,
-    history: np.ndarray,
     history_len: np.ndarray,
-    items: np.ndarray,
     items_len: np.ndarray,
-    seen_hash: np.ndarray,
-    seen_time: np.ndarray,
     seen_len: np.ndarray,
+    v: Var,
     pending: np.ndarray,
     changed: np.ndarray,
     prev: np.ndarray,
@@ -556,7 +723,7 @@ def _restore(
     user state (the rest is not applied).
     """
     as_ints = floats.view(np.int64)
-    capacity = history.shape[1]
+    capacity = 2 * history_length
     value = 0
     for i in range(len(ops)):
         op = ops[i]
@@ -592,19 +759,28 @@ def _restore(
         if end - at != total or n_history % 2 or n_items > MAX_SESSION_ITEMS:
             return i
         skip = max(0, n_history - capacity)  # a longer history than this build keeps
+        fits = (
+            n_history - skip <= v.history.shape[1]
+            and n_items <= v.items.shape[1]
+            and n_seen.max() // 2 <= v.seen_hash.shape[2]
+        )
+        if not fits:
+            promote(slot, v, history_len, items_len, seen_len)
+        history, items = history_of(slot, v), items_of(slot, v)
+        seen_hash, seen_time = hashes_of(slot, v), times_of(slot, v)
         for k in range(n_history - skip):
-            history[slot, k] = _get(buffer, at + 4 * (skip + k), 4)
+            history[k] = _get(buffer, at + 4 * (skip + k), 4)
         history_len[slot] = n_history - skip
         at += 4 * n_history
         for k in range(n_items):
-            items[slot, k] = _get(buffer, at, 4)
+            items[k] = _get(buffer, at, 4)
             at += 4
         items_len[slot] = n_items
         for kind in range(KINDS):
             pairs = n_seen[kind] // 2
             for k in range(pairs):
-                seen_hash[slot, kind, k] = _get(buffer, at, 8)
-                seen_time[slot, kind, k] = _get(buffer, at + 8, 8)
+                seen_hash[kind, k] = _get(buffer, at, 8)
+                seen_time[kind, k] = _get(buffer, at + 8, 8)
                 at += 16
             seen_len[slot, kind] = pairs
         pending[slot] = False

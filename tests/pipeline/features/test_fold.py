@@ -113,12 +113,24 @@ def stream(draws: list[dict]) -> list[tuple[dict, int, int]]:
     return out
 
 
+NARROW = {
+    "user": "u1",
+    "device_id": "d1",
+    "ip": "10.0.0.1",
+    "country": "DE",
+    "card_fingerprint": "c1",
+}
+
+
 class Pair:
     """The oracle and the kernel side by side, fed the same batches."""
 
-    def __init__(self, max_users: int, ttl_s: float, all_histories: bool) -> None:
-        self.store = FeatureStore(HISTORY, max_users, ttl_s)
-        self.table = UserTable(HISTORY, max_users, ttl_s, capacity=2)  # grows while tested
+    def __init__(
+        self, max_users: int, ttl_s: float, all_histories: bool, history: int = HISTORY
+    ) -> None:
+        self.history = history
+        self.store = FeatureStore(history, max_users, ttl_s)
+        self.table = UserTable(history, max_users, ttl_s, capacity=2)  # grows while tested
         self.updater = FeatureUpdater(self.store, GAP_S, LATENESS_S)
         self.featurizer = Featurizer(self.table, GAP_S, LATENESS_S)
         self.decoder = BatchDecoder(LIMITS)
@@ -161,8 +173,8 @@ class Pair:
                 state = self.store.peek(partition, user_id)
                 assert state is not None
                 records.append((partition, user_id, state.to_bytes()))
-        self.store = FeatureStore(HISTORY, self.store.max_users, self.store._ttl_ms / 1000)
-        self.table = UserTable(HISTORY, self.table.max_users, self.table._ttl_ms / 1000)
+        self.store = FeatureStore(self.history, self.store.max_users, self.store._ttl_ms / 1000)
+        self.table = UserTable(self.history, self.table.max_users, self.table._ttl_ms / 1000)
         for partition, user_id, value in records:
             self.store.restore(partition, user_id, value)
         self.table.restore(
@@ -186,8 +198,34 @@ class Pair:
     replay=st.integers(0, 10),
 )
 def test_kernel_equals_the_oracle(draws, cuts, limits, all_histories, restart_at, replay):
+    run_pair(draws, cuts, limits, all_histories, restart_at, replay, HISTORY)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    draws=st.lists(event, min_size=20, max_size=80),
+    cuts=st.lists(st.integers(1, 12), min_size=1, max_size=8),
+    limits=st.sampled_from([(2**62, float("inf")), (2, float("inf")), (2**62, 900.0)]),
+    all_histories=st.booleans(),
+    restart_at=st.none() | st.integers(0, 5),
+    replay=st.integers(0, 10),
+    narrow=st.booleans(),
+)
+def test_users_who_outgrow_their_slot_equal_the_oracle(
+    draws, cuts, limits, all_histories, restart_at, replay, narrow
+):
+    """Long streams with 12 events of history, more than a slot holds inline (INLINE_EVENTS):
+    users move to pool rows, by their seen values or, `narrow` (one user, one value per
+    seen kind), by their items or history.
+    """
+    if narrow:
+        draws = [d | NARROW for d in draws]
+    run_pair(draws, cuts, limits, all_histories, restart_at, replay, 12)
+
+
+def run_pair(draws, cuts, limits, all_histories, restart_at, replay, history):
     events = stream(draws)
-    pair = Pair(*limits, all_histories)
+    pair = Pair(*limits, all_histories, history)
     start = 0
     for n, size in enumerate(cuts * 10):
         if start >= len(events):
@@ -213,6 +251,43 @@ def test_more_values_than_remembered_with_tied_times(step_s):
     pair = Pair(2**62, float("inf"), all_histories=False)
     for record in stream(draws):
         pair.run([record])
+
+
+def test_users_who_outgrow_their_slot_move_to_the_pool_and_give_the_row_back():
+    """Twenty devices and items: the user moves to a pool row, states stay the oracle's,
+    and eviction returns the row.
+    """
+    base = {
+        "user": "u1", "partition": 0, "step_s": 10, "event_type": "product_view",
+        "category_id": 3, "price": None, "quantity": None, "ip": "1", "country": "DE",
+        "user_agent": "", "payment_amount": None, "payment_method": None,
+        "card_fingerprint": None, "billing_country": None, "candidates": [1],
+    }  # fmt: skip
+    draws = [base | {"device_id": f"d{i}", "item_id": i} for i in range(20)]
+    draws.append(base | {"user": "u2", "step_s": 90_000, "device_id": "d", "item_id": 1})
+    pair = Pair(2**62, 3600.0, all_histories=True, history=12)
+    records = stream(draws)
+    pair.run(records[:10])
+    assert pair.table.pool.used() == 2  # the scratch slot's row and u1's
+    pair.run(records[10:20])
+    pair.run(records[20:])  # a day later in u1's partition: u1 is evicted
+    assert pair.table.users() == 1 and pair.table.pool.used() == 1
+
+
+def test_a_session_of_more_items_than_a_slot_holds_moves_its_user_to_the_pool():
+    """Ten distinct items in one session, one value per seen kind and a history that fits
+    inline: the items alone outgrow the slot.
+    """
+    base = {
+        "step_s": 10, "event_type": "product_view", "category_id": 3, "price": None,
+        "quantity": None, "user_agent": "", "payment_amount": None, "payment_method": None,
+        "billing_country": None, "candidates": [1],
+    }  # fmt: skip
+    draws = [base | NARROW | {"partition": 0, "item_id": i} for i in range(10)]
+    pair = Pair(2**62, float("inf"), all_histories=True, history=HISTORY)
+    for record in stream(draws):
+        pair.run([record])
+    assert pair.table.pool.used() == 2
 
 
 def test_table_restores_the_oracles_bytes_and_writes_them_back():
