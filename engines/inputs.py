@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engines.models import map_item_ids
 from engines.registry import ModelArtifact
+from engines.vocabulary import map_item_ids
 
 
 def random_inputs(

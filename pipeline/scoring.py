@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.base import Engine, EngineError
-from engines.models import map_item_ids
-from engines.models.ranking import PAD
+from engines.vocabulary import PAD, map_item_ids
 from pipeline.decode import EventColumns
 from pipeline.features import FRAUD_CATEGORICAL, FRAUD_NUMERIC, FeatureBatch
 from pipeline.features.spec import feature_hash

@@ -11,25 +11,18 @@ Two exact rewrites keep the served graph lean:
 - `RankingServing` folds item embedding + category embedding + item bias into one table at
   export, so a candidate costs one gather instead of four lookups and an add.
 
-Index 0 is padding and 1 the out-of-vocabulary bucket; `map_item_ids` makes them on the host.
+Index 0 is padding and 1 the out-of-vocabulary bucket; `engines.vocabulary.map_item_ids`
+makes them on the host.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-PAD = 0
-OOV = 1
-FIRST_ID = 2
+from engines.vocabulary import FIRST_ID, OOV, PAD, map_item_ids
 
-
-def map_item_ids(ids: np.ndarray, vocabulary: int) -> np.ndarray:
-    """Raw ids to embedding rows: pad (-1) → 0, unknown → 1, id → id + 2. Never out of range."""
-    known = (ids >= 0) & (ids < vocabulary)
-    mapped = np.where(known, ids + FIRST_ID, OOV)
-    return np.where(ids == -1, PAD, mapped).astype(np.int64)
+__all__ = ["FIRST_ID", "OOV", "PAD", "RankingModel", "RankingServing", "map_item_ids"]
 
 
 class RankingModel(nn.Module):
