@@ -127,18 +127,14 @@ class LocalBroker:
         """Stop the broker (SIGTERM, then SIGKILL); `purge` also deletes its data."""
         pid = self.pid()
         if pid is not None:
-            _terminate(pid, timeout_s)
+            terminate(pid, timeout_s)
             self.pid_file.unlink(missing_ok=True)
         if purge:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def pid(self) -> int | None:
         """The broker's pid when its process is alive."""
-        try:
-            pid = int(self.pid_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        return running_pid(self.pid_file)
 
     def ready(self, timeout_s: float) -> bool:
         """Poll until this broker (its process alive, its cluster id) answers, or time out.
@@ -307,6 +303,15 @@ def wait_until_ready(
     return False
 
 
+def running_pid(pid_file: Path) -> int | None:
+    """The pid in `pid_file` when that process is alive (the local broker's and registry's)."""
+    try:
+        pid = int(pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -330,7 +335,7 @@ def _wait_exit(pid: int, timeout_s: float) -> bool:
     return not _alive(pid)
 
 
-def _terminate(pid: int, timeout_s: float) -> None:
+def terminate(pid: int, timeout_s: float) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

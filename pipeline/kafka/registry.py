@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.kafka.broker import BrokerError, _alive, _terminate
+from pipeline.kafka.broker import BrokerError, running_pid, terminate
 
 APICURIO = "io.apicurio:apicurio-registry-app:3.3.3:tar.gz:all"
 UNPACK_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:unpack"
@@ -125,16 +125,12 @@ class LocalRegistry:
         """Stop the registry (SIGTERM, then SIGKILL). Its schemas stay on the broker."""
         pid = self.pid()
         if pid is not None:
-            _terminate(pid, timeout_s)
+            terminate(pid, timeout_s)
         self.pid_file.unlink(missing_ok=True)
 
     def pid(self) -> int | None:
         """The registry's pid when its process is alive."""
-        try:
-            pid = int(self.pid_file.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        return running_pid(self.pid_file)
 
     def ready(self, timeout_s: float) -> bool:
         """Poll until our process is alive and its readiness check (storage included)
