@@ -500,6 +500,11 @@ def run(
     from pipeline.runner import run_pipeline
 
     settings = _settings(config)
+    try:
+        settings.privacy.secret()
+    except SettingsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

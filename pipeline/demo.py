@@ -36,7 +36,7 @@ from pipeline.kafka.admin import (
 )
 from pipeline.kafka.clients import reading_catalog
 from pipeline.loadgen import produce_clickstream
-from pipeline.settings import Settings, settings_env
+from pipeline.settings import Settings, settings_env, with_local_key
 from schemas.catalog import subject
 from schemas.registry import RegistryCatalog
 
@@ -49,7 +49,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return (and write) its summary."""
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    settings = fresh_topics(settings, f"demo-{run_id}")
+    settings = with_local_key(fresh_topics(settings, f"demo-{run_id}"))
     create_topics(settings)
     ensure_models(settings, console)
     pipeline = RunningPipeline(settings, DEMO_DIR)
@@ -81,6 +81,7 @@ def fresh_topics(settings: Settings, prefix: str) -> Settings:
             "recommendations": f"{prefix}.recommendations",
             "dead_letter": f"{prefix}.dlq",
             "labels": f"{prefix}.labels",
+            "forget": f"{prefix}.forget",
         }
     )
     consumer = settings.consumer.model_copy(update={"group_id": f"streamscore-{prefix}"})

@@ -52,6 +52,7 @@ from pipeline.encode import OutputEncoder
 from pipeline.features import FeatureBatch, feature_digests
 from pipeline.features.changelog import ensure_changelog, restore
 from pipeline.features.fold import Featurizer
+from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.state import StateChange
 from pipeline.features.table import UserTable
 from pipeline.kafka.clients import (
@@ -212,7 +213,14 @@ class Pipeline:
         self.store = UserTable(
             features.history_length, features.max_users, features.ttl_s, capacity
         )
-        self._updater = Featurizer(self.store, features.session_gap_s, features.allowed_lateness_s)
+        pseudonyms = Pseudonyms(settings.privacy.secret())
+        self._redact = pseudonyms if settings.privacy.dead_letter_payload == "redact" else None
+        self._updater = Featurizer(
+            self.store,
+            pseudonyms,
+            features.session_gap_s,
+            features.allowed_lateness_s,
+        )
         self._encoder = OutputEncoder(catalog)
         self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
         self._watcher = ModelWatcher(
@@ -634,7 +642,7 @@ class Pipeline:
                 _raise_if_fatal(error, message)
         columns, rejected = self._decoder.decode(good, int(time.time() * 1000))
         self.stats.consumed += len(good)  # after decode: a held batch is consumed again
-        dead = [dead_letter(good[r.row], r.error) for r in rejected]
+        dead = [dead_letter(good[r.row], r.error, self._redact) for r in rejected]
         return columns, np.flatnonzero(columns.status == OK), dead
 
 
@@ -713,7 +721,8 @@ def warm_kernels() -> float:
         [Encoder(schemas.CLICK_EVENT).encode(record)], [b"u"], np.zeros((1, 3), np.int64), 0
     )
     table = UserTable(2, max_users=1, ttl_s=1.0)
-    rows, _ = Featurizer(table, 1800).process(columns, np.zeros(1, dtype=np.int64))
+    featurizer = Featurizer(table, Pseudonyms.ephemeral(), 1800)
+    rows, _ = featurizer.process(columns, np.zeros(1, dtype=np.int64))
     table.evict()
     changes = table.take_changes()
     table.restore([c.partition for c in changes], [c.key for c in changes], [None])
@@ -735,6 +744,7 @@ def run_pipeline(
     """Warm the kernels, register the output schemas, load the engines, run until `stop`,
     close everything, optionally write stats.
     """
+    settings.privacy.secret()  # no key: fail now, naming the setting, before any work
     log.info("kernels_warm", seconds=round(warm_kernels(), 3))
     catalog = connect_catalog(
         settings,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -21,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -34,6 +36,7 @@ CONFIG_ENV = "STREAMSCORE_CONFIG"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 PositiveInt = Annotated[int, Field(gt=0)]
+MIN_SECRET_BYTES = 16  # a pseudonym key: 128 bits at least
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
@@ -195,8 +198,23 @@ class TopicSettings(_Frozen):
         default=None,
         description="Compacted state changelog; default `<group_id>.<input>.changelog`.",
     )
+    forget: str = Field(
+        default="streamscore-forget",
+        description="Erasure requests (`streamscore forget`), one partition, read by every "
+        "instance.",
+    )
     partitions: PositiveInt = 4
     replication_factor: PositiveInt = 1
+    dead_letter_retention_ms: PositiveInt = Field(
+        default=7 * 24 * 3600 * 1000,
+        description="`retention.ms` a new dead-letter topic gets: how long rejected payloads "
+        "(personal data included) stay for a producer to fix and replay.",
+    )
+    forget_retention_ms: PositiveInt = Field(
+        default=30 * 24 * 3600 * 1000,
+        description="`retention.ms` of a new forget topic; longer than the pipeline is ever "
+        "stopped, or a request made meanwhile is not applied.",
+    )
 
 
 class ConsumerSettings(_Frozen):
@@ -261,6 +279,57 @@ class ProcessingSettings(_Frozen):
         default=False,
         description="Debug: put each event's latency breakdown in a header of its outputs.",
     )
+
+
+class PrivacySettings(_Frozen):
+    """The pseudonym key and what the dead-letter topic keeps.
+
+    The key (a secret, like the Kafka password: the environment or a mounted file) keys the
+    pseudonyms state keeps of device ids, IPs, cards and countries. The pipeline does not
+    start without one.
+    """
+
+    pseudonym_key: SecretStr | None = None
+    pseudonym_key_file: Path | None = Field(
+        default=None, description="Read the pseudonym key from this file (a mounted Secret)."
+    )
+    dead_letter_payload: Literal["keep", "redact"] = Field(
+        default="keep",
+        description="`keep`: a dead letter carries the rejected key and value, so a producer "
+        "can fix and replay it. `redact`: only the reason, the source position and a keyed "
+        "hash of the payload.",
+    )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> Self:
+        if self.pseudonym_key is not None and self.pseudonym_key_file is not None:
+            raise ValueError("set pseudonym_key or pseudonym_key_file, not both")
+        if self.pseudonym_key_file is not None and not self.pseudonym_key_file.is_file():
+            raise ValueError(f"pseudonym_key_file {self.pseudonym_key_file} does not exist")
+        return self
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"shorter than {MIN_SECRET_BYTES} bytes")
+        return key
+
+    def secret(self) -> bytes:
+        """The pseudonym key's bytes; SettingsError naming the setting if there is none."""
+        if self.pseudonym_key is not None:
+            return self.pseudonym_key.get_secret_value().encode()
+        if self.pseudonym_key_file is None:
+            raise SettingsError(
+                "privacy.pseudonym_key: not set; set STREAMSCORE_PRIVACY__PSEUDONYM_KEY or "
+                "privacy.pseudonym_key_file (`make demo` and the tests generate one)"
+            )
+        secret = self.pseudonym_key_file.read_bytes().strip()
+        if len(secret) < MIN_SECRET_BYTES:
+            raise SettingsError(
+                f"privacy.pseudonym_key_file: shorter than {MIN_SECRET_BYTES} bytes"
+            )
+        return secret
 
 
 class TelemetrySettings(_Frozen):
@@ -425,6 +494,7 @@ class Settings(BaseSettings):
     checkpoint: CheckpointSettings = CheckpointSettings()
     processing: ProcessingSettings = ProcessingSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    privacy: PrivacySettings = PrivacySettings()
     features: FeatureSettings = FeatureSettings()
     limits: LimitSettings = LimitSettings()
     produce: ProduceSettings = ProduceSettings()
@@ -460,10 +530,36 @@ def settings_env(settings: Settings) -> dict[str, str]:
         registry_password = settings.schema_registry.basic_auth_password
         if section == "schema_registry" and registry_password is not None:
             value["basic_auth_password"] = registry_password.get_secret_value()
+        if section == "privacy" and settings.privacy.pseudonym_key is not None:
+            value["pseudonym_key"] = settings.privacy.pseudonym_key.get_secret_value()
         env[f"STREAMSCORE_{section.upper()}"] = (
             value if isinstance(value, str) else json.dumps(value)
         )
     return env
+
+
+LOCAL_KEY_FILE = Path("var/privacy/pseudonym.key")
+
+
+def with_local_key(settings: Settings, path: Path = LOCAL_KEY_FILE) -> Settings:
+    """`settings`, given a generated pseudonym key file when none is configured: for the
+    local tools (demo, soak, bench), never for `streamscore run`. The file is made once,
+    readable by its owner only, and reused, so the demo's state stays comparable.
+    """
+    privacy = settings.privacy
+    if privacy.pseudonym_key is not None or privacy.pseudonym_key_file is not None:
+        return settings
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another tool made it meanwhile
+            pass
+        else:
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_urlsafe(32))
+    privacy = privacy.model_copy(update={"pseudonym_key_file": path})
+    return settings.model_copy(update={"privacy": privacy})
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -15,6 +15,7 @@ import schemas
 from pipeline.codec import DecodeError, Encoder
 from pipeline.decode import EventColumns
 from pipeline.encode import Encoded
+from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.state import StateChange
 from pipeline.scoring import Scored
 from pipeline.settings import TopicSettings
@@ -28,9 +29,14 @@ class DeliveryError(RuntimeError):
     """Outputs were not acknowledged; the inputs behind them must not be committed."""
 
 
-def dead_letter(message: Message, error: DecodeError) -> dict[str, Any]:
-    """The DeadLetter record for an input `message` that failed with `error`."""
-    return {
+def dead_letter(
+    message: Message, error: DecodeError, redact: Pseudonyms | None = None
+) -> dict[str, Any]:
+    """The DeadLetter record for an input `message` that failed with `error`. With `redact`
+    (privacy.dead_letter_payload = redact) it keeps only the reason, the source position and
+    a keyed hash of the value: no key, no value, no message, which may quote either.
+    """
+    record: dict[str, Any] = {
         "original_key": message.key(),
         "original_value": message.value(),
         "source_topic": message.topic(),
@@ -39,7 +45,13 @@ def dead_letter(message: Message, error: DecodeError) -> dict[str, Any]:
         "error_kind": error.kind,
         "error_message": error.message,
         "failed_time": int(time.time() * 1000),
+        "payload_hash": None,
     }
+    if redact is not None:
+        record["payload_hash"] = redact.digest(message.value() or b"")
+        record["original_key"] = record["original_value"] = None
+        record["error_message"] = ""
+    return record
 
 
 class Unacked:

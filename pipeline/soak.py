@@ -46,7 +46,7 @@ from pipeline.kafka.admin import (
     pipeline_topics,
 )
 from pipeline.loadgen import ProduceReport, produce_clickstream
-from pipeline.settings import Settings
+from pipeline.settings import Settings, with_local_key
 
 matplotlib.use("Agg")
 
@@ -152,7 +152,7 @@ def run_soak(
 ) -> dict[str, Any]:
     """Run `plan` on fresh topics, write the summary and the plot; return the summary."""
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    settings = fresh_topics(settings, f"soak-{run_id}")
+    settings = with_local_key(fresh_topics(settings, f"soak-{run_id}"))
     run_dir = out_dir / run_id
     create_topics(settings)
     ensure_models(settings, console)

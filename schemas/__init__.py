@@ -23,16 +23,21 @@ RECOMMENDATION = "recommendation"
 DEAD_LETTER = "dead_letter"
 FRAUD_LABEL = "fraud_label"
 
-# Wire id -> schema file stem. Ids are never reused; append new versions at the end.
+# Wire id -> schema file stem. Ids are never reused; append new versions at the end. The
+# newest version of a schema is `<name>.avsc`; an older one, kept so its records can still
+# be read, is `<name>.v<N>.avsc`.
 CATALOG: dict[int, str] = {
     1: CLICK_EVENT,
     2: FRAUD_SCORE,
     3: RECOMMENDATION,
-    4: DEAD_LETTER,
+    4: f"{DEAD_LETTER}.v1",
     5: FRAUD_LABEL,
+    6: DEAD_LETTER,  # v2: payload_hash, for the redact mode
 }
 # The id each schema name is written with today (its newest version).
-CURRENT_ID: dict[str, int] = {stem: wire_id for wire_id, stem in CATALOG.items()}
+CURRENT_ID: dict[str, int] = {
+    stem: wire_id for wire_id, stem in CATALOG.items() if ".v" not in stem
+}
 
 
 @dataclass(frozen=True, slots=True)

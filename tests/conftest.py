@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,7 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
             "recommendations": f"t-{run}.recs",
             "dead_letter": f"t-{run}.dlq",
             "labels": f"t-{run}.labels",
+            "forget": f"t-{run}.forget",
             "partitions": 3,
         },
         consumer={"group_id": f"g-{run}"},
@@ -72,6 +74,7 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
         engine={"model_dir": str(model_dir), "backend": "onnxruntime"},
         telemetry={"port": 0},  # tests that probe it choose a free port
         schema_registry={"url": ""},  # static ids; the registry's tests use registry_settings
+        privacy={"pseudonym_key": secrets.token_urlsafe(32)},  # generated, as in the demo
     )
     create_topics(settings)
     return settings

@@ -27,7 +27,7 @@ import schemas
 from engines.registry import resolve
 from engines.torch import build_module
 from pipeline.events import ClickEvent
-from pipeline.features import FeatureStore, FeatureUpdater
+from pipeline.features import FeatureStore, FeatureUpdater, Pseudonyms
 from pipeline.kafka.clients import consumer_config, producer_config
 from pipeline.kafka.messages import position
 from pipeline.loadgen import produce_one
@@ -93,7 +93,10 @@ def naive(settings: Settings, stop: threading.Event) -> None:
     header = bytes([0]) + writer.schema_id.to_bytes(4, "big")
     features = settings.features
     updater = FeatureUpdater(
-        FeatureStore(features.history_length), features.session_gap_s, features.allowed_lateness_s
+        FeatureStore(features.history_length),
+        Pseudonyms.ephemeral(),
+        features.session_gap_s,
+        features.allowed_lateness_s,
     )
     consumer = Consumer(consumer_config(settings))
     producer = Producer(producer_config(settings))

@@ -51,7 +51,7 @@ from pipeline.generator import ClickstreamGenerator, GeneratorConfig
 from pipeline.kafka.admin import admin_client, create_topics, delete_topics, topic_partitions
 from pipeline.kafka.clients import producer_config
 from pipeline.loadgen import produce_one
-from pipeline.settings import Settings, settings_env
+from pipeline.settings import Settings, settings_env, with_local_key
 
 Kind = Literal["ceiling", "naive", "peer", "streamscore"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +220,7 @@ class Bench:
         self.run_dir = run_dir
         self.say = say
         self.run_id = run_dir.name
-        self.base = settings.model_copy(
+        self.base = with_local_key(settings).model_copy(
             update={
                 "topics": settings.topics.model_copy(update={"partitions": plan.partitions}),
                 "telemetry": settings.telemetry.model_copy(update={"port": 0}),

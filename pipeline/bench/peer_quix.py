@@ -28,7 +28,7 @@ from quixstreams.state.rocksdb import RocksDBOptions
 import schemas
 from engines.registry import resolve
 from pipeline.events import ClickEvent
-from pipeline.features import FeatureStore, FeatureUpdater
+from pipeline.features import FeatureStore, FeatureUpdater, Pseudonyms
 from pipeline.settings import load_settings
 
 _HEADER = 5  # magic byte and schema id of the Confluent framing
@@ -71,7 +71,9 @@ def main() -> None:
     session = ort.InferenceSession(str(artifact.onnx_path), options, ["CPUExecutionProvider"])
     features = settings.features
     scratch = FeatureStore(features.history_length)
-    updater = FeatureUpdater(scratch, features.session_gap_s, features.allowed_lateness_s)
+    updater = FeatureUpdater(
+        scratch, Pseudonyms.ephemeral(), features.session_gap_s, features.allowed_lateness_s
+    )
 
     def score(value: dict[str, Any], key: bytes, timestamp: int, headers: Any, state: State) -> Any:
         user = value["user_id"]

@@ -1,6 +1,7 @@
 """Per-user session state, its changelog, and the features the engines read."""
 
 from pipeline.features.fold import Featurizer, compute_features
+from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.spec import FRAUD_CATEGORICAL, FRAUD_NUMERIC
 from pipeline.features.state import FeatureStore, StateChange, UserState
 from pipeline.features.table import UserTable
@@ -13,6 +14,7 @@ __all__ = [
     "FeatureStore",
     "FeatureUpdater",
     "Featurizer",
+    "Pseudonyms",
     "StateChange",
     "UserState",
     "UserTable",

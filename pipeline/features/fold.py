@@ -43,6 +43,7 @@ from pipeline.decode import (
 )
 from pipeline.events import ClickEvent
 from pipeline.features import spec
+from pipeline.features.pseudonym import WORK_WORDS, Pseudonyms, pseudonym
 from pipeline.features.state import (
     AFFINITY,
     AMOUNT_1H,
@@ -94,6 +95,8 @@ _DEVICE = {name: spec.DEVICE_TYPES.index(name) for name in ("bot", "tablet", "mo
 
 def _crc_table() -> np.ndarray:
     # CRC-32 (zlib's, reflected polynomial 0xEDB88320); tests check it against zlib.crc32.
+    # It only buckets the country feature (`spec.country_bucket`); what state keeps to
+    # compare is a keyed pseudonym (`pseudonym.py`).
     table = np.zeros(256, dtype=np.int64)
     for byte in range(256):
         crc = byte
@@ -136,11 +139,14 @@ def compute_features(
 ) -> FeatureBatch:
     """Features of an event log computed offline from an empty table, by the serving path:
     each event is written as its Avro record, decoded by the columnar decoder and folded by
-    the same kernel, so training and serving cannot skew.
+    the same kernel, so training and serving cannot skew. Its pseudonyms are under a random
+    key: features depend on which values are equal, not on the key.
     """
     decoder = BatchDecoder(_OFFLINE_LIMITS)
     encoder = Encoder(schemas.CLICK_EVENT)
-    featurizer = Featurizer(UserTable(history_length), session_gap_s, allowed_lateness_s)
+    featurizer = Featurizer(
+        UserTable(history_length), Pseudonyms.ephemeral(), session_gap_s, allowed_lateness_s
+    )
     batches: list[FeatureBatch] = []
     log = list(events)
     for first in range(0, len(log), chunk):
@@ -187,11 +193,16 @@ class Featurizer:
     def __init__(
         self,
         table: UserTable,
+        pseudonyms: Pseudonyms,
         session_gap_s: float,
         allowed_lateness_s: float = float("inf"),
     ) -> None:
-        """A featurizer over `table`; see `FeatureUpdater` for the two settings."""
+        """A featurizer over `table` that remembers values as `pseudonyms`; see
+        `FeatureUpdater` for the two settings.
+        """
         self.table = table
+        self.pseudonyms = pseudonyms
+        self._work = np.zeros(WORK_WORDS, dtype=np.uint64)
         self._gap_ms = session_gap_s * 1000.0
         self._lateness_ms = allowed_lateness_s * 1000.0
         self.late = 0
@@ -223,8 +234,9 @@ class Featurizer:
             columns.candidate_start, columns.offset, kept, slots, all_histories, self._gap_ms,
             self._lateness_ms, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
             table.var(), c.pending, c.changed, c.prev, c.next, c.partition, table.ends,
-            table.watermarks, numeric, categorical, hist_items, hist_cats, newly, _CRC,
-            _WORD_BYTES, _WORD_START, _WORD_CLASS, _PRECEDENCE, _DECAY_MS,
+            table.watermarks, numeric, categorical, hist_items, hist_cats, newly,
+            self.pseudonyms.key_state, self._work, _CRC, _WORD_BYTES, _WORD_START, _WORD_CLASS,
+            _PRECEDENCE, _DECAY_MS,
         )  # fmt: skip
         table.mark_changed(newly[:flagged])
         self.late += late
@@ -382,6 +394,8 @@ def _fold(
     hist_items: np.ndarray,
     hist_cats: np.ndarray,
     newly: np.ndarray,
+    key_state: np.ndarray,
+    work: np.ndarray,
     crc: np.ndarray,
     words: np.ndarray,
     word_start: np.ndarray,
@@ -418,7 +432,9 @@ def _fold(
                 hist_cats[r, length - pairs + k] = history[2 * k + 1]
         for kind, field in enumerate((DEVICE_ID, IP, COUNTRY, CARD_FINGERPRINT)):
             size = spans[row, field, 1]
-            hashes[kind] = -1 if size < 0 else crc32(buf, spans[row, field, 0], size, crc)
+            hashes[kind] = (
+                -1 if size < 0 else pseudonym(buf, spans[row, field, 0], size, key_state, work)
+            )
             nonempty[kind] = size > 0
         billing = spans[row, BILLING_COUNTRY, 1]
         mismatch = (

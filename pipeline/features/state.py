@@ -5,18 +5,17 @@ Memory is the constraint (≤ 2 KB per active user at L=50, so a million users f
 so a user's state is a handful of typed `array`s rather than Python lists, sets and dicts of
 boxed numbers: timestamps and counts in one int64 array, decayed counters in one float64
 array (with the category affinities), the recent (item, category) sequence interleaved in one
-int32 ring, and the devices,
-IPs, cards and countries seen as (CRC-32 of the value, last-seen time) pairs. Hashing those
-values keeps the state small and free of personal data; a collision could only hide one
-"new device" flag in about four billion. The byte form is a fixed struct header followed by
-the arrays' raw little-endian bytes, so encoding and decoding are a few memory copies.
+int32 ring, and the devices, IPs, cards and countries seen as (pseudonym of the value,
+last-seen time) pairs. A pseudonym is a keyed 32-bit hash (`pseudonym.py`): state, and the
+changelog topic, hold no device id, IP, card fingerprint or country that could be recovered
+without the key. The byte form is a fixed struct header followed by the arrays' raw
+little-endian bytes, so encoding and decoding are a few memory copies.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
-import zlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -50,11 +49,6 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct(f"<B{INT_SLOTS}q{FLOAT_SLOTS}d6H")
 
 
-def value_hash(value: str) -> int:
-    """A stable 32-bit hash of a device, IP, card or country (stable across processes)."""
-    return zlib.crc32(value.encode())
-
-
 class UserState:
     """What the updater remembers about one user. Times are event-time milliseconds."""
 
@@ -69,7 +63,7 @@ class UserState:
         self.floats = array("d", bytes(8 * FLOAT_SLOTS))
         self.history = array("i")  # item, category, item, category, ... oldest first
         self.session_items = array("i")
-        # Per kind: hash, last seen, hash, last seen, ...
+        # Per kind: pseudonym, last seen, pseudonym, last seen, ...
         self.seen = [array("q") for _ in SEEN_KINDS]
 
     def copy(self) -> UserState:

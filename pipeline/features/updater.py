@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.events import PAYMENT_EVENTS, ClickEvent
 from pipeline.features import spec
+from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.state import (
     AFFINITY,
     AMOUNT_1H,
@@ -49,7 +50,6 @@ from pipeline.features.state import (
     WINDOWS,
     FeatureStore,
     UserState,
-    value_hash,
 )
 
 _LONG_AGO_S = 1e7  # stands in for "never" in since-last features
@@ -80,13 +80,16 @@ class FeatureUpdater:
     def __init__(
         self,
         store: FeatureStore,
+        pseudonyms: Pseudonyms,
         session_gap_s: float,
         allowed_lateness_s: float = float("inf"),
     ) -> None:
-        """An updater over `store`; a gap over `session_gap_s` starts a new session, and an
-        event over `allowed_lateness_s` behind its user's newest is late.
+        """An updater over `store` that remembers values as `pseudonyms`; a gap over
+        `session_gap_s` starts a new session, and an event over `allowed_lateness_s` behind
+        its user's newest is late.
         """
         self.store = store
+        self._pseudonym = pseudonyms.of
         self._gap_ms = session_gap_s * 1000.0
         self._lateness_ms = allowed_lateness_s * 1000.0
         self.late = 0
@@ -138,7 +141,7 @@ class FeatureUpdater:
         if first or t - ints[SESSION_LAST] > self._gap_ms:
             _new_session(state, t)
         values = (event.device_id, event.ip, event.country, event.card_fingerprint)
-        hashes = [None if value is None else value_hash(value) for value in values]
+        hashes = [None if value is None else self._pseudonym(value) for value in values]
         novelty = [
             0.0 if first or h is None or h in seen[0::2] else 1.0
             for h, seen in zip(hashes, state.seen, strict=True)

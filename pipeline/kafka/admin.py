@@ -77,7 +77,7 @@ def delete_topics(admin: AdminClient, names: Sequence[str], timeout_s: float = 3
 
 
 def pipeline_topics(settings: Settings) -> list[str]:
-    """Every topic the pipeline reads or writes."""
+    """Every topic the pipeline reads or writes (but the changelog, which it makes)."""
     topics = settings.topics
     return [
         topics.input,
@@ -85,7 +85,22 @@ def pipeline_topics(settings: Settings) -> list[str]:
         topics.recommendations,
         topics.dead_letter,
         topics.labels,
+        topics.forget,
     ]
+
+
+def new_topic(settings: Settings, name: str) -> NewTopic:
+    """How `name` is created: the configured partitions, but one for the forget topic
+    (its requests are read in one order by every instance); the dead-letter and forget
+    topics get their retention.
+    """
+    topics = settings.topics
+    partitions, config = topics.partitions, {}
+    if name == topics.dead_letter:
+        config = {"retention.ms": str(topics.dead_letter_retention_ms)}
+    elif name == topics.forget:
+        partitions, config = 1, {"retention.ms": str(topics.forget_retention_ms)}
+    return NewTopic(name, partitions, topics.replication_factor, config=config)
 
 
 def create_topics(
@@ -98,11 +113,7 @@ def create_topics(
     if not wanted:
         return []
     futures = admin.create_topics(
-        [
-            NewTopic(name, settings.topics.partitions, settings.topics.replication_factor)
-            for name in wanted
-        ],
-        operation_timeout=timeout_s,
+        [new_topic(settings, name) for name in wanted], operation_timeout=timeout_s
     )
     for future in futures.values():
         try:
@@ -110,8 +121,9 @@ def create_topics(
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise
-    for name in wanted:
-        topic_partitions(admin, name, timeout_s, expected=settings.topics.partitions)
+    for topic in futures:
+        expected = new_topic(settings, topic).num_partitions
+        topic_partitions(admin, topic, timeout_s, expected=expected)
     return wanted
 
 

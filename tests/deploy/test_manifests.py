@@ -161,6 +161,7 @@ def test_deployment_fits_the_pipeline():
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {item["name"]: item for item in container["env"]}
     assert "secretKeyRef" in env["STREAMSCORE_KAFKA__SASL_PASSWORD"]["valueFrom"]
+    assert "secretKeyRef" in env["STREAMSCORE_PRIVACY__PSEUDONYM_KEY"]["valueFrom"]
     assert "sasl_password" not in config_text()  # the secret comes from the Secret only
 
 

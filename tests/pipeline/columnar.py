@@ -11,7 +11,7 @@ import numpy as np
 import schemas
 from pipeline.codec import Encoder
 from pipeline.decode import OK, TIME, BatchDecoder, EventColumns
-from pipeline.features import FeatureBatch, Featurizer, UserTable
+from pipeline.features import FeatureBatch, Featurizer, Pseudonyms, UserTable
 from pipeline.scoring import DECISIONS, REASON_NAMES, Scored
 from pipeline.settings import LimitSettings
 from tests.pipeline.sample import NOW_MS
@@ -37,7 +37,7 @@ def columns_of(*records: dict[str, Any], partition: int = 0) -> EventColumns:
 def featurised(*records: dict[str, Any]) -> tuple[EventColumns, np.ndarray, FeatureBatch]:
     """A decoded batch of `records`, all rows, and their features from empty state."""
     columns = columns_of(*records)
-    rows, features = Featurizer(UserTable(5), 1800).process(
+    rows, features = Featurizer(UserTable(5), Pseudonyms.ephemeral(), 1800).process(
         columns, np.arange(len(records), dtype=np.int64)
     )
     return columns, rows, features

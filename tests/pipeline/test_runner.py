@@ -3,10 +3,12 @@ and finish with fake engines and a recording checkpoint (the real clients are co
 end).
 """
 
+import secrets
 import time
 
 import numpy as np
 import pytest
+from pydantic import SecretStr
 
 import schemas
 from pipeline.checkpoint import Rewind
@@ -21,7 +23,7 @@ from pipeline.runner import (
     _next_offsets,
 )
 from pipeline.scoring import REASON_NAMES
-from pipeline.settings import ProcessingSettings, Settings
+from pipeline.settings import PrivacySettings, ProcessingSettings, Settings
 from schemas.catalog import StaticCatalog
 from tests.pipeline.columnar import columns_of
 from tests.pipeline.sample import click_record
@@ -143,7 +145,10 @@ class RecordingCheckpoint:
 
 
 def pipeline(depth):
-    settings = Settings(processing=ProcessingSettings(inference_depth=depth))
+    settings = Settings(
+        processing=ProcessingSettings(inference_depth=depth),
+        privacy=PrivacySettings(pseudonym_key=SecretStr(secrets.token_urlsafe(32))),
+    )
     return Pipeline(settings, ConstantFraud([]), FakeRanking(), StaticCatalog())
 
 

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from pipeline.settings import Backend, SettingsError, load_settings
+from pipeline.settings import Backend, SettingsError, load_settings, settings_env, with_local_key
 
 
 def test_defaults_are_valid_and_frozen():
@@ -53,7 +53,6 @@ def test_secrets_do_not_render(monkeypatch):
 
 
 def test_settings_env_round_trips_through_a_child_environment(monkeypatch):
-    from pipeline.settings import settings_env
 
     settings = load_settings(
         topics={"input": "x"},
@@ -109,3 +108,47 @@ def test_the_registry_password_comes_from_a_file_and_never_shows(tmp_path, monke
 def test_a_bad_registry_setting_is_named(registry):
     with pytest.raises(SettingsError, match="schema_registry"):
         load_settings(schema_registry=registry)
+
+
+def test_the_pseudonym_key_is_required_to_run_and_named_when_missing(monkeypatch, tmp_path):
+    monkeypatch.delenv("STREAMSCORE_PRIVACY__PSEUDONYM_KEY", raising=False)
+    with pytest.raises(SettingsError, match=r"privacy\.pseudonym_key: not set"):
+        load_settings().privacy.secret()
+    with pytest.raises(SettingsError, match=r"privacy.pseudonym_key.*shorter than 16 bytes"):
+        load_settings(privacy={"pseudonym_key": "short"})
+    short_file = tmp_path / "short.key"
+    short_file.write_text("short\n")
+    with pytest.raises(SettingsError, match=r"privacy\.pseudonym_key_file: shorter than 16"):
+        load_settings(privacy={"pseudonym_key_file": str(short_file)}).privacy.secret()
+    with pytest.raises(SettingsError, match="not both"):
+        load_settings(privacy={"pseudonym_key": "x" * 20, "pseudonym_key_file": str(short_file)})
+
+
+def test_the_pseudonym_key_comes_from_the_environment_or_a_file_and_never_shows(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setenv("STREAMSCORE_PRIVACY__PSEUDONYM_KEY", "key-from-the-environment")
+    settings = load_settings()
+    assert settings.privacy.secret() == b"key-from-the-environment"
+    assert "key-from-the-environment" not in repr(settings) + str(settings.model_dump())
+    for name, value in settings_env(settings).items():  # a child process gets it
+        monkeypatch.setenv(name, value)
+    assert load_settings().privacy.secret() == b"key-from-the-environment"
+    monkeypatch.delenv("STREAMSCORE_PRIVACY", raising=False)
+    monkeypatch.delenv("STREAMSCORE_PRIVACY__PSEUDONYM_KEY")
+    key_file = tmp_path / "pseudonym.key"
+    key_file.write_text("key-from-a-mounted-file\n")
+    assert load_settings(privacy={"pseudonym_key_file": str(key_file)}).privacy.secret() == (
+        b"key-from-a-mounted-file"
+    )
+
+
+def test_local_tools_generate_one_private_key_and_reuse_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("STREAMSCORE_PRIVACY__PSEUDONYM_KEY", raising=False)
+    path = tmp_path / "privacy" / "pseudonym.key"
+    first = with_local_key(load_settings(), path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(first.privacy.secret()) >= 32
+    assert with_local_key(load_settings(), path).privacy.secret() == first.privacy.secret()
+    configured = load_settings(privacy={"pseudonym_key": "configured-key-is-kept"})
+    assert with_local_key(configured, path) is configured

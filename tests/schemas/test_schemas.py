@@ -38,3 +38,24 @@ def test_timestamps_stay_integers_at_runtime():
     parsed = schemas.load(schemas.CLICK_EVENT).parsed
     assert "logicalType" not in str(parsed)
     assert "timestamp-millis" in str(schemas.raw(schemas.CLICK_EVENT))
+
+
+def test_a_dead_letter_written_before_payload_hash_reads_with_todays_schema():
+    old = schemas.by_id(4)
+    assert old is not None and old.name == "dead_letter.v1"
+    assert schemas.load(schemas.DEAD_LETTER).schema_id == 6
+    record = {
+        "original_key": b"u",
+        "original_value": b"\x00",
+        "source_topic": "t",
+        "source_partition": 0,
+        "source_offset": 3,
+        "error_kind": "decode.truncated",
+        "error_message": "",
+        "failed_time": 1,
+    }
+    buffer = io.BytesIO()
+    schemaless_writer(buffer, old.parsed, record)
+    buffer.seek(0)
+    read = schemaless_reader(buffer, old.parsed, schemas.load(schemas.DEAD_LETTER).parsed)
+    assert read == {**record, "payload_hash": None}

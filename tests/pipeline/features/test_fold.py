@@ -20,11 +20,14 @@ from pipeline.decode import OK, BatchDecoder
 from pipeline.events import ClickEvent
 from pipeline.features import spec
 from pipeline.features.fold import _CRC, Featurizer, crc32
+from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.state import FeatureStore, UserState
 from pipeline.features.table import UserTable
 from pipeline.features.updater import FeatureUpdater
 from pipeline.settings import LimitSettings
 from tests.pipeline.sample import NOW_MS, click_record
+
+PSEUDONYMS = Pseudonyms.ephemeral()  # one key, shared by the oracle and the kernel
 
 ENCODER = Encoder(schemas.CLICK_EVENT)
 LIMITS = LimitSettings(max_event_age_s=10**9, max_future_skew_s=10**9)
@@ -131,8 +134,8 @@ class Pair:
         self.history = history
         self.store = FeatureStore(history, max_users, ttl_s)
         self.table = UserTable(history, max_users, ttl_s, capacity=2)  # grows while tested
-        self.updater = FeatureUpdater(self.store, GAP_S, LATENESS_S)
-        self.featurizer = Featurizer(self.table, GAP_S, LATENESS_S)
+        self.updater = FeatureUpdater(self.store, PSEUDONYMS, GAP_S, LATENESS_S)
+        self.featurizer = Featurizer(self.table, PSEUDONYMS, GAP_S, LATENESS_S)
         self.decoder = BatchDecoder(LIMITS)
         self.all_histories = all_histories
 
@@ -183,8 +186,8 @@ class Pair:
             [v for *_, v in records],
         )
         late = self.updater.late
-        self.updater = FeatureUpdater(self.store, GAP_S, LATENESS_S)
-        self.featurizer = Featurizer(self.table, GAP_S, LATENESS_S)
+        self.updater = FeatureUpdater(self.store, PSEUDONYMS, GAP_S, LATENESS_S)
+        self.featurizer = Featurizer(self.table, PSEUDONYMS, GAP_S, LATENESS_S)
         self.updater.late = self.featurizer.late = late
 
 
@@ -292,7 +295,7 @@ def test_a_session_of_more_items_than_a_slot_holds_moves_its_user_to_the_pool():
 
 def test_table_restores_the_oracles_bytes_and_writes_them_back():
     store = FeatureStore(HISTORY)
-    updater = FeatureUpdater(store, GAP_S)
+    updater = FeatureUpdater(store, PSEUDONYMS, GAP_S)
     events = [
         ClickEvent(**r, partition=p, offset=o)
         for r, p, o in stream(
@@ -343,7 +346,7 @@ def test_crc32_is_zlibs():
 
 
 def test_device_type_matches_the_reference():
-    featurizer = Featurizer(UserTable(HISTORY), GAP_S)
+    featurizer = Featurizer(UserTable(HISTORY), PSEUDONYMS, GAP_S)
     decoder = BatchDecoder(LIMITS)
     agents = [*AGENTS, "K\u212a bot", "IPHONE", "windows xp", "x1", "Python-Requests/2"]
     records = [click_record(user_agent=agent, event_id=f"e{i}") for i, agent in enumerate(agents)]

@@ -8,9 +8,12 @@ from hypothesis import strategies as st
 
 from pipeline.events import ClickEvent
 from pipeline.features import FeatureStore, FeatureUpdater, UserState, compute_features
+from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.state import LAST_TIME, OFFSET
 from pipeline.generator import GeneratorConfig, generate
 from tests.pipeline.sample import NOW_MS, click_record
+
+PSEUDONYMS = Pseudonyms.ephemeral()  # one key for every updater, so restored state matches
 
 EVENT_TYPES = ["product_view", "search", "add_to_cart", "checkout", "purchase", "login"]
 
@@ -43,7 +46,7 @@ events_strategy = st.lists(
 def test_state_bytes_round_trip_and_carry_on_exactly(events, split):
     split = min(split, len(events))
     store = FeatureStore(history_length=10)
-    updater = FeatureUpdater(store, 1800)
+    updater = FeatureUpdater(store, PSEUDONYMS, 1800)
     updater.process(events[:split])
     restored = FeatureStore(history_length=10)
     for change in store.take_changes():
@@ -51,7 +54,7 @@ def test_state_bytes_round_trip_and_carry_on_exactly(events, split):
         assert UserState.from_bytes(change.value).to_bytes() == change.value
         restored.restore(change.partition, change.key.decode(), change.value)
     after_original = updater.process(events[split:])
-    after_restored = FeatureUpdater(restored, 1800).process(events[split:])
+    after_restored = FeatureUpdater(restored, PSEUDONYMS, 1800).process(events[split:])
     assert np.array_equal(after_original.numeric, after_restored.numeric)
     assert np.array_equal(after_original.history_items, after_restored.history_items)
 
@@ -75,7 +78,7 @@ def event(seconds=0.0, user="u1", offset=-1, partition=0, **changes):
 
 def test_idle_users_are_evicted_by_event_time_and_leave_tombstones():
     store = FeatureStore(history_length=5, ttl_s=3600)
-    updater = FeatureUpdater(store, 1800)
+    updater = FeatureUpdater(store, PSEUDONYMS, 1800)
     updater.process([event(0, "old"), event(10, "kept")])
     store.take_changes()
     updater.process([event(3605, "new")])  # partition time moves past old's TTL
@@ -88,7 +91,7 @@ def test_idle_users_are_evicted_by_event_time_and_leave_tombstones():
 
 def test_the_least_recently_updated_go_first_above_max_users():
     store = FeatureStore(history_length=5, max_users=2)
-    updater = FeatureUpdater(store, 1800)
+    updater = FeatureUpdater(store, PSEUDONYMS, 1800)
     updater.process([event(0, "a"), event(1, "b"), event(2, "a"), event(3, "c")])
     store.evict()
     assert store.peek(0, "b") is None
@@ -97,7 +100,7 @@ def test_the_least_recently_updated_go_first_above_max_users():
 
 def test_restore_applies_records_in_order_and_tombstones_delete():
     source = FeatureStore(history_length=5)
-    FeatureUpdater(source, 1800).process([event(0, "a"), event(5, "b")])
+    FeatureUpdater(source, PSEUDONYMS, 1800).process([event(0, "a"), event(5, "b")])
     records = {c.key.decode(): c.value for c in source.take_changes()}
     store = FeatureStore(history_length=5)
     store.restore(0, "a", records["a"])
@@ -110,7 +113,7 @@ def test_restore_applies_records_in_order_and_tombstones_delete():
 
 def test_replayed_events_already_in_the_state_are_skipped():
     store = FeatureStore(history_length=5)
-    updater = FeatureUpdater(store, 1800)
+    updater = FeatureUpdater(store, PSEUDONYMS, 1800)
     first = [event(i, offset=10 + i) for i in range(3)]
     updater.process(first)
     assert store.peek(0, "u1").ints[OFFSET] == 12
@@ -121,7 +124,7 @@ def test_replayed_events_already_in_the_state_are_skipped():
 
 def test_late_events_are_scored_but_do_not_change_the_state():
     store = FeatureStore(history_length=5)
-    updater = FeatureUpdater(store, 1800, allowed_lateness_s=600)
+    updater = FeatureUpdater(store, PSEUDONYMS, 1800, allowed_lateness_s=600)
     updater.process([event(0, item_id=1), event(3600, item_id=2)])
     before = store.peek(0, "u1").to_bytes()
     batch = updater.process([event(100, item_id=3, offset=7)])  # 3500 s behind: late
@@ -142,7 +145,7 @@ def test_features_do_not_depend_on_how_partitions_move():
     ]
     reference = compute_features(events, 10, 1800).numeric
     changelog = {}  # what the compacted topic keeps: the latest record per user
-    updater = FeatureUpdater(FeatureStore(10), 1800)
+    updater = FeatureUpdater(FeatureStore(10), PSEUDONYMS, 1800)
     rows = []
     for start in range(0, len(events), 150):
         rows.append(updater.process(updater.fresh(events[start : start + 150])).numeric)
@@ -152,5 +155,5 @@ def test_features_do_not_depend_on_how_partitions_move():
         store = FeatureStore(10)
         for (partition, user_id), value in changelog.items():
             store.restore(partition, user_id, value)
-        updater = FeatureUpdater(store, 1800)
+        updater = FeatureUpdater(store, PSEUDONYMS, 1800)
     assert np.array_equal(np.concatenate(rows), reference)

@@ -4,8 +4,11 @@ import numpy as np
 
 from pipeline.events import ClickEvent
 from pipeline.features import FRAUD_NUMERIC, FeatureStore, FeatureUpdater, compute_features
+from pipeline.features.pseudonym import Pseudonyms
 from pipeline.generator import GeneratorConfig, generate
 from tests.pipeline.sample import NOW_MS, click_record
+
+PSEUDONYMS = Pseudonyms.ephemeral()  # one key for every updater, so restored state matches
 
 COLUMN = {name: i for i, name in enumerate(FRAUD_NUMERIC)}
 
@@ -15,7 +18,7 @@ def event(seconds: float = 0, **changes) -> ClickEvent:
 
 
 def features(*events: ClickEvent, gap_s: float = 1800):
-    return FeatureUpdater(FeatureStore(history_length=5), gap_s).process(
+    return FeatureUpdater(FeatureStore(history_length=5), PSEUDONYMS, gap_s).process(
         list(events), all_histories=True
     )
 
@@ -66,7 +69,7 @@ def test_history_holds_previous_items_newest_last():
 
 def test_partitions_are_dropped_independently():
     store = FeatureStore(history_length=5)
-    updater = FeatureUpdater(store, 1800)
+    updater = FeatureUpdater(store, PSEUDONYMS, 1800)
     updater.process([event(0), dataclasses.replace(event(0, user_id="u2"), partition=1)])
     store.drop_partition(0)
     assert store.users() == 1
@@ -77,7 +80,7 @@ def test_reference_is_deterministic_and_batching_does_not_matter():
         ClickEvent(**record) for record, _ in generate(GeneratorConfig(events=3000, users=50))
     ]
     whole = compute_features(events, 10, 1800)
-    updater = FeatureUpdater(FeatureStore(10), 1800)
+    updater = FeatureUpdater(FeatureStore(10), PSEUDONYMS, 1800)
     parts = [updater.process(events[i : i + 97]) for i in range(0, len(events), 97)]
     assert np.array_equal(whole.numeric, np.concatenate([p.numeric for p in parts]))
     assert np.array_equal(whole.numeric, compute_features(events, 10, 1800).numeric)
