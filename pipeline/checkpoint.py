@@ -126,7 +126,12 @@ class AtLeastOnce:
         self._open.offsets.update(offsets)
         newest = self._open.changes
         for change in changes:
-            newest[(change.partition, change.key)] = change
+            where = (change.partition, change.key)
+            # Re-inserted, not replaced in place: records go out in the order they were last
+            # changed, so a control record (the forget position) follows the tombstones it
+            # vouches for, and a prefix of a partition's records never holds it without them.
+            newest.pop(where, None)
+            newest[where] = change
 
     def tick(self) -> None:
         """Seal a stretch when the interval has passed; commit the sealed stretches whose

@@ -237,6 +237,24 @@ def topics_create(config: ConfigOption = None) -> None:
 
 
 @app.command()
+def forget(
+    user_id: Annotated[str, typer.Option("--user-id", help="The user to erase.")],
+    config: ConfigOption = None,
+) -> None:
+    """Ask every pipeline instance to drop a user's state (an erasure request), with a
+    changelog tombstone; the owner of the user's partition applies it between batches.
+    """
+    from pipeline.forget import request_forget
+
+    settings = _settings(config)
+    request = request_forget(settings, user_id)
+    console.print(
+        f"erasure request at {settings.topics.forget} offset {request.offset}; "
+        "instances log forget_applied when they apply it"
+    )
+
+
+@app.command()
 def produce(
     events: Annotated[int, typer.Option(help="How many events.")] = 100_000,
     rate: Annotated[float, typer.Option(help="Events per second; 0 for as fast as possible.")] = 0,

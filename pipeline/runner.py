@@ -55,6 +55,7 @@ from pipeline.features.fold import Featurizer
 from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.state import StateChange
 from pipeline.features.table import UserTable
+from pipeline.forget import Forgetter, ensure_forget_topic
 from pipeline.kafka.clients import (
     connect_catalog,
     consumer_config,
@@ -213,7 +214,7 @@ class Pipeline:
         self.store = UserTable(
             features.history_length, features.max_users, features.ttl_s, capacity
         )
-        pseudonyms = Pseudonyms(settings.privacy.secret())
+        pseudonyms = self._pseudonyms = Pseudonyms(settings.privacy.secret())
         self._redact = pseudonyms if settings.privacy.dead_letter_payload == "redact" else None
         self._updater = Featurizer(
             self.store,
@@ -234,10 +235,12 @@ class Pipeline:
         self._inference = InferenceThread(_inference_depth(settings, fraud, ranking))
         self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
         self._rewind_due: str | None = None  # a rollback met in a rebalance callback
+        self._forgetter: Forgetter | None = None  # made by `run`, with the clients
 
     def run(self, stop: threading.Event) -> RunStats:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
         changelog = ensure_changelog(self.settings)
+        ensure_forget_topic(self.settings)
         telemetry = self.telemetry
         with ExitStack() as stack:
             if self.settings.telemetry.port:
@@ -260,6 +263,10 @@ class Pipeline:
                 }
             )
             stack.callback(consumer.close)
+            forgetter = self._forgetter = Forgetter(
+                self.settings, self.store, self._pseudonyms, telemetry.forgotten.inc
+            )
+            stack.callback(forgetter.close)
             checkpoint = self._checkpoint(consumer, changelog)
             stack.callback(checkpoint.close)
             self._subscribe(consumer, checkpoint)
@@ -278,6 +285,7 @@ class Pipeline:
                 try:
                     if self._rewind_due is not None:
                         raise Rewind(self._rewind_due)  # these messages are read again
+                    forgot = forgetter.poll()  # erasure requests apply between batches
                     if messages:
                         in_flight.append(self._prepare(messages))
                         self._registry_hold.succeeded()
@@ -287,6 +295,9 @@ class Pipeline:
                         log.info("input_released", reason="retrying the schema registry")
                     while len(in_flight) > depth or (in_flight and not messages):
                         self._finish(in_flight.popleft(), checkpoint)
+                    if forgot and not messages:  # no batch carries their tombstones: alone
+                        checkpoint.begin_batch()
+                        checkpoint.end_batch({}, self.store.take_changes())
                     self._swap_reloaded_models(checkpoint)
                 except Rewind as rewind:
                     self._discard()
@@ -439,9 +450,12 @@ class Pipeline:
                     old.close()
 
     def _restore(self, partitions: list[int]) -> None:
+        """Restore `partitions`' state, then apply the erasure requests it has not seen."""
         self.telemetry.restoring(True)
         try:
             stats = restore(self.settings, self.store, partitions, progress=self.telemetry.beat)
+            if self._forgetter is not None:
+                self._forgetter.assigned(partitions, stats.controls)
         finally:
             self.telemetry.restoring(False)
         self.stats.restored += stats.records
@@ -494,20 +508,25 @@ class Pipeline:
             try:
                 checkpoint.commit(partitions)
             finally:
-                for tp in partitions:
-                    self.store.drop_partition(tp.partition)
+                self._drop([tp.partition for tp in partitions])
 
         def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
             self.telemetry.rebalances.labels(kind="lost").inc()
             self._settle(checkpoint)
             checkpoint.forget(partitions)
-            for tp in partitions:
-                self.store.drop_partition(tp.partition)
+            self._drop([tp.partition for tp in partitions])
 
         consumer.subscribe(
             [self.settings.topics.input], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
         )
+
+    def _drop(self, partitions: list[int]) -> None:
+        """Forget the state of partitions this process no longer owns."""
+        for partition in partitions:
+            self.store.drop_partition(partition)
+        if self._forgetter is not None:
+            self._forgetter.revoked(partitions)
 
     def _prepare(self, messages: list[Message]) -> _Batch:
         """Decode, skip replays, compute features (moving the state on), take the changelog

@@ -103,6 +103,11 @@ class Telemetry:
             buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=registry,
         )
+        self.forgotten = Counter(
+            "streamscore_users_forgotten",
+            "Users dropped from state by an erasure request (`streamscore forget`).",
+            registry=registry,
+        )
         self.restored = Counter(
             "streamscore_restored_records", "Changelog records restored.", registry=registry
         )

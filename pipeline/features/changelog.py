@@ -1,10 +1,12 @@
 """The state changelog: a compacted topic partitioned like the input, one record per user.
 
 Key: the user id. Value: the user's state bytes (`UserState.to_bytes`), or null when the
-user was evicted. Changelog partition p holds the users of input partition p, so a process
-that is assigned input partition p restores exactly changelog partition p before it
-processes p's events. Each fetched batch of records is decoded into the user table's
-columns in one compiled pass.
+user was evicted or forgotten. A key starting with `table.CONTROL` is not a user's: it
+holds the partition's own bookkeeping (the forget-topic position its state has applied).
+Changelog partition p holds the users of input partition p, so a process that is assigned
+input partition p restores exactly changelog partition p before it processes p's events.
+Each fetched batch of records is decoded into the user table's columns in one compiled
+pass.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
-from pipeline.features.table import UserTable
+from pipeline.features.table import CONTROL, UserTable
 from pipeline.kafka.admin import connect, topic_partitions
 from pipeline.kafka.messages import position
 from pipeline.settings import Settings
@@ -33,6 +35,7 @@ class RestoreStats:
     partitions: tuple[int, ...]
     records: int
     seconds: float
+    controls: dict[tuple[int, bytes], bytes]  # (partition, key) -> the latest control record
 
     @property
     def records_per_s(self) -> float:
@@ -95,8 +98,9 @@ def restore(
     """
     wanted = tuple(sorted(partitions))
     started = time.perf_counter()
+    controls: dict[tuple[int, bytes], bytes] = {}
     if not wanted:
-        return RestoreStats(wanted, 0, 0.0)
+        return RestoreStats(wanted, 0, 0.0, controls)
     topic = changelog_topic(settings)
     consumer = Consumer(
         settings.kafka.client_config()
@@ -131,7 +135,14 @@ def restore(
                         continue
                     raise KafkaException(error)
                 key = message.key()
-                if key is not None:
+                if key is not None and key.startswith(CONTROL):
+                    value = message.value()
+                    where = (position(message)[1], key)
+                    if value is None:
+                        controls.pop(where, None)
+                    else:
+                        controls[where] = value
+                elif key is not None:
                     owners.append(position(message)[1])
                     keys.append(key)
                     values.append(message.value())
@@ -141,4 +152,4 @@ def restore(
             progress()
     finally:
         consumer.close()
-    return RestoreStats(wanted, records, time.perf_counter() - started)
+    return RestoreStats(wanted, records, time.perf_counter() - started, controls)

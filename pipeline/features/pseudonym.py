@@ -280,11 +280,12 @@ class Pseudonyms:
         digest = hashlib.blake2b(value.encode(), key=self._key, digest_size=DIGEST_BYTES)
         return int.from_bytes(digest.digest(), "little")
 
-    def digest(self, payload: bytes) -> str:
-        """A keyed BLAKE2b-128 of `payload`, hex (a redacted dead letter's payload_hash); a
-        domain of its own, so it never equals a pseudonym.
+    def digest(self, payload: bytes, domain: bytes = b"dead-letter") -> str:
+        """A keyed BLAKE2b-128 of `payload`, hex: a redacted dead letter's payload_hash, or
+        (another `domain`, at most 16 bytes) the subject of an erasure record. Each domain
+        hashes apart, so no digest equals another domain's or a pseudonym.
         """
-        digest = hashlib.blake2b(payload, key=self._key, digest_size=16, person=b"dead-letter")
+        digest = hashlib.blake2b(payload, key=self._key, digest_size=16, person=domain)
         return digest.hexdigest()
 
     def __repr__(self) -> str:

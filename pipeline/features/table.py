@@ -54,6 +54,11 @@ NO_SLOT = -1
 SCRATCH = 0
 
 
+# The first byte of a changelog key that is not a user's: user ids are the keys of valid
+# events, which equal the event's UTF-8 user_id, and 0xFF never occurs in UTF-8.
+CONTROL = b"\xff"
+
+
 @dataclass(slots=True)
 class Columns:
     """The state arrays, slot-major. Kernels take them as arguments."""
@@ -225,6 +230,8 @@ class UserTable:
         self._watermark = np.zeros(0, dtype=np.int64)
         self._changed: list[int] = []  # slots whose `changed` flag was raised, maybe twice
         self._tombstones: dict[int, list[bytes]] = {}
+        # Non-user changelog records, e.g. the forget position: (partition, key) -> value.
+        self._controls: dict[tuple[int, bytes], bytes] = {}
         self._count = 0
         self.evicted = 0
 
@@ -325,8 +332,31 @@ class UserTable:
             self.evicted += len(evicted)
             self._release(evicted, tombstones=True)
 
+    def forget(self, partition: int, key: bytes) -> bool:
+        """Drop a user at once, with a tombstone for the changelog (an erasure request);
+        False when the partition holds no such user.
+        """
+        slot = self.slot_of(partition, key)
+        if slot == NO_SLOT:
+            return False
+        c = self.columns
+        if _linked(slot, c.prev, self._ends, partition):
+            _unlink(slot, c.prev, c.next, self._ends, partition)
+        c.changed[slot] = c.pending[slot] = False
+        self._release(np.array([slot], dtype=np.int64), tombstones=True)
+        return True
+
+    def put_control(self, partition: int, key: bytes, value: bytes) -> None:
+        """Write a non-user record (its key starts with CONTROL) to the partition's
+        changelog with the next changes; a restore returns it instead of loading it.
+        """
+        assert key.startswith(CONTROL), key
+        self._controls[partition, key] = value
+
     def take_changes(self) -> list[StateChange]:
-        """Pending changelog records of every partition: state bytes or a tombstone."""
+        """Pending changelog records of every partition: state bytes or a tombstone, then
+        the control records.
+        """
         changes: list[StateChange] = []
         for partition, keys in self._tombstones.items():
             users = self._index.get(partition, {})
@@ -347,6 +377,8 @@ class UserTable:
                 key = self._keys[slot]
                 assert key is not None
                 changes.append(StateChange(partitions[i], key, data[bounds[i] : bounds[i + 1]]))
+        changes.extend(StateChange(p, key, value) for (p, key), value in self._controls.items())
+        self._controls.clear()
         return changes
 
     def encode(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -412,6 +444,8 @@ class UserTable:
 
     def drop_partition(self, partition: int) -> None:
         """Forget the state of a partition this process no longer owns."""
+        for where in [where for where in self._controls if where[0] == partition]:
+            del self._controls[where]
         users = self._index.get(partition)
         if users is None:
             return

@@ -2,6 +2,7 @@
 out of logs and metrics, and a wrong password failing fast with a clear error.
 """
 
+import secrets
 import subprocess
 import threading
 import time
@@ -122,6 +123,7 @@ def secure_settings(bootstrap, ca, model_dir, password_file):
             "recommendations": f"s-{run}.recs",
             "dead_letter": f"s-{run}.dlq",
             "labels": f"s-{run}.labels",
+            "forget": f"s-{run}.forget",
             "partitions": 2,
         },
         consumer={"group_id": f"g-{run}"},
@@ -129,6 +131,7 @@ def secure_settings(bootstrap, ca, model_dir, password_file):
         engine={"model_dir": str(model_dir), "backend": "onnxruntime"},
         telemetry={"port": free_port()},
         schema_registry={"url": ""},
+        privacy={"pseudonym_key": secrets.token_urlsafe(32)},
         log_format="json",
     )
 

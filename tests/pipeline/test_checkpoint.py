@@ -11,6 +11,8 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from pipeline.checkpoint import AtLeastOnce, ExactlyOnce, Rewind, next_offsets
 from pipeline.encode import Encoded
 from pipeline.features import FeatureStore
+from pipeline.features.state import StateChange
+from pipeline.features.table import CONTROL
 from pipeline.settings import TopicSettings
 from pipeline.sink import DeliveryError, Sink
 from tests.pipeline.columnar import columns_of
@@ -285,3 +287,16 @@ def test_next_offsets_skip_errors_and_keep_each_partitions_highest():
 
     messages = [FakeMessage(0, 4), FakeMessage(1, 9), FakeMessage(0, 5), Failed(0, 50)]
     assert next_offsets(messages) == {("in", 0): 6, ("in", 1): 10}
+
+
+def test_a_control_record_goes_out_after_the_tombstones_it_follows_in_the_stretch():
+    """The forget position is written after the tombstones of the requests it covers, even
+    when an older position in the same stretch was queued before them.
+    """
+    producer = QueueingProducer()
+    checkpoint = AtLeastOnce(CommittingConsumer(), Sink(producer, TOPICS, CHANGELOG), 10**9)
+    mark = CONTROL + b"forget-position"
+    checkpoint.end_batch({}, [StateChange(0, mark, b"1")])
+    checkpoint.end_batch({}, [StateChange(0, b"u1", None), StateChange(0, mark, b"2")])
+    checkpoint.commit()
+    assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1", mark]
