@@ -5,11 +5,13 @@ tests, and this machine's timing is not stable enough to assert on.
 
 import json
 import math
+import re
 
 import pytest
 
 from pipeline.bench.harness import CONFIGS, STAGES, Plan
 from pipeline.bench.report import PLOT_LATENCY, PLOT_SWEEP, PROFILE, latest, run_bench
+from pipeline.generator import USER_AGENTS, GeneratorConfig, generate
 from pipeline.kafka.admin import admin_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -59,3 +61,22 @@ def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_p
     # Every phase left the broker as it found it: no topic of this run remains.
     topics = admin_client(kafka_settings).list_topics(timeout=30).topics
     assert [name for name in topics if results["run"] in name] == []
+    # The run's outputs (results, report, process logs, profile) hold none of the events'
+    # personal values: the generator's IPs, device ids, card fingerprints and user agents.
+    personal = re.compile(
+        rb"\b(?:10|203)\.\d{1,3}\.\d{1,3}\.\d{1,3}\b"  # the generator's IPs
+        rb"|\bd\d{6}-\d+\b|\b[xn][0-9a-f]{10}\b"  # device ids (a user's, a new one)
+        rb"|\b[0-9a-f]{16}\d{7}\b"  # card fingerprints
+        + b"|"
+        + b"|".join(re.escape(agent.encode()) for agent in USER_AGENTS.values())
+    )
+    for name in ("ip", "device_id", "user_agent"):  # the patterns find what they look for
+        sample = [e[name] for e, _ in generate(GeneratorConfig(events=200, users=20))]
+        assert all(personal.search(value.encode()) for value in sample), name
+    cards = [e["card_fingerprint"] for e, _ in generate(GeneratorConfig(events=2000, users=20))]
+    assert all(personal.search(card.encode()) for card in cards if card)
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".log" for path in files), files
+    for path in files:
+        found = personal.search(path.read_bytes())
+        assert found is None, f"{path.relative_to(run_dir)} holds {found.group()!r}"
