@@ -19,9 +19,10 @@ How a request reaches state exactly once, across restarts and rebalances:
 - Between batches each instance reads new requests (one non-blocking fetch) and applies
   them to every partition it owns.
 
-The record of each erasure is a log line (`forget_applied`): the request's offset and time,
-the partitions checked and those that held the user, and `subject`, a keyed hash of the user
-id, so an auditor who holds the key can find the entry for a user id, and nobody else can.
+The record of each erasure is a log line (`forget_applied`) per owned partition: the
+request's offset and time, the partition, whether it held the user, and `subject`, a keyed
+hash of the user id, so an auditor who holds the key can find the entries for a user id, and
+nobody else can.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import structlog
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -45,9 +45,10 @@ from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.table import CONTROL, UserTable
 from pipeline.kafka.admin import create_topics
 from pipeline.kafka.messages import position
+from pipeline.logging import get_logger
 from pipeline.settings import Settings
 
-log = structlog.get_logger(__name__)
+log = get_logger()
 
 FORGET_POSITION = CONTROL + b"forget-position"
 _SUBJECT_DOMAIN = b"forget"

@@ -236,6 +236,7 @@ class Pipeline:
         self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
         self._rewind_due: str | None = None  # a rollback met in a rebalance callback
         self._forgetter: Forgetter | None = None  # made by `run`, with the clients
+        self._unsent_erasures = False  # tombstones in the table that no batch has taken
 
     def run(self, stop: threading.Event) -> RunStats:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
@@ -285,9 +286,11 @@ class Pipeline:
                 try:
                     if self._rewind_due is not None:
                         raise Rewind(self._rewind_due)  # these messages are read again
-                    forgot = forgetter.poll()  # erasure requests apply between batches
+                    if forgetter.poll():  # erasure requests apply between batches
+                        self._unsent_erasures = True
                     if messages:
-                        in_flight.append(self._prepare(messages))
+                        in_flight.append(self._prepare(messages))  # takes their tombstones
+                        self._unsent_erasures = False
                         self._registry_hold.succeeded()
                     elif backpressure.held is not None and self._registry_hold.due():
                         backpressure.release(consumer)  # try again: the batch is read anew
@@ -295,9 +298,10 @@ class Pipeline:
                         log.info("input_released", reason="retrying the schema registry")
                     while len(in_flight) > depth or (in_flight and not messages):
                         self._finish(in_flight.popleft(), checkpoint)
-                    if forgot and not messages:  # no batch carries their tombstones: alone
+                    if self._unsent_erasures and not in_flight:  # no batch to carry them
                         checkpoint.begin_batch()
                         checkpoint.end_batch({}, self.store.take_changes())
+                        self._unsent_erasures = False
                     self._swap_reloaded_models(checkpoint)
                 except Rewind as rewind:
                     self._discard()

@@ -132,18 +132,7 @@ def _forget_two_users_and_check(kafka_settings, entries):
     finally:
         first.close()
 
-    fraud = Decoder(schemas.FRAUD_SCORE, reading_catalog(settings))
-    (headers,) = [
-        dict(h)
-        for _, value, h in raw_records(settings, settings.topics.fraud_scores)
-        if fraud.decode(value)["event_id"] == "alice-after-erasure"
-    ]
-    fresh = compute_features(
-        [ClickEvent(**comeback)],
-        settings.features.history_length,
-        settings.features.session_gap_s,
-    )
-    assert headers[FEATURES_HEADER].decode() == feature_digests(fresh)[0]
+    assert features_header(settings, "alice-after-erasure") == fresh_digest(settings, comeback)
 
     # Forgotten while no instance runs: the next owner applies it after its restore, and
     # does not apply alice's request again (she came back after it).
@@ -151,18 +140,23 @@ def _forget_two_users_and_check(kafka_settings, entries):
     second = Running(settings)
     try:
         wait_until(lambda: tombstoned(settings, "bob-erase"), "bob's tombstone", timeout_s=120)
+        (bob_again,) = events_of(["bob-erase"], 1, seed=23)
+        bob_again["event_id"] = "bob-after-restart"
+        produce_events(settings, [bob_again])
+        wait_for_commit(settings)
     finally:
         second.close()
+    assert features_header(settings, "bob-after-restart") == fresh_digest(settings, bob_again)
 
     table = UserTable(settings.features.history_length)
     partitions = topic_partitions_of(settings)
+
     stats = restore(settings, table, partitions)
     held = {key for p in partitions for key in table.recency(p)}
-    assert b"bob-erase" not in held
-    assert {b"alice-erase", b"carol-keep"} <= held
-    (alice_partition,) = [p for p in partitions if b"alice-erase" in table.recency(p)]
-    alice = table.slot_of(alice_partition, b"alice-erase")
-    assert table.columns.ints[alice, SESSION_EVENTS] == 1  # only the event after erasure
+    assert {b"alice-erase", b"bob-erase", b"carol-keep"} <= held
+    for user in (b"alice-erase", b"bob-erase"):  # each holds only their event after erasure
+        (partition,) = [p for p in partitions if user in table.recency(p)]
+        assert table.columns.ints[table.slot_of(partition, user), SESSION_EVENTS] == 1
     positions = {stats.controls[p, FORGET_POSITION] for p in partitions}
     assert positions == {(2).to_bytes(8, "big")}  # both requests applied to every partition
 
@@ -171,6 +165,24 @@ def _forget_two_users_and_check(kafka_settings, entries):
     for record in applied:
         assert record["requested_ms"] > 0 and len(record["subject"]) == 32
         assert "erase" not in json.dumps(record)  # the record names no user
+
+
+def features_header(settings, event_id):
+    """The feature digest header on the fraud score of `event_id`."""
+    fraud = Decoder(schemas.FRAUD_SCORE, reading_catalog(settings))
+    (headers,) = [
+        dict(h)
+        for _, value, h in raw_records(settings, settings.topics.fraud_scores)
+        if fraud.decode(value)["event_id"] == event_id
+    ]
+    return headers[FEATURES_HEADER].decode()
+
+
+def fresh_digest(settings, event):
+    """The feature digest of `event` as a new user's first: from empty state."""
+    features = settings.features
+    fresh = compute_features([ClickEvent(**event)], features.history_length, features.session_gap_s)
+    return feature_digests(fresh)[0]
 
 
 def topic_partitions_of(settings):
@@ -263,9 +275,10 @@ def test_no_raw_personal_data_outside_the_input_and_the_dead_letter_topic(
         if written and not _broker_data(path) and path.stat().st_size < 64 * 2**20:
             blobs[str(path)] = path.read_bytes()
     assert any(str(var_out) in name for name in blobs)
-    for value in PERSONAL.values():
+    key = settings.privacy.secret().decode()
+    for value in [*PERSONAL.values(), key]:
         for name, blob in blobs.items():
-            assert value.encode() not in blob, f"{value!r} found in {name}"
+            assert value.encode() not in blob, f"{value[:6]!r}... found in {name}"
     # The state keeps pseudonyms, not an unkeyed hash anyone could invert.
     unkeyed = zlib.crc32(IP.encode()).to_bytes(4, "little")
     assert unkeyed not in blobs["changelog"]

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import Consumer, KafkaError
+from confluent_kafka.admin import ConfigResource
 
-from pipeline.kafka.admin import TopicNotReady, create_topics, topic_partitions
+from pipeline.kafka.admin import TopicNotReady, admin_client, create_topics, topic_partitions
 
 
 def topic(partitions, error=None, leader=1):
@@ -71,3 +72,28 @@ def test_created_topics_are_whole_to_a_fresh_reader_on_a_busy_machine(kafka_sett
     finally:
         busy.kill()
         busy.wait()
+
+
+@pytest.mark.integration
+def test_the_dead_letter_and_forget_topics_get_their_retention_and_layout(kafka_settings):
+    """kafka_settings created its topics: the dead-letter topic keeps rejected payloads for
+    topics.dead_letter_retention_ms, the forget topic is one partition with its own.
+    """
+    topics = kafka_settings.topics
+    admin = admin_client(kafka_settings)
+    resources = [
+        ConfigResource(ConfigResource.Type.TOPIC, name)
+        for name in (topics.dead_letter, topics.forget)
+    ]
+    found = {
+        resource.name: future.result()
+        for resource, future in admin.describe_configs(resources).items()
+    }
+    retention = {name: int(configs["retention.ms"].value) for name, configs in found.items()}
+    assert retention == {
+        topics.dead_letter: topics.dead_letter_retention_ms,
+        topics.forget: topics.forget_retention_ms,
+    }
+    metadata = admin.list_topics(timeout=10).topics
+    assert len(metadata[topics.forget].partitions) == 1
+    assert len(metadata[topics.dead_letter].partitions) == topics.partitions
