@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -189,10 +189,18 @@ class RunningPipeline:
 def read_topic(
     settings: Settings, topic: str, schema_name: str, timeout_s: float = 60
 ) -> list[tuple[dict[str, Any], int]]:
-    """Every committed record of `topic`, decoded, with its Kafka timestamp (ms): read until
-    each partition reports its end, which a transaction's trailing marker cannot delay.
-    """
+    """Every committed record of `topic`, decoded, with its Kafka timestamp (ms)."""
     decoder = Decoder(schema_name, reading_catalog(settings))
+    return [
+        (decoder.decode(message.value()), message.timestamp()[1])
+        for message in read_messages(settings, topic, timeout_s)
+    ]
+
+
+def read_messages(settings: Settings, topic: str, timeout_s: float = 60) -> list[Message]:
+    """Every committed message of `topic`: read until each partition reports its end, which
+    a transaction's trailing marker cannot delay.
+    """
     consumer = Consumer(
         settings.kafka.client_config()
         | {
@@ -205,7 +213,7 @@ def read_topic(
     try:
         pending = set(topic_partitions(consumer, topic))
         consumer.assign([TopicPartition(topic, p, 0) for p in pending])
-        out: list[tuple[dict[str, Any], int]] = []
+        out: list[Message] = []
         deadline = time.monotonic() + timeout_s
         while pending:
             if time.monotonic() > deadline:
@@ -216,7 +224,7 @@ def read_topic(
             for message in consumer.consume(1000, 0.5):
                 error = message.error()
                 if error is None:
-                    out.append((decoder.decode(message.value()), message.timestamp()[1]))
+                    out.append(message)
                 elif error.code() == KafkaError._PARTITION_EOF:
                     pending.discard(message.partition())
                 else:

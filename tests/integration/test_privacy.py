@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 import schemas
 from pipeline.codec import Decoder, Encoder
+from pipeline.demo import read_messages
 from pipeline.events import ClickEvent
 from pipeline.features import UserTable, compute_features, feature_digests
 from pipeline.features.changelog import changelog_topic, restore
@@ -43,35 +44,9 @@ AGENT = "Mozilla/5.0 (PIISCAN-agent-4411; Android 14) Mobile"
 PERSONAL = {"device_id": DEVICE, "ip": IP, "card_fingerprint": CARD, "user_agent": AGENT}
 
 
-def raw_records(settings, topic, timeout_s=60):
+def raw_records(settings, topic):
     """(key, value, headers) of every committed record of `topic`."""
-    consumer = Consumer(
-        settings.kafka.client_config()
-        | {
-            "group.id": f"raw-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
-    try:
-        pending = set(topic_partitions(consumer, topic))
-        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
-        out = []
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            assert time.monotonic() < deadline, f"{topic} not read to its end"
-            for message in consumer.consume(1000, 0.3):
-                error = message.error()
-                if error is None:
-                    out.append((message.key(), message.value(), message.headers() or []))
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    pending.discard(message.partition())
-                else:
-                    raise KafkaException(error)
-        return out
-    finally:
-        consumer.close()
+    return [(m.key(), m.value(), m.headers() or []) for m in read_messages(settings, topic)]
 
 
 def events_of(users, count, seed):
@@ -124,15 +99,11 @@ def _forget_two_users_and_check(kafka_settings, entries):
         # Forgotten while the pipeline runs: its owner drops alice between batches.
         request_forget(settings, "alice-erase")
         wait_until(lambda: tombstoned(settings, "alice-erase"), "alice's tombstone")
-        # Her next event is scored from empty state: the features of a new user.
-        (comeback,) = events_of(["alice-erase"], 1, seed=22)
-        comeback["event_id"] = "alice-after-erasure"
-        produce_events(settings, [comeback])
-        wait_for_commit(settings)
+        alice_again = come_back(settings, "alice-erase", seed=22)
     finally:
         first.close()
-
-    assert features_header(settings, "alice-after-erasure") == fresh_digest(settings, comeback)
+    # Her next event is scored from empty state: the features of a new user.
+    assert features_header(settings, "alice-erase-again") == fresh_digest(settings, alice_again)
 
     # Forgotten while no instance runs: the next owner applies it after its restore, and
     # does not apply alice's request again (she came back after it).
@@ -140,13 +111,10 @@ def _forget_two_users_and_check(kafka_settings, entries):
     second = Running(settings)
     try:
         wait_until(lambda: tombstoned(settings, "bob-erase"), "bob's tombstone", timeout_s=120)
-        (bob_again,) = events_of(["bob-erase"], 1, seed=23)
-        bob_again["event_id"] = "bob-after-restart"
-        produce_events(settings, [bob_again])
-        wait_for_commit(settings)
+        bob_again = come_back(settings, "bob-erase", seed=23)
     finally:
         second.close()
-    assert features_header(settings, "bob-after-restart") == fresh_digest(settings, bob_again)
+    assert features_header(settings, "bob-erase-again") == fresh_digest(settings, bob_again)
 
     table = UserTable(settings.features.history_length)
     partitions = topic_partitions_of(settings)
@@ -165,6 +133,15 @@ def _forget_two_users_and_check(kafka_settings, entries):
     for record in applied:
         assert record["requested_ms"] > 0 and len(record["subject"]) == 32
         assert "erase" not in json.dumps(record)  # the record names no user
+
+
+def come_back(settings, user, seed):
+    """One more event of `user` (event id `<user>-again`), produced and committed."""
+    (event,) = events_of([user], 1, seed=seed)
+    event["event_id"] = f"{user}-again"
+    produce_events(settings, [event])
+    wait_for_commit(settings)
+    return event
 
 
 def features_header(settings, event_id):
