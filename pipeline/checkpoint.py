@@ -224,54 +224,71 @@ class AtLeastOnce:
 
 
 class ExactlyOnce:
-    """One transaction per batch: outputs, changelog records and input offsets together."""
+    """Transactions that each hold the outputs, changelog records and input offsets of the
+    batches of up to `interval_ms` (0: one batch). A commit costs broker round trips and
+    transaction markers whatever its size, so one per batch bounded throughput; the price
+    of a longer transaction is latency: read_committed readers see its outputs at commit.
+    """
 
     def __init__(
         self,
         consumer: Consumer,
         make_producer: Callable[[], Producer],
         make_sink: Callable[[Producer], Sink],
+        interval_ms: int = 0,
     ) -> None:
         """Create the transactional producer (fencing any older one with its id)."""
         self._consumer = consumer
         self._make_producer = make_producer
         self._make_sink = make_sink
+        self._interval_s = interval_ms / 1000.0
         self._open = False
+        self._began = 0.0
+        self._offsets: Offsets = {}  # the open transaction's next offsets, per partition
         self._producer, self.sink = self._start()
 
     def begin_batch(self) -> None:
-        """Open the batch's transaction."""
+        """Open a transaction unless one is open."""
         if not self._open:
             try:
                 self._call(self._producer.begin_transaction)
             except KafkaException as exc:
                 self._recover(exc)
             self._open = True
+            self._began = time.monotonic()
 
     def end_batch(self, offsets: Offsets, changes: list[StateChange]) -> None:
-        """Add `changes` and the offsets, then commit the transaction."""
+        """Add `changes` and the offsets; commit once the transaction is `interval_ms` old."""
         try:
             self.sink.publish_state(changes)
-            if offsets:
-                self._call(
-                    self._producer.send_offsets_to_transaction,
-                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                    self._consumer.consumer_group_metadata(),
-                )
-            self._call(self._producer.commit_transaction)
-            self._open = False
-            self.sink.raise_failures()
+            self._offsets.update(offsets)
+            if time.monotonic() - self._began >= self._interval_s:
+                self._commit_open()
         except KafkaException as exc:
             self._recover(exc)
 
     def tick(self) -> None:
-        """Every batch committed itself."""
+        """Commit an open transaction that is `interval_ms` old (the input may be idle)."""
+        if self._open and time.monotonic() - self._began >= self._interval_s:
+            self.commit()
 
     def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
-        """Nothing is pending between batches: each batch's transaction committed it."""
+        """Commit the open transaction now (before a revoke, or at stop); may raise Rewind."""
+        if self._open:
+            try:
+                self._commit_open()
+            except KafkaException as exc:
+                self._recover(exc)
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
-        """Nothing is pending between batches."""
+        """Lost partitions' batches in an open transaction must not commit, and it holds
+        the other partitions' too: abort it, and raise Rewind for the partitions kept.
+        """
+        if self._open:
+            self._producer.abort_transaction()
+            self._open = False
+            self._offsets = {}
+            raise Rewind("partitions lost while a transaction was open")
 
     def close(self) -> None:
         """Abort a transaction left open and flush."""
@@ -279,6 +296,18 @@ class ExactlyOnce:
             self._producer.abort_transaction()
             self._open = False
         self._producer.flush(10)
+
+    def _commit_open(self) -> None:
+        if self._offsets:
+            self._call(
+                self._producer.send_offsets_to_transaction,
+                [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()],
+                self._consumer.consumer_group_metadata(),
+            )
+        self._call(self._producer.commit_transaction)
+        self._open = False
+        self._offsets = {}
+        self.sink.raise_failures()
 
     def _start(self) -> tuple[Producer, Sink]:
         producer = self._make_producer()
@@ -294,6 +323,7 @@ class ExactlyOnce:
             log.error("transaction_fatal", reason=error.str())
             self._producer, self.sink = self._start()
         self._open = False
+        self._offsets = {}
         raise Rewind(error.str()) from exc
 
     @staticmethod

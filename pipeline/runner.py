@@ -312,18 +312,22 @@ class Pipeline:
                 if backpressure.update(consumer, unacked):
                     self.stats.pauses += 1
                 ticked_at = time.perf_counter()
-                checkpoint.tick()
+                try:
+                    checkpoint.tick()  # exactly-once: may commit the open transaction
+                except Rewind as rewind:
+                    self._discard()
+                    self._rewind(consumer, str(rewind))
                 ticked = time.perf_counter() - ticked_at
                 telemetry.stage_seconds.labels("commit").observe(ticked)
                 self.stats.commit_s += ticked
                 self._sample_state(unacked)
             try:
                 self._drain(checkpoint)
+                checkpoint.commit()
             except Rewind as rewind:
                 # Rolled back: the partitions' next owner reads it again from the last commit.
                 self._discard()
                 log.warning("stopped_after_rollback", reason=str(rewind))
-            checkpoint.commit()
             log.info("pipeline_stopped", **asdict(self.stats))
         return self.stats
 
@@ -416,6 +420,7 @@ class Pipeline:
             consumer,
             lambda: make_producer(transactional_id),
             lambda producer: Sink(producer, topics, changelog, self._dead_letter_id),
+            settings.processing.transaction_interval_ms,
         )
 
     def _swap_reloaded_models(self, checkpoint: Checkpoint) -> None:
@@ -511,6 +516,8 @@ class Pipeline:
             self._settle(checkpoint)
             try:
                 checkpoint.commit(partitions)
+            except Rewind as rewind:  # the kept partitions roll back too: the loop rewinds them
+                self._rewind_due = str(rewind)
             finally:
                 self._drop([tp.partition for tp in partitions])
 
@@ -518,8 +525,12 @@ class Pipeline:
             log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
             self.telemetry.rebalances.labels(kind="lost").inc()
             self._settle(checkpoint)
-            checkpoint.forget(partitions)
-            self._drop([tp.partition for tp in partitions])
+            try:
+                checkpoint.forget(partitions)
+            except Rewind as rewind:  # an open transaction was aborted: rewind the rest
+                self._rewind_due = str(rewind)
+            finally:
+                self._drop([tp.partition for tp in partitions])
 
         consumer.subscribe(
             [self.settings.topics.input], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost

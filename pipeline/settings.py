@@ -250,11 +250,18 @@ class ProcessingSettings(_Frozen):
     """Delivery guarantee, backpressure and debug outputs.
 
     `at_least_once`: outputs and changelog records are acknowledged before input offsets
-    are committed. `exactly_once`: one transaction per batch holds the outputs, the changelog
-    records and the input offsets; read outputs with `isolation.level=read_committed`.
+    are committed. `exactly_once`: one transaction holds the outputs, the changelog records
+    and the input offsets of the batches of `transaction_interval_ms`; read outputs with
+    `isolation.level=read_committed`.
     """
 
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    transaction_interval_ms: Annotated[int, Field(ge=0)] = Field(
+        default=100,
+        description="exactly_once: a transaction holds the batches of this long (0: one "
+        "batch). A commit costs the same whatever it holds; read_committed readers see the "
+        "outputs at commit, so this adds up to its length to their latency.",
+    )
     transaction_timeout_ms: PositiveInt = Field(
         default=10_000,
         description="A crashed process's open transaction blocks read_committed readers this "
@@ -279,6 +286,15 @@ class ProcessingSettings(_Frozen):
         default=False,
         description="Debug: put each event's latency breakdown in a header of its outputs.",
     )
+
+    @model_validator(mode="after")
+    def _transaction_fits(self) -> Self:
+        if self.transaction_interval_ms * 2 > self.transaction_timeout_ms:
+            raise ValueError(
+                "transaction_interval_ms must be at most half of transaction_timeout_ms: the "
+                "broker aborts a transaction open longer than its timeout"
+            )
+        return self
 
 
 class PrivacySettings(_Frozen):

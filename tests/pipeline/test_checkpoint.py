@@ -13,7 +13,7 @@ from pipeline.encode import Encoded
 from pipeline.features import FeatureStore
 from pipeline.features.state import StateChange
 from pipeline.features.table import CONTROL
-from pipeline.settings import TopicSettings
+from pipeline.settings import SettingsError, TopicSettings, load_settings
 from pipeline.sink import DeliveryError, Sink
 from tests.pipeline.columnar import columns_of
 from tests.pipeline.sample import click_record
@@ -34,6 +34,7 @@ def error(retriable=False, abortable=False, fatal=False):
 class FakeProducer:
     def __init__(self, commit_errors=()):
         self.calls = []
+        self.offsets = []  # each call's offsets, {(topic, partition): offset}
         self.commit_errors = list(commit_errors)
 
     def init_transactions(self):
@@ -44,6 +45,7 @@ class FakeProducer:
 
     def send_offsets_to_transaction(self, offsets, metadata):
         self.calls.append("offsets")
+        self.offsets.append({(tp.topic, tp.partition): tp.offset for tp in offsets})
 
     def commit_transaction(self):
         self.calls.append("commit")
@@ -300,3 +302,36 @@ def test_a_control_record_goes_out_after_the_tombstones_it_follows_in_the_stretc
     checkpoint.end_batch({}, [StateChange(0, b"u1", None), StateChange(0, mark, b"2")])
     checkpoint.commit()
     assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1", mark]
+
+
+def test_a_transaction_holds_the_batches_of_its_interval_then_commits_once():
+    producer = FakeProducer()
+    queue = [producer]
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), 60_000)
+    for offset in range(3):
+        checkpoint.begin_batch()
+        checkpoint.end_batch(next_offsets([FakeMessage(0, offset)]), [])
+    checkpoint.tick()  # not yet an interval old
+    assert producer.calls == ["init", "begin"]
+    checkpoint.commit()  # a revoke or the stop
+    assert producer.calls == ["init", "begin", "offsets", "commit"]
+    assert producer.offsets == [{("in", 0): 3}]  # the last batch's next offset covers all
+
+
+def test_partitions_lost_with_a_transaction_open_abort_it_and_rewind():
+    producer = FakeProducer()
+    queue = [producer]
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), 60_000)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage(0, 1)]), [])
+    with pytest.raises(Rewind):
+        checkpoint.forget([TopicPartition("in", 0)])
+    assert producer.calls[-1] == "abort"
+    checkpoint.begin_batch()
+    checkpoint.commit()
+    assert producer.offsets == []  # the aborted batch's offsets never commit
+
+
+def test_the_transaction_interval_must_fit_in_its_timeout():
+    with pytest.raises(SettingsError, match="transaction_interval_ms"):
+        load_settings(processing={"transaction_interval_ms": 6000, "transaction_timeout_ms": 10000})
