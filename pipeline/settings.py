@@ -36,12 +36,22 @@ CONFIG_ENV = "STREAMSCORE_CONFIG"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 PositiveInt = Annotated[int, Field(gt=0)]
-MIN_SECRET_BYTES = 16  # a pseudonym key: 128 bits at least
 PositiveFloat = Annotated[float, Field(gt=0)]
+MIN_SECRET_BYTES = 16  # a pseudonym key: 128 bits at least
 
 
 class SettingsError(ValueError):
     """A setting is invalid; the message names it."""
+
+
+def _one_secret_source(name: str, value: SecretStr | None, path: Path | None) -> None:
+    """A secret comes from the setting `name` or from the file `<name>_file`, not both; the
+    file must exist.
+    """
+    if value is not None and path is not None:
+        raise ValueError(f"set {name} or {name}_file, not both")
+    if path is not None and not path.is_file():
+        raise ValueError(f"{name}_file {path} does not exist")
 
 
 class _Frozen(BaseModel):
@@ -76,10 +86,7 @@ class KafkaSettings(_Frozen):
 
     @model_validator(mode="after")
     def _one_password_source(self) -> Self:
-        if self.sasl_password is not None and self.sasl_password_file is not None:
-            raise ValueError("set sasl_password or sasl_password_file, not both")
-        if self.sasl_password_file is not None and not self.sasl_password_file.is_file():
-            raise ValueError(f"sasl_password_file {self.sasl_password_file} does not exist")
+        _one_secret_source("sasl_password", self.sasl_password, self.sasl_password_file)
         return self
 
     def client_config(self) -> dict[str, str | int | float | bool]:
@@ -141,11 +148,9 @@ class SchemaRegistrySettings(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.basic_auth_password is not None and self.basic_auth_password_file is not None:
-            raise ValueError("set basic_auth_password or basic_auth_password_file, not both")
-        password_file = self.basic_auth_password_file
-        if password_file is not None and not password_file.is_file():
-            raise ValueError(f"basic_auth_password_file {password_file} does not exist")
+        _one_secret_source(
+            "basic_auth_password", self.basic_auth_password, self.basic_auth_password_file
+        )
         has_password = self.basic_auth_password or self.basic_auth_password_file
         if bool(self.basic_auth_user) != bool(has_password):
             raise ValueError("basic_auth_user and a basic-auth password go together")
@@ -318,10 +323,7 @@ class PrivacySettings(_Frozen):
 
     @model_validator(mode="after")
     def _one_key_source(self) -> Self:
-        if self.pseudonym_key is not None and self.pseudonym_key_file is not None:
-            raise ValueError("set pseudonym_key or pseudonym_key_file, not both")
-        if self.pseudonym_key_file is not None and not self.pseudonym_key_file.is_file():
-            raise ValueError(f"pseudonym_key_file {self.pseudonym_key_file} does not exist")
+        _one_secret_source("pseudonym_key", self.pseudonym_key, self.pseudonym_key_file)
         return self
 
     @field_validator("pseudonym_key")
