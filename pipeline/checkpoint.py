@@ -251,7 +251,7 @@ class ExactlyOnce:
         """Open a transaction unless one is open."""
         if not self._open:
             try:
-                self._call(self._producer.begin_transaction)
+                transactional_call(self._producer.begin_transaction)
             except KafkaException as exc:
                 self._recover(exc)
             self._open = True
@@ -299,19 +299,19 @@ class ExactlyOnce:
 
     def _commit_open(self) -> None:
         if self._offsets:
-            self._call(
+            transactional_call(
                 self._producer.send_offsets_to_transaction,
                 [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()],
                 self._consumer.consumer_group_metadata(),
             )
-        self._call(self._producer.commit_transaction)
+        transactional_call(self._producer.commit_transaction)
         self._open = False
         self._offsets = {}
         self.sink.raise_failures()
 
     def _start(self) -> tuple[Producer, Sink]:
         producer = self._make_producer()
-        self._call(producer.init_transactions)
+        transactional_call(producer.init_transactions)
         return producer, self._make_sink(producer)
 
     def _recover(self, exc: KafkaException) -> None:
@@ -326,20 +326,20 @@ class ExactlyOnce:
         self._offsets = {}
         raise Rewind(error.str()) from exc
 
-    @staticmethod
-    def _call(call: Callable[..., object], *args: object) -> None:
-        """Run a transactional call, retrying it while the error says it is retriable."""
-        deadline = time.monotonic() + RETRY_FOR_S
-        delay = 0.1
-        while True:
-            try:
-                call(*args)
-                return
-            except KafkaException as exc:
-                if not exc.args[0].retriable() or time.monotonic() > deadline:
-                    raise
-                log.warning(
-                    "transaction_call_retried", call=call.__name__, reason=exc.args[0].str()
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+
+def transactional_call(call: Callable[..., object], *args: object) -> None:
+    """Run a transactional producer call, retrying it for up to RETRY_FOR_S while its error
+    says it is retriable (a broker restarting, a coordinator moving).
+    """
+    deadline = time.monotonic() + RETRY_FOR_S
+    delay = 0.1
+    while True:
+        try:
+            call(*args)
+            return
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or time.monotonic() > deadline:
+                raise
+            log.warning("transaction_call_retried", call=call.__name__, reason=exc.args[0].str())
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -172,12 +172,13 @@ def schemas_register(config: ConfigOption = None) -> None:
     """Register every topic's schema (.avsc) under its `<topic>-value` subject, with the
     configured compatibility; a refused schema fails with the subject named.
     """
-    from pipeline.kafka.clients import pipeline_outputs, producer_outputs
+    from pipeline.kafka.clients import monitor_outputs, pipeline_outputs, producer_outputs
     from schemas.catalog import IncompatibleSchema, subject
 
     settings = _settings(config)
     catalog = _registry_catalog(settings)
-    for name, topic in (producer_outputs(settings) | pipeline_outputs(settings)).items():
+    outputs = producer_outputs(settings) | pipeline_outputs(settings) | monitor_outputs(settings)
+    for name, topic in outputs.items():
         try:
             schema_id = catalog.register(name, subject(topic))
         except IncompatibleSchema as exc:
@@ -252,6 +253,20 @@ def forget(
         f"erasure request at {settings.topics.forget} offset {request.offset}; "
         "instances log forget_applied when they apply it"
     )
+
+
+@app.command()
+def monitor(config: ConfigOption = None) -> None:
+    """Join delayed fraud labels to the scores served; report quality per model version
+    (Prometheus on telemetry.port) until SIGTERM or SIGINT.
+    """
+    from pipeline.monitor.service import Monitor
+
+    settings = _settings(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    Monitor(settings).run(stop)
 
 
 @app.command()

@@ -208,6 +208,10 @@ class TopicSettings(_Frozen):
         description="Erasure requests (`streamscore forget`), one partition, read by every "
         "instance.",
     )
+    model_quality: str = Field(
+        default="model-quality",
+        description="`streamscore monitor`'s record per model version and report interval.",
+    )
     partitions: PositiveInt = 4
     replication_factor: PositiveInt = 1
     dead_letter_retention_ms: PositiveInt = Field(
@@ -411,6 +415,45 @@ class ProduceSettings(_Frozen):
         return self
 
 
+class MonitorSettings(_Frozen):
+    """`streamscore monitor`: joins delayed labels to the fraud scores served and reports
+    online quality per model version.
+    """
+
+    group_id: str = Field(
+        default="streamscore-monitor",
+        description="The group the monitor commits its read positions under; its pending "
+        "joins are kept in the compacted topic `<group_id>.changelog`.",
+    )
+    join_window_s: PositiveFloat = Field(
+        default=7 * 24 * 3600.0,
+        description="How long a score waits for its label (and a label for its score), "
+        "from when it was served (or labelled).",
+    )
+    max_pending: PositiveInt = Field(
+        default=2_000_000,
+        description="Scores (and labels) waiting at most, each side; beyond it the oldest "
+        "leave, counted unjoined.",
+    )
+    quality_window_s: PositiveFloat = Field(
+        default=3600.0, description="Quality figures cover the labels of this last stretch."
+    )
+    report_interval_s: PositiveFloat = Field(
+        default=30.0,
+        description="How often figures are reported and, in one transaction, pending joins "
+        "and read positions saved.",
+    )
+
+    @model_validator(mode="after")
+    def _report_within_window(self) -> Self:
+        if self.report_interval_s > self.quality_window_s:
+            raise ValueError(
+                f"monitor.report_interval_s ({self.report_interval_s:g}) must not exceed "
+                f"monitor.quality_window_s ({self.quality_window_s:g})"
+            )
+        return self
+
+
 class Backend(StrEnum):
     """Inference backends; `auto` prefers TensorRT on a GPU, else ONNX Runtime."""
 
@@ -516,6 +559,7 @@ class Settings(BaseSettings):
     features: FeatureSettings = FeatureSettings()
     limits: LimitSettings = LimitSettings()
     produce: ProduceSettings = ProduceSettings()
+    monitor: MonitorSettings = MonitorSettings()
     engine: EngineSettings = EngineSettings()
     decision: DecisionSettings = DecisionSettings()
     ranking: RankingSettings = RankingSettings()

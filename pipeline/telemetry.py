@@ -39,12 +39,109 @@ _E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000)
 
 
-class Telemetry:
-    """The pipeline's metrics and health, on their own registry."""
+class Health:
+    """A process's metrics registry, liveness and readiness, and the HTTP server of
+    `/metrics`, `/healthz` and `/readyz`: the pipeline's (`Telemetry`) and the monitor's.
+    """
+
+    def __init__(self, liveness_timeout_s: float = 120.0) -> None:
+        """An empty registry; not ready until engines are loaded and the group joined."""
+        self.registry = CollectorRegistry()
+        self._liveness_timeout_s = liveness_timeout_s
+        self._beat = time.monotonic()
+        self._engines_loaded = False
+        self._joined = False
+        self._restoring = 0
+        self._held = False
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- health --------------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """The consume loop (or a long restore) is making progress."""
+        self._beat = time.monotonic()
+
+    def engines_loaded(self, loaded: bool = True) -> None:
+        """Engines are (or are no longer) loaded."""
+        self._engines_loaded = loaded
+
+    def joined(self) -> None:
+        """The consumer received its first assignment (possibly empty)."""
+        self._joined = True
+
+    def restoring(self, started: bool) -> None:
+        """A state restore began or ended."""
+        self._restoring += 1 if started else -1
+
+    def held(self, cause: str | None) -> None:
+        """The input is held for an unavailable dependency (`cause`), or no longer (None)."""
+        self._held = cause is not None
+
+    def alive(self) -> bool:
+        """Whether the loop beat recently."""
+        return time.monotonic() - self._beat <= self._liveness_timeout_s
+
+    def ready(self) -> bool:
+        """Engines loaded, group joined, no restore running, input not held, and alive."""
+        return (
+            self._engines_loaded
+            and self._joined
+            and self._restoring == 0
+            and not self._held
+            and self.alive()
+        )
+
+    # -- serving -------------------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics, /healthz and /readyz on a daemon thread; return the bound port."""
+        telemetry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._send(HTTPStatus.OK, generate_latest(telemetry.registry), True)
+                elif self.path == "/healthz":
+                    ok = telemetry.alive()
+                    self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, b"")
+                elif self.path == "/readyz":
+                    ok = telemetry.ready()
+                    self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, b"")
+                else:
+                    self._send(HTTPStatus.NOT_FOUND, b"")
+
+            def _send(self, status: HTTPStatus, body: bytes, metrics: bool = False) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST if metrics else "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Probes every few seconds would flood the logs."""
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="telemetry", daemon=True).start()
+        bound = int(self._server.server_address[1])
+        log.info("telemetry_serving", host=host, port=bound)
+        return bound
+
+    def close(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class Telemetry(Health):
+    """The pipeline's metrics and health."""
 
     def __init__(self, liveness_timeout_s: float = 120.0) -> None:
         """Create every metric; nothing is served until `serve`."""
-        self.registry = registry = CollectorRegistry()
+        super().__init__(liveness_timeout_s)
+        registry = self.registry
         self.consumed = Counter(
             "streamscore_consumed", "Input messages consumed.", ["topic"], registry=registry
         )
@@ -137,52 +234,13 @@ class Telemetry:
             registry=registry,
         )
         self._gc_started = 0.0
-        self._liveness_timeout_s = liveness_timeout_s
-        self._beat = time.monotonic()
-        self._engines_loaded = False
-        self._joined = False
-        self._restoring = 0
-        self._held = False
-        self._server: ThreadingHTTPServer | None = None
-
-    # -- health --------------------------------------------------------------------------
-
-    def beat(self) -> None:
-        """The consume loop (or a long restore) is making progress."""
-        self._beat = time.monotonic()
-
-    def engines_loaded(self, loaded: bool = True) -> None:
-        """Engines are (or are no longer) loaded."""
-        self._engines_loaded = loaded
-
-    def joined(self) -> None:
-        """The consumer received its first assignment (possibly empty)."""
-        self._joined = True
-
-    def restoring(self, started: bool) -> None:
-        """A state restore began or ended."""
-        self._restoring += 1 if started else -1
 
     def held(self, cause: str | None) -> None:
         """The input is held for an unavailable dependency (`cause`), or no longer (None)."""
-        self._held = cause is not None
+        super().held(cause)
         self.input_held.set(1 if self._held else 0)
         if cause is not None:
             self.registry_unavailable.labels(cause=cause).inc()
-
-    def alive(self) -> bool:
-        """Whether the loop beat recently."""
-        return time.monotonic() - self._beat <= self._liveness_timeout_s
-
-    def ready(self) -> bool:
-        """Engines loaded, group joined, no restore running, input not held, and alive."""
-        return (
-            self._engines_loaded
-            and self._joined
-            and self._restoring == 0
-            and not self._held
-            and self.alive()
-        )
 
     # -- garbage collector ---------------------------------------------------------------
 
@@ -212,49 +270,6 @@ class Telemetry:
                 lag = numbers.get("consumer_lag", -1)
                 if partition != "-1" and lag >= 0:
                     self.lag.labels(topic=topic, partition=partition).set(lag)
-
-    # -- serving -------------------------------------------------------------------------
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics, /healthz and /readyz on a daemon thread; return the bound port."""
-        telemetry = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/metrics":
-                    self._send(HTTPStatus.OK, generate_latest(telemetry.registry), True)
-                elif self.path == "/healthz":
-                    ok = telemetry.alive()
-                    self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, b"")
-                elif self.path == "/readyz":
-                    ok = telemetry.ready()
-                    self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, b"")
-                else:
-                    self._send(HTTPStatus.NOT_FOUND, b"")
-
-            def _send(self, status: HTTPStatus, body: bytes, metrics: bool = False) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST if metrics else "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                """Probes every few seconds would flood the logs."""
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="telemetry", daemon=True).start()
-        bound = int(self._server.server_address[1])
-        log.info("telemetry_serving", host=host, port=bound)
-        return bound
-
-    def close(self) -> None:
-        """Stop serving."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:

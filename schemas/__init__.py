@@ -22,6 +22,7 @@ FRAUD_SCORE = "fraud_score"
 RECOMMENDATION = "recommendation"
 DEAD_LETTER = "dead_letter"
 FRAUD_LABEL = "fraud_label"
+MODEL_QUALITY = "model_quality"
 
 # Wire id -> schema file stem. Ids are never reused; append new versions at the end. The
 # newest version of a schema is `<name>.avsc`; an older one, kept so its records can still
@@ -33,6 +34,7 @@ CATALOG: dict[int, str] = {
     4: f"{DEAD_LETTER}.v1",
     5: FRAUD_LABEL,
     6: DEAD_LETTER,  # v2: payload_hash, for the redact mode
+    7: MODEL_QUALITY,
 }
 # The id each schema name is written with today (its newest version).
 CURRENT_ID: dict[str, int] = {

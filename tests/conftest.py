@@ -67,9 +67,11 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
             "dead_letter": f"t-{run}.dlq",
             "labels": f"t-{run}.labels",
             "forget": f"t-{run}.forget",
+            "model_quality": f"t-{run}.quality",
             "partitions": 3,
         },
         consumer={"group_id": f"g-{run}"},
+        monitor={"group_id": f"m-{run}"},
         checkpoint={"interval_ms": 200},
         engine={"model_dir": str(model_dir), "backend": "onnxruntime"},
         telemetry={"port": 0},  # tests that probe it choose a free port

@@ -69,6 +69,11 @@ def producer_outputs(settings: Settings) -> dict[str, str]:
     return {schemas.CLICK_EVENT: settings.topics.input, schemas.FRAUD_LABEL: settings.topics.labels}
 
 
+def monitor_outputs(settings: Settings) -> dict[str, str]:
+    """Schema name → topic of what `streamscore monitor` writes."""
+    return {schemas.MODEL_QUALITY: settings.topics.model_quality}
+
+
 def connect_catalog(
     settings: Settings,
     outputs: Mapping[str, str],

@@ -33,6 +33,8 @@ def test_kafka_bootstrap_servers_names_an_existing_cluster(monkeypatch):
         ({"decision": {"review_threshold": 0.95, "block_threshold": 0.9}}, "decision"),
         ({"engine": {"backend": "gpu-magic"}}, "engine.backend"),
         ({"consumer": {"no_such_setting": 1}}, "consumer.no_such_setting"),
+        ({"monitor": {"report_interval_s": 60, "quality_window_s": 30}}, "report_interval_s"),
+        ({"monitor": {"join_window_s": 0}}, "monitor.join_window_s"),
     ],
 )
 def test_errors_name_the_setting(overrides, named):

@@ -1,0 +1,427 @@
+"""`streamscore monitor`: read the scores served and the delayed labels, join them, and
+report online quality per model version.
+
+One process reads every partition of the fraud-score topic (read_committed) and of the
+labels topic. Scores are keyed by user id and labels by event id, so the two sides of one
+event sit in unrelated partitions, and a consumer group would split them between members:
+run one monitor per pipeline (`replicas: 1`).
+
+Every `monitor.report_interval_s`, one transaction holds: the changes to the waiting
+records (`<group_id>.changelog`, compacted), a ModelQuality record per model version
+(`topics.model_quality`), and the read positions (committed to `monitor.group_id`). A
+restart restores the waiting records from the changelog and resumes at the committed
+positions, so no pending join is lost and no record is read twice into the join. The
+quality window itself is kept in memory: after a restart it fills again from the labels
+that follow, and the model-quality topic holds the history.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+)
+from confluent_kafka import TopicPartition as Position
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+from prometheus_client import Counter, Gauge
+
+import schemas
+from pipeline.checkpoint import transactional_call
+from pipeline.codec import DecodeError, Decoder, Encoder
+from pipeline.kafka.admin import connect, new_topic, topic_partitions
+from pipeline.kafka.clients import connect_catalog, monitor_outputs, producer_config
+from pipeline.kafka.messages import position
+from pipeline.logging import get_logger
+from pipeline.monitor.join import LABELS, SCORES, Join, Pair
+from pipeline.monitor.quality import Window
+from pipeline.settings import Settings
+from pipeline.telemetry import Health
+from schemas.catalog import Catalog, RegistryUnavailable
+
+log = get_logger()
+
+
+def monitor_changelog(settings: Settings) -> str:
+    """The compacted topic of the monitor's waiting records."""
+    return f"{settings.monitor.group_id}.changelog"
+
+
+def ensure_monitor_topics(settings: Settings, timeout_s: float = 30) -> None:
+    """Create the model-quality topic and the monitor's changelog (compacted, one
+    partition: one monitor owns it) when missing.
+    """
+    admin = connect(settings, timeout_s)
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    changelog = monitor_changelog(settings)
+    wanted = {
+        changelog: NewTopic(
+            changelog,
+            1,
+            settings.topics.replication_factor,
+            config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        ),
+        settings.topics.model_quality: new_topic(settings, settings.topics.model_quality),
+    }
+    missing = [topic for name, topic in wanted.items() if name not in existing]
+    if not missing:
+        return
+    for future in admin.create_topics(missing, operation_timeout=timeout_s).values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    for topic in missing:
+        topic_partitions(admin, topic.topic, timeout_s, expected=topic.num_partitions)
+
+
+class MonitorTelemetry(Health):
+    """The monitor's metrics, with the same `/healthz` and `/readyz` as the pipeline."""
+
+    def __init__(self, liveness_timeout_s: float) -> None:
+        """Create the monitor's metrics."""
+        super().__init__(liveness_timeout_s)
+        registry = self.registry
+        self.quality = Gauge(
+            "streamscore_model_quality",
+            "Online fraud-model quality over the monitor's window, per model version and "
+            "figure (NaN while undefined).",
+            ["model_version", "figure"],
+            registry=registry,
+        )
+        self.joined_total = Counter(
+            "streamscore_monitor_joined", "Scores joined to their label.", registry=registry
+        )
+        self.unjoined = Counter(
+            "streamscore_monitor_unjoined",
+            "Scores and labels that left the join without their other side: waited past "
+            "monitor.join_window_s, or pushed out by monitor.max_pending.",
+            ["side"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "streamscore_monitor_pending", "Scores and labels waiting.", ["side"], registry=registry
+        )
+        self.unreadable = Counter(
+            "streamscore_monitor_unreadable",
+            "Records the monitor could not decode, by topic (skipped).",
+            ["topic"],
+            registry=registry,
+        )
+        self.restored = Counter(
+            "streamscore_monitor_restored",
+            "Waiting records restored from the changelog at start.",
+            registry=registry,
+        )
+        self.last_report = Gauge(
+            "streamscore_monitor_last_report_timestamp_seconds",
+            "When the monitor last committed a report (Unix time).",
+            registry=registry,
+        )
+
+
+class Monitor:
+    """Reads scores and labels, joins them, and reports quality until stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Nothing is read until `run`."""
+        self._settings = settings
+        monitor = settings.monitor
+        self.join = Join(monitor.join_window_s, monitor.max_pending)
+        self.window = Window(monitor.quality_window_s, settings.decision)
+        self.telemetry = MonitorTelemetry(settings.telemetry.liveness_timeout_s)
+        self.last_report: dict[str, dict[str, float]] = {}
+        self._next: dict[tuple[str, int], int] = {}  # next offset to read, per partition
+        self._names: dict[str, str] = {}  # model version -> model name
+        self._expired = dict(self.join.expired)
+
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        """Restore, then consume and report until `stop` (setting `ready` once reading);
+        the last report is committed on the way out.
+        """
+        settings = self._settings
+        telemetry = self.telemetry
+        if settings.telemetry.port:
+            telemetry.serve(settings.telemetry.host, settings.telemetry.port)
+        catalog = connect_catalog(settings, monitor_outputs(settings))
+        ensure_monitor_topics(settings)
+        encoder = Encoder(schemas.MODEL_QUALITY, catalog.output_id(schemas.MODEL_QUALITY))
+        producer = Producer(
+            producer_config(settings, transactional_id=f"{settings.monitor.group_id}.monitor")
+        )
+        transactional_call(producer.init_transactions)  # fences an older monitor
+        consumer = Consumer(
+            settings.kafka.client_config()
+            | {
+                "group.id": settings.monitor.group_id,
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": False,
+            }
+        )
+        try:
+            self._restore()
+            self._assign(consumer)
+            telemetry.engines_loaded()
+            telemetry.joined()
+            if ready is not None:
+                ready.set()
+            decoders = self._decoders(catalog)
+            interval = settings.monitor.report_interval_s
+            next_report = time.monotonic() + interval
+            while not stop.is_set():
+                telemetry.beat()
+                self._take(consumer.consume(1000, 0.2), decoders, stop)
+                if time.monotonic() >= next_report:
+                    self._report(producer, consumer, encoder)
+                    next_report = time.monotonic() + interval
+            self._report(producer, consumer, encoder)
+        finally:
+            consumer.close()
+            producer.flush(10)
+            if settings.telemetry.port:
+                telemetry.close()
+
+    # -- start ----------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        """The waiting records, from the changelog's committed records."""
+        settings = self._settings
+        topic = monitor_changelog(settings)
+        reader = Consumer(
+            settings.kafka.client_config()
+            | {
+                "group.id": f"{settings.monitor.group_id}.restore",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,
+            }
+        )
+        started = time.perf_counter()
+        records: list[tuple[bytes, bytes | None]] = []
+        try:
+            reader.assign([Position(topic, 0, OFFSET_BEGINNING)])
+            done = False
+            while not done:
+                self.telemetry.beat()
+                for message in reader.consume(10_000, 0.2):
+                    error = message.error()
+                    if error is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            raise KafkaException(error)
+                        done = True
+                        continue
+                    key = message.key()
+                    if key:
+                        records.append((key, message.value()))
+        finally:
+            reader.close()
+        kept = self.join.restore(records)
+        self.telemetry.restored.inc(kept)
+        log.info(
+            "monitor_restored",
+            topic=topic,
+            records=len(records),
+            waiting=kept,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    def _assign(self, consumer: Consumer) -> None:
+        """Every partition of both topics, from the committed positions (or the start)."""
+        topics = self._settings.topics
+        wanted = [
+            Position(topic, partition)
+            for topic in (topics.fraud_scores, topics.labels)
+            for partition in topic_partitions(consumer, topic)
+        ]
+        committed = consumer.committed(wanted, timeout=30)
+        consumer.assign(
+            [
+                Position(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                for tp in committed
+            ]
+        )
+        for tp in committed:
+            if tp.offset >= 0:
+                self._next[tp.topic, tp.partition] = tp.offset
+        log.info("monitor_assigned", partitions=len(wanted))
+
+    def _decoders(self, catalog: Catalog) -> dict[str, tuple[str, Decoder]]:
+        topics = self._settings.topics
+        return {
+            topics.fraud_scores: (SCORES, Decoder(schemas.FRAUD_SCORE, catalog)),
+            topics.labels: (LABELS, Decoder(schemas.FRAUD_LABEL, catalog)),
+        }
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _take(
+        self,
+        messages: list[Message],
+        decoders: dict[str, tuple[str, Decoder]],
+        stop: threading.Event,
+    ) -> None:
+        """Join one fetch, then add what it served and joined to the window by version."""
+        join = self.join
+        seen_ms = int(time.time() * 1000)
+        served: dict[str, list[int]] = defaultdict(list)
+        pairs: list[Pair] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                raise KafkaException(error)
+            topic, partition, offset = position(message)
+            self._next[topic, partition] = offset + 1
+            side, decoder = decoders[topic]
+            record = self._decode(decoder, message, stop)
+            if record is None:
+                continue
+            if side == SCORES:
+                version = record["model_version"]
+                scored_ms = record["scored_time"] or message.timestamp()[1]
+                self._names[version] = record["model_name"]
+                served[version].append(scored_ms)
+                pair = join.score(record["event_id"], version, record["score"], scored_ms, seen_ms)
+            else:
+                labelled_ms = message.timestamp()[1]
+                pair = join.label(record["event_id"], record["is_fraud"], labelled_ms, seen_ms)
+            if pair is not None:
+                pairs.append(pair)
+        for version, times in served.items():
+            self.window.served(version, np.array(times, dtype=np.int64))
+        if pairs:
+            self._add_pairs(pairs)
+
+    def _decode(
+        self, decoder: Decoder, message: Message, stop: threading.Event
+    ) -> dict[str, Any] | None:
+        """The record, or None (counted) when it cannot be read. A registry that does not
+        answer is waited for: the record is not unreadable, the lookup is unanswered.
+        """
+        backoff = 0.5
+        while True:
+            try:
+                record = decoder.decode(message.value())
+                if backoff > 0.5:
+                    self.telemetry.held(None)
+                return record
+            except DecodeError as exc:
+                topic, _, offset = position(message)
+                self.telemetry.unreadable.labels(topic=topic).inc()
+                log.warning("monitor_unreadable", topic=topic, offset=offset, kind=exc.kind)
+                return None
+            except RegistryUnavailable as exc:
+                self.telemetry.held(exc.cause)
+                log.warning("monitor_registry_unavailable", cause=exc.cause)
+                if stop.wait(backoff):
+                    raise
+                backoff = min(2 * backoff, 10.0)
+
+    def _add_pairs(self, pairs: list[Pair]) -> None:
+        self.telemetry.joined_total.inc(len(pairs))
+        by_version: dict[str, list[Pair]] = defaultdict(list)
+        for pair in pairs:
+            by_version[pair.version].append(pair)
+        for version, rows in by_version.items():
+            self.window.joined(
+                version,
+                np.array([p.score for p in rows]),
+                np.array([p.is_fraud for p in rows], dtype=bool),
+                np.array([p.scored_ms for p in rows], dtype=np.int64),
+                np.array([p.labelled_ms for p in rows], dtype=np.int64),
+            )
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _report(self, producer: Producer, consumer: Consumer, encoder: Encoder) -> None:
+        """Expire, compute the figures, and commit changes, figures and positions in one
+        transaction (an abortable failure is retried whole: nothing in memory changed).
+        """
+        settings = self._settings
+        now_ms = time.time() * 1000
+        join, telemetry = self.join, self.telemetry
+        join.expire(now_ms)
+        changes = join.changes()
+        report = self.window.report(now_ms)
+        quality = [
+            (version.encode(), encoder.encode(self._quality_record(version, figures, now_ms)))
+            for version, figures in report.items()
+        ]
+        positions = [Position(t, p, o) for (t, p), o in self._next.items()]
+        changelog, quality_topic = monitor_changelog(settings), settings.topics.model_quality
+        while True:
+            try:
+                transactional_call(producer.begin_transaction)
+                for key, value in changes:
+                    producer.produce(changelog, value, key)
+                    producer.poll(0)
+                for key, value in quality:
+                    producer.produce(quality_topic, value, key)
+                if positions:
+                    transactional_call(
+                        producer.send_offsets_to_transaction,
+                        positions,
+                        consumer.consumer_group_metadata(),
+                    )
+                transactional_call(producer.commit_transaction)
+                break
+            except KafkaException as exc:
+                if not exc.args[0].txn_requires_abort():
+                    raise  # fatal (fenced by a newer monitor): a restart restores
+                log.warning("monitor_transaction_aborted", reason=exc.args[0].str())
+                producer.abort_transaction()
+        for side, count in join.expired.items():
+            telemetry.unjoined.labels(side=side).inc(count - self._expired[side])
+            self._expired[side] = count
+        for side, count in join.pending().items():
+            telemetry.pending.labels(side=side).set(count)
+        for version, figures in report.items():
+            for name, figure in figures.items():
+                telemetry.quality.labels(model_version=version, figure=name).set(figure)
+        telemetry.last_report.set(now_ms / 1000.0)
+        self.last_report = report
+        log.info(
+            "model_quality",
+            versions={v: _rounded(f) for v, f in report.items()},
+            pending=join.pending(),
+            unjoined=join.expired,
+            changelog_records=len(changes),
+        )
+
+    def _quality_record(
+        self, version: str, figures: dict[str, float], now_ms: float
+    ) -> dict[str, Any]:
+        def nullable(name: str) -> float | None:
+            value = figures[name]
+            return None if math.isnan(value) else value
+
+        record: dict[str, Any] = {
+            "window_end": int(now_ms),
+            "window_s": self.window.window_s,
+            "model_name": self._names.get(version, ""),
+            "model_version": version,
+            "role": "champion",
+            "served": int(figures["served"]),
+            "labelled": int(figures["labelled"]),
+            "psi": {},
+        }
+        for name in figures:
+            if name not in record:
+                record[name] = nullable(name)
+        return record
+
+
+def _rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 4) for name, value in figures.items() if not math.isnan(value)}

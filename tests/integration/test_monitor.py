@@ -1,0 +1,167 @@
+"""`streamscore monitor` on the real broker and registry: the join of scores and delayed
+labels, its restart from the changelog and committed positions, and its metrics and
+ModelQuality records.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from confluent_kafka import Producer
+
+import schemas
+from pipeline.codec import Encoder
+from pipeline.demo import read_messages, read_topic
+from pipeline.kafka.clients import connect_catalog, producer_config
+from pipeline.monitor.join import LABELS, SCORES
+from pipeline.monitor.service import Monitor, monitor_changelog
+from schemas.catalog import subject
+from tests.integration.test_registry import client
+
+pytestmark = pytest.mark.integration
+
+
+def score(event_id, value, scored_ms, version="7"):
+    return {
+        "event_id": event_id,
+        "user_id": f"u-{event_id}",
+        "event_time": scored_ms - 5,
+        "score": value,
+        "decision": "block" if value >= 0.9 else "allow",
+        "reasons": [],
+        "model_name": "fraud",
+        "model_version": version,
+        "ingest_time": scored_ms - 3,
+        "scored_time": scored_ms,
+    }
+
+
+def produce(settings, topic, schema, records, key):
+    """Records framed with the registry's id, as the pipeline and the generator write."""
+    catalog = connect_catalog(settings, {schema: topic})
+    producer = Producer(producer_config(settings))
+    encoder = Encoder(schema, catalog.output_id(schema))
+    for record in records:
+        producer.produce(topic, encoder.encode(record), record[key].encode())
+    assert producer.flush(30) == 0
+
+
+class Running:
+    """A Monitor on a thread until `close`."""
+
+    def __init__(self, settings):
+        self.monitor = Monitor(settings)
+        self.stop, self.ready = threading.Event(), threading.Event()
+        self.error: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        assert self.ready.wait(60), self.error
+
+    def _run(self):
+        try:
+            self.monitor.run(self.stop, self.ready)
+        except BaseException as exc:
+            self.error.append(exc)
+            raise
+
+    def metric(self, name, **labels):
+        return self.monitor.telemetry.registry.get_sample_value(name, labels)
+
+    def wait_joined(self, count, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while self.metric("streamscore_monitor_joined_total") < count:
+            assert time.monotonic() < deadline, self.monitor.join.pending()
+            assert not self.error, self.error
+            time.sleep(0.1)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive() and not self.error, self.error
+
+
+def test_join_survives_a_restart_and_reports_quality(registry_settings):
+    settings = registry_settings.model_copy(
+        update={
+            "monitor": registry_settings.monitor.model_copy(
+                update={"report_interval_s": 0.5, "join_window_s": 3600}
+            )
+        }
+    )
+    topics = settings.topics
+    now = int(time.time() * 1000)
+    # 100 scores; positives are events 0-9: 0-5 scored 0.95 (caught at block), 6-9 0.6.
+    values = [0.95] * 6 + [0.6] * 4 + [0.05 + 0.008 * i for i in range(90)]
+    scores = [score(f"e{i}", values[i], now - 1000 + i) for i in range(100)]
+    labels = [{"event_id": f"e{i}", "is_fraud": i < 10, "pattern": ""} for i in range(100)]
+
+    produce(settings, topics.fraud_scores, schemas.FRAUD_SCORE, scores[:60], "user_id")
+    produce(settings, topics.labels, schemas.FRAUD_LABEL, labels[:30], "event_id")
+    first = Running(settings)
+    try:
+        first.wait_joined(30)
+        time.sleep(1.2)  # a report commits the waiting scores and the positions
+        assert first.metric("streamscore_monitor_pending", side=SCORES) == 30
+    finally:
+        first.close()
+
+    # While it is down: the other 40 scores, 60 labels (30 for waiting scores, 30 for
+    # scores not yet served), and 10 labels of events never served.
+    produce(settings, topics.fraud_scores, schemas.FRAUD_SCORE, scores[60:], "user_id")
+    orphans = [{"event_id": f"x{i}", "is_fraud": False, "pattern": ""} for i in range(10)]
+    produce(settings, topics.labels, schemas.FRAUD_LABEL, labels[30:] + orphans, "event_id")
+    second = Running(settings)
+    try:
+        assert second.metric("streamscore_monitor_restored_total") == 30
+        second.wait_joined(70)
+        time.sleep(1.2)
+        # Nothing was read twice: a re-read label of e0-e29 would now wait (its score
+        # joined before the restart), and a re-read score would wait for a label.
+        assert second.monitor.join.pending() == {SCORES: 0, LABELS: 10}
+        assert second.metric("streamscore_monitor_joined_total") == 70
+        quality = second.monitor.last_report["7"]
+    finally:
+        second.close()
+
+    # The second monitor's window holds the 70 labels it joined (e30-e99): no positive.
+    assert quality["labelled"] == 70 and quality["positive_rate"] == 0
+    assert second.metric("streamscore_model_quality", model_version="7", figure="labelled") == 70
+
+    # The ModelQuality records, read back through the registry: the first monitor's last
+    # record covers e0-e29 (10 positives, 6 caught at block).
+    records = [r for r, _ in read_topic(settings, topics.model_quality, schemas.MODEL_QUALITY)]
+    assert client(settings).get_latest_version(subject(topics.model_quality))
+    first_last = [r for r in records if r["labelled"] == 30][-1]
+    assert first_last["model_name"] == "fraud" and first_last["model_version"] == "7"
+    assert first_last["recall_at_block"] == pytest.approx(0.6)
+    assert first_last["precision_at_block"] == pytest.approx(1.0)
+    assert first_last["recall_at_review"] == pytest.approx(1.0)
+    assert first_last["positive_rate"] == pytest.approx(10 / 30)
+    assert first_last["label_coverage"] == pytest.approx(30 / 60)
+    assert records[-1]["labelled"] == 70 and records[-1]["pr_auc"] is None  # no positive
+    # The changelog's latest record per key: only the 10 orphan labels still wait.
+    assert waiting_in_changelog(settings) == {f"lx{i}".encode() for i in range(10)}
+
+    # A third monitor with a short join window: the orphans it restores wait no longer,
+    # leave counted unjoined, and leave the changelog.
+    short = settings.monitor.model_copy(update={"join_window_s": 0.5})
+    third = Running(settings.model_copy(update={"monitor": short}))
+    try:
+        assert third.metric("streamscore_monitor_restored_total") == 10
+        deadline = time.monotonic() + 30
+        while third.metric("streamscore_monitor_unjoined_total", side=LABELS) != 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert third.monitor.join.pending() == {SCORES: 0, LABELS: 0}
+    finally:
+        third.close()
+    assert waiting_in_changelog(settings) == set()
+
+
+def waiting_in_changelog(settings):
+    latest = {}
+    for message in read_messages(settings, monitor_changelog(settings)):
+        latest[message.key()] = message.value()
+    return {key for key, value in latest.items() if value is not None}
