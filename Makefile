@@ -10,7 +10,7 @@ SOAK_MINUTES ?= 30
 SOAK_RATE ?= 5000
 SOAK_USERS ?= 50000
 
-.PHONY: setup kafka-jars kafka-up kafka-down registry-app registry-up registry-down models demo bench soak lint typecheck test clean
+.PHONY: setup kafka-jars kafka-up kafka-down registry-app registry-up registry-down promtool models demo bench soak lint typecheck test clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,18 @@ registry-up: kafka-up registry-app
 registry-down: setup
 	$(BIN)/streamscore registry down
 
+# promtool tests the alert rules (deploy/prometheus). It comes from Debian's prometheus
+# package, unpacked under var/tools rather than installed: no Prometheus service is set up.
+PROMTOOL := var/tools/promtool
+promtool: $(PROMTOOL)
+
+$(PROMTOOL):
+	rm -rf var/tools/deb && mkdir -p var/tools/deb
+	cd var/tools/deb && { apt-get download prometheus || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x var/tools/deb/prometheus_*.deb var/tools/deb/root
+	cp var/tools/deb/root/usr/bin/promtool $@
+	rm -rf var/tools/deb
+
 models: setup
 	$(BIN)/streamscore train --if-missing
 
@@ -61,7 +73,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: lint typecheck kafka-jars registry-app
+test: lint typecheck kafka-jars registry-app promtool
 	$(BIN)/pytest
 
 clean:

@@ -100,6 +100,20 @@ class MonitorTelemetry(Health):
             ["model_version", "figure"],
             registry=registry,
         )
+        self.baseline = Gauge(
+            "streamscore_model_baseline",
+            "The same figures on the version's validation set, from its manifest: what the "
+            "alerts compare the online figures with.",
+            ["model_version", "figure"],
+            registry=registry,
+        )
+        self.psi = Gauge(
+            "streamscore_model_psi",
+            "Population stability index of the served scores (feature=score) and of each "
+            "feature against the version's training distribution, over the window.",
+            ["model_version", "feature"],
+            registry=registry,
+        )
         self.joined_total = Counter(
             "streamscore_monitor_joined", "Scores joined to their label.", registry=registry
         )

@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pipeline.monitor.service import MonitorTelemetry
 from pipeline.settings import Settings
 from pipeline.telemetry import Telemetry
 
@@ -150,7 +151,7 @@ def config_of_the_deployment():
 
 def test_deployment_fits_the_pipeline():
     settings = config_of_the_deployment()
-    (deployment,) = by_kind("Deployment")
+    (deployment,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "streamscore"]
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["terminationGracePeriodSeconds"] > 30 + 30  # flush timeout + commit
@@ -163,6 +164,18 @@ def test_deployment_fits_the_pipeline():
     assert "secretKeyRef" in env["STREAMSCORE_KAFKA__SASL_PASSWORD"]["valueFrom"]
     assert "secretKeyRef" in env["STREAMSCORE_PRIVACY__PSEUDONYM_KEY"]["valueFrom"]
     assert "sasl_password" not in config_text()  # the secret comes from the Secret only
+
+
+def test_one_monitor_reads_every_partition_and_serves_its_own_metrics():
+    (monitor,) = [
+        d for d in by_kind("Deployment") if d["metadata"]["name"] == "streamscore-monitor"
+    ]
+    assert monitor["spec"]["replicas"] == 1 and monitor["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = monitor["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["monitor"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert container["ports"][0]["containerPort"] == int(env["STREAMSCORE_TELEMETRY__PORT"])
+    assert env["STREAMSCORE_TELEMETRY__PORT"] != str(config_of_the_deployment().telemetry.port)
 
 
 def test_autoscalers_stop_at_the_partition_count_and_watch_the_right_group():
@@ -180,7 +193,7 @@ def test_autoscalers_stop_at_the_partition_count_and_watch_the_right_group():
 def test_compose_services_hang_together():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"kafka", "pipeline", "generator", "prometheus", "grafana"} <= set(services)
+    assert {"kafka", "pipeline", "monitor", "generator", "prometheus", "grafana"} <= set(services)
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         for dependency in service.get("depends_on", {}):
@@ -191,20 +204,29 @@ def test_compose_services_hang_together():
                 assert source in compose["volumes"], (name, source)
             else:
                 assert (DEPLOY / source).exists(), (name, source)
-    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == [f"pipeline:{Settings().telemetry.port}"]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    jobs = {
+        job["job_name"]: job["static_configs"][0]["targets"] for job in prometheus["scrape_configs"]
+    }
+    assert jobs["streamscore"] == [f"pipeline:{Settings().telemetry.port}"]
+    monitor_port = services["monitor"]["environment"]["STREAMSCORE_TELEMETRY__PORT"]
+    assert jobs["streamscore-monitor"] == [f"monitor:{monitor_port}"]
+    assert services["monitor"]["ports"] == [f"{monitor_port}:{monitor_port}"]
 
 
-def test_dashboard_queries_only_metrics_the_pipeline_exports():
-    families = {metric.name for metric in Telemetry().registry.collect()}
+def test_dashboard_queries_only_metrics_streamscore_exports():
+    families = {
+        metric.name
+        for registry in (Telemetry().registry, MonitorTelemetry(60).registry)
+        for metric in registry.collect()
+    }
     suffixes = ("", "_total", "_bucket", "_sum", "_count", "_info")
     exported = {family + suffix for family in families for suffix in suffixes}
     dashboard = json.loads((DEPLOY / "grafana/dashboards/streamscore.json").read_text())
     used = {
         name
         for panel in dashboard["panels"]
-        for target in panel["targets"]
+        for target in panel.get("targets", [])  # a row has none
         for name in re.findall(r"streamscore_[a-z_]+", target["expr"])
     }
     assert used, "the dashboard queries nothing"
