@@ -18,6 +18,7 @@ from torch import nn
 
 from engines import metrics
 from engines.base import EngineError
+from engines.drift import Profile
 from engines.export import OPSET, export_onnx
 from engines.models import FraudModel, RankingModel, for_serving, map_item_ids
 from engines.models.ranking import FIRST_ID
@@ -26,6 +27,8 @@ from pipeline.events import ClickEvent
 from pipeline.features import FeatureBatch, compute_features
 from pipeline.features import spec as feature_spec
 from pipeline.generator import ClickstreamGenerator, GeneratorConfig
+from pipeline.monitor import quality
+from pipeline.settings import DecisionSettings
 
 Progress = Callable[[str, int, int], None]
 
@@ -101,8 +104,10 @@ def build_dataset(config: TrainConfig) -> Dataset:
 
 def train_fraud(
     data: Dataset, config: TrainConfig, progress: Progress
-) -> tuple[FraudModel, dict[str, float]]:
-    """Train the fraud model with early stopping on validation loss, then calibrate."""
+) -> tuple[FraudModel, dict[str, float], np.ndarray]:
+    """Train the fraud model with early stopping on validation loss, then calibrate; return
+    it with its validation report and scores.
+    """
     torch.manual_seed(config.seed)
     numeric = torch.from_numpy(data.features.numeric)
     categorical = torch.from_numpy(data.features.categorical)
@@ -133,7 +138,7 @@ def train_fraud(
         _calibrate(model, model.logits(numeric[valid], categorical[valid]), labels[valid])
         model.refresh_baseline()
         scores, _ = model(numeric[valid], categorical[valid])
-    return model, fraud_metrics(data.labels[data.split :], scores.numpy())
+    return model, fraud_metrics(data.labels[data.split :], scores.numpy()), scores.numpy()
 
 
 def fraud_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -355,6 +360,8 @@ def needs_training(model_dir: Path) -> bool:
             return True
         if artifact.manifest.get("feature_hash") != current:
             return True
+        if name == "fraud" and "drift" not in artifact.manifest:  # trained before the monitor
+            return True
     return False
 
 
@@ -366,7 +373,20 @@ def train_all(model_dir: Path, config: TrainConfig, progress: Progress) -> dict[
         "training_data": data.fingerprint,
         "train_config": asdict(config),
     }
-    fraud, fraud_report = train_fraud(data, config, progress)
+    fraud, fraud_report, validation_scores = train_fraud(data, config, progress)
+    fraud_names = list(feature_spec.FRAUD_NUMERIC) + list(feature_spec.FRAUD_CATEGORICAL)
+    train = slice(0, data.split)
+    # What the monitor compares the served population and the online quality with.
+    profile = Profile.fit(
+        fraud_names,
+        data.features.numeric[train],
+        data.features.categorical[train],
+        [feature_spec.CATEGORICAL_CARDINALITY[n] for n in feature_spec.FRAUD_CATEGORICAL],
+        validation_scores,
+    )
+    validation = quality.tally(
+        validation_scores, data.labels[data.split :] > 0.5, DecisionSettings()
+    )
     save_model(
         model_dir,
         "fraud",
@@ -383,8 +403,10 @@ def train_all(model_dir: Path, config: TrainConfig, progress: Progress) -> dict[
         },
         common
         | {
-            "features": list(feature_spec.FRAUD_NUMERIC) + list(feature_spec.FRAUD_CATEGORICAL),
+            "features": fraud_names,
             "metrics": fraud_report,
+            "drift": profile.to_manifest(),
+            "validation": validation.to_json(),
         },
     )
     ranking, ranking_report = train_ranking(data, config, progress)

@@ -82,6 +82,8 @@ def fresh_topics(settings: Settings, prefix: str) -> Settings:
             "dead_letter": f"{prefix}.dlq",
             "labels": f"{prefix}.labels",
             "forget": f"{prefix}.forget",
+            "input_histograms": f"{prefix}.input-histograms",
+            "model_quality": f"{prefix}.model-quality",
         }
     )
     consumer = settings.consumer.model_copy(update={"group_id": f"streamscore-{prefix}"})

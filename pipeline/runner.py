@@ -43,6 +43,7 @@ from confluent_kafka import (
 
 import schemas
 from engines.base import Engine, EngineError
+from engines.drift import Profile
 from engines.factory import load_engine
 from engines.reload import ModelWatcher
 from pipeline.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce, Offsets, Rewind
@@ -56,6 +57,7 @@ from pipeline.features.pseudonym import Pseudonyms
 from pipeline.features.state import StateChange
 from pipeline.features.table import UserTable
 from pipeline.forget import Forgetter, ensure_forget_topic
+from pipeline.histograms import InputHistograms
 from pipeline.kafka.clients import (
     connect_catalog,
     consumer_config,
@@ -223,6 +225,9 @@ class Pipeline:
             features.allowed_lateness_s,
         )
         self._encoder = OutputEncoder(catalog)
+        self._histograms = InputHistograms(
+            settings.monitor.histogram_interval_s, catalog.output_id(schemas.INPUT_HISTOGRAM)
+        )
         self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
         self._watcher = ModelWatcher(
             settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
@@ -302,6 +307,10 @@ class Pipeline:
                         checkpoint.begin_batch()
                         checkpoint.end_batch({}, self.store.take_changes())
                         self._unsent_erasures = False
+                    if not in_flight and self._histograms.due() and self._histograms.counted:
+                        checkpoint.begin_batch()  # an idle input: histograms go out alone
+                        self._publish_histograms(checkpoint)
+                        checkpoint.end_batch({}, [])
                     self._swap_reloaded_models(checkpoint)
                 except Rewind as rewind:
                     self._discard()
@@ -323,6 +332,10 @@ class Pipeline:
                 self._sample_state(unacked)
             try:
                 self._drain(checkpoint)
+                if self._histograms.counted:
+                    checkpoint.begin_batch()
+                    self._publish_histograms(checkpoint)
+                    checkpoint.end_batch({}, [])
                 checkpoint.commit()
             except Rewind as rewind:
                 # Rolled back: the partitions' next owner reads it again from the last commit.
@@ -594,8 +607,11 @@ class Pipeline:
         producing = time.perf_counter()
         stage.labels("encode").observe(producing - encoding)
         headers = self._debug_headers(batch, inference)
+        self._histograms.add(batch.request.fraud, batch.features, scored.score)
         checkpoint.begin_batch()
         checkpoint.sink.publish(batch.columns, scored, encoded, batch.dead, headers)
+        if self._histograms.due():
+            self._publish_histograms(checkpoint)
         checkpoint.end_batch(
             _next_offsets(self.settings.topics.input, batch.columns), batch.changes
         )
@@ -610,6 +626,11 @@ class Pipeline:
         self._count(batch, scored)
         prepared_s = batch.decode_s + batch.features_s + batch.prepare_s
         self.stats.busy_s += prepared_s + time.perf_counter() - started
+
+    def _publish_histograms(self, checkpoint: Checkpoint) -> None:
+        """The input histograms counted since the last, into the open batch."""
+        topic = self.settings.topics.input_histograms
+        checkpoint.sink.publish_records(topic, self._histograms.take())
 
     def _debug_headers(self, batch: _Batch, inference: Inference) -> list[Headers] | None:
         """Per scored row: the features digest and the latency breakdown, when turned on.
@@ -756,7 +777,10 @@ def warm_kernels() -> float:
     )
     table = UserTable(2, max_users=1, ttl_s=1.0)
     featurizer = Featurizer(table, Pseudonyms.ephemeral(), 1800)
-    rows, _ = featurizer.process(columns, np.zeros(1, dtype=np.int64))
+    rows, features = featurizer.process(columns, np.zeros(1, dtype=np.int64))
+    columns_in = features.numeric.shape[1] + features.categorical.shape[1] + 1
+    one_bin = Profile(("c",) * columns_in, (np.zeros(0),) * columns_in, np.ones(columns_in))
+    one_bin.histogram(features.numeric, features.categorical, np.zeros(1, np.float32))
     table.evict()
     changes = table.take_changes()
     table.restore([c.partition for c in changes], [c.key for c in changes], [None])

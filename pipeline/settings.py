@@ -212,6 +212,11 @@ class TopicSettings(_Frozen):
         default="model-quality",
         description="`streamscore monitor`'s record per model version and report interval.",
     )
+    input_histograms: str = Field(
+        default="model-input-histograms",
+        description="Each pipeline instance's counts of the fraud model's inputs and scores "
+        "in the drift bins of the serving version, for the monitor's PSI.",
+    )
     partitions: PositiveInt = 4
     replication_factor: PositiveInt = 1
     dead_letter_retention_ms: PositiveInt = Field(
@@ -437,6 +442,11 @@ class MonitorSettings(_Frozen):
     )
     quality_window_s: PositiveFloat = Field(
         default=3600.0, description="Quality figures cover the labels of this last stretch."
+    )
+    histogram_interval_s: PositiveFloat = Field(
+        default=10.0,
+        description="How often each pipeline instance publishes its input histograms "
+        "(topics.input_histograms).",
     )
     report_interval_s: PositiveFloat = Field(
         default=30.0,

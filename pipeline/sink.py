@@ -130,6 +130,11 @@ class Sink:
             self._produce(self._topics.dead_letter, key, self._dead_letter.encode(record))
         self._producer.poll(0)
 
+    def publish_records(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+        """Queue encoded (key, value) records to `topic`, acknowledged with the outputs."""
+        for key, value in records:
+            self._produce(topic, key, value)
+
     def publish_state(self, changes: list[StateChange]) -> Unacked:
         """Queue changelog records: a user's state bytes, or a tombstone for an eviction.
         Returns the count of them still awaiting acknowledgement.

@@ -23,6 +23,7 @@ RECOMMENDATION = "recommendation"
 DEAD_LETTER = "dead_letter"
 FRAUD_LABEL = "fraud_label"
 MODEL_QUALITY = "model_quality"
+INPUT_HISTOGRAM = "input_histogram"
 
 # Wire id -> schema file stem. Ids are never reused; append new versions at the end. The
 # newest version of a schema is `<name>.avsc`; an older one, kept so its records can still
@@ -35,6 +36,7 @@ CATALOG: dict[int, str] = {
     5: FRAUD_LABEL,
     6: DEAD_LETTER,  # v2: payload_hash, for the redact mode
     7: MODEL_QUALITY,
+    8: INPUT_HISTOGRAM,
 }
 # The id each schema name is written with today (its newest version).
 CURRENT_ID: dict[str, int] = {

@@ -67,6 +67,7 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
             "dead_letter": f"t-{run}.dlq",
             "labels": f"t-{run}.labels",
             "forget": f"t-{run}.forget",
+            "input_histograms": f"t-{run}.input-histograms",
             "model_quality": f"t-{run}.quality",
             "partitions": 3,
         },

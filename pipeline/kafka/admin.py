@@ -86,6 +86,7 @@ def pipeline_topics(settings: Settings) -> list[str]:
         topics.dead_letter,
         topics.labels,
         topics.forget,
+        topics.input_histograms,
     ]
 
 

@@ -61,6 +61,7 @@ def pipeline_outputs(settings: Settings) -> dict[str, str]:
         schemas.FRAUD_SCORE: topics.fraud_scores,
         schemas.RECOMMENDATION: topics.recommendations,
         schemas.DEAD_LETTER: topics.dead_letter,
+        schemas.INPUT_HISTOGRAM: topics.input_histograms,
     }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,52 @@ class Tally:
         for name in self.__slots__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def to_json(self) -> dict[str, Any]:
+        """As plain lists and numbers (a model manifest holds its validation tally)."""
+        return {
+            name: value.tolist() if isinstance(value, np.ndarray) else value
+            for name in self.__slots__
+            if (value := getattr(self, name)) is not None
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Tally:
+        """The tally `to_json` wrote."""
+        tally = cls()
+        for name, value in data.items():
+            current = getattr(tally, name)
+            if isinstance(current, np.ndarray):
+                value = np.array(value, dtype=current.dtype)
+            setattr(tally, name, value)
+        return tally
+
+
+def at_thresholds(tally: Tally, decision: DecisionSettings) -> Tally:
+    """`tally` with its threshold counts taken again from its score histograms at
+    `decision`'s thresholds (exact for thresholds on a 1/SCORE_BINS step): a validation
+    tally stored at training time, read under today's thresholds.
+    """
+    out = Tally.from_json(tally.to_json())
+    for i, threshold in enumerate((decision.review_threshold, decision.block_threshold)):
+        first = min(int(np.floor(threshold * SCORE_BINS + 1e-9)), SCORE_BINS - 1)
+        out.flagged[i] = tally.positives[first:].sum() + tally.negatives[first:].sum()
+        out.flagged_hits[i] = tally.positives[first:].sum()
+    return out
+
+
+def tally(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    decision: DecisionSettings,
+    delays_s: np.ndarray | None = None,
+) -> Tally:
+    """One tally of outcomes (training's validation set; the window's joins per bucket)."""
+    out = Tally()
+    thresholds = np.array([decision.review_threshold, decision.block_threshold])
+    delays = np.zeros(len(scores)) if delays_s is None else delays_s
+    _tally_into(out, scores.astype(np.float64), labels.astype(bool), delays, thresholds)
+    return out
+
 
 class Window:
     """Each model version's tallies over the last `window_s`, in buckets by time."""
@@ -64,6 +111,7 @@ class Window:
         self._bucket_ms = max(1.0, window_s * 1000.0 / BUCKETS_PER_WINDOW)
         self._thresholds = np.array([decision.review_threshold, decision.block_threshold])
         self._tallies: dict[str, dict[int, Tally]] = {}
+        self._inputs: dict[str, dict[int, np.ndarray]] = {}  # input histograms (drift)
 
     def served(self, version: str, scored_ms: np.ndarray) -> None:
         """Scores of `version` served at `scored_ms` (coverage's denominator)."""
@@ -100,11 +148,30 @@ class Window:
                 self._thresholds,
             )
 
+    def inputs(self, version: str, counts: np.ndarray, at_ms: int) -> None:
+        """An input histogram of `version` (the pipeline's, ending at `at_ms`)."""
+        buckets = self._inputs.setdefault(version, {})
+        bucket = int(self._bucket(np.array([at_ms]))[0])
+        buckets[bucket] = buckets[bucket] + counts if bucket in buckets else counts
+
+    def input_counts(self, version: str) -> np.ndarray | None:
+        """The sum of `version`'s input histograms in the window at the last `report`."""
+        buckets = self._inputs.get(version)
+        if not buckets:
+            return None
+        total: np.ndarray = np.sum(list(buckets.values()), axis=0)
+        return total
+
     def report(self, now_ms: float) -> dict[str, dict[str, float]]:
         """Per model version with anything in the window ending at `now_ms`: its figures
         (NaN where undefined). Buckets that left the window are dropped.
         """
         oldest = int(self._bucket(np.array([now_ms - self.window_s * 1000.0]))[0]) + 1
+        for version, inputs in list(self._inputs.items()):
+            for bucket in [b for b in inputs if b < oldest]:
+                del inputs[bucket]
+            if not inputs:
+                del self._inputs[version]
         out = {}
         for version, buckets in list(self._tallies.items()):
             for bucket in [b for b in buckets if b < oldest]:

@@ -1,10 +1,14 @@
 """`streamscore monitor`: read the scores served and the delayed labels, join them, and
 report online quality per model version.
 
-One process reads every partition of the fraud-score topic (read_committed) and of the
-labels topic. Scores are keyed by user id and labels by event id, so the two sides of one
-event sit in unrelated partitions, and a consumer group would split them between members:
-run one monitor per pipeline (`replicas: 1`).
+One process reads every partition of the fraud-score topic (read_committed), of the
+labels topic, and of the pipeline's input histograms (for PSI). Scores are keyed by user
+id and labels by event id, so the two sides of one event sit in unrelated partitions, and a
+consumer group would split them between members: run one monitor per pipeline
+(`replicas: 1`).
+
+PSI and the baseline figures the alerts compare with come from each version's manifest in
+`engine.model_dir` (its drift profile and validation tally).
 
 Every `monitor.report_interval_s`, one transaction holds: the changes to the waiting
 records (`<group_id>.changelog`, compacted), a ModelQuality record per model version
@@ -21,6 +25,7 @@ import math
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,19 +42,24 @@ from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 from prometheus_client import Counter, Gauge
 
 import schemas
+from engines.base import EngineError
+from engines.drift import Profile
+from engines.registry import resolve
 from pipeline.checkpoint import transactional_call
 from pipeline.codec import DecodeError, Decoder, Encoder
 from pipeline.kafka.admin import connect, new_topic, topic_partitions
 from pipeline.kafka.clients import connect_catalog, monitor_outputs, producer_config
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
+from pipeline.monitor import quality
 from pipeline.monitor.join import LABELS, SCORES, Join, Pair
-from pipeline.monitor.quality import Window
+from pipeline.monitor.quality import Tally, Window, at_thresholds
 from pipeline.settings import Settings
 from pipeline.telemetry import Health
 from schemas.catalog import Catalog, RegistryUnavailable
 
 log = get_logger()
+INPUTS = "inputs"
 
 
 def monitor_changelog(settings: Settings) -> str:
@@ -158,6 +168,7 @@ class Monitor:
         self.last_report: dict[str, dict[str, float]] = {}
         self._next: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._names: dict[str, str] = {}  # model version -> model name
+        self._models: dict[str, _Reference | None] = {}  # model version -> its manifest's
         self._expired = dict(self.join.expired)
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
@@ -257,7 +268,7 @@ class Monitor:
         topics = self._settings.topics
         wanted = [
             Position(topic, partition)
-            for topic in (topics.fraud_scores, topics.labels)
+            for topic in (topics.fraud_scores, topics.labels, topics.input_histograms)
             for partition in topic_partitions(consumer, topic)
         ]
         committed = consumer.committed(wanted, timeout=30)
@@ -277,6 +288,7 @@ class Monitor:
         return {
             topics.fraud_scores: (SCORES, Decoder(schemas.FRAUD_SCORE, catalog)),
             topics.labels: (LABELS, Decoder(schemas.FRAUD_LABEL, catalog)),
+            topics.input_histograms: (INPUTS, Decoder(schemas.INPUT_HISTOGRAM, catalog)),
         }
 
     # -- reading --------------------------------------------------------------------------
@@ -301,6 +313,9 @@ class Monitor:
             side, decoder = decoders[topic]
             record = self._decode(decoder, message, stop)
             if record is None:
+                continue
+            if side == INPUTS:
+                self._add_inputs(record, topic, offset)
                 continue
             if side == SCORES:
                 version = record["model_version"]
@@ -343,6 +358,42 @@ class Monitor:
                     raise
                 backoff = min(2 * backoff, 10.0)
 
+    def _add_inputs(self, record: dict[str, Any], topic: str, offset: int) -> None:
+        """An input histogram, when its version's profile is known and its bins match."""
+        version = record["model_version"]
+        self._names.setdefault(version, record["model_name"])
+        reference = self._reference(version)
+        counts = np.array(record["counts"], dtype=np.int64)
+        if reference is None or reference.profile is None:
+            return  # no profile to compare with (said once, in _reference)
+        if len(counts) != reference.profile.bins:
+            self.telemetry.unreadable.labels(topic=topic).inc()
+            log.warning("monitor_histogram_mismatch", topic=topic, offset=offset, version=version)
+            return
+        self.window.inputs(version, counts, record["end_time"])
+
+    def _reference(self, version: str) -> _Reference | None:
+        """The drift profile and validation figures of `version`, from its manifest in
+        engine.model_dir; None (logged once) when that directory does not hold it.
+        """
+        if version in self._models:
+            return self._models[version]
+        name = self._names.get(version, "fraud")
+        try:
+            manifest = resolve(self._settings.engine.model_dir, name, version).manifest
+        except EngineError as exc:
+            log.warning("monitor_model_unknown", model=name, version=version, reason=str(exc))
+            self._models[version] = None
+            return None
+        validation = manifest.get("validation")
+        baseline = (
+            quality.figures(at_thresholds(Tally.from_json(validation), self._settings.decision))
+            if validation is not None
+            else {}
+        )
+        reference = self._models[version] = _Reference(Profile.from_manifest(manifest), baseline)
+        return reference
+
     def _add_pairs(self, pairs: list[Pair]) -> None:
         self.telemetry.joined_total.inc(len(pairs))
         by_version: dict[str, list[Pair]] = defaultdict(list)
@@ -369,9 +420,13 @@ class Monitor:
         join.expire(now_ms)
         changes = join.changes()
         report = self.window.report(now_ms)
-        quality = [
-            (version.encode(), encoder.encode(self._quality_record(version, figures, now_ms)))
-            for version, figures in report.items()
+        psi = {version: self._psi(version) for version in report}
+        records = [
+            (
+                version.encode(),
+                encoder.encode(self._quality_record(version, f, psi[version], now_ms)),
+            )
+            for version, f in report.items()
         ]
         positions = [Position(t, p, o) for (t, p), o in self._next.items()]
         changelog, quality_topic = monitor_changelog(settings), settings.topics.model_quality
@@ -381,7 +436,7 @@ class Monitor:
                 for key, value in changes:
                     producer.produce(changelog, value, key)
                     producer.poll(0)
-                for key, value in quality:
+                for key, value in records:
                     producer.produce(quality_topic, value, key)
                 if positions:
                     transactional_call(
@@ -401,21 +456,37 @@ class Monitor:
             self._expired[side] = count
         for side, count in join.pending().items():
             telemetry.pending.labels(side=side).set(count)
-        for version, figures in report.items():
-            for name, figure in figures.items():
+        for version, online in report.items():
+            for name, figure in online.items():
                 telemetry.quality.labels(model_version=version, figure=name).set(figure)
+            for feature, index in psi[version].items():
+                telemetry.psi.labels(model_version=version, feature=feature).set(index)
+            reference = self._reference(version)
+            for name, figure in (reference.baseline if reference else {}).items():
+                telemetry.baseline.labels(model_version=version, figure=name).set(figure)
         telemetry.last_report.set(now_ms / 1000.0)
         self.last_report = report
         log.info(
             "model_quality",
             versions={v: _rounded(f) for v, f in report.items()},
+            psi_over_0_2={v: sorted(k for k, x in p.items() if x > 0.2) for v, p in psi.items()},
             pending=join.pending(),
             unjoined=join.expired,
             changelog_records=len(changes),
         )
 
+    def _psi(self, version: str) -> dict[str, float]:
+        """PSI per input column and for the score over the window (empty without a profile
+        or without histograms).
+        """
+        reference = self._reference(version)
+        counts = self.window.input_counts(version)
+        if reference is None or reference.profile is None or counts is None:
+            return {}
+        return {k: v for k, v in reference.profile.psi(counts).items() if not math.isnan(v)}
+
     def _quality_record(
-        self, version: str, figures: dict[str, float], now_ms: float
+        self, version: str, figures: dict[str, float], psi: dict[str, float], now_ms: float
     ) -> dict[str, Any]:
         def nullable(name: str) -> float | None:
             value = figures[name]
@@ -429,12 +500,22 @@ class Monitor:
             "role": "champion",
             "served": int(figures["served"]),
             "labelled": int(figures["labelled"]),
-            "psi": {},
+            "psi": psi,
         }
         for name in figures:
             if name not in record:
                 record[name] = nullable(name)
         return record
+
+
+@dataclass(frozen=True, slots=True)
+class _Reference:
+    """What a model version's manifest says of its training: its drift profile (None for
+    a version trained before profiles) and its validation figures (empty likewise).
+    """
+
+    profile: Profile | None
+    baseline: dict[str, float]
 
 
 def _rounded(figures: dict[str, float]) -> dict[str, float]:

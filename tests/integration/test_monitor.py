@@ -12,12 +12,16 @@ import pytest
 from confluent_kafka import Producer
 
 import schemas
+from engines.registry import resolve
 from pipeline.codec import Encoder
 from pipeline.demo import read_messages, read_topic
+from pipeline.generator import GeneratorConfig
 from pipeline.kafka.clients import connect_catalog, producer_config
+from pipeline.loadgen import produce_clickstream
 from pipeline.monitor.join import LABELS, SCORES
 from pipeline.monitor.service import Monitor, monitor_changelog
 from schemas.catalog import subject
+from tests.integration.test_registry import Running as PipelineRunning
 from tests.integration.test_registry import client
 
 pytestmark = pytest.mark.integration
@@ -165,3 +169,46 @@ def waiting_in_changelog(settings):
     for message in read_messages(settings, monitor_changelog(settings)):
         latest[message.key()] = message.value()
     return {key for key, value in latest.items() if value is not None}
+
+
+def test_pipeline_histograms_and_manifest_give_psi_and_baseline(kafka_settings):
+    """The real pipeline scores generated events and publishes its input histograms; the
+    monitor joins the generator's labels, and reads the serving version's manifest for PSI
+    and the validation figures.
+    """
+    settings = kafka_settings.model_copy(
+        update={
+            "monitor": kafka_settings.monitor.model_copy(
+                update={"report_interval_s": 0.5, "histogram_interval_s": 0.2}
+            )
+        }
+    )
+    config = GeneratorConfig(events=3_000, users=300, seed=5).anchored_before(time.time())
+    produce_clickstream(settings, config)
+    pipeline = PipelineRunning(settings)
+    monitor = Running(settings)
+    try:
+        monitor.wait_joined(3_000, timeout_s=120)
+        deadline = time.monotonic() + 30
+        while not monitor.metric("streamscore_model_psi", model_version="1", feature="score"):
+            assert time.monotonic() < deadline, monitor.monitor.last_report
+            time.sleep(0.2)
+    finally:
+        pipeline.close()
+        monitor.close()
+    online = monitor.monitor.last_report["1"]
+    assert online["labelled"] == 3_000 and online["served"] == 3_000
+    baseline = monitor.metric("streamscore_model_baseline", model_version="1", figure="pr_auc")
+    assert 0 < baseline <= 1
+    features = resolve(settings.engine.model_dir, "fraud", "1").manifest["features"]
+    psi = {
+        name: monitor.metric("streamscore_model_psi", model_version="1", feature=name)
+        for name in [*features, "score"]
+    }
+    assert all(value is not None and value >= 0 for value in psi.values()), psi
+    histograms = read_topic(settings, settings.topics.input_histograms, schemas.INPUT_HISTOGRAM)
+    assert sum(record["events"] for record, _ in histograms) == 3_000
+    records = [
+        r for r, _ in read_topic(settings, settings.topics.model_quality, schemas.MODEL_QUALITY)
+    ]
+    assert set(records[-1]["psi"]) == set(psi)

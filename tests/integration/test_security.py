@@ -124,6 +124,8 @@ def secure_settings(bootstrap, ca, model_dir, password_file):
             "dead_letter": f"s-{run}.dlq",
             "labels": f"s-{run}.labels",
             "forget": f"s-{run}.forget",
+            "input_histograms": f"s-{run}.input-histograms",
+            "model_quality": f"s-{run}.model-quality",
             "partitions": 2,
         },
         consumer={"group_id": f"g-{run}"},
