@@ -297,9 +297,11 @@ class Pipeline:
                         in_flight.append(self._prepare(messages))  # takes their tombstones
                         self._unsent_erasures = False
                         self._registry_hold.succeeded()
+                        telemetry.held(None)  # a batch decoded: the registry answers again
                     elif backpressure.held is not None and self._registry_hold.due():
-                        backpressure.release(consumer)  # try again: the batch is read anew
-                        telemetry.held(None)
+                        # Try again (the batch is read anew). Still held, and not ready,
+                        # until a batch decodes: a retry is no sign the registry is back.
+                        backpressure.release(consumer)
                         log.info("input_released", reason="retrying the schema registry")
                     while len(in_flight) > depth or (in_flight and not messages):
                         self._finish(in_flight.popleft(), checkpoint)
@@ -361,8 +363,9 @@ class Pipeline:
     ) -> None:
         """The registry did not answer a lookup this batch needs: the batch changed nothing
         (decode comes first), so put it back (each of its partitions seeks to its first
-        offset in it), pause the input and report not-ready until the next try is due.
-        Batches already prepared finish as usual. Nothing is dead-lettered for an outage.
+        offset in it), pause the input until the next try is due, and report not-ready
+        until a batch decodes again. Batches already prepared finish as usual. Nothing is
+        dead-lettered for an outage.
         """
         first: dict[tuple[str, int], int] = {}
         for message in messages:

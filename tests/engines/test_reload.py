@@ -94,3 +94,21 @@ def test_a_pinned_version_never_reloads(models):
         assert watcher.loading() == {}
     finally:
         watcher.close()
+
+
+def test_removing_the_newest_version_rolls_back_to_the_one_before(models):
+    """docs/operations.md's rollback: the watcher serves what is newest in the directory."""
+    clock = Clock()
+    previous = versions(models, "fraud")[-1]
+    bad = publish_copy(models, "fraud")
+    serving = {"fraud": bad, "ranking": versions(models, "ranking")[-1]}
+    watcher = ModelWatcher(settings_for(models), serving, clock)
+    try:
+        shutil.move(models / "fraud" / bad, models / f"fraud-{bad}-withdrawn")
+        clock.now = 5.0
+        watcher.poll()
+        [(role, engine)] = drain(watcher)
+        assert (role, engine.version) == ("fraud", previous)
+        engine.close()
+    finally:
+        watcher.close()
