@@ -1,11 +1,16 @@
 """Versioned model directories.
 
 Layout: `<model_dir>/<name>/<version>/{model.onnx, weights.pt, manifest.json}`.
+
+A version's manifest names its role: `champion` (the default: it may serve, and `latest`
+is the newest champion) or `challenger` (trained by `streamscore retrain`; shadow-scored
+only, until `promote` makes it a champion).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,7 @@ from engines.base import EngineError
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.pt"
+CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +43,23 @@ class ModelArtifact:
         return self.path / WEIGHTS_FILE
 
 
-def versions(model_dir: Path, name: str) -> list[str]:
-    """Versions of `name` with a manifest, oldest first."""
+def versions(model_dir: Path, name: str, role: str | None = CHAMPION) -> list[str]:
+    """Versions of `name` with a manifest and in `role` (None: any), oldest first."""
     root = model_dir / name
     if not root.is_dir():
         return []
-    found = [child.name for child in root.iterdir() if (child / MANIFEST).is_file()]
+    found = [
+        child.name
+        for child in root.iterdir()
+        if (child / MANIFEST).is_file()
+        and (role is None or role_of(json.loads((child / MANIFEST).read_text())) == role)
+    ]
     return sorted(found, key=lambda v: (len(v), v))
+
+
+def role_of(manifest: dict[str, Any]) -> str:
+    """A manifest's role; versions from before roles are champions."""
+    return str(manifest.get("role", CHAMPION))
 
 
 def resolve(model_dir: Path, name: str, version: str = "latest") -> ModelArtifact:
@@ -54,7 +70,7 @@ def resolve(model_dir: Path, name: str, version: str = "latest") -> ModelArtifac
             f"no versions of model {name!r} under {model_dir}; run `streamscore train`"
         )
     chosen = available[-1] if version == "latest" else version
-    if chosen not in available:
+    if chosen not in versions(model_dir, name, role=None):
         raise EngineError(f"model {name!r} has no version {version!r}; have {available}")
     path = model_dir / name / chosen
     manifest = json.loads((path / MANIFEST).read_text())
@@ -63,7 +79,7 @@ def resolve(model_dir: Path, name: str, version: str = "latest") -> ModelArtifac
 
 def next_version_dir(model_dir: Path, name: str) -> tuple[str, Path]:
     """A fresh version number and its (created) directory."""
-    existing = [int(v) for v in versions(model_dir, name) if v.isdigit()]
+    existing = [int(v) for v in versions(model_dir, name, role=None) if v.isdigit()]
     version = str(max(existing, default=0) + 1)
     path = model_dir / name / version
     path.mkdir(parents=True, exist_ok=False)
@@ -73,3 +89,18 @@ def next_version_dir(model_dir: Path, name: str) -> tuple[str, Path]:
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest last, so a half-written version is never picked up."""
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def promote(model_dir: Path, name: str, version: str, record: dict[str, Any]) -> ModelArtifact:
+    """Make challenger `version` a champion, with `record` (why, and its figures) in its
+    manifest. The manifest is replaced atomically, so a reader sees the old one or the new
+    one; the reload watcher then serves it as the newest champion.
+    """
+    artifact = resolve(model_dir, name, version)
+    if role_of(artifact.manifest) != CHALLENGER:
+        raise EngineError(f"model {name!r} version {version!r} is not a challenger")
+    manifest = artifact.manifest | {"role": CHAMPION, "promotion": record}
+    staged = artifact.path / f".{MANIFEST}.promoting"
+    staged.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(staged, artifact.path / MANIFEST)
+    return ModelArtifact(name, version, artifact.path, manifest)

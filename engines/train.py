@@ -22,7 +22,7 @@ from engines.drift import Profile
 from engines.export import OPSET, export_onnx
 from engines.models import FraudModel, RankingModel, for_serving, map_item_ids
 from engines.models.ranking import FIRST_ID
-from engines.registry import next_version_dir, resolve, write_manifest
+from engines.registry import CHALLENGER, next_version_dir, resolve, write_manifest
 from pipeline.events import ClickEvent
 from pipeline.features import FeatureBatch, compute_features
 from pipeline.features import spec as feature_spec
@@ -365,20 +365,22 @@ def needs_training(model_dir: Path) -> bool:
     return False
 
 
-def train_all(model_dir: Path, config: TrainConfig, progress: Progress) -> dict[str, Any]:
-    """Train, evaluate and save both models; return their metrics."""
-    data = build_dataset(config)
-    common = {
-        "feature_hash": feature_spec.feature_hash(),
-        "training_data": data.fingerprint,
-        "train_config": asdict(config),
-    }
-    fraud, fraud_report, validation_scores = train_fraud(data, config, progress)
-    fraud_names = list(feature_spec.FRAUD_NUMERIC) + list(feature_spec.FRAUD_CATEGORICAL)
+def save_fraud(
+    model_dir: Path,
+    data: Dataset,
+    fraud: FraudModel,
+    report: dict[str, float],
+    validation_scores: np.ndarray,
+    extra: dict[str, Any],
+) -> Path:
+    """Save a trained fraud model as the next version, with what the monitor compares the
+    served population and the online quality with: the drift profile of its training
+    inputs and validation scores, and its validation tally.
+    """
+    names = list(feature_spec.FRAUD_NUMERIC) + list(feature_spec.FRAUD_CATEGORICAL)
     train = slice(0, data.split)
-    # What the monitor compares the served population and the online quality with.
     profile = Profile.fit(
-        fraud_names,
+        names,
         data.features.numeric[train],
         data.features.categorical[train],
         [feature_spec.CATEGORICAL_CARDINALITY[n] for n in feature_spec.FRAUD_CATEGORICAL],
@@ -387,7 +389,7 @@ def train_all(model_dir: Path, config: TrainConfig, progress: Progress) -> dict[
     validation = quality.tally(
         validation_scores, data.labels[data.split :] > 0.5, DecisionSettings()
     )
-    save_model(
+    return save_model(
         model_dir,
         "fraud",
         fraud,
@@ -401,14 +403,61 @@ def train_all(model_dir: Path, config: TrainConfig, progress: Progress) -> dict[
             "cardinalities": [e.num_embeddings for e in fraud.embeddings],
             "embedding_dim": fraud.embedding_dim,
         },
-        common
+        extra
         | {
-            "features": fraud_names,
-            "metrics": fraud_report,
+            "features": names,
+            "metrics": report,
             "drift": profile.to_manifest(),
             "validation": validation.to_json(),
         },
     )
+
+
+def retrain_fraud(
+    model_dir: Path,
+    events: list[ClickEvent],
+    labels: np.ndarray,
+    config: TrainConfig,
+    progress: Progress,
+    source: dict[str, Any],
+) -> tuple[Path, dict[str, float]]:
+    """Train a fraud challenger on labelled events read back from the topics (in event
+    time order; the later `validation_fraction` validates) and save it as the next version
+    in the challenger role; `source` says what it was trained on.
+    """
+    features = compute_features(events, config.history_length, config.session_gap_s)
+    digest = hashlib.sha256("".join(e.event_id for e in events).encode()).hexdigest()[:16]
+    data = Dataset(
+        events=events,
+        labels=labels.astype(np.float32),
+        features=features,
+        split=int(len(events) * (1 - config.validation_fraction)),
+        items=0,
+        categories=0,
+        item_categories=np.zeros(0, dtype=np.int64),
+        fingerprint=digest,
+    )
+    fraud, report, validation_scores = train_fraud(data, config, progress)
+    extra = {
+        "feature_hash": feature_spec.feature_hash(),
+        "training_data": digest,
+        "train_config": asdict(config),
+        "role": CHALLENGER,
+        "trained_on": source,
+    }
+    return save_fraud(model_dir, data, fraud, report, validation_scores, extra), report
+
+
+def train_all(model_dir: Path, config: TrainConfig, progress: Progress) -> dict[str, Any]:
+    """Train, evaluate and save both models; return their metrics."""
+    data = build_dataset(config)
+    common = {
+        "feature_hash": feature_spec.feature_hash(),
+        "training_data": data.fingerprint,
+        "train_config": asdict(config),
+    }
+    fraud, fraud_report, validation_scores = train_fraud(data, config, progress)
+    save_fraud(model_dir, data, fraud, fraud_report, validation_scores, common)
     ranking, ranking_report = train_ranking(data, config, progress)
     shape = (4, config.history_length)
     save_model(

@@ -17,7 +17,7 @@ from rich.progress import Progress, TaskID
 
 from pipeline.kafka.broker import LocalBroker
 from pipeline.kafka.registry import LocalRegistry
-from pipeline.logging import configure_logging
+from pipeline.logging import configure_logging, get_logger
 from pipeline.settings import DEFAULT_REGISTRY_URL, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ app.add_typer(registry_app, name="registry")
 schemas_app = typer.Typer(help="Schemas in the registry: register, check, list.")
 app.add_typer(schemas_app, name="schemas")
 console = Console(stderr=True)
+log = get_logger()
 
 ConfigOption = Annotated[
     Path | None,
@@ -333,6 +334,68 @@ def train(
 
         results = train_all(directory, train_config, report)
     _print_metrics(results)
+
+
+@app.command()
+def retrain(
+    window_h: Annotated[
+        float, typer.Option(help="Train on the labelled events of this many last hours.")
+    ] = 24.0,
+    min_events: Annotated[
+        int, typer.Option(help="Refuse to train on fewer labelled events.")
+    ] = 1000,
+    max_epochs: int = 12,
+    config: ConfigOption = None,
+) -> None:
+    """Train a fraud challenger on recent labelled events read from the input and labels
+    topics; it is saved as the next version in the challenger role (shadow-scored, never
+    serving until promoted).
+    """
+    from engines.train import TrainConfig, retrain_fraud
+    from pipeline.retrain import labelled_events
+
+    settings = _settings(config)
+    labelled = labelled_events(settings, window_h * 3600)
+    if len(labelled.events) < min_events or not labelled.labels.any():
+        console.print(
+            f"[red]{len(labelled.events)} labelled events ({int(labelled.labels.sum())} "
+            f"fraud) in the last {window_h:g} h: fewer than --min-events {min_events}, or no "
+            "fraud to learn from; nothing trained[/red]"
+        )
+        raise typer.Exit(1)
+    train_config = TrainConfig(max_epochs=max_epochs)
+    path, report = retrain_fraud(
+        settings.engine.model_dir,
+        labelled.events,
+        labelled.labels,
+        train_config,
+        lambda *_: None,
+        labelled.describe(),
+    )
+    log.info("challenger_trained", version=path.name, **labelled.describe(), **report)
+    console.print(f"challenger fraud version {path.name} under {path.parent}")
+    _print_metrics({"fraud": dict(report)})
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Option(help="The challenger version to promote.")],
+    reason: Annotated[str, typer.Option(help="Why, kept in its manifest.")] = "by hand",
+    config: ConfigOption = None,
+) -> None:
+    """Make a fraud challenger the champion: processes serving `latest` load it live."""
+    from engines.base import EngineError
+    from engines.registry import promote as promote_version
+
+    settings = _settings(config)
+    record = {"at_ms": int(time.time() * 1000), "reason": reason}
+    try:
+        artifact = promote_version(settings.engine.model_dir, "fraud", version, record)
+    except EngineError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    log.info("model_promoted", model="fraud", version=artifact.version, **record)
+    console.print(f"fraud version {artifact.version} is the champion")
 
 
 def _print_metrics(results: dict[str, dict[str, object]]) -> None:
