@@ -87,6 +87,17 @@ class Profile:
         self, numeric: np.ndarray, categorical: np.ndarray, scores: np.ndarray
     ) -> np.ndarray:
         """Counts (int64, `bins`) of a batch's inputs and scores in the profile's bins."""
+        # The kernel does not check bounds: refuse what it would read past an array's end.
+        if not len(numeric) == len(categorical) == len(scores):
+            raise ValueError(
+                f"rows differ: {len(numeric)} numeric, {len(categorical)} categorical, "
+                f"{len(scores)} scores"
+            )
+        if numeric.shape[1] + categorical.shape[1] + 1 != len(self.cuts):
+            raise ValueError(
+                f"{numeric.shape[1]} numeric and {categorical.shape[1]} categorical inputs "
+                f"and the score, but the profile bins {len(self.cuts)} columns"
+            )
         layout = self.layout
         counts = np.zeros(layout.total, dtype=np.int64)
         if len(scores):

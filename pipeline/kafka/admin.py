@@ -90,10 +90,16 @@ def pipeline_topics(settings: Settings) -> list[str]:
     ]
 
 
+def monitor_changelog(settings: Settings) -> str:
+    """The compacted topic of `streamscore monitor`'s waiting records."""
+    return f"{settings.monitor.group_id}.changelog"
+
+
 def new_topic(settings: Settings, name: str) -> NewTopic:
     """How `name` is created: the configured partitions, but one for the forget topic
-    (its requests are read in one order by every instance); the dead-letter and forget
-    topics get their retention.
+    (its requests are read in one order by every instance) and for the monitor's changelog
+    (one monitor owns it); the dead-letter and forget topics get their retention, and the
+    monitor's changelog is compacted.
     """
     topics = settings.topics
     partitions, config = topics.partitions, {}
@@ -101,6 +107,8 @@ def new_topic(settings: Settings, name: str) -> NewTopic:
         config = {"retention.ms": str(topics.dead_letter_retention_ms)}
     elif name == topics.forget:
         partitions, config = 1, {"retention.ms": str(topics.forget_retention_ms)}
+    elif name == monitor_changelog(settings):
+        partitions, config = 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
     return NewTopic(name, partitions, topics.replication_factor, config=config)
 
 

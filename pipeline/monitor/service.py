@@ -38,7 +38,6 @@ from confluent_kafka import (
     Producer,
 )
 from confluent_kafka import TopicPartition as Position
-from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 from prometheus_client import Counter, Gauge
 
 import schemas
@@ -47,7 +46,7 @@ from engines.drift import Profile
 from engines.registry import resolve
 from pipeline.checkpoint import transactional_call
 from pipeline.codec import DecodeError, Decoder, Encoder
-from pipeline.kafka.admin import connect, new_topic, topic_partitions
+from pipeline.kafka.admin import create_topics, monitor_changelog, topic_partitions
 from pipeline.kafka.clients import connect_catalog, monitor_outputs, producer_config
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
@@ -62,38 +61,9 @@ log = get_logger()
 INPUTS = "inputs"
 
 
-def monitor_changelog(settings: Settings) -> str:
-    """The compacted topic of the monitor's waiting records."""
-    return f"{settings.monitor.group_id}.changelog"
-
-
 def ensure_monitor_topics(settings: Settings, timeout_s: float = 30) -> None:
-    """Create the model-quality topic and the monitor's changelog (compacted, one
-    partition: one monitor owns it) when missing.
-    """
-    admin = connect(settings, timeout_s)
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
-    changelog = monitor_changelog(settings)
-    wanted = {
-        changelog: NewTopic(
-            changelog,
-            1,
-            settings.topics.replication_factor,
-            config={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
-        ),
-        settings.topics.model_quality: new_topic(settings, settings.topics.model_quality),
-    }
-    missing = [topic for name, topic in wanted.items() if name not in existing]
-    if not missing:
-        return
-    for future in admin.create_topics(missing, operation_timeout=timeout_s).values():
-        try:
-            future.result()
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
-    for topic in missing:
-        topic_partitions(admin, topic.topic, timeout_s, expected=topic.num_partitions)
+    """Create the model-quality topic and the monitor's changelog when missing."""
+    create_topics(settings, [monitor_changelog(settings), settings.topics.model_quality], timeout_s)
 
 
 class MonitorTelemetry(Health):

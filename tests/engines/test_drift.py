@@ -100,3 +100,11 @@ def test_a_profile_survives_its_manifest(profile):
     assert all(np.array_equal(a, b) for a, b in zip(again.cuts, profile.cuts, strict=True))
     assert np.array_equal(again.expected, profile.expected)
     assert Profile.from_manifest({}) is None
+
+
+def test_rows_that_do_not_line_up_are_refused_before_the_kernel_reads_them(profile):
+    numeric, categorical, scores = training(np.random.default_rng(5), 10)
+    with pytest.raises(ValueError, match="rows differ"):
+        profile.histogram(numeric, categorical, scores[:5])
+    with pytest.raises(ValueError, match="the profile bins 4 columns"):
+        profile.histogram(numeric[:, :1], categorical, scores)

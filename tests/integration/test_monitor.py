@@ -16,10 +16,11 @@ from engines.registry import resolve
 from pipeline.codec import Encoder
 from pipeline.demo import read_messages, read_topic
 from pipeline.generator import GeneratorConfig
+from pipeline.kafka.admin import monitor_changelog
 from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.loadgen import produce_clickstream
 from pipeline.monitor.join import LABELS, SCORES
-from pipeline.monitor.service import Monitor, monitor_changelog
+from pipeline.monitor.service import Monitor
 from schemas.catalog import subject
 from tests.integration.test_registry import Running as PipelineRunning
 from tests.integration.test_registry import client
