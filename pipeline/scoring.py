@@ -228,7 +228,9 @@ class Scorer:
 def infer(request: Request) -> Inference:
     """Run `request`'s engines: the only step that may run off the loop's thread."""
     started = time.perf_counter()
-    probability = contributions = np.zeros(0, dtype=np.float32)
+    # A batch with no row to score (all replays, say) still has two-dimensional reasons.
+    probability = np.zeros(0, dtype=np.float32)
+    contributions = np.zeros((0, 0), dtype=np.float32)
     if request.fraud_chunks:
         outputs = [request.fraud.infer(chunk) for chunk in request.fraud_chunks]
         probability = np.concatenate([out["score"] for out in outputs])

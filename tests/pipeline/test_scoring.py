@@ -167,3 +167,11 @@ def test_the_inference_thread_scores_in_submission_order_and_hands_back_engine_e
     finally:
         thread.close()
     assert fraud.threads == ({"MainThread"} if depth == 0 else {"inference_0"})
+
+
+def test_a_batch_with_no_row_to_score_shapes_and_encodes_nothing():
+    """A batch whose rows are all replays reaches scoring with none: no crash, no output."""
+    columns, rows, features = featurised(click_record(event_id="a"))
+    none = rows[:0]
+    fraud, recommendations = score(scorer(FakeFraud([0.5])), columns, none, features)
+    assert fraud == [] and recommendations == []
