@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -32,9 +32,9 @@ from pipeline.kafka.admin import (
     committed_offsets,
     create_topics,
     end_offsets,
-    topic_partitions,
 )
 from pipeline.kafka.clients import reading_catalog
+from pipeline.kafka.messages import read_messages
 from pipeline.loadgen import produce_clickstream
 from pipeline.settings import Settings, settings_env, with_local_key
 from schemas.catalog import subject
@@ -197,43 +197,6 @@ def read_topic(
         (decoder.decode(message.value()), message.timestamp()[1])
         for message in read_messages(settings, topic, timeout_s)
     ]
-
-
-def read_messages(settings: Settings, topic: str, timeout_s: float = 60) -> list[Message]:
-    """Every committed message of `topic`: read until each partition reports its end, which
-    a transaction's trailing marker cannot delay.
-    """
-    consumer = Consumer(
-        settings.kafka.client_config()
-        | {
-            "group.id": f"reader-{time.monotonic_ns()}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
-    try:
-        pending = set(topic_partitions(consumer, topic))
-        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
-        out: list[Message] = []
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{topic}: partitions {sorted(pending)} not read to their end in "
-                    f"{timeout_s:.0f}s ({len(out)} records read)"
-                )
-            for message in consumer.consume(1000, 0.5):
-                error = message.error()
-                if error is None:
-                    out.append(message)
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    pending.discard(message.partition())
-                else:
-                    raise KafkaException(error)
-        return out
-    finally:
-        consumer.close()
 
 
 def _summarise(settings: Settings, stats: dict[str, Any], with_candidates: int) -> dict[str, Any]:

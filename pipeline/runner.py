@@ -176,17 +176,23 @@ class RegistryHold:
         self._first = self._next = backoff_s
         self._max = max_s
         self.retry_at = 0.0
+        self._failing = False
 
     def failed(self) -> float:
         """A try failed: schedule the next; return the wait."""
         wait = self._next
         self.retry_at = time.monotonic() + wait
         self._next = min(2 * wait, self._max)
+        self._failing = True
         return wait
 
-    def succeeded(self) -> None:
-        """A batch decoded: the next outage starts from the first wait again."""
+    def succeeded(self) -> bool:
+        """A batch decoded: the next outage starts from the first wait again. Returns
+        whether this ends an outage.
+        """
+        ended, self._failing = self._failing, False
         self._next = self._first
+        return ended
 
     def due(self) -> bool:
         """Whether the wait is over."""
@@ -296,8 +302,8 @@ class Pipeline:
                     if messages:
                         in_flight.append(self._prepare(messages))  # takes their tombstones
                         self._unsent_erasures = False
-                        self._registry_hold.succeeded()
-                        telemetry.held(None)  # a batch decoded: the registry answers again
+                        if self._registry_hold.succeeded():  # the registry answers again
+                            telemetry.held(None)
                     elif backpressure.held is not None and self._registry_hold.due():
                         # Try again (the batch is read anew). Still held, and not ready,
                         # until a batch decodes: a retry is no sign the registry is back.

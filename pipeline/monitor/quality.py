@@ -12,6 +12,7 @@ percentiles (the upper edge of a geometric bin, 5% wide).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,11 +58,8 @@ class Tally:
 
     def to_json(self) -> dict[str, Any]:
         """As plain lists and numbers (a model manifest holds its validation tally)."""
-        return {
-            name: value.tolist() if isinstance(value, np.ndarray) else value
-            for name in self.__slots__
-            if (value := getattr(self, name)) is not None
-        }
+        values = {name: getattr(self, name) for name in self.__slots__}
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in values.items()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Tally:
@@ -80,7 +78,7 @@ def at_thresholds(tally: Tally, decision: DecisionSettings) -> Tally:
     `decision`'s thresholds (exact for thresholds on a 1/SCORE_BINS step): a validation
     tally stored at training time, read under today's thresholds.
     """
-    out = Tally.from_json(tally.to_json())
+    out = copy.deepcopy(tally)
     for i, threshold in enumerate((decision.review_threshold, decision.block_threshold)):
         first = min(int(np.floor(threshold * SCORE_BINS + 1e-9)), SCORE_BINS - 1)
         out.flagged[i] = tally.positives[first:].sum() + tally.negatives[first:].sum()

@@ -32,7 +32,6 @@ import numpy as np
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
-    KafkaError,
     KafkaException,
     Message,
     Producer,
@@ -48,7 +47,7 @@ from pipeline.checkpoint import transactional_call
 from pipeline.codec import DecodeError, Decoder, Encoder
 from pipeline.kafka.admin import create_topics, monitor_changelog, topic_partitions
 from pipeline.kafka.clients import connect_catalog, monitor_outputs, producer_config
-from pipeline.kafka.messages import position
+from pipeline.kafka.messages import position, read_messages
 from pipeline.logging import get_logger
 from pipeline.monitor import quality
 from pipeline.monitor.join import LABELS, SCORES, Join, Pair
@@ -192,37 +191,15 @@ class Monitor:
 
     def _restore(self) -> None:
         """The waiting records, from the changelog's committed records."""
-        settings = self._settings
-        topic = monitor_changelog(settings)
-        reader = Consumer(
-            settings.kafka.client_config()
-            | {
-                "group.id": f"{settings.monitor.group_id}.restore",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 10,
-            }
-        )
+        topic = monitor_changelog(self._settings)
         started = time.perf_counter()
-        records: list[tuple[bytes, bytes | None]] = []
-        try:
-            reader.assign([Position(topic, 0, OFFSET_BEGINNING)])
-            done = False
-            while not done:
-                self.telemetry.beat()
-                for message in reader.consume(10_000, 0.2):
-                    error = message.error()
-                    if error is not None:
-                        if error.code() != KafkaError._PARTITION_EOF:
-                            raise KafkaException(error)
-                        done = True
-                        continue
-                    key = message.key()
-                    if key:
-                        records.append((key, message.value()))
-        finally:
-            reader.close()
+        records = [
+            (key, message.value())
+            for message in read_messages(
+                self._settings, topic, timeout_s=600, progress=self.telemetry.beat
+            )
+            if (key := message.key())
+        ]
         kept = self.join.restore(records)
         self.telemetry.restored.inc(kept)
         log.info(

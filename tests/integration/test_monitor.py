@@ -14,10 +14,11 @@ from confluent_kafka import Producer
 import schemas
 from engines.registry import resolve
 from pipeline.codec import Encoder
-from pipeline.demo import read_messages, read_topic
+from pipeline.demo import read_topic
 from pipeline.generator import GeneratorConfig
 from pipeline.kafka.admin import monitor_changelog
 from pipeline.kafka.clients import connect_catalog, producer_config
+from pipeline.kafka.messages import read_messages
 from pipeline.loadgen import produce_clickstream
 from pipeline.monitor.join import LABELS, SCORES
 from pipeline.monitor.service import Monitor

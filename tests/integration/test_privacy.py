@@ -19,7 +19,6 @@ from confluent_kafka import Consumer, Producer
 
 import schemas
 from pipeline.codec import Decoder, Encoder
-from pipeline.demo import read_messages
 from pipeline.events import ClickEvent
 from pipeline.features import UserTable, compute_features, feature_digests
 from pipeline.features.changelog import changelog_topic, restore
@@ -29,6 +28,7 @@ from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import topic_partitions
 from pipeline.kafka.broker import REPO_ROOT, free_port
 from pipeline.kafka.clients import producer_config, reading_catalog
+from pipeline.kafka.messages import read_messages
 from pipeline.sink import FEATURES_HEADER, TIMING_HEADER
 from tests.engines.publish import publish_copy
 from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit

@@ -15,8 +15,10 @@ from pipeline.monitor.quality import (
     SCORE_BINS,
     Tally,
     Window,
+    at_thresholds,
     binned_average_precision,
     figures,
+    tally,
 )
 from pipeline.settings import DecisionSettings
 
@@ -132,3 +134,19 @@ def test_undefined_figures_are_nan_not_zero():
     for name in ("pr_auc", "brier", "ece", "positive_rate", "recall_at_block", "label_coverage"):
         assert math.isnan(got[name]), name
     assert DELAY_EDGES_S[0] == 0 and np.all(np.diff(DELAY_EDGES_S) > 0)
+
+
+def test_a_stored_tally_read_at_other_thresholds_counts_as_if_taken_at_them():
+    """The baseline: a validation tally stored at training's thresholds, read at today's."""
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, SCORE_BINS, 500) / SCORE_BINS  # on the 1/1000 grid: exact
+    labels = rng.random(500) < 0.3
+    today = DecisionSettings(review_threshold=0.3, block_threshold=0.75)
+    stored = tally(scores, labels, DECISION)
+    moved = at_thresholds(stored, today)
+    direct = tally(scores, labels, today)
+    assert moved.flagged.tolist() == direct.flagged.tolist()
+    assert moved.flagged_hits.tolist() == direct.flagged_hits.tolist()
+    assert figures(moved) == pytest.approx(figures(direct), nan_ok=True)
+    assert stored.flagged.tolist() == tally(scores, labels, DECISION).flagged.tolist()  # untouched
+    assert figures(Tally.from_json(stored.to_json())) == pytest.approx(figures(stored), nan_ok=True)
