@@ -58,6 +58,7 @@ from pipeline.features.state import StateChange
 from pipeline.features.table import UserTable
 from pipeline.forget import Forgetter, ensure_forget_topic
 from pipeline.histograms import InputHistograms
+from pipeline.kafka.admin import create_topics
 from pipeline.kafka.clients import (
     connect_catalog,
     consumer_config,
@@ -253,6 +254,7 @@ class Pipeline:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
         changelog = ensure_changelog(self.settings)
         ensure_forget_topic(self.settings)
+        create_topics(self.settings, [self.settings.topics.input_histograms])  # when missing
         telemetry = self.telemetry
         with ExitStack() as stack:
             if self.settings.telemetry.port:

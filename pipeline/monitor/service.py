@@ -61,8 +61,12 @@ INPUTS = "inputs"
 
 
 def ensure_monitor_topics(settings: Settings, timeout_s: float = 30) -> None:
-    """Create the model-quality topic and the monitor's changelog when missing."""
-    create_topics(settings, [monitor_changelog(settings), settings.topics.model_quality], timeout_s)
+    """Create the monitor's changelog, the model-quality topic and the topic it reads the
+    pipeline's histograms from, when missing.
+    """
+    topics = settings.topics
+    wanted = [monitor_changelog(settings), topics.model_quality, topics.input_histograms]
+    create_topics(settings, wanted, timeout_s)
 
 
 class MonitorTelemetry(Health):

@@ -16,7 +16,7 @@ from engines.registry import resolve
 from pipeline.codec import Encoder
 from pipeline.demo import read_topic
 from pipeline.generator import GeneratorConfig
-from pipeline.kafka.admin import monitor_changelog
+from pipeline.kafka.admin import admin_client, monitor_changelog, topic_partitions
 from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.kafka.messages import read_messages
 from pipeline.loadgen import produce_clickstream
@@ -178,16 +178,23 @@ def test_pipeline_histograms_and_manifest_give_psi_and_baseline(kafka_settings):
     monitor joins the generator's labels, and reads the serving version's manifest for PSI
     and the validation figures.
     """
+    # A histogram topic nobody created: the pipeline creates it (the bench's topics, for
+    # one, leave it out).
+    topics = kafka_settings.topics
     settings = kafka_settings.model_copy(
         update={
             "monitor": kafka_settings.monitor.model_copy(
                 update={"report_interval_s": 0.5, "histogram_interval_s": 0.2}
-            )
+            ),
+            "topics": topics.model_copy(
+                update={"input_histograms": f"{topics.input}.histograms-made-at-start"}
+            ),
         }
     )
     config = GeneratorConfig(events=3_000, users=300, seed=5).anchored_before(time.time())
     produce_clickstream(settings, config)
     pipeline = PipelineRunning(settings)
+    topic_partitions(admin_client(settings), settings.topics.input_histograms, 60)  # made
     monitor = Running(settings)
     try:
         monitor.wait_joined(3_000, timeout_s=120)
