@@ -67,8 +67,8 @@ soak: kafka-up models
 	$(BIN)/streamscore soak --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE) --users $(SOAK_USERS)
 
 lint: setup
-	$(BIN)/ruff check pipeline engines schemas tests
-	$(BIN)/ruff format --check pipeline engines schemas tests
+	$(BIN)/ruff check pipeline engines schemas tests deploy
+	$(BIN)/ruff format --check pipeline engines schemas tests deploy
 
 typecheck: setup
 	$(BIN)/mypy

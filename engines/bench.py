@@ -22,6 +22,7 @@ class BenchRow:
 
     model: str
     backend: str
+    device: str  # "gpu" or "cpu": torch and ONNX Runtime run on either
     batch: int
     us_per_batch: float
     us_per_event: float
@@ -44,6 +45,7 @@ def bench_engine(
             BenchRow(
                 model=artifact.name,
                 backend=engine.backend,
+                device="gpu" if engine.on_gpu else "cpu",
                 batch=batch,
                 us_per_batch=seconds * 1e6,
                 us_per_event=seconds * 1e6 / batch,

@@ -497,8 +497,9 @@ def engines_bench(
 
     settings = _settings(config)
     table = Table(title=f"engines bench ({settings.engine.threads} thread)")
-    for column in ("model", "backend", "batch", "µs/batch", "µs/event", "events/s"):
-        table.add_column(column, justify="left" if column in ("model", "backend") else "right")
+    for column in ("model", "backend", "device", "batch", "µs/batch", "µs/event", "events/s"):
+        text = column in ("model", "backend", "device")
+        table.add_column(column, justify="left" if text else "right")
     sizes = tuple(int(size) for size in batches.split(","))
     for backend in backends.split(","):
         engine_settings = settings.engine.model_copy(update={"backend": Backend(backend)})
@@ -511,6 +512,7 @@ def engines_bench(
                     table.add_row(
                         row.model,
                         row.backend,
+                        row.device,
                         str(row.batch),
                         f"{row.us_per_batch:.1f}",
                         f"{row.us_per_event:.2f}",

@@ -232,3 +232,57 @@ class FakeTensorRT:
 
     def OnnxParser(self, network, logger):
         return SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+
+
+class EchoTensorRT(FakeTensorRT):
+    """`tensorrt` whose engine copies its input tensor to its output on the device, through the
+    real `pycuda.driver` given: the buffers, copies, stream and context handling of
+    `TensorRTEngine` then run on a real GPU without TensorRT.
+    """
+
+    def __init__(self, cuda):
+        super().__init__()
+        self.cuda = cuda
+        self.TENSORS = {"numeric": (INPUT, (-1, 4)), "echo": (OUTPUT, (-1, 4))}
+
+    def Runtime(self, logger):
+        trt = self
+
+        class EchoEngine(Engine):
+            def get_tensor_name(self, i):
+                return list(trt.TENSORS)[i]
+
+            def get_tensor_mode(self, name):
+                return trt.TENSORS[name][0]
+
+            def get_tensor_shape(self, name):
+                return trt.TENSORS[name][1]
+
+            def create_execution_context(self):
+                return EchoContext(trt.cuda)
+
+        return SimpleNamespace(
+            deserialize_cuda_engine=lambda plan: EchoEngine() if plan == b"plan" else None
+        )
+
+
+class EchoContext:
+    """An execution context that copies `numeric` to `echo` on the device."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.shapes = {}
+        self.addresses = {}
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream_handle):
+        # A synchronous copy on the legacy default stream, which waits for the engine's own
+        # (blocking) stream to finish the input copy, as a kernel launched on it would.
+        nbytes = int(np.prod(self.shapes["numeric"])) * np.dtype(np.float32).itemsize
+        self.cuda.memcpy_dtod(self.addresses["echo"], self.addresses["numeric"], nbytes)
+        return True

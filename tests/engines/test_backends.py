@@ -142,6 +142,7 @@ def test_bench_times_every_batch_size(model_dir):
     artifact = resolve(model_dir, "fraud")
     rows = bench_engine(artifact, OnnxRuntimeEngine(artifact), (1, 16), min_seconds=0.01)
     assert [row.batch for row in rows] == [1, 16]
+    assert {row.device for row in rows} == {"cpu"}
     for row in rows:
         assert row.us_per_batch > 0
         assert row.us_per_event == pytest.approx(row.us_per_batch / row.batch)

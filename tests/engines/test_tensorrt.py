@@ -8,8 +8,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from engines import tensorrt
+from engines.base import EngineError
 from engines.build import build_engines
-from engines.factory import load_engine, tensorrt_unavailable_reason
+from engines.factory import gpu_available, load_engine, tensorrt_unavailable_reason
 from engines.inputs import random_inputs
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.registry import resolve
@@ -108,6 +109,52 @@ def test_loaded_on_one_thread_run_and_closed_on_another_releases_everything(fake
     assert cuda.misreleased() == []
     assert (cuda.context.retained, cuda.context.leaked_detaches) == (0, 0)
     assert not cuda.context.current()
+
+
+@pytest.mark.gpu
+def test_pycuda_buffers_carry_batches_through_a_real_gpu_from_any_thread(
+    monkeypatch, model_dir, tmp_path
+):
+    # Real pycuda, TensorRT replaced by a device-side copy: the page-locked buffers, the async
+    # copies on the engine's stream, the context pushed per call on the loading, serving and
+    # closing threads, and the release, all on a real GPU (TensorRT itself is not needed).
+    if importlib.util.find_spec("pycuda") is None:
+        pytest.skip("pycuda is not installed (the `gpu` extra builds it against the CUDA toolkit)")
+    if not gpu_available():
+        pytest.skip("no CUDA GPU is present")
+    import pycuda.driver as cuda
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.EchoTensorRT(cuda))
+    artifact = resolve(model_dir, "fraud")
+    engines, results, errors = [], [], []
+    rng = np.random.default_rng(8)
+    batches = [rng.standard_normal((n, 4)).astype(np.float32) for n in (1, 7, 255, 256)]
+
+    def on_thread(work):
+        def run():
+            try:
+                work()
+            except Exception as exc:  # named by the assertion below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+    on_thread(
+        lambda: engines.append(tensorrt.TensorRTEngine(artifact, tmp_path, Profile(1, 8, 256)))
+    )
+    assert errors == []
+    (engine,) = engines
+    on_thread(lambda: results.extend(engine.infer({"numeric": b}) for b in batches))
+    results.extend(engine.infer({"numeric": b}) for b in reversed(batches))  # and this thread
+    with pytest.raises(EngineError, match="exceeds"):
+        engine.infer({"numeric": np.zeros((257, 4), np.float32)})
+    on_thread(engine.close)
+    assert errors == []
+    for got, sent in zip(results, batches + batches[::-1], strict=True):
+        assert set(got) == {"echo"} and np.array_equal(got["echo"], sent)
+    assert engine._buffers.device == {} and engine._buffers.stream is None
 
 
 def assert_close(got, expected, tolerance):
