@@ -5,6 +5,11 @@ directory (a version counts once its manifest exists, and the manifest is writte
 loads a newer version on a background thread, and hands the loaded engine to the pipeline,
 which swaps it in between two batches. So each event is scored by exactly one version, which
 its output names, and the hot path never waits for a load or an engine build.
+
+With `engine.shadow`, the watcher also follows the fraud model's challengers: the newest
+challenger newer than the serving champion is loaded in the role `shadow` (and `None` is
+offered for it once there is none, after a promotion say), for the pipeline to shadow-score
+with.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import structlog
 
 from engines.base import Engine
 from engines.factory import load_engine
-from engines.registry import versions
+from engines.registry import CHALLENGER, versions
 from pipeline.settings import EngineSettings, ModelPin
 
 log = structlog.get_logger("streamscore.engines")
@@ -37,28 +42,34 @@ class ModelWatcher:
         self._pins: dict[str, ModelPin] = {
             pin.role: pin for pin in settings.pins() if pin.version == "latest"
         }
-        self._serving = dict(serving)
+        self._fraud = settings.pins()[0]
+        self._serving: dict[str, str | None] = {"shadow": None, **serving}
         self._clock = clock
         self._next_check = clock() + settings.reload_interval_s
         self._refused: set[tuple[str, str]] = set()
         self._loading: dict[str, tuple[str, Future[Engine]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-reload")
 
-    def poll(self) -> list[tuple[str, Engine]]:
-        """Engines loaded and ready to swap in, by role; cheap enough to call every batch."""
-        ready = self._collect()
+    def poll(self) -> list[tuple[str, Engine | None]]:
+        """Engines loaded and ready to swap in, by role (None: stop shadow-scoring); cheap
+        enough to call every batch.
+        """
+        ready: list[tuple[str, Engine | None]] = list(self._collect())
         interval = self._settings.reload_interval_s
-        if interval > 0 and self._pins and self._clock() >= self._next_check:
+        watching = self._pins or self._settings.shadow
+        if interval > 0 and watching and self._clock() >= self._next_check:
             self._next_check = self._clock() + interval
             self._look()
+            if self._settings.shadow and self._look_shadow():
+                ready.append(("shadow", None))
         return ready
 
     def loading(self) -> dict[str, str]:
         """Versions being loaded now, by role."""
         return {role: version for role, (version, _) in self._loading.items()}
 
-    def swapped(self, role: str, version: str) -> None:
-        """The pipeline now serves `version` for `role`."""
+    def swapped(self, role: str, version: str | None) -> None:
+        """The pipeline now serves `version` for `role` (None: no shadow)."""
         self._serving[role] = version
 
     def refuse(self, role: str, version: str) -> None:
@@ -85,6 +96,31 @@ class ModelWatcher:
             future = self._pool.submit(load_engine, pin, self._settings, newest)
             self._loading[role] = (newest, future)
 
+    def _look_shadow(self) -> bool:
+        """Start loading the challenger to shadow-score with, when it changed; True when
+        there is none any more and one is shadowing.
+        """
+        if "shadow" in self._loading:
+            return False
+        model_dir, name = self._settings.model_dir, self._fraud.name
+        # Newer than the champion served, and than one just promoted and still loading.
+        champions = [self._serving["fraud"], *versions(model_dir, name)[-1:]]
+        newer = [
+            version
+            for version in versions(model_dir, name, role=CHALLENGER)
+            if all(_newer(version, champion) for champion in champions)
+        ]
+        target = newer[-1] if newer else None
+        current = self._serving["shadow"]
+        if target is None:
+            return current is not None
+        if target == current or ("shadow", target) in self._refused:
+            return False
+        log.info("model_shadow_load_started", model=self._fraud.name, version=target)
+        future = self._pool.submit(load_engine, self._fraud, self._settings, target)
+        self._loading["shadow"] = (target, future)
+        return False
+
     def _collect(self) -> list[tuple[str, Engine]]:
         ready = []
         for role, (version, future) in list(self._loading.items()):
@@ -98,3 +134,8 @@ class ModelWatcher:
                 continue
             ready.append((role, future.result()))
         return ready
+
+
+def _newer(version: str, than: str | None) -> bool:
+    """Whether numbered `version` comes after `than` (numbered versions only)."""
+    return than is not None and version.isdigit() and than.isdigit() and int(version) > int(than)

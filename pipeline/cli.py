@@ -179,7 +179,7 @@ def schemas_register(config: ConfigOption = None) -> None:
     settings = _settings(config)
     catalog = _registry_catalog(settings)
     outputs = producer_outputs(settings) | pipeline_outputs(settings) | monitor_outputs(settings)
-    for name, topic in outputs.items():
+    for topic, name in outputs.items():
         try:
             schema_id = catalog.register(name, subject(topic))
         except IncompatibleSchema as exc:

@@ -78,6 +78,7 @@ def fresh_topics(settings: Settings, prefix: str) -> Settings:
         update={
             "input": f"{prefix}.clickstream",
             "fraud_scores": f"{prefix}.fraud-scores",
+            "shadow_scores": f"{prefix}.fraud-scores-shadow",
             "recommendations": f"{prefix}.recommendations",
             "dead_letter": f"{prefix}.dlq",
             "labels": f"{prefix}.labels",

@@ -1,5 +1,6 @@
-"""Encode: one compiled pass writes a batch's FraudScore and Recommendation records, each
-with its 5-byte wire header, into one buffer per topic.
+"""Encode: one compiled pass writes a batch's FraudScore and Recommendation records (and a
+shadow-scored challenger's FraudScore records), each with its 5-byte wire header, into one
+buffer per topic.
 
 The event_id and user_id bytes are copied straight from the input buffer's spans. The
 reference is fastavro's writer over the same records as dicts;
@@ -9,7 +10,7 @@ tests/pipeline/test_encode.py checks the bytes are equal.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -17,7 +18,7 @@ from numba import njit
 import schemas
 from pipeline.codec import MAGIC_BYTE
 from pipeline.decode import EVENT_ID, TIME, USER_ID, EventColumns
-from pipeline.scoring import REASON_NAMES, Scored
+from pipeline.scoring import REASON_NAMES, Scored, ShadowScored
 from schemas.catalog import Catalog, StaticCatalog
 
 _VARINT_MAX = 10  # bytes of the longest zig-zag varint
@@ -41,6 +42,8 @@ class Encoded:
     fraud_starts: list[int]  # record i is fraud[starts[i]:starts[i + 1]]
     recommendations: bytes
     recommendation_starts: list[int]
+    shadow: bytes = b""  # the challenger's FraudScore records of the same rows, if any
+    shadow_starts: list[int] = field(default_factory=lambda: [0])
 
 
 class OutputEncoder:
@@ -56,26 +59,10 @@ class OutputEncoder:
         """The records of `scored`, whose rows are rows of `columns`."""
         rows = scored.rows
         spans = columns.spans
-        id_bytes = spans[rows, EVENT_ID, 1] + spans[rows, USER_ID, 1]
-        fraud_name, fraud_version = (s.encode() for s in scored.fraud_model)
-        name = np.frombuffer(fraud_name + fraud_version, dtype=np.uint8)
-        reasons = scored.reasons.shape[1]
-        longest = int(np.diff(_REASON_STARTS).max())
-        bound = (
-            len(self._fraud_header)
-            + id_bytes
-            + 8 * _VARINT_MAX
-            + 8
-            + reasons * (longest + _VARINT_MAX + 8)
-            + len(name)
-        )
-        fraud, fraud_starts = _allocate(bound)
-        _fraud_scores(
-            fraud, fraud_starts, self._fraud_header, columns.buffer, spans, columns.longs,
-            columns.ingest_time, rows, scored.score, scored.decision, scored.reasons,
-            scored.contributions, scored.reason_count, _REASONS, _REASON_STARTS, name,
-            len(fraud_name), scored.scored_time,
-        )  # fmt: skip
+        fraud, fraud_starts = self._fraud(columns, scored, scored)
+        shadow, shadow_starts = b"", [0]
+        if scored.shadow is not None:
+            shadow, shadow_starts = self._fraud(columns, scored, scored.shadow)
         ranked_rows = rows[scored.ranked]
         rank_name, rank_version = (s.encode() for s in scored.ranking_model)
         name = np.frombuffer(rank_name + rank_version, dtype=np.uint8)
@@ -95,11 +82,43 @@ class OutputEncoder:
             scored.scored_time,
         )  # fmt: skip
         return Encoded(
-            fraud=fraud[: fraud_starts[-1]].tobytes(),
-            fraud_starts=fraud_starts.tolist(),
+            fraud=fraud,
+            fraud_starts=fraud_starts,
             recommendations=recommendations[: recommendation_starts[-1]].tobytes(),
             recommendation_starts=recommendation_starts.tolist(),
+            shadow=shadow,
+            shadow_starts=shadow_starts,
         )
+
+    def _fraud(
+        self, columns: EventColumns, scored: Scored, fraud: Scored | ShadowScored
+    ) -> tuple[bytes, list[int]]:
+        """FraudScore records of `scored`'s rows with `fraud`'s scores (its own, or its
+        challenger's): the buffer and each record's start.
+        """
+        rows = scored.rows
+        spans = columns.spans
+        id_bytes = spans[rows, EVENT_ID, 1] + spans[rows, USER_ID, 1]
+        fraud_name, fraud_version = (s.encode() for s in fraud.fraud_model)
+        name = np.frombuffer(fraud_name + fraud_version, dtype=np.uint8)
+        reasons = fraud.reasons.shape[1]
+        longest = int(np.diff(_REASON_STARTS).max())
+        bound = (
+            len(self._fraud_header)
+            + id_bytes
+            + 8 * _VARINT_MAX
+            + 8
+            + reasons * (longest + _VARINT_MAX + 8)
+            + len(name)
+        )
+        out, starts = _allocate(bound)
+        _fraud_scores(
+            out, starts, self._fraud_header, columns.buffer, spans, columns.longs,
+            columns.ingest_time, rows, fraud.score, fraud.decision, fraud.reasons,
+            fraud.contributions, fraud.reason_count, _REASONS, _REASON_STARTS, name,
+            len(fraud_name), scored.scored_time,
+        )  # fmt: skip
+        return out[: starts[-1]].tobytes(), starts.tolist()
 
 
 def _header(schema_id: int) -> np.ndarray:

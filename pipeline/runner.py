@@ -84,6 +84,7 @@ class RunStats:
     replayed: int = 0
     late: int = 0
     recommendations: int = 0
+    shadow_scored: int = 0  # events a challenger also scored (to topics.shadow_scores)
     dead_lettered: int = 0
     batches: int = 0
     busy_s: float = 0.0
@@ -249,6 +250,8 @@ class Pipeline:
         self._rewind_due: str | None = None  # a rollback met in a rebalance callback
         self._forgetter: Forgetter | None = None  # made by `run`, with the clients
         self._unsent_erasures = False  # tombstones in the table that no batch has taken
+        # Challengers that failed mid-batch: closed at the end, when no batch can hold them.
+        self._retired_shadow: list[Engine] = []
 
     def run(self, stop: threading.Event) -> RunStats:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
@@ -424,6 +427,10 @@ class Pipeline:
         self._inference.close()
         self._scorer.fraud.close()
         self._scorer.ranking.close()
+        if self._scorer.shadow is not None:
+            self._scorer.shadow.close()
+        for engine in self._retired_shadow:
+            engine.close()
 
     def _checkpoint(self, consumer: Consumer, changelog: str) -> Checkpoint:
         settings = self.settings
@@ -454,6 +461,10 @@ class Pipeline:
         """
         retired: list[Engine] = []
         for role, engine in self._watcher.poll():
+            if role == "shadow":
+                retired.extend(self._swap_shadow(engine))
+                continue
+            assert engine is not None  # only the shadow role is ever offered None
             try:
                 old = self._scorer.swap(role, engine)
             except EngineError as exc:
@@ -481,6 +492,38 @@ class Pipeline:
                 self._discard()  # after a rollback, waits until inference let go of them
                 for old in retired:
                     old.close()
+
+    def _swap_shadow(self, engine: Engine | None) -> list[Engine]:
+        """Shadow-score with `engine` (None: stop) from the next batch; what it retires."""
+        try:
+            old = self._scorer.swap_shadow(engine)
+        except EngineError as exc:
+            assert engine is not None
+            log.warning("model_shadow_rejected", version=engine.version, error=str(exc))
+            self._watcher.refuse("shadow", engine.version)
+            engine.close()
+            return []
+        version = None if engine is None else engine.version
+        self._watcher.swapped("shadow", version)
+        log.info(
+            "model_shadow_swapped",
+            old_version=None if old is None else old.version,
+            new_version=version,
+        )
+        return [] if old is None else [old]
+
+    def _stop_failed_shadow(self, request: Request, error: str) -> None:
+        """A challenger that failed to score a batch is shadowed no longer (the batch's own
+        scores are whole); it is not loaded again.
+        """
+        shadow = request.shadow
+        if shadow is None or self._scorer.shadow is not shadow:
+            return  # already replaced
+        log.warning("model_shadow_failed", version=shadow.version, error=error)
+        self._scorer.swap_shadow(None)
+        self._watcher.refuse("shadow", shadow.version)
+        self._watcher.swapped("shadow", None)
+        self._retired_shadow.append(shadow)
 
     def _restore(self, partitions: list[int]) -> None:
         """Restore `partitions`' state, then apply the erasure requests it has not seen."""
@@ -609,6 +652,8 @@ class Pipeline:
         stage = self.telemetry.stage_seconds
         with stage.labels("inference_wait").time():
             inference = batch.inference.result()
+        if inference.shadow_error is not None:
+            self._stop_failed_shadow(batch.request, inference.shadow_error)
         stage.labels("inference").observe(inference.seconds)
         shaping = time.perf_counter()
         scored = self._scorer.shape(batch.columns, batch.rows, batch.request, inference)
@@ -619,6 +664,8 @@ class Pipeline:
         stage.labels("encode").observe(producing - encoding)
         headers = self._debug_headers(batch, inference)
         self._histograms.add(batch.request.fraud, batch.features, scored.score)
+        if batch.request.shadow is not None and scored.shadow is not None:
+            self._histograms.add(batch.request.shadow, batch.features, scored.shadow.score)
         checkpoint.begin_batch()
         checkpoint.sink.publish(batch.columns, scored, encoded, batch.dead, headers)
         if self._histograms.due():
@@ -686,6 +733,9 @@ class Pipeline:
         telemetry.consumed.labels(topic=topics.input).inc(len(batch.messages))
         telemetry.produced.labels(topic=topics.fraud_scores).inc(len(scored.rows))
         telemetry.produced.labels(topic=topics.recommendations).inc(len(scored.ranked))
+        if scored.shadow is not None:
+            stats.shadow_scored += len(scored.rows)
+            telemetry.produced.labels(topic=topics.shadow_scores).inc(len(scored.rows))
         telemetry.produced.labels(topic=topics.dead_letter).inc(len(batch.dead))
         for record in batch.dead:
             telemetry.dead_letters.labels(reason=record["error_kind"]).inc()

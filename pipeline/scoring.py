@@ -6,6 +6,11 @@ when `processing.inference_depth` is 1 or more; ONNX Runtime and TensorRT releas
 while they run), and `shape` turns their outputs into the batch's score columns: decisions,
 reasons, and each ranked event's top items. `score` is the three in a row. All of it works
 on whole arrays; nothing is per event.
+
+A challenger being shadow-scored (`Scorer.shadow`) runs on the same fraud inputs in the same
+`infer`; its scores become `Scored.shadow`, written to the shadow topic and never a
+decision. A shadow engine that fails leaves the batch's own scores alone: the failure is
+carried in `Inference.shadow_error` for the pipeline to drop that challenger.
 """
 
 from __future__ import annotations
@@ -28,6 +33,18 @@ DECISIONS = ("allow", "review", "block")
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowScored:
+    """A challenger's fraud scores of the same rows as its Scored, as columns."""
+
+    score: np.ndarray  # float32 (n,)
+    decision: np.ndarray  # int64 (n,): what it would have decided, recorded only
+    reasons: np.ndarray  # int64 (n, top_reasons)
+    contributions: np.ndarray  # float32 (n, top_reasons)
+    reason_count: np.ndarray  # int64 (n,)
+    fraud_model: tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class Scored:
     """A batch's scores as columns, ready to encode (`encode.OutputEncoder`)."""
 
@@ -44,6 +61,7 @@ class Scored:
     item_count: np.ndarray  # int64 (m,)
     ranking_model: tuple[str, str]
     scored_time: int  # epoch milliseconds
+    shadow: ShadowScored | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +79,7 @@ class Request:
     ranked: np.ndarray  # which of the batch's rows carry candidates
     owners: np.ndarray  # per ranking input row, its index in `ranked`
     first: np.ndarray  # per ranking input row, the position of its first candidate
+    shadow: Engine | None = None  # a challenger run on `fraud_chunks` too
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +90,9 @@ class Inference:
     contributions: np.ndarray
     ranking_scores: np.ndarray | None
     seconds: float
+    shadow_probability: np.ndarray | None = None
+    shadow_contributions: np.ndarray | None = None
+    shadow_error: str | None = None  # the shadow engine's failure, when it failed
 
 
 class Scorer:
@@ -89,6 +111,7 @@ class Scorer:
         _check_fraud(fraud)
         self.fraud = fraud
         self.ranking = ranking
+        self.shadow: Engine | None = None
         self._items, self._categories, self._slots = _ranking_shape(ranking)
 
     def swap(self, role: str, engine: Engine) -> Engine:
@@ -104,6 +127,16 @@ class Scorer:
             shape = _ranking_shape(engine)
             old, self.ranking = self.ranking, engine
             self._items, self._categories, self._slots = shape
+        return old
+
+    def swap_shadow(self, engine: Engine | None) -> Engine | None:
+        """Shadow-score with `engine` (None: stop) from the next batch on; return the one it
+        replaces. Raises EngineError, keeping the current one, when it does not fit this
+        build.
+        """
+        if engine is not None:
+            _check_fraud(engine)
+        old, self.shadow = self.shadow, engine
         return old
 
     def score(self, columns: EventColumns, rows: np.ndarray, features: FeatureBatch) -> Scored:
@@ -155,32 +188,42 @@ class Scorer:
                 for start in range(0, len(owners), step)
             ]
         return Request(
-            self.fraud, self.ranking, fraud_chunks, ranking_chunks, ranked, owners, first
+            self.fraud,
+            self.ranking,
+            fraud_chunks,
+            ranking_chunks,
+            ranked,
+            owners,
+            first,
+            self.shadow,
         )
 
     def shape(
         self, columns: EventColumns, rows: np.ndarray, request: Request, inference: Inference
     ) -> Scored:
         """Scores of `rows` from the outputs of `request`'s engines, as columns."""
-        decision = self._decision
-        contributions = inference.contributions
         probability = inference.probability
-        top = np.argsort(-contributions, axis=1)[:, : decision.top_reasons]
-        values = np.take_along_axis(contributions, top, axis=1)
-        verdict = np.where(
-            probability >= decision.block_threshold,
-            2,
-            np.where(probability >= decision.review_threshold, 1, 0),
-        )
+        verdict, top, values, reason_count = self._decide(probability, inference.contributions)
         items, item_scores, item_count = self._rank(columns, rows, request, inference)
+        shadow = None
+        if (
+            request.shadow is not None
+            and inference.shadow_probability is not None
+            and inference.shadow_contributions is not None
+        ):
+            shadow_probability = inference.shadow_probability
+            shadow = ShadowScored(
+                shadow_probability,
+                *self._decide(shadow_probability, inference.shadow_contributions),
+                fraud_model=(request.shadow.name, request.shadow.version),
+            )
         return Scored(
             rows=rows,
             score=probability,
-            decision=verdict.astype(np.int64),
-            reasons=top.astype(np.int64),
+            decision=verdict,
+            reasons=top,
             contributions=values,
-            # Sorted largest first, the positive contributions lead each row.
-            reason_count=(values > 0).sum(axis=1).astype(np.int64),
+            reason_count=reason_count,
             fraud_model=(request.fraud.name, request.fraud.version),
             ranked=request.ranked,
             items=items,
@@ -188,7 +231,24 @@ class Scorer:
             item_count=item_count,
             ranking_model=(request.ranking.name, request.ranking.version),
             scored_time=int(time.time() * 1000),
+            shadow=shadow,
         )
+
+    def _decide(
+        self, probability: np.ndarray, contributions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Decisions, the top reasons, their contributions and how many lead positive."""
+        decision = self._decision
+        top = np.argsort(-contributions, axis=1)[:, : decision.top_reasons]
+        values = np.take_along_axis(contributions, top, axis=1)
+        verdict = np.where(
+            probability >= decision.block_threshold,
+            2,
+            np.where(probability >= decision.review_threshold, 1, 0),
+        )
+        # Sorted largest first, the positive contributions lead each row.
+        reason_count = (values > 0).sum(axis=1).astype(np.int64)
+        return verdict.astype(np.int64), top.astype(np.int64), values, reason_count
 
     def _rank(
         self, columns: EventColumns, rows: np.ndarray, request: Request, inference: Inference
@@ -240,7 +300,29 @@ def infer(request: Request) -> Inference:
         ranking = np.concatenate(
             [request.ranking.infer(chunk)["scores"] for chunk in request.ranking_chunks]
         )
-    return Inference(probability, contributions, ranking, time.perf_counter() - started)
+    shadow_probability = shadow_contributions = None
+    shadow_error = None
+    if request.shadow is not None:
+        shadow_probability, shadow_contributions = probability, contributions  # no rows
+        try:
+            if request.fraud_chunks:
+                outputs = [request.shadow.infer(chunk) for chunk in request.fraud_chunks]
+                shadow_probability = np.concatenate([out["score"] for out in outputs])
+                shadow_contributions = np.concatenate([out["contributions"] for out in outputs])
+        # Any failure of the challenger must not cost the champion's scores: it is carried
+        # out as data and the pipeline stops shadowing that version.
+        except Exception as exc:
+            shadow_probability = shadow_contributions = None
+            shadow_error = f"{type(exc).__name__}: {exc}"
+    return Inference(
+        probability,
+        contributions,
+        ranking,
+        time.perf_counter() - started,
+        shadow_probability,
+        shadow_contributions,
+        shadow_error,
+    )
 
 
 class InferenceThread:

@@ -212,6 +212,11 @@ class TopicSettings(_Frozen):
         default="model-quality",
         description="`streamscore monitor`'s record per model version and report interval.",
     )
+    shadow_scores: str = Field(
+        default="fraud-scores-shadow",
+        description="FraudScore records of the challenger being shadow-scored (engine.shadow): "
+        "read by the monitor, never a decision.",
+    )
     input_histograms: str = Field(
         default="model-input-histograms",
         description="Each pipeline instance's counts of the fraud model's inputs and scores "
@@ -454,6 +459,18 @@ class MonitorSettings(_Frozen):
         "and read positions saved.",
     )
 
+    promote: bool = Field(
+        default=False,
+        description="Promote the challenger when, over the window, it beats the champion "
+        "on the same labels by promote_margin_pr_auc and promote_margin_recall with at "
+        "least promote_min_labels each (the monitor then writes engine.model_dir).",
+    )
+    promote_min_labels: PositiveInt = Field(
+        default=1000, description="Labelled events each side needs before a verdict."
+    )
+    promote_margin_pr_auc: Annotated[float, Field(ge=0, le=1)] = 0.02
+    promote_margin_recall: Annotated[float, Field(ge=0, le=1)] = 0.02
+
     @model_validator(mode="after")
     def _report_within_window(self) -> Self:
         if self.report_interval_s > self.quality_window_s:
@@ -507,6 +524,11 @@ class EngineSettings(_Frozen):
         description="Rows per ranking call; 64 keeps the (B, C, d) working set in a CPU's L2.",
     )
     reload_interval_s: Annotated[float, Field(ge=0)] = 5.0
+    shadow: bool = Field(
+        default=True,
+        description="Also score every event with the newest fraud challenger newer than the "
+        "serving champion (found like a reload), to topics.shadow_scores; it never decides.",
+    )
     threads: PositiveInt = 1
 
     def pins(self) -> tuple[ModelPin, ModelPin]:

@@ -125,6 +125,14 @@ class Sink:
             encoded.recommendation_starts,
             None if headers is None else [headers[i] for i in ranked],
         )
+        if scored.shadow is not None:
+            self._produce_all(
+                self._topics.shadow_scores,
+                [keys[row] for row in rows],
+                encoded.shadow,
+                encoded.shadow_starts,
+                None,
+            )
         for record in dead_letters:
             key = record["original_key"]
             self._produce(self._topics.dead_letter, key, self._dead_letter.encode(record))

@@ -55,8 +55,8 @@ class RegistryCatalog:
         outputs: Mapping[str, str],
         compatibility: str = "BACKWARD",
     ) -> None:
-        """Talk to the registry of `client_config`; `outputs` maps each schema name this
-        process writes to its topic. Nothing is sent before `register_outputs`.
+        """Talk to the registry of `client_config`; `outputs` maps each topic this process
+        writes to its schema's name. Nothing is sent before `register_outputs`.
         """
         self.url = str(client_config["url"])
         self._client = SchemaRegistryClient(dict(client_config))
@@ -72,8 +72,16 @@ class RegistryCatalog:
         """Set each output subject's compatibility and register the output schemas; their
         ids frame what this process writes. IncompatibleSchema names a refused subject.
         """
-        for name, topic in self._outputs.items():
-            self._ids[name] = self.register(name, subject(topic))
+        for topic, name in self._outputs.items():
+            schema_id = self.register(name, subject(topic))
+            # One schema on several topics (FraudScore: served and shadow) is framed with one
+            # id; a registry that gives equal schemas one id per content (Confluent,
+            # Apicurio's ccompat API) does.
+            if self._ids.setdefault(name, schema_id) != schema_id:
+                raise IncompatibleSchema(
+                    f"{name} got ids {self._ids[name]} and {schema_id} under two subjects "
+                    f"(the second {subject(topic)!r}): its records need one"
+                )
         return dict(self._ids)
 
     def register(

@@ -63,6 +63,7 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
         topics={
             "input": f"t-{run}.in",
             "fraud_scores": f"t-{run}.fraud",
+            "shadow_scores": f"t-{run}.shadow",
             "recommendations": f"t-{run}.recs",
             "dead_letter": f"t-{run}.dlq",
             "labels": f"t-{run}.labels",

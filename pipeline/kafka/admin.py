@@ -82,6 +82,7 @@ def pipeline_topics(settings: Settings) -> list[str]:
     return [
         topics.input,
         topics.fraud_scores,
+        topics.shadow_scores,
         topics.recommendations,
         topics.dead_letter,
         topics.labels,

@@ -55,24 +55,25 @@ def producer_config(
 
 
 def pipeline_outputs(settings: Settings) -> dict[str, str]:
-    """Schema name → topic of every record type the pipeline writes."""
+    """Topic → schema name of every topic the pipeline writes."""
     topics = settings.topics
     return {
-        schemas.FRAUD_SCORE: topics.fraud_scores,
-        schemas.RECOMMENDATION: topics.recommendations,
-        schemas.DEAD_LETTER: topics.dead_letter,
-        schemas.INPUT_HISTOGRAM: topics.input_histograms,
+        topics.fraud_scores: schemas.FRAUD_SCORE,
+        topics.shadow_scores: schemas.FRAUD_SCORE,
+        topics.recommendations: schemas.RECOMMENDATION,
+        topics.dead_letter: schemas.DEAD_LETTER,
+        topics.input_histograms: schemas.INPUT_HISTOGRAM,
     }
 
 
 def producer_outputs(settings: Settings) -> dict[str, str]:
-    """Schema name → topic of what a clickstream producer (the generator) writes."""
-    return {schemas.CLICK_EVENT: settings.topics.input, schemas.FRAUD_LABEL: settings.topics.labels}
+    """Topic → schema name of what a clickstream producer (the generator) writes."""
+    return {settings.topics.input: schemas.CLICK_EVENT, settings.topics.labels: schemas.FRAUD_LABEL}
 
 
 def monitor_outputs(settings: Settings) -> dict[str, str]:
-    """Schema name → topic of what `streamscore monitor` writes."""
-    return {schemas.MODEL_QUALITY: settings.topics.model_quality}
+    """Topic → schema name of what `streamscore monitor` writes."""
+    return {settings.topics.model_quality: schemas.MODEL_QUALITY}
 
 
 def connect_catalog(
@@ -80,8 +81,8 @@ def connect_catalog(
     outputs: Mapping[str, str],
     on_wait: Callable[[RegistryUnavailable], None] = lambda _: None,
 ) -> Catalog:
-    """The catalog of `settings`: static, or the registry with `outputs` (schema name →
-    topic) registered under their TopicNameStrategy subjects. A registry that does not
+    """The catalog of `settings`: static, or the registry with `outputs` (topic → schema
+    name) registered under their TopicNameStrategy subjects. A registry that does not
     answer is retried with backoff for `schema_registry.startup_timeout_s` (calling
     `on_wait` before each wait); a refused schema (IncompatibleSchema) fails at once.
     """

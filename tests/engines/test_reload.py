@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from engines.registry import versions
+from engines.registry import promote, versions
 from engines.reload import ModelWatcher
 from pipeline.settings import EngineSettings
 from tests.engines.publish import publish_copy
@@ -110,5 +110,50 @@ def test_removing_the_newest_version_rolls_back_to_the_one_before(models):
         [(role, engine)] = drain(watcher)
         assert (role, engine.version) == ("fraud", previous)
         engine.close()
+    finally:
+        watcher.close()
+
+
+def test_the_newest_challenger_is_shadowed_until_it_is_promoted(models):
+    clock = Clock()
+    champion = versions(models, "fraud")[-1]
+    serving = {"fraud": champion, "ranking": versions(models, "ranking")[-1]}
+    older = publish_copy(models, "fraud", role="challenger")
+    newest = publish_copy(models, "fraud", role="challenger")
+    watcher = ModelWatcher(settings_for(models), serving, clock)
+    try:
+        clock.now = 5.0
+        watcher.poll()
+        assert watcher.loading() == {"shadow": newest}  # the newest challenger only
+        [(role, engine)] = drain(watcher)
+        assert (role, engine.version) == ("shadow", newest) and int(older) < int(newest)
+        watcher.swapped("shadow", engine.version)
+        engine.close()
+        clock.now = 10.0
+        assert watcher.poll() == [] and watcher.loading() == {}  # shadowed already
+        promote(models, "fraud", newest, {"reason": "test"})
+        clock.now = 15.0
+        ready = watcher.poll()
+        # The champion role loads it; the shadow stops (no challenger newer than it).
+        assert ready == [("shadow", None)] and watcher.loading() == {"fraud": newest}
+        watcher.swapped("shadow", None)
+        [(role, engine)] = drain(watcher)
+        assert (role, engine.version) == ("fraud", newest)
+        watcher.swapped("fraud", newest)
+        engine.close()
+        clock.now = 20.0
+        assert watcher.poll() == [] and watcher.loading() == {}  # older is not newer
+    finally:
+        watcher.close()
+
+
+def test_no_shadow_when_turned_off(models):
+    clock = Clock()
+    serving = {"fraud": versions(models, "fraud")[-1], "ranking": versions(models, "ranking")[-1]}
+    publish_copy(models, "fraud", role="challenger")
+    watcher = ModelWatcher(settings_for(models, shadow=False), serving, clock)
+    try:
+        clock.now = 5.0
+        assert watcher.poll() == [] and watcher.loading() == {}
     finally:
         watcher.close()

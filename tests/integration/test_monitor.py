@@ -46,7 +46,7 @@ def score(event_id, value, scored_ms, version="7"):
 
 def produce(settings, topic, schema, records, key):
     """Records framed with the registry's id, as the pipeline and the generator write."""
-    catalog = connect_catalog(settings, {schema: topic})
+    catalog = connect_catalog(settings, {topic: schema})
     producer = Producer(producer_config(settings))
     encoder = Encoder(schema, catalog.output_id(schema))
     for record in records:

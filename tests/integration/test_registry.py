@@ -164,7 +164,7 @@ def test_serializer_producers_v1_and_v2_are_scored_and_outputs_read_with_deseria
     ]
     assert stats.dead_lettered == 2
     # The outputs' subjects hold our schemas, under the ids the outputs carry.
-    for name, topic in pipeline_outputs(settings).items():
+    for topic, name in pipeline_outputs(settings).items():
         latest = registry.get_latest_version(subject(topic))
         assert json.loads(latest.schema.schema_str)["name"] == schemas.raw(name)["name"]
 
@@ -245,7 +245,7 @@ def test_a_registry_restart_mid_stream_holds_the_input_loses_nothing_and_keeps_i
         wait_for_commit(settings)  # the pipeline has looked up v1 and registered its outputs
         ids_before = {
             name: [registry.get_version(name, v).schema_id for v in registry.get_versions(name)]
-            for name in subjects + [subject(t) for t in pipeline_outputs(settings).values()]
+            for name in subjects + [subject(t) for t in pipeline_outputs(settings)]
         }
         schema_registry.down()
         produce(settings, v2, held)  # v2's id: not yet looked up by the pipeline

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 import schemas
 from pipeline.codec import Encoder
 from pipeline.encode import OutputEncoder
-from pipeline.scoring import REASON_NAMES, Scored
+from pipeline.scoring import REASON_NAMES, Scored, ShadowScored
 from tests.pipeline.columnar import columns_of, fraud_records, recommendation_records
 from tests.pipeline.sample import NOW_MS, click_record
 
@@ -33,17 +35,26 @@ def scored_batches(draw: st.DrawFn):  # type: ignore[no-untyped-def]
     rows = np.array(sorted(draw(st.sets(st.integers(0, n - 1), min_size=1))), dtype=np.int64)
     m = len(rows)
     ranked = np.array(sorted(draw(st.sets(st.integers(0, m - 1)))), dtype=np.int64)
-    arrays = st.lists(FLOAT32, min_size=m * TOP_REASONS, max_size=m * TOP_REASONS)
+
+    def fraud_columns():  # type: ignore[no-untyped-def]
+        arrays = st.lists(FLOAT32, min_size=m * TOP_REASONS, max_size=m * TOP_REASONS)
+        reasons = st.lists(
+            st.integers(0, len(REASON_NAMES) - 1),
+            min_size=m * TOP_REASONS,
+            max_size=m * TOP_REASONS,
+        )
+        return {
+            "score": np.array(draw(st.lists(FLOAT32, min_size=m, max_size=m)), dtype=np.float32),
+            "decision": np.array(draw(st.lists(st.integers(0, 2), min_size=m, max_size=m))),
+            "reasons": np.array(draw(reasons)).reshape(m, TOP_REASONS),
+            "contributions": np.array(draw(arrays), dtype=np.float32).reshape(m, TOP_REASONS),
+            "reason_count": np.array(draw(st.lists(st.integers(0, 3), min_size=m, max_size=m))),
+            "fraud_model": (draw(st.text(max_size=10)), draw(st.text(max_size=5))),
+        }
+
     scored = Scored(
         rows=rows,
-        score=np.array(draw(st.lists(FLOAT32, min_size=m, max_size=m)), dtype=np.float32),
-        decision=np.array(draw(st.lists(st.integers(0, 2), min_size=m, max_size=m))),
-        reasons=np.array(
-            draw(st.lists(st.integers(0, len(REASON_NAMES) - 1), min_size=m * 3, max_size=m * 3))
-        ).reshape(m, TOP_REASONS),
-        contributions=np.array(draw(arrays), dtype=np.float32).reshape(m, TOP_REASONS),
-        reason_count=np.array(draw(st.lists(st.integers(0, 3), min_size=m, max_size=m))),
-        fraud_model=(draw(st.text(max_size=10)), draw(st.text(max_size=5))),
+        **fraud_columns(),
         ranked=ranked,
         items=np.array(
             draw(st.lists(LONGS, min_size=len(ranked) * TOP_K, max_size=len(ranked) * TOP_K)),
@@ -59,6 +70,7 @@ def scored_batches(draw: st.DrawFn):  # type: ignore[no-untyped-def]
         ),
         ranking_model=(draw(st.text(max_size=10)), draw(st.text(max_size=5))),
         scored_time=draw(LONGS),
+        shadow=ShadowScored(**fraud_columns()) if draw(st.booleans()) else None,
     )
     return columns, scored
 
@@ -79,3 +91,21 @@ def test_encoded_bytes_equal_fastavros(batch):
     assert split(encoded.recommendations, encoded.recommendation_starts) == [
         recommendation.encode(r) for r in recommendation_records(columns, scored)
     ]
+    # A challenger's records: the same rows and times, its own scores, reasons and version.
+    shadow = scored.shadow
+    as_served = (
+        scored
+        if shadow is None
+        else dataclasses.replace(
+            scored,
+            score=shadow.score,
+            decision=shadow.decision,
+            reasons=shadow.reasons,
+            contributions=shadow.contributions,
+            reason_count=shadow.reason_count,
+            fraud_model=shadow.fraud_model,
+        )
+    )
+    assert split(encoded.shadow, encoded.shadow_starts) == (
+        [] if shadow is None else [fraud.encode(r) for r in fraud_records(columns, as_served)]
+    )

@@ -175,3 +175,44 @@ def test_a_batch_with_no_row_to_score_shapes_and_encodes_nothing():
     none = rows[:0]
     fraud, recommendations = score(scorer(FakeFraud([0.5])), columns, none, features)
     assert fraud == [] and recommendations == []
+
+
+class BrokenFraud(FakeFraud):
+    def infer(self, inputs):
+        raise EngineError("challenger broke")
+
+
+def test_a_shadow_challenger_scores_the_same_rows_and_never_decides():
+    batch = featurised(
+        click_record(event_id="a"), click_record(event_id="b"), click_record(event_id="c")
+    )
+    current = scorer(FakeFraud([0.1, 0.6, 0.95]))
+    challenger = FakeFraud([0.99, 0.05, 0.5])
+    challenger.version = "9"
+    assert current.swap_shadow(challenger) is None
+    scored = current.score(*batch)
+    assert [float(s) for s in scored.score] == pytest.approx([0.1, 0.6, 0.95])
+    assert scored.decision.tolist() == [0, 1, 2]  # the champion's, untouched
+    shadow = scored.shadow
+    assert shadow is not None and shadow.fraud_model == ("fraud", "9")
+    assert [float(s) for s in shadow.score] == pytest.approx([0.99, 0.05, 0.5])
+    assert shadow.decision.tolist() == [2, 0, 1]  # what it would have decided, recorded only
+    assert shadow.reason_count.tolist() == scored.reason_count.tolist()
+    assert current.swap_shadow(None) is challenger
+    assert current.score(*batch).shadow is None
+    with pytest.raises(EngineError, match="retrain or pin"):
+        current.swap_shadow(FakeFraud([0.3], manifest_hash="other"))
+    assert current.shadow is None
+
+
+def test_a_failing_shadow_costs_nothing_but_its_own_scores():
+    batch = featurised(click_record(event_id="a"), click_record(event_id="b"))
+    current = scorer(FakeFraud([0.1, 0.95]))
+    current.swap_shadow(BrokenFraud([0.5, 0.5]))
+    columns, rows, features = batch
+    request = current.prepare(columns, rows, features)
+    inference = infer(request)
+    assert inference.shadow_error == "EngineError: challenger broke"
+    scored = current.shape(columns, rows, request, inference)
+    assert scored.shadow is None
+    assert [r["decision"] for r in fraud_records(columns, scored)] == ["allow", "block"]
