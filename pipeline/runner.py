@@ -257,7 +257,8 @@ class Pipeline:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
         changelog = ensure_changelog(self.settings)
         ensure_forget_topic(self.settings)
-        create_topics(self.settings, [self.settings.topics.input_histograms])  # when missing
+        topics = self.settings.topics
+        create_topics(self.settings, [topics.input_histograms, topics.shadow_scores])  # if missing
         telemetry = self.telemetry
         with ExitStack() as stack:
             if self.settings.telemetry.port:

@@ -61,16 +61,19 @@ class Pair:
     labelled_ms: int
 
 
-def changelog_key(side: str, event_id: str) -> bytes:
-    """The changelog key of one side of an event."""
-    return _SIDE_BYTE[side] + event_id.encode()
+def changelog_key(side: str, event_id: str, prefix: bytes = b"") -> bytes:
+    """The changelog key of one side of an event, in the join of `prefix`."""
+    return prefix + _SIDE_BYTE[side] + event_id.encode()
 
 
 class Join:
     """The waiting records of both sides, bounded by age and count."""
 
-    def __init__(self, window_s: float, max_pending: int) -> None:
-        """Hold each side at most `window_s` and at most `max_pending` records of it."""
+    def __init__(self, window_s: float, max_pending: int, prefix: bytes = b"") -> None:
+        """Hold each side at most `window_s` and at most `max_pending` records of it; its
+        changelog keys start with `prefix` (one join per scored role shares a changelog).
+        """
+        self.prefix = prefix
         self._window_ms = window_s * 1000.0
         self._max = max_pending
         self._waiting: dict[str, OrderedDict[str, Waiting]] = {
@@ -127,19 +130,27 @@ class Join:
             found = self._waiting[side].get(event_id)
             key = (side, event_id)
             if found is not None:
-                out.append((changelog_key(side, event_id), found.to_bytes()))
+                out.append((changelog_key(side, event_id, self.prefix), found.to_bytes()))
                 self._stored.add(key)
             elif key in self._stored:
-                out.append((changelog_key(side, event_id), None))
+                out.append((changelog_key(side, event_id, self.prefix), None))
                 self._stored.discard(key)
         self._touched.clear()
         return out
 
+    def owns(self, key: bytes) -> bool:
+        """Whether changelog `key` is one of this join's."""
+        rest = key[len(self.prefix) :]
+        return key.startswith(self.prefix) and bool(rest) and rest[0] in _BYTE_SIDE
+
     def restore(self, records: Iterable[tuple[bytes, bytes | None]]) -> int:
-        """Rebuild the waiting records from the changelog, read in order; the count kept."""
+        """Rebuild the waiting records from the changelog, read in order (only the keys
+        this join `owns`); the count kept.
+        """
         latest: dict[bytes, bytes | None] = {}
         for key, value in records:
-            latest[key] = value
+            if self.owns(key):
+                latest[key[len(self.prefix) :]] = value
         rows = []
         for key, value in latest.items():
             if value is not None:

@@ -1,11 +1,17 @@
 """`streamscore monitor`: read the scores served and the delayed labels, join them, and
 report online quality per model version.
 
-One process reads every partition of the fraud-score topic (read_committed), of the
-labels topic, and of the pipeline's input histograms (for PSI). Scores are keyed by user
-id and labels by event id, so the two sides of one event sit in unrelated partitions, and a
-consumer group would split them between members: run one monitor per pipeline
-(`replicas: 1`).
+One process reads every partition of the fraud-score topic (read_committed), of the shadow
+topic (a challenger's scores of the same events), of the labels topic, and of the
+pipeline's input histograms (for PSI). Scores are keyed by user id and labels by event id,
+so the two sides of one event sit in unrelated partitions, and a consumer group would split
+them between members: run one monitor per pipeline (`replicas: 1`).
+
+Each scored role (champion, challenger) has its own join. Every label is offered to both
+while a challenger has been shadowed within the join window, and the labels that join both
+roles' scores of their event feed `contest`: with `monitor.promote`, the challenger is
+promoted when it beats the champion there by the policy's margins (`_policy`), and every
+verdict is logged with its figures.
 
 PSI and the baseline figures the alerts compare with come from each version's manifest in
 `engine.model_dir` (its drift profile and validation tally).
@@ -42,7 +48,7 @@ from prometheus_client import Counter, Gauge
 import schemas
 from engines.base import EngineError
 from engines.drift import Profile
-from engines.registry import resolve
+from engines.registry import CHALLENGER, CHAMPION, promote, resolve
 from pipeline.checkpoint import transactional_call
 from pipeline.codec import DecodeError, Decoder, Encoder
 from pipeline.kafka.admin import create_topics, monitor_changelog, topic_partitions
@@ -57,7 +63,8 @@ from pipeline.telemetry import Health
 from schemas.catalog import Catalog, RegistryUnavailable
 
 log = get_logger()
-INPUTS = "inputs"
+INPUTS, SHADOW = "inputs", "shadow"
+ROLE_PREFIX = {CHAMPION: b"", CHALLENGER: b"c"}  # of each role's keys in the changelog
 
 
 def ensure_monitor_topics(settings: Settings, timeout_s: float = 30) -> None:
@@ -65,7 +72,12 @@ def ensure_monitor_topics(settings: Settings, timeout_s: float = 30) -> None:
     pipeline's histograms from, when missing.
     """
     topics = settings.topics
-    wanted = [monitor_changelog(settings), topics.model_quality, topics.input_histograms]
+    wanted = [
+        monitor_changelog(settings),
+        topics.model_quality,
+        topics.input_histograms,
+        topics.shadow_scores,
+    ]
     create_topics(settings, wanted, timeout_s)
 
 
@@ -103,12 +115,21 @@ class MonitorTelemetry(Health):
         self.unjoined = Counter(
             "streamscore_monitor_unjoined",
             "Scores and labels that left the join without their other side: waited past "
-            "monitor.join_window_s, or pushed out by monitor.max_pending.",
-            ["side"],
+            "monitor.join_window_s, or pushed out by monitor.max_pending; per scored role "
+            "(the champion's scores, or a shadowed challenger's).",
+            ["role", "side"],
             registry=registry,
         )
         self.pending = Gauge(
-            "streamscore_monitor_pending", "Scores and labels waiting.", ["side"], registry=registry
+            "streamscore_monitor_pending",
+            "Scores and labels waiting, per scored role.",
+            ["role", "side"],
+            registry=registry,
+        )
+        self.promotions = Counter(
+            "streamscore_model_promotions",
+            "Challengers the monitor promoted under its policy (monitor.promote).",
+            registry=registry,
         )
         self.unreadable = Counter(
             "streamscore_monitor_unreadable",
@@ -135,14 +156,24 @@ class Monitor:
         """Nothing is read until `run`."""
         self._settings = settings
         monitor = settings.monitor
-        self.join = Join(monitor.join_window_s, monitor.max_pending)
+        self.joins = {
+            role: Join(monitor.join_window_s, monitor.max_pending, prefix)
+            for role, prefix in ROLE_PREFIX.items()
+        }
+        self.join = self.joins[CHAMPION]
         self.window = Window(monitor.quality_window_s, settings.decision)
+        # Only the labels that joined both the champion's and the challenger's score of
+        # their event: what the promotion policy compares.
+        self.contest = Window(monitor.quality_window_s, settings.decision)
         self.telemetry = MonitorTelemetry(settings.telemetry.liveness_timeout_s)
         self.last_report: dict[str, dict[str, float]] = {}
         self._next: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._names: dict[str, str] = {}  # model version -> model name
         self._models: dict[str, _Reference | None] = {}  # model version -> its manifest's
-        self._expired = dict(self.join.expired)
+        self._expired = {role: dict(join.expired) for role, join in self.joins.items()}
+        self._roles: dict[str, str] = {}  # model version -> the role it was last scored in
+        self._shadow_seen_ms = 0  # when a challenger's score was last read
+        self.verdicts: list[dict[str, Any]] = []  # the policy's, newest last
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         """Restore, then consume and report until `stop` (setting `ready` once reading);
@@ -204,7 +235,12 @@ class Monitor:
             )
             if (key := message.key())
         ]
-        kept = self.join.restore(records)
+        kept = 0
+        for role, join in self.joins.items():
+            restored = join.restore(records)
+            kept += restored
+            if role == CHALLENGER and restored:
+                self._shadow_seen_ms = int(time.time() * 1000)  # it was shadowing
         self.telemetry.restored.inc(kept)
         log.info(
             "monitor_restored",
@@ -219,7 +255,12 @@ class Monitor:
         topics = self._settings.topics
         wanted = [
             Position(topic, partition)
-            for topic in (topics.fraud_scores, topics.labels, topics.input_histograms)
+            for topic in (
+                topics.fraud_scores,
+                topics.shadow_scores,
+                topics.labels,
+                topics.input_histograms,
+            )
             for partition in topic_partitions(consumer, topic)
         ]
         committed = consumer.committed(wanted, timeout=30)
@@ -238,6 +279,7 @@ class Monitor:
         topics = self._settings.topics
         return {
             topics.fraud_scores: (SCORES, Decoder(schemas.FRAUD_SCORE, catalog)),
+            topics.shadow_scores: (SHADOW, Decoder(schemas.FRAUD_SCORE, catalog)),
             topics.labels: (LABELS, Decoder(schemas.FRAUD_LABEL, catalog)),
             topics.input_histograms: (INPUTS, Decoder(schemas.INPUT_HISTOGRAM, catalog)),
         }
@@ -251,10 +293,11 @@ class Monitor:
         stop: threading.Event,
     ) -> None:
         """Join one fetch, then add what it served and joined to the window by version."""
-        join = self.join
         seen_ms = int(time.time() * 1000)
+        window_ms = self._settings.monitor.join_window_s * 1000
         served: dict[str, list[int]] = defaultdict(list)
         pairs: list[Pair] = []
+        contested: list[Pair] = []  # labels joined to both roles' scores
         for message in messages:
             error = message.error()
             if error is not None:
@@ -268,21 +311,39 @@ class Monitor:
             if side == INPUTS:
                 self._add_inputs(record, topic, offset)
                 continue
-            if side == SCORES:
+            if side in (SCORES, SHADOW):
+                role = CHAMPION if side == SCORES else CHALLENGER
+                if role == CHALLENGER:
+                    self._shadow_seen_ms = seen_ms
                 version = record["model_version"]
                 scored_ms = record["scored_time"] or message.timestamp()[1]
                 self._names[version] = record["model_name"]
+                self._roles[version] = role
                 served[version].append(scored_ms)
-                pair = join.score(record["event_id"], version, record["score"], scored_ms, seen_ms)
-            else:
-                labelled_ms = message.timestamp()[1]
+                pair = self.joins[role].score(
+                    record["event_id"], version, record["score"], scored_ms, seen_ms
+                )
+                if pair is not None:
+                    pairs.append(pair)
+                continue
+            labelled_ms = message.timestamp()[1]
+            matched = []
+            for role, join in self.joins.items():
+                if role == CHALLENGER and seen_ms - self._shadow_seen_ms > window_ms:
+                    continue  # no challenger shadowed within the join window: none to join
                 pair = join.label(record["event_id"], record["is_fraud"], labelled_ms, seen_ms)
-            if pair is not None:
-                pairs.append(pair)
+                if pair is not None:
+                    matched.append(pair)
+            pairs += matched
+            if len(matched) == len(self.joins):
+                contested += matched
         for version, times in served.items():
             self.window.served(version, np.array(times, dtype=np.int64))
         if pairs:
-            self._add_pairs(pairs)
+            self.telemetry.joined_total.inc(len(pairs))
+            _add_pairs(self.window, pairs)
+        if contested:
+            _add_pairs(self.contest, contested)
 
     def _decode(
         self, decoder: Decoder, message: Message, stop: threading.Event
@@ -345,20 +406,6 @@ class Monitor:
         reference = self._models[version] = _Reference(Profile.from_manifest(manifest), baseline)
         return reference
 
-    def _add_pairs(self, pairs: list[Pair]) -> None:
-        self.telemetry.joined_total.inc(len(pairs))
-        by_version: dict[str, list[Pair]] = defaultdict(list)
-        for pair in pairs:
-            by_version[pair.version].append(pair)
-        for version, rows in by_version.items():
-            self.window.joined(
-                version,
-                np.array([p.score for p in rows]),
-                np.array([p.is_fraud for p in rows], dtype=bool),
-                np.array([p.scored_ms for p in rows], dtype=np.int64),
-                np.array([p.labelled_ms for p in rows], dtype=np.int64),
-            )
-
     # -- reporting ------------------------------------------------------------------------
 
     def _report(self, producer: Producer, consumer: Consumer, encoder: Encoder) -> None:
@@ -367,9 +414,11 @@ class Monitor:
         """
         settings = self._settings
         now_ms = time.time() * 1000
-        join, telemetry = self.join, self.telemetry
-        join.expire(now_ms)
-        changes = join.changes()
+        telemetry = self.telemetry
+        changes = []
+        for join in self.joins.values():
+            join.expire(now_ms)
+            changes += join.changes()
         report = self.window.report(now_ms)
         psi = {version: self._psi(version) for version in report}
         records = [
@@ -402,11 +451,13 @@ class Monitor:
                     raise  # fatal (fenced by a newer monitor): a restart restores
                 log.warning("monitor_transaction_aborted", reason=exc.args[0].str())
                 producer.abort_transaction()
-        for side, count in join.expired.items():
-            telemetry.unjoined.labels(side=side).inc(count - self._expired[side])
-            self._expired[side] = count
-        for side, count in join.pending().items():
-            telemetry.pending.labels(side=side).set(count)
+        for role, join in self.joins.items():
+            expired = self._expired[role]
+            for side, count in join.expired.items():
+                telemetry.unjoined.labels(role=role, side=side).inc(count - expired[side])
+                expired[side] = count
+            for side, count in join.pending().items():
+                telemetry.pending.labels(role=role, side=side).set(count)
         for version, online in report.items():
             for name, figure in online.items():
                 telemetry.quality.labels(model_version=version, figure=name).set(figure)
@@ -421,10 +472,66 @@ class Monitor:
             "model_quality",
             versions={v: _rounded(f) for v, f in report.items()},
             psi_over_0_2={v: sorted(k for k, x in p.items() if x > 0.2) for v, p in psi.items()},
-            pending=join.pending(),
-            unjoined=join.expired,
+            roles={v: self._roles.get(v, CHAMPION) for v in report},
+            pending={role: join.pending() for role, join in self.joins.items()},
+            unjoined={role: join.expired for role, join in self.joins.items()},
             changelog_records=len(changes),
         )
+        contest = self.contest.report(now_ms)
+        if settings.monitor.promote:
+            self._policy(contest)
+
+    def _policy(self, contest: dict[str, dict[str, float]]) -> None:
+        """Promote the challenger when, on the labels both were joined to over the window,
+        it beats the champion by monitor.promote_margin_pr_auc in PR-AUC and by
+        monitor.promote_margin_recall in recall at block, with promote_min_labels labels.
+        Each verdict (once there are the labels for one) is logged with its figures.
+        """
+        monitor = self._settings.monitor
+        by_role: dict[str, list[str]] = defaultdict(list)
+        for version in contest:
+            by_role[self._roles.get(version, CHAMPION)].append(version)
+        if not by_role[CHAMPION] or not by_role[CHALLENGER]:
+            return
+        champion = max(by_role[CHAMPION], key=_version_order)
+        challenger = max(by_role[CHALLENGER], key=_version_order)
+        old, new = contest[champion], contest[challenger]
+        labelled = int(min(old["labelled"], new["labelled"]))
+        if labelled < monitor.promote_min_labels:
+            return
+        wanted = ("pr_auc", "recall_at_block", "precision_at_block", "ece")
+        verdict: dict[str, Any] = {
+            "champion": champion,
+            "challenger": challenger,
+            "labelled": labelled,
+            "champion_figures": _rounded({k: old[k] for k in wanted}),
+            "challenger_figures": _rounded({k: new[k] for k in wanted}),
+            "margins": {
+                "pr_auc": monitor.promote_margin_pr_auc,
+                "recall_at_block": monitor.promote_margin_recall,
+            },
+        }
+        # NaN (no positives yet) compares False: no promotion on undefined figures.
+        better = bool(
+            new["pr_auc"] >= old["pr_auc"] + monitor.promote_margin_pr_auc
+            and new["recall_at_block"] >= old["recall_at_block"] + monitor.promote_margin_recall
+        )
+        verdict["promoted"] = better
+        self.verdicts.append(verdict)
+        if not better:
+            log.info("model_promotion_refused", **verdict)
+            return
+        name = self._names.get(challenger, self._settings.engine.fraud_model)
+        record = {"by": "streamscore monitor", "policy": verdict, "at_ms": int(time.time() * 1000)}
+        try:
+            promote(self._settings.engine.model_dir, name, challenger, record)
+        except (EngineError, OSError) as exc:
+            verdict["promoted"] = False
+            log.warning("model_promotion_failed", error=str(exc), **verdict)
+            return
+        self._roles[challenger] = CHAMPION
+        self.telemetry.promotions.inc()
+        log.info("model_promoted", **verdict)
 
     def _psi(self, version: str) -> dict[str, float]:
         """PSI per input column and for the score over the window (empty without a profile
@@ -448,7 +555,7 @@ class Monitor:
             "window_s": self.window.window_s,
             "model_name": self._names.get(version, ""),
             "model_version": version,
-            "role": "champion",
+            "role": self._roles.get(version, CHAMPION),
             "served": int(figures["served"]),
             "labelled": int(figures["labelled"]),
             "psi": psi,
@@ -457,6 +564,25 @@ class Monitor:
             if name not in record:
                 record[name] = nullable(name)
         return record
+
+
+def _add_pairs(window: Window, pairs: list[Pair]) -> None:
+    """Joined scores into `window`, per model version."""
+    by_version: dict[str, list[Pair]] = defaultdict(list)
+    for pair in pairs:
+        by_version[pair.version].append(pair)
+    for version, rows in by_version.items():
+        window.joined(
+            version,
+            np.array([p.score for p in rows]),
+            np.array([p.is_fraud for p in rows], dtype=bool),
+            np.array([p.scored_ms for p in rows], dtype=np.int64),
+            np.array([p.labelled_ms for p in rows], dtype=np.int64),
+        )
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version) if version.isdigit() else -1, version)
 
 
 @dataclass(frozen=True, slots=True)

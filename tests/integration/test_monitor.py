@@ -5,6 +5,7 @@ ModelQuality records.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from confluent_kafka import Producer
 
 import schemas
-from engines.registry import resolve
+from engines.registry import CHALLENGER, CHAMPION, resolve, versions
 from pipeline.codec import Encoder
 from pipeline.demo import read_topic
 from pipeline.generator import GeneratorConfig
@@ -23,6 +24,7 @@ from pipeline.loadgen import produce_clickstream
 from pipeline.monitor.join import LABELS, SCORES
 from pipeline.monitor.service import Monitor
 from schemas.catalog import subject
+from tests.engines.publish import publish_copy
 from tests.integration.test_registry import Running as PipelineRunning
 from tests.integration.test_registry import client
 
@@ -109,7 +111,7 @@ def test_join_survives_a_restart_and_reports_quality(registry_settings):
     try:
         first.wait_joined(30)
         time.sleep(1.2)  # a report commits the waiting scores and the positions
-        assert first.metric("streamscore_monitor_pending", side=SCORES) == 30
+        assert first.metric("streamscore_monitor_pending", role="champion", side=SCORES) == 30
     finally:
         first.close()
 
@@ -157,7 +159,9 @@ def test_join_survives_a_restart_and_reports_quality(registry_settings):
     try:
         assert third.metric("streamscore_monitor_restored_total") == 10
         deadline = time.monotonic() + 30
-        while third.metric("streamscore_monitor_unjoined_total", side=LABELS) != 10:
+        while (
+            third.metric("streamscore_monitor_unjoined_total", role="champion", side=LABELS) != 10
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert third.monitor.join.pending() == {SCORES: 0, LABELS: 0}
@@ -221,3 +225,95 @@ def test_pipeline_histograms_and_manifest_give_psi_and_baseline(kafka_settings):
         r for r, _ in read_topic(settings, settings.topics.model_quality, schemas.MODEL_QUALITY)
     ]
     assert set(records[-1]["psi"]) == set(psi)
+
+
+def test_champion_and_challenger_are_compared_on_the_same_labels_and_promoted_by_policy(
+    kafka_settings, model_dir, tmp_path
+):
+    """Shadow scores on their own topic, every label joined to both roles; the policy
+    refuses a challenger that is no better, then promotes it once it is, with its figures.
+    """
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    champion = versions(models, "fraud")[-1]
+    challenger = publish_copy(models, "fraud", role=CHALLENGER)
+    settings = kafka_settings.model_copy(
+        update={
+            "monitor": kafka_settings.monitor.model_copy(
+                update={
+                    "report_interval_s": 0.5,
+                    "promote": True,
+                    "promote_min_labels": 50,
+                    "promote_margin_recall": 0.1,
+                }
+            ),
+            "engine": kafka_settings.engine.model_copy(update={"model_dir": models}),
+        }
+    )
+    topics = settings.topics
+    now = int(time.time() * 1000)
+
+    def stretch(prefix, challenger_catches):
+        # Positives are events 0-9: the champion scores them as it scores the negatives,
+        # 0.05 (missed); the challenger the same, or 0.95 (caught at block).
+        served = [0.05] * 50
+        shadowed = [0.95 if challenger_catches else 0.05] * 10 + [0.05] * 40
+        ids = [f"{prefix}{i}" for i in range(50)]
+        produce(
+            settings,
+            topics.fraud_scores,
+            schemas.FRAUD_SCORE,
+            [
+                score(e, v, now + i, champion)
+                for i, (e, v) in enumerate(zip(ids, served, strict=True))
+            ],
+            "user_id",
+        )
+        produce(
+            settings,
+            topics.shadow_scores,
+            schemas.FRAUD_SCORE,
+            [
+                score(e, v, now + i, challenger)
+                for i, (e, v) in enumerate(zip(ids, shadowed, strict=True))
+            ],
+            "user_id",
+        )
+        labels = [{"event_id": e, "is_fraud": i < 10, "pattern": ""} for i, e in enumerate(ids)]
+        produce(settings, topics.labels, schemas.FRAUD_LABEL, labels, "event_id")
+
+    running = Running(settings)
+    try:
+        stretch("a", challenger_catches=False)
+        running.wait_joined(100)
+        wait_for(lambda: running.monitor.verdicts, "a verdict on 50 labels each")
+        refused = running.monitor.verdicts[-1]
+        assert not refused["promoted"] and refused["labelled"] == 50
+        assert resolve(models, "fraud", challenger).manifest["role"] == CHALLENGER
+        assert running.metric("streamscore_monitor_pending", role=CHALLENGER, side=SCORES) == 0
+
+        stretch("b", challenger_catches=True)
+        running.wait_joined(200)
+        wait_for(lambda: running.monitor.verdicts[-1]["promoted"], "the promotion")
+        promoted = running.monitor.verdicts[-1]
+        assert running.metric("streamscore_model_promotions_total") == 1
+    finally:
+        running.close()
+    assert (promoted["champion"], promoted["challenger"]) == (champion, challenger)
+    assert promoted["labelled"] == 100
+    assert promoted["champion_figures"]["recall_at_block"] == 0
+    assert promoted["challenger_figures"]["recall_at_block"] == pytest.approx(0.5)
+    manifest = resolve(models, "fraud", challenger).manifest
+    assert manifest["role"] == CHAMPION and manifest["promotion"]["policy"] == promoted
+    assert versions(models, "fraud")[-1] == challenger  # what `latest` serves now
+    # Each role's ModelQuality records say which it was.
+    records = [r for r, _ in read_topic(settings, topics.model_quality, schemas.MODEL_QUALITY)]
+    roles = {(r["model_version"], r["role"]) for r in records}
+    assert {(champion, CHAMPION), (challenger, CHALLENGER)} <= roles
+
+
+def wait_for(condition, what, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s}s"
+        time.sleep(0.1)

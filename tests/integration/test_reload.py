@@ -105,3 +105,78 @@ def wait_until_serving(port, versions, timeout_s=60):
             return
         assert time.monotonic() < deadline, f"serving {serving} after {timeout_s}s, not {versions}"
         time.sleep(0.1)
+
+
+def test_a_challenger_is_shadow_scored_beside_the_champion_and_never_decides(
+    kafka_settings, model_dir, tmp_path
+):
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    port = free_port()
+    settings = kafka_settings.model_copy(
+        update={
+            "engine": kafka_settings.engine.model_copy(
+                update={"model_dir": models, "reload_interval_s": 0.1}
+            ),
+            "telemetry": kafka_settings.telemetry.model_copy(update={"port": port}),
+        }
+    )
+    topics = settings.topics
+    config = GeneratorConfig(events=2000, users=80, seed=12).anchored_before(time.time())
+    events = [event for event, _ in generate(config)]
+    encoder = Encoder(schemas.CLICK_EVENT)
+    producer = Producer(producer_config(settings))
+
+    def produce(chunk):
+        for event in chunk:
+            producer.produce(
+                topics.input, key=event["user_id"].encode(), value=encoder.encode(event)
+            )
+        assert producer.flush(30) == 0
+
+    champion = resolve(models, "fraud").version
+    stop = threading.Event()
+    worker = threading.Thread(target=run_pipeline, args=(settings, stop))
+    worker.start()
+    try:
+        produce(events[:500])
+        wait_for_commit(settings)
+        challenger = publish_copy(models, "fraud", role="challenger")  # the same weights
+        deadline = time.monotonic() + 60
+        for start in range(500, 1000, 50):  # until the shadow scores something
+            produce(events[start : start + 50])
+        while not produced(port, topics.shadow_scores):
+            assert time.monotonic() < deadline, "nothing shadow-scored after 60 s"
+            produce([])
+            time.sleep(0.1)
+        produce(events[1000:])  # all of these after the challenger was loaded
+        wait_for_commit(settings)
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not worker.is_alive()
+
+    served = {
+        r["event_id"]: r for r, _ in read_topic(settings, topics.fraud_scores, schemas.FRAUD_SCORE)
+    }
+    shadow = {
+        r["event_id"]: r for r, _ in read_topic(settings, topics.shadow_scores, schemas.FRAUD_SCORE)
+    }
+    assert len(served) == len(events)
+    assert {r["model_version"] for r in served.values()} == {champion}  # it never decides
+    assert {r["model_version"] for r in shadow.values()} == {challenger}
+    assert {e["event_id"] for e in events[1000:]} <= set(shadow) <= set(served)
+    for event_id, record in shadow.items():  # same weights, same rows: the same scores
+        assert record["score"] == pytest.approx(served[event_id]["score"], abs=1e-6)
+        assert record["user_id"] == served[event_id]["user_id"]
+
+
+def produced(port, topic):
+    """The pipeline's count of records produced to `topic`, from its /metrics."""
+    _, body = status(port, "/metrics")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "streamscore_produced_total" and sample.labels.get("topic") == topic
+    )

@@ -93,3 +93,17 @@ def test_a_restart_from_the_changelog_continues_as_if_never_stopped(steps, max_p
     tombstones = {key for key, value in restored.changes() if value is None}
     latest = dict(log)
     assert tombstones == {key for key, value in latest.items() if value is not None}
+
+
+def test_two_joins_share_one_changelog_and_each_restores_its_own():
+    champion, challenger = Join(3600, 10), Join(3600, 10, prefix=b"c")
+    champion.score("e1", "1", 0.2, 100, 1_000)
+    challenger.score("e1", "2", 0.9, 100, 1_000)
+    challenger.label("e2", True, 200, 1_000)
+    records = champion.changes() + challenger.changes()
+    assert sorted(key for key, _ in records) == [b"cle2", b"cse1", b"se1"]
+    again_champion, again_challenger = Join(3600, 10), Join(3600, 10, prefix=b"c")
+    assert again_champion.restore(records) == 1 and again_challenger.restore(records) == 2
+    assert again_champion.label("e1", True, 300, 2_000).version == "1"
+    assert again_challenger.label("e1", True, 300, 2_000).version == "2"
+    assert again_challenger.score("e2", "2", 0.9, 150, 2_000).is_fraud
