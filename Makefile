@@ -10,7 +10,7 @@ SOAK_MINUTES ?= 30
 SOAK_RATE ?= 5000
 SOAK_USERS ?= 50000
 
-.PHONY: setup kafka-jars kafka-up kafka-down registry-app registry-up registry-down promtool models demo bench soak lint typecheck test clean
+.PHONY: setup kafka-jars kafka-up kafka-down registry-app registry-up registry-down promtool models demo demo-drift bench soak lint typecheck test clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,10 @@ models: setup
 demo: registry-up models
 	$(BIN)/streamscore schemas register
 	$(BIN)/streamscore demo --events $(EVENTS) --rate $(RATE)
+
+# The feedback loop: drift, alert, retrain, shadow, promotion (var/demo/feedback.json, .png).
+demo-drift: registry-up models
+	$(BIN)/streamscore demo --scenario drift
 
 # The full benchmark (about 20 minutes); the report is also copied to docs/bench.
 bench: kafka-up models

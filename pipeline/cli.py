@@ -746,15 +746,29 @@ def demo(
     events: int = 100_000,
     rate: Annotated[float, typer.Option(help="Production rate, events per second.")] = 2500,
     users: int = 1000,
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="main: the job end to end; drift: a new fraud pattern part-way, the alert, "
+            "retrain, shadow, promotion and recovery (var/demo/feedback.json and .png)."
+        ),
+    ] = "main",
     config: ConfigOption = None,
 ) -> None:
     """End to end on the local broker: train if needed, produce, score, summarise."""
-    from pipeline.demo import run_demo
-
     settings = _settings(config)
     ensure_kafka(settings)
     with console.status("starting the schema registry"):
         ensure_registry(settings)
+    if scenario == "drift":
+        from pipeline.drift_demo import DriftPlan, run_drift_demo
+
+        run_drift_demo(settings, console, DriftPlan())
+        return
+    if scenario != "main":
+        raise typer.BadParameter(f"--scenario {scenario!r}: main or drift")
+    from pipeline.demo import run_demo
+
     run_demo(settings, events=events, rate=rate, users=users, console=console)
 
 

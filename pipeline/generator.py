@@ -9,6 +9,12 @@ pages with a recommendation slot. Three fraud patterns are planted and labelled:
   purchase with a new card whose billing country differs;
 - bot: product views at sub-second rates over random items, often with a headless user agent.
 
+A fourth, `reseller`, is the drift scenario's (`streamscore demo --scenario drift`): from
+event `drift_after` on, a `reseller_rate` share of ordinary users' sessions buy popular items in
+bulk, purchase after purchase, on their own device, card and country: nothing the first
+three patterns taught the model to see. With `reseller_rate` 0 (the default) the stream is what
+it always was for a seed.
+
 Labels are yielded beside each event, never inside it. Times are milliseconds from
 `start_ms`, and every event falls inside the config's `timeline_s`: the `horizon_s` asked
 for, grown when the events per user need more sessions than fit in it (each session is
@@ -65,6 +71,8 @@ class GeneratorConfig:
     takeover_rate: float = 0.02
     recommendation_rate: float = 0.12
     catalog_seed: int | None = None  # a catalog from another seed (held-out evaluation)
+    drift_after: int = 0  # events before the reseller pattern may start
+    reseller_rate: float = 0.0  # share of ordinary sessions that resell, after drift_after
 
     @property
     def sessions_per_user(self) -> float:
@@ -238,6 +246,12 @@ class ClickstreamGenerator:
             return _Session(
                 session_id, device, ip, country, length, "account_takeover", 0, 12.0, browse
             )
+        if (
+            self.config.reseller_rate
+            and self._emitted >= self.config.drift_after
+            and self._rng.random() < self.config.reseller_rate
+        ):
+            return _Session(session_id, device, ip, country, self._rng.randint(2, 4), "reseller")
         pace = 4.0 if self._rng.random() < 0.05 else 35.0  # some people click fast
         if self._rng.random() < 0.03:  # legitimate travel or a new phone: novelty that is not fraud
             country = self._rng.choice(COUNTRIES + FRAUD_COUNTRIES[:1])
@@ -260,6 +274,8 @@ class ClickstreamGenerator:
             self._card_test_event(user, session, event)
         elif session.pattern == "account_takeover":
             self._takeover_event(user, session, event)
+        elif session.pattern == "reseller":
+            self._reseller_event(user, session, event)
         else:
             self._normal_event(user, session, event)
         label = {
@@ -394,6 +410,18 @@ class ClickstreamGenerator:
             event["event_type"] = "purchase"
             event["billing_country"] = session.country
             event["payment_method"] = "card"
+
+    def _reseller_event(self, user: _User, session: _Session, event: dict[str, Any]) -> None:
+        item = int(self._rng.choice(self.catalog.popular[:20]))
+        quantity = self._rng.randint(8, 30)
+        user.cart = [item] * quantity
+        self._checkout(user, session, event, new_card=False)
+        event["event_type"] = "purchase"
+        event["payment_method"] = "card"
+        event["item_id"] = item
+        event["category_id"] = self._category[item]
+        event["price"] = self._price[item]
+        event["quantity"] = quantity
 
 
 def generate(config: GeneratorConfig) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:

@@ -167,6 +167,7 @@ class Monitor:
         self.contest = Window(monitor.quality_window_s, settings.decision)
         self.telemetry = MonitorTelemetry(settings.telemetry.liveness_timeout_s)
         self.last_report: dict[str, dict[str, float]] = {}
+        self.last_psi: dict[str, dict[str, float]] = {}
         self._next: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._names: dict[str, str] = {}  # model version -> model name
         self._models: dict[str, _Reference | None] = {}  # model version -> its manifest's
@@ -467,7 +468,7 @@ class Monitor:
             for name, figure in (reference.baseline if reference else {}).items():
                 telemetry.baseline.labels(model_version=version, figure=name).set(figure)
         telemetry.last_report.set(now_ms / 1000.0)
-        self.last_report = report
+        self.last_report, self.last_psi = report, psi
         log.info(
             "model_quality",
             versions={v: _rounded(f) for v, f in report.items()},
@@ -480,6 +481,10 @@ class Monitor:
         contest = self.contest.report(now_ms)
         if settings.monitor.promote:
             self._policy(contest)
+
+    def role(self, version: str) -> str:
+        """The role `version` was last scored in (champion when not seen)."""
+        return self._roles.get(version, CHAMPION)
 
     def _policy(self, contest: dict[str, dict[str, float]]) -> None:
         """Promote the challenger when, on the labels both were joined to over the window,

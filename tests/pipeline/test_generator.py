@@ -42,6 +42,21 @@ def test_every_fraud_pattern_and_behaviour_appears():
     assert any(event["candidates"] for event, _ in pairs)
 
 
+def test_the_reseller_pattern_starts_after_drift_after_and_changes_nothing_before():
+    drifting = GeneratorConfig(
+        events=20_000, users=300, seed=11, drift_after=8_000, reseller_rate=0.3
+    )
+    plain, drifted = list(generate(CONFIG)), list(generate(drifting))
+    first = next(i for i, (_, label) in enumerate(drifted) if label["pattern"] == "reseller")
+    assert first >= 8_000 and plain[:8_000] == drifted[:8_000]  # the same stream up to it
+    resold = [(event, label) for event, label in drifted if label["pattern"] == "reseller"]
+    assert len(resold) > 200 and all(label["is_fraud"] for _, label in resold)
+    for event, _ in resold:  # bulk purchases on the user's own card, in their country
+        assert event["event_type"] == "purchase" and event["quantity"] >= 8
+        assert event["billing_country"] == event["country"]
+    assert not any(label["pattern"] == "reseller" for _, label in plain)
+
+
 def test_legitimate_purchases_follow_items_put_in_the_cart():
     carted: set[str] = set()
     purchases = 0
