@@ -22,7 +22,13 @@ from engines.drift import Profile
 from engines.export import OPSET, export_onnx
 from engines.models import FraudModel, RankingModel, for_serving, map_item_ids
 from engines.models.ranking import FIRST_ID
-from engines.registry import CHALLENGER, next_version_dir, resolve, write_manifest
+from engines.registry import (
+    CHALLENGER,
+    ModelArtifact,
+    next_version_dir,
+    resolve,
+    write_manifest,
+)
 from pipeline.events import ClickEvent
 from pipeline.features import FeatureBatch, compute_features
 from pipeline.features import spec as feature_spec
@@ -103,10 +109,12 @@ def build_dataset(config: TrainConfig) -> Dataset:
 
 
 def train_fraud(
-    data: Dataset, config: TrainConfig, progress: Progress
+    data: Dataset, config: TrainConfig, progress: Progress, start: FraudModel | None = None
 ) -> tuple[FraudModel, dict[str, float], np.ndarray]:
     """Train the fraud model with early stopping on validation loss, then calibrate; return
-    it with its validation report and scores.
+    it with its validation report and scores. From `start` (a champion's weights), it is
+    fine-tuned instead: its input normalisation is kept, so what it learnt of the patterns
+    missing from `data` is not thrown away, at a third of the learning rate.
     """
     torch.manual_seed(config.seed)
     numeric = torch.from_numpy(data.features.numeric)
@@ -116,9 +124,13 @@ def train_fraud(
     cardinalities = [
         feature_spec.CATEGORICAL_CARDINALITY[n] for n in feature_spec.FRAUD_CATEGORICAL
     ]
-    model = FraudModel(numeric.shape[1], cardinalities)
-    model.fit_normalisation(numeric[train])
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
+    if start is None:
+        model = FraudModel(numeric.shape[1], cardinalities)
+        model.fit_normalisation(numeric[train])
+        rate = 3e-3
+    else:
+        model, rate = start, 1e-3
+    optimiser = torch.optim.Adam(model.parameters(), lr=rate, weight_decay=1e-5)
     loss_fn = nn.BCEWithLogitsLoss()
 
     def validation_loss() -> float:
@@ -420,10 +432,12 @@ def retrain_fraud(
     config: TrainConfig,
     progress: Progress,
     source: dict[str, Any],
+    start: ModelArtifact | None = None,
 ) -> tuple[Path, dict[str, float]]:
     """Train a fraud challenger on labelled events read back from the topics (in event
     time order; the later `validation_fraction` validates) and save it as the next version
-    in the challenger role; `source` says what it was trained on.
+    in the challenger role; `source` says what it was trained on. With `start` (the
+    champion), it is fine-tuned from that version's weights.
     """
     features = compute_features(events, config.history_length, config.session_gap_s)
     digest = hashlib.sha256("".join(e.event_id for e in events).encode()).hexdigest()[:16]
@@ -437,13 +451,25 @@ def retrain_fraud(
         item_categories=np.zeros(0, dtype=np.int64),
         fingerprint=digest,
     )
-    fraud, report, validation_scores = train_fraud(data, config, progress)
+    initial = None
+    if start is not None:
+        from engines.torch import build_module
+
+        if start.manifest.get("feature_hash") != feature_spec.feature_hash():
+            raise EngineError(
+                f"fraud v{start.version} was trained on other features: it cannot be "
+                "fine-tuned on today's; train from scratch"
+            )
+        module = build_module(start)
+        assert isinstance(module, FraudModel), start.manifest["architecture"]
+        initial = module
+    fraud, report, validation_scores = train_fraud(data, config, progress, initial)
     extra = {
         "feature_hash": feature_spec.feature_hash(),
         "training_data": digest,
         "train_config": asdict(config),
         "role": CHALLENGER,
-        "trained_on": source,
+        "trained_on": source | ({} if start is None else {"fine_tuned_from": start.version}),
     }
     return save_fraud(model_dir, data, fraud, report, validation_scores, extra), report
 

@@ -345,12 +345,20 @@ def retrain(
         int, typer.Option(help="Refuse to train on fewer labelled events.")
     ] = 1000,
     max_epochs: int = 12,
+    fine_tune: Annotated[
+        bool,
+        typer.Option(
+            help="Start from the champion's weights (it keeps what it knows of patterns the "
+            "window lacks); --no-fine-tune trains from scratch."
+        ),
+    ] = True,
     config: ConfigOption = None,
 ) -> None:
     """Train a fraud challenger on recent labelled events read from the input and labels
     topics; it is saved as the next version in the challenger role (shadow-scored, never
     serving until promoted).
     """
+    from engines.registry import resolve
     from engines.train import TrainConfig, retrain_fraud
     from pipeline.retrain import labelled_events
 
@@ -371,6 +379,7 @@ def retrain(
         train_config,
         lambda *_: None,
         labelled.describe(),
+        resolve(settings.engine.model_dir, settings.engine.fraud_model) if fine_tune else None,
     )
     log.info("challenger_trained", version=path.name, **labelled.describe(), **report)
     console.print(f"challenger fraud version {path.name} under {path.parent}")

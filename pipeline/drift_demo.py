@@ -10,8 +10,8 @@ waiting on the one before:
 2. alert: the condition of the FraudRecallAtBlockDropped rule (deploy/prometheus/alerts.yml:
    recall under 80% of the version's validation recall, over at least 200 labels) holds
    for three reports in a row;
-3. retrain: a challenger is trained on the labelled events read back from the topics
-   (`pipeline.retrain.labelled_events`, since the demo began);
+3. retrain: a challenger is fine-tuned from the champion on the labelled events read back
+   from the topics (`pipeline.retrain.labelled_events`, since the demo began);
 4. shadow: the pipeline's reload watcher finds it and shadow-scores every event with it;
 5. promote: the monitor's policy (`monitor.promote`) promotes it once it beats the champion
    on the same labels, and the pipeline serves it from the next batch;
@@ -245,9 +245,10 @@ def _drive(
         settings.engine.model_dir,
         labelled.events,
         labelled.labels,
-        TrainConfig(max_epochs=8),
+        TrainConfig(),
         lambda *_: None,
         labelled.describe(),
+        resolve(settings.engine.model_dir, settings.engine.fraud_model),  # fine-tuned
     )
     timeline.mark(
         "retrain",

@@ -175,6 +175,7 @@ class Monitor:
         self._roles: dict[str, str] = {}  # model version -> the role it was last scored in
         self._shadow_seen_ms = 0  # when a challenger's score was last read
         self.verdicts: list[dict[str, Any]] = []  # the policy's, newest last
+        self._promoted: set[str] = set()
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         """Restore, then consume and report until `stop` (setting `ready` once reading);
@@ -319,7 +320,8 @@ class Monitor:
                 version = record["model_version"]
                 scored_ms = record["scored_time"] or message.timestamp()[1]
                 self._names[version] = record["model_name"]
-                self._roles[version] = role
+                # Once promoted here, its shadow scores still in flight keep it a champion.
+                self._roles[version] = CHAMPION if version in self._promoted else role
                 served[version].append(scored_ms)
                 pair = self.joins[role].score(
                     record["event_id"], version, record["score"], scored_ms, seen_ms
@@ -500,6 +502,8 @@ class Monitor:
             return
         champion = max(by_role[CHAMPION], key=_version_order)
         challenger = max(by_role[CHALLENGER], key=_version_order)
+        if challenger in self._promoted:
+            return  # its shadow scores still in flight name it a challenger
         old, new = contest[champion], contest[challenger]
         labelled = int(min(old["labelled"], new["labelled"]))
         if labelled < monitor.promote_min_labels:
@@ -535,6 +539,7 @@ class Monitor:
             log.warning("model_promotion_failed", error=str(exc), **verdict)
             return
         self._roles[challenger] = CHAMPION
+        self._promoted.add(challenger)
         self.telemetry.promotions.inc()
         log.info("model_promoted", **verdict)
 

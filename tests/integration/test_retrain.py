@@ -8,6 +8,7 @@ import shutil
 import time
 
 import pytest
+import torch
 
 from engines.registry import CHALLENGER, promote, resolve, versions
 from engines.train import retrain_fraud
@@ -48,3 +49,16 @@ def test_a_challenger_trains_on_the_window_and_serves_only_once_promoted(
     assert 0 <= report["pr_auc"] <= 1
     promote(models, "fraud", challenger, {"reason": "test"})
     assert resolve(models, "fraud").version == challenger
+
+    # Fine-tuned from the champion: its input normalisation is the champion's, not the
+    # window's, and its manifest says where it started.
+    start = resolve(models, "fraud")
+    path, _ = retrain_fraud(
+        models, labelled.events, labelled.labels, TINY_TRAINING, lambda *_: None,
+        labelled.describe(), start,
+    )  # fmt: skip
+    tuned = resolve(models, "fraud", path.name)
+    assert tuned.manifest["trained_on"]["fine_tuned_from"] == start.version
+    before, after = (torch.load(a.weights_path, weights_only=True) for a in (start, tuned))
+    assert torch.equal(before["mean"], after["mean"]) and torch.equal(before["std"], after["std"])
+    assert not torch.equal(before["temperature"], after["temperature"])  # recalibrated

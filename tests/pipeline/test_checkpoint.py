@@ -156,7 +156,7 @@ def run_batch(checkpoint, store, partition, offset, user):
     """One batch of one event: the user's state changes, one output is produced."""
     store.get(partition, user, 1_000)
     columns = columns_of(click_record(user_id=user, event_id=f"e{offset}"))
-    scored = SimpleNamespace(rows=np.array([0]), ranked=np.array([], dtype=np.int64))
+    scored = SimpleNamespace(rows=np.array([0]), ranked=np.array([], dtype=np.int64), shadow=None)
     encoded = Encoded(b"e", [0, 1], b"", [0])  # outputs are opaque here
     checkpoint.begin_batch()
     checkpoint.sink.publish(columns, scored, encoded, [])
