@@ -68,7 +68,7 @@ class DriftPlan:
     reseller_rate: float = 0.3
     seed: int = 21
     window_s: float = 20.0  # the monitor's quality window
-    min_labels: int = 400  # each side, for the promotion policy
+    min_labels: int = 1_500  # each side, for the promotion policy
     max_events: int = 600_000
     timeout_s: float = 900.0
 
