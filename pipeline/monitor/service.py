@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,7 +174,8 @@ class Monitor:
         self._expired = {role: dict(join.expired) for role, join in self.joins.items()}
         self._roles: dict[str, str] = {}  # model version -> the role it was last scored in
         self._shadow_seen_ms = 0  # when a challenger's score was last read
-        self.verdicts: list[dict[str, Any]] = []  # the policy's, newest last
+        # The policy's last verdicts, newest last (one a report while a challenger is judged).
+        self.verdicts: deque[dict[str, Any]] = deque(maxlen=100)
         self._promoted: set[str] = set()
 
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
@@ -480,19 +481,19 @@ class Monitor:
             unjoined={role: join.expired for role, join in self.joins.items()},
             changelog_records=len(changes),
         )
-        contest = self.contest.report(now_ms)
-        if settings.monitor.promote:
-            self._policy(contest)
+        self._policy(self.contest.report(now_ms), act=settings.monitor.promote)
 
     def role(self, version: str) -> str:
         """The role `version` was last scored in (champion when not seen)."""
         return self._roles.get(version, CHAMPION)
 
-    def _policy(self, contest: dict[str, dict[str, float]]) -> None:
+    def _policy(self, contest: dict[str, dict[str, float]], act: bool) -> None:
         """Promote the challenger when, on the labels both were joined to over the window,
         it beats the champion by monitor.promote_margin_pr_auc in PR-AUC and by
         monitor.promote_margin_recall in recall at block, with promote_min_labels labels.
-        Each verdict (once there are the labels for one) is logged with its figures.
+        Each verdict (once there are the labels for one) is logged with its figures; when
+        not to `act` (monitor.promote off), a win is logged as a recommendation for a
+        person to promote by hand.
         """
         monitor = self._settings.monitor
         by_role: dict[str, list[str]] = defaultdict(list)
@@ -525,10 +526,13 @@ class Monitor:
             new["pr_auc"] >= old["pr_auc"] + monitor.promote_margin_pr_auc
             and new["recall_at_block"] >= old["recall_at_block"] + monitor.promote_margin_recall
         )
-        verdict["promoted"] = better
+        verdict["promoted"] = better and act
         self.verdicts.append(verdict)
         if not better:
             log.info("model_promotion_refused", **verdict)
+            return
+        if not act:
+            log.info("model_promotion_recommended", **verdict)
             return
         name = self._names.get(challenger, self._settings.engine.fraud_model)
         record = {"by": "streamscore monitor", "policy": verdict, "at_ms": int(time.time() * 1000)}

@@ -1,0 +1,63 @@
+"""The promotion policy on hand-made contest figures (no broker: the verdict alone)."""
+
+import math
+
+import pytest
+from structlog.testing import capture_logs
+
+from engines.registry import CHALLENGER, CHAMPION
+from pipeline.monitor.service import Monitor
+from pipeline.settings import load_settings
+
+
+def figures(pr_auc, recall, labelled=2000):
+    return {
+        "pr_auc": pr_auc,
+        "recall_at_block": recall,
+        "precision_at_block": 0.9,
+        "ece": 0.01,
+        "labelled": labelled,
+    }
+
+
+@pytest.fixture
+def monitor(tmp_path):
+    settings = load_settings(
+        engine={"model_dir": str(tmp_path)},  # empty: a promotion here would fail loudly
+        monitor={"promote_min_labels": 1000},
+        privacy={"pseudonym_key": "k" * 32},
+    )
+    monitor = Monitor(settings)
+    monitor._roles.update({"4": CHAMPION, "5": CHALLENGER})
+    return monitor
+
+
+@pytest.mark.parametrize(
+    ("challenger", "why"),
+    [
+        (figures(0.81, 0.95), "PR-AUC within the margin"),
+        (figures(0.95, 0.71), "recall within the margin"),
+        (figures(math.nan, 0.95), "PR-AUC undefined"),
+        (figures(0.95, 0.95, labelled=999), "too few labels"),
+    ],
+)
+def test_no_verdict_or_a_refusal_unless_both_margins_hold_on_enough_labels(
+    monitor, challenger, why
+):
+    with capture_logs() as logs:
+        monitor._policy({"4": figures(0.8, 0.7), "5": challenger}, act=True)
+    events = [entry["event"] for entry in logs]
+    assert "model_promoted" not in events, why
+    if challenger["labelled"] < 1000:
+        assert list(monitor.verdicts) == [] and events == []
+    else:
+        assert events == ["model_promotion_refused"] and not monitor.verdicts[-1]["promoted"]
+
+
+def test_with_promotion_off_a_win_is_recommended_not_promoted(monitor):
+    with capture_logs() as logs:
+        monitor._policy({"4": figures(0.8, 0.7), "5": figures(0.9, 0.9)}, act=False)
+    (entry,) = logs
+    assert entry["event"] == "model_promotion_recommended"
+    assert (entry["champion"], entry["challenger"], entry["promoted"]) == ("4", "5", False)
+    assert entry["challenger_figures"]["recall_at_block"] == 0.9
