@@ -526,7 +526,7 @@ class Monitor:
             new["pr_auc"] >= old["pr_auc"] + monitor.promote_margin_pr_auc
             and new["recall_at_block"] >= old["recall_at_block"] + monitor.promote_margin_recall
         )
-        verdict["promoted"] = better and act
+        verdict["won"], verdict["promoted"] = better, better and act
         self.verdicts.append(verdict)
         if not better:
             log.info("model_promotion_refused", **verdict)

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-from structlog.testing import capture_logs
 
 from engines.registry import CHALLENGER, CHAMPION
 from pipeline.monitor.service import Monitor
@@ -44,20 +43,18 @@ def monitor(tmp_path):
 def test_no_verdict_or_a_refusal_unless_both_margins_hold_on_enough_labels(
     monitor, challenger, why
 ):
-    with capture_logs() as logs:
-        monitor._policy({"4": figures(0.8, 0.7), "5": challenger}, act=True)
-    events = [entry["event"] for entry in logs]
-    assert "model_promoted" not in events, why
+    monitor._policy({"4": figures(0.8, 0.7), "5": challenger}, act=True)
     if challenger["labelled"] < 1000:
-        assert list(monitor.verdicts) == [] and events == []
+        assert list(monitor.verdicts) == [], why
     else:
-        assert events == ["model_promotion_refused"] and not monitor.verdicts[-1]["promoted"]
+        (verdict,) = monitor.verdicts
+        assert not verdict["won"] and not verdict["promoted"], why
+        assert verdict["challenger_figures"]["recall_at_block"] == challenger["recall_at_block"]
 
 
 def test_with_promotion_off_a_win_is_recommended_not_promoted(monitor):
-    with capture_logs() as logs:
-        monitor._policy({"4": figures(0.8, 0.7), "5": figures(0.9, 0.9)}, act=False)
-    (entry,) = logs
-    assert entry["event"] == "model_promotion_recommended"
-    assert (entry["champion"], entry["challenger"], entry["promoted"]) == ("4", "5", False)
-    assert entry["challenger_figures"]["recall_at_block"] == 0.9
+    monitor._policy({"4": figures(0.8, 0.7), "5": figures(0.9, 0.9)}, act=False)
+    (verdict,) = monitor.verdicts
+    assert (verdict["champion"], verdict["challenger"]) == ("4", "5")
+    assert verdict["won"] and not verdict["promoted"]  # logged model_promotion_recommended
+    assert verdict["challenger_figures"]["recall_at_block"] == 0.9
