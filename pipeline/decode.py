@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from confluent_kafka import Message
@@ -160,8 +161,12 @@ class Rejected:
 
 def join(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`values` as one uint8 buffer, an int64 offsets array (n + 1) and a null mask."""
-    null = np.fromiter((value is None for value in values), dtype=np.bool_, count=len(values))
-    parts = [b"" if value is None else value for value in values]
+    if None in values:  # rare (tombstones, keyless messages): the mask costs a pass
+        null = np.fromiter((value is None for value in values), dtype=np.bool_, count=len(values))
+        parts: Sequence[bytes] = [b"" if value is None else value for value in values]
+    else:
+        null = np.zeros(len(values), dtype=np.bool_)
+        parts = cast(Sequence[bytes], values)
     starts = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=starts[1:])
     buffer = np.frombuffer(b"".join(parts), dtype=np.uint8)
@@ -191,11 +196,16 @@ class BatchDecoder:
         self, messages: Sequence[Message], now_ms: int
     ) -> tuple[EventColumns, list[Rejected]]:
         """Columns of `messages` (consumed, without errors) and those refused, in row order."""
-        positions = [(m.partition(), m.offset(), m.timestamp()[1]) for m in messages]
+        # A list per column: half the cost of one list of (partition, offset, timestamp)
+        # tuples made into an array.
+        positions = np.empty((len(messages), 3), dtype=np.int64)
+        positions[:, 0] = np.array([message.partition() for message in messages], np.int64)
+        positions[:, 1] = np.array([message.offset() for message in messages], np.int64)
+        positions[:, 2] = [message.timestamp()[1] for message in messages]
         return self.decode_values(
             [message.value() for message in messages],
             [message.key() for message in messages],
-            np.array(positions, dtype=np.int64).reshape(len(messages), 3),
+            positions,
             now_ms,
         )
 

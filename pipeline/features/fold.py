@@ -125,6 +125,21 @@ _AGENT_WORDS = (
 _WORD_BYTES = np.frombuffer(b"".join(word for word, _ in _AGENT_WORDS), dtype=np.uint8).copy()
 _WORD_START = np.cumsum([0] + [len(word) for word, _ in _AGENT_WORDS]).astype(np.int64)
 _WORD_CLASS = np.array([cls for _, cls in _AGENT_WORDS], dtype=np.int64)
+
+
+def _word_pairs() -> np.ndarray:
+    """Per pair of lower-case bytes (first * 256 + second): a bit per word that starts with
+    them. A user agent is scanned once, testing only the words its byte pairs start; testing
+    every word at every position cost 3 µs an event (67-byte agents, 12 words).
+    """
+    pairs = np.zeros(65536, dtype=np.int64)
+    for w, (word, _) in enumerate(_AGENT_WORDS):
+        assert len(word) >= 2 and word == word.lower(), word
+        pairs[word[0] * 256 + word[1]] |= 1 << w
+    return pairs
+
+
+_WORD_PAIRS = _word_pairs()
 # Precedence of `spec.device_type_index`: bot, then tablet, mobile, desktop.
 _PRECEDENCE = np.array([_DEVICE[name] for name in ("bot", "tablet", "mobile", "desktop")])
 
@@ -236,7 +251,7 @@ class Featurizer:
             table.var(), c.pending, c.changed, c.prev, c.next, c.partition, table.ends,
             table.watermarks, numeric, categorical, hist_items, hist_cats, newly,
             self.pseudonyms.key_state, self._work, _CRC, _WORD_BYTES, _WORD_START, _WORD_CLASS,
-            _PRECEDENCE, _DECAY_MS,
+            _WORD_PAIRS, _PRECEDENCE, _DECAY_MS,
         )  # fmt: skip
         table.mark_changed(newly[:flagged])
         self.late += late
@@ -266,6 +281,11 @@ def crc32(buf: np.ndarray, start: int, length: int, table: np.ndarray) -> int:
     return int(crc ^ 0xFFFFFFFF)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _lower(b: int) -> int:
+    return b + 32 if 65 <= b <= 90 else b
+
+
 @njit(cache=True, nogil=True)
 def _device_type(
     buf: np.ndarray,
@@ -274,30 +294,33 @@ def _device_type(
     words: np.ndarray,
     word_start: np.ndarray,
     word_class: np.ndarray,
+    pairs: np.ndarray,
     precedence: np.ndarray,
 ) -> int:
     """`spec.device_type_index`: the words are ASCII, so lower-casing ASCII bytes is exact
     (no non-ASCII character lower-cases into a run of them).
     """
-    found = np.zeros(5, dtype=np.bool_)
-    for i in range(start, start + length):
+    found = 0  # a bit per device class
+    end = start + length
+    for i in range(start, end - 1):
+        candidates = pairs[_lower(buf[i]) * 256 + _lower(buf[i + 1])]
+        if candidates == 0:
+            continue
         for w in range(len(word_class)):
-            first, end = word_start[w], word_start[w + 1]
-            size = end - first
-            if i + size > start + length:
+            if not (candidates >> w) & 1:
+                continue
+            first, size = word_start[w], word_start[w + 1] - word_start[w]
+            if i + size > end:
                 continue
             match = True
-            for k in range(size):
-                b = buf[i + k]
-                if 65 <= b <= 90:
-                    b += 32
-                if b != words[first + k]:
+            for k in range(2, size):
+                if _lower(buf[i + k]) != words[first + k]:
                     match = False
                     break
             if match:
-                found[word_class[w]] = True
+                found |= 1 << word_class[w]
     for k in range(len(precedence)):
-        if found[precedence[k]]:
+        if (found >> precedence[k]) & 1:
             return int(precedence[k])
     return 0
 
@@ -400,6 +423,7 @@ def _fold(
     words: np.ndarray,
     word_start: np.ndarray,
     word_class: np.ndarray,
+    word_pairs: np.ndarray,
     precedence: np.ndarray,
     decay_ms: np.ndarray,
 ) -> tuple[int, int]:
@@ -461,7 +485,7 @@ def _fold(
             if spans[row, USER_AGENT, 1] <= 0
             else _device_type(
                 buf, spans[row, USER_AGENT, 0], spans[row, USER_AGENT, 1], words, word_start,
-                word_class, precedence,
+                word_class, word_pairs, precedence,
             )
         )  # fmt: skip
         country = spans[row, COUNTRY, 1]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import NamedTuple
 
 import numpy as np
@@ -372,11 +373,15 @@ class UserTable:
             buffer, starts = self.encode(slots)
             data = buffer.tobytes()
             bounds = starts.tolist()
-            partitions = c.partition[slots].tolist()
-            for i, slot in enumerate(slots.tolist()):
-                key = self._keys[slot]
-                assert key is not None
-                changes.append(StateChange(partitions[i], key, data[bounds[i] : bounds[i + 1]]))
+            held = self._keys
+            changes.extend(
+                map(
+                    StateChange,
+                    c.partition[slots].tolist(),
+                    [held[slot] for slot in slots.tolist()],
+                    [data[a:b] for a, b in pairwise(bounds)],
+                )
+            )
         changes.extend(StateChange(p, key, value) for (p, key), value in self._controls.items())
         self._controls.clear()
         return changes

@@ -349,6 +349,8 @@ def test_device_type_matches_the_reference():
     featurizer = Featurizer(UserTable(HISTORY), PSEUDONYMS, GAP_S)
     decoder = BatchDecoder(LIMITS)
     agents = [*AGENTS, "K\u212a bot", "IPHONE", "windows xp", "x1", "Python-Requests/2"]
+    # Words cut short at the end, a word at the very end, one inside another, single bytes.
+    agents += ["Mozilla (X11", "ipa", "bo", "b", "mobil", "tabletbot", "Ipad; CURL", "ccurl"]
     records = [click_record(user_agent=agent, event_id=f"e{i}") for i, agent in enumerate(agents)]
     messages = [Message(ENCODER.encode(r), b"u1", 0, i) for i, r in enumerate(records)]
     columns, _ = decoder.decode(messages, NOW_MS)
