@@ -66,7 +66,7 @@ from pipeline.kafka.clients import (
     producer_config,
 )
 from pipeline.logging import get_logger
-from pipeline.scoring import Inference, InferenceThread, Request, Scored, Scorer
+from pipeline.scoring import Inference, InferenceThread, Request, Scored, Scorer, top_reasons
 from pipeline.settings import LimitSettings, Settings
 from pipeline.sink import FEATURES_HEADER, TIMING_HEADER, Headers, Sink, dead_letter
 from pipeline.telemetry import Telemetry, observe_many
@@ -855,6 +855,7 @@ def warm_kernels() -> float:
         item_count=np.ones(1, np.int64), ranking_model=("m", "1"), scored_time=0,
     )  # fmt: skip
     OutputEncoder().encode(columns, scored)
+    top_reasons(np.zeros((1, 1), dtype=np.float32), 1)
     return time.perf_counter() - started
 
 

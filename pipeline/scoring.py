@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from engines.base import Engine, EngineError
 from engines.vocabulary import PAD, map_item_ids
@@ -239,16 +240,15 @@ class Scorer:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Decisions, the top reasons, their contributions and how many lead positive."""
         decision = self._decision
-        top = np.argsort(-contributions, axis=1)[:, : decision.top_reasons]
-        values = np.take_along_axis(contributions, top, axis=1)
+        top, values, reason_count = top_reasons(
+            np.ascontiguousarray(contributions), decision.top_reasons
+        )
         verdict = np.where(
             probability >= decision.block_threshold,
             2,
             np.where(probability >= decision.review_threshold, 1, 0),
         )
-        # Sorted largest first, the positive contributions lead each row.
-        reason_count = (values > 0).sum(axis=1).astype(np.int64)
-        return verdict.astype(np.int64), top.astype(np.int64), values, reason_count
+        return verdict.astype(np.int64), top, values, reason_count
 
     def _rank(
         self, columns: EventColumns, rows: np.ndarray, request: Request, inference: Inference
@@ -379,3 +379,45 @@ def _ranking_shape(engine: Engine) -> tuple[int, int, int]:
         raise EngineError(
             f"model {engine.name} v{engine.version} lacks a ranking manifest field: {exc}"
         ) from exc
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _better(a: float, b: float) -> bool:
+    """`a` sorts before `b` in a descending order that puts NaN last."""
+    return not np.isnan(a) and (np.isnan(b) or a > b)
+
+
+@njit(cache=True, nogil=True)
+def top_reasons(contributions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the columns of the `k` largest contributions, largest first (ties: the lower
+    column first; NaN last), their values, and how many of them are positive: what
+    `np.argsort(-contributions, axis=1, kind="stable")[:, :k]` selects. Sorting every row's
+    40 contributions to keep 3 cost about 0.9 µs an event; one pass keeps the best k.
+    """
+    n, m = contributions.shape
+    k = min(k, m)
+    top = np.empty((n, k), dtype=np.int64)
+    values = np.empty((n, k), dtype=contributions.dtype)
+    count = np.zeros(n, dtype=np.int64)
+    if k == 0:
+        return top, values, count
+    for i in range(n):
+        row = contributions[i]
+        kept = 0
+        for j in range(m):
+            x = row[j]
+            if kept == k and not _better(x, values[i, k - 1]):
+                continue  # a later equal value never displaces an earlier one
+            at = min(kept, k - 1)
+            while at > 0 and _better(x, values[i, at - 1]):
+                at -= 1
+            for q in range(min(kept, k - 1), at, -1):
+                top[i, q] = top[i, q - 1]
+                values[i, q] = values[i, q - 1]
+            top[i, at] = j
+            values[i, at] = x
+            kept = min(kept + 1, k)
+        for r in range(k):
+            if values[i, r] > 0:
+                count[i] += 1
+    return top, values, count

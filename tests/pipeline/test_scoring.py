@@ -6,10 +6,12 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engines.base import EngineError
 from pipeline.features.spec import FRAUD_NUMERIC, feature_hash
-from pipeline.scoring import REASON_NAMES, InferenceThread, Scorer, infer
+from pipeline.scoring import REASON_NAMES, InferenceThread, Scorer, infer, top_reasons
 from pipeline.settings import DecisionSettings, RankingSettings
 from tests.pipeline.columnar import featurised, fraud_records, recommendation_records
 from tests.pipeline.sample import click_record
@@ -216,3 +218,32 @@ def test_a_failing_shadow_costs_nothing_but_its_own_scores():
     scored = current.shape(columns, rows, request, inference)
     assert scored.shadow is None
     assert [r["decision"] for r in fraud_records(columns, scored)] == ["allow", "block"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(
+            st.sampled_from([0.0, -1.0, 1.0, 2.5, -0.0, float("nan"), float("inf"), float("-inf")])
+            | st.floats(-10, 10, width=32),
+            min_size=1,
+            max_size=12,
+        ),
+        min_size=0,
+        max_size=6,
+    ),
+    k=st.integers(0, 14),
+    width=st.integers(1, 12),
+)
+def test_top_reasons_selects_what_a_stable_descending_sort_keeps(
+    rows: list[list[float]], k: int, width: int
+) -> None:
+    # Ties (many equal values), NaN, infinities and k past the row width.
+    contributions = np.array([(row * width)[:width] for row in rows], dtype=np.float32).reshape(
+        len(rows), width
+    )
+    top, values, count = top_reasons(contributions, k)
+    expected = np.argsort(-contributions, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(top, expected)
+    np.testing.assert_array_equal(values, np.take_along_axis(contributions, expected, axis=1))
+    np.testing.assert_array_equal(count, (values > 0).sum(axis=1))
