@@ -196,16 +196,30 @@ class Sink:
         starts: list[int],
         headers: list[Headers] | None,
     ) -> None:
-        """One produce() per record of `data`; the loop confluent-kafka's API leaves us."""
+        """One produce() per record of `data`; the loop confluent-kafka's API leaves us. The
+        loop without headers passes no keyword it does not need and counts once.
+        """
         produce, unacked = self._producer.produce, self._outputs
-        for i, key in enumerate(keys):
-            value = data[starts[i] : starts[i + 1]]
-            extra = None if headers is None else headers[i]
+        delivered = unacked.delivered
+        if headers is not None:
+            for i, key in enumerate(keys):
+                value = data[starts[i] : starts[i + 1]]
+                try:
+                    produce(topic, value, key, headers=headers[i], on_delivery=delivered)
+                    unacked.count += 1
+                except BufferError:  # local queue full: the slow path serves and retries
+                    self._produce(topic, key, value, headers[i])
+            return
+        queued = 0
+        for key, start, end in zip(keys, starts, starts[1:], strict=False):
             try:
-                produce(topic, value, key, headers=extra, on_delivery=unacked.delivered)
-                unacked.count += 1
-            except BufferError:  # local queue full: the slow path serves and retries
-                self._produce(topic, key, value, extra)
+                produce(topic, data[start:end], key, on_delivery=delivered)
+                queued += 1
+            except BufferError:  # local queue full: the slow path serves, retries and counts
+                unacked.count += queued  # before serving runs their delivery callbacks
+                queued = 0
+                self._produce(topic, key, data[start:end])
+        unacked.count += queued
 
     def _produce(
         self,

@@ -180,6 +180,45 @@ def test_offsets_wait_for_outputs_then_state_without_blocking():
     assert consumer.commits == [({0: 8}, True)]
 
 
+class FullQueueProducer(QueueingProducer):
+    """A local queue of `room` records: produce raises BufferError when it is full, and
+    serving with a wait (poll(timeout > 0)) acknowledges what it holds, running the delivery
+    callbacks.
+    """
+
+    def __init__(self, room):
+        super().__init__()
+        self.room = room
+
+    def produce(self, topic, value=None, key=None, headers=None, partition=-1, on_delivery=None):
+        if len(self.queued) >= self.room:
+            raise BufferError("queue full")
+        super().produce(topic, value, key, headers, partition, on_delivery)
+
+    def poll(self, timeout=0):
+        if timeout > 0:
+            self.ack()
+        return 0
+
+
+def test_a_full_local_queue_delays_outputs_without_losing_or_miscounting_them():
+    producer, consumer = FullQueueProducer(room=2), CommittingConsumer()
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), interval_ms=0)
+    users = [f"u{i}" for i in range(5)]
+    columns = columns_of(*(click_record(user_id=u, event_id=f"e{i}") for i, u in enumerate(users)))
+    scored = SimpleNamespace(rows=np.arange(5), ranked=np.array([], dtype=np.int64), shadow=None)
+    encoded = Encoded(b"abcde", [0, 1, 2, 3, 4, 5], b"", [0])
+    checkpoint.begin_batch()
+    checkpoint.sink.publish(columns, scored, encoded, [])
+    checkpoint.end_batch({("in", 0): 5}, [])
+    assert [key for _, key in producer.produced] == [u.encode() for u in users]  # each once
+    checkpoint.tick()  # seals; the last record is still queued, unacknowledged
+    assert consumer.commits == []
+    producer.ack()
+    checkpoint.tick()
+    assert consumer.commits == [({0: 5}, True)]
+
+
 def test_a_later_stretch_acknowledged_first_commits_nothing_before_the_earlier_one():
     checkpoint, producer, consumer, store = at_least_once()
     run_batch(checkpoint, store, partition=0, offset=7, user="u1")
