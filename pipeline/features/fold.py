@@ -12,6 +12,7 @@ function each kernel mirrors.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import numpy as np
 from numba import njit
@@ -225,14 +226,17 @@ class Featurizer:
     def process(
         self, columns: EventColumns, rows: np.ndarray, all_histories: bool = False
     ) -> tuple[np.ndarray, FeatureBatch]:
-        """The rows of `rows` that are not replays, and their features in that order.
+        """The rows of `rows` (ascending, as `np.flatnonzero` gives them) that are not
+        replays, and their features in that order.
 
         Each row's item history is the user's sequence before its event; it is filled for
         events that carry candidates, or for every event when `all_histories` (training).
         """
         table = self.table
-        keys = columns.keys
-        slots = table.slots(columns.partition[rows], [keys[row] for row in rows.tolist()])
+        keys = cast(list[bytes], columns.keys)  # a valid event's key is its user id
+        if len(rows) != len(keys):  # else, ascending, they are every row
+            keys = [keys[row] for row in rows.tolist()]
+        slots = table.slots(columns.partition[rows], keys)
         c = table.columns
         kept_mask = _fresh(slots, columns.offset[rows], c.ints, c.pending)
         kept, slots = rows[kept_mask], slots[kept_mask]

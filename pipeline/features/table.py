@@ -240,21 +240,25 @@ class UserTable:
 
     def slots(self, partitions: np.ndarray, keys: list[bytes]) -> np.ndarray:
         """The slot of each (partition, key), allocating a pending one for a new user."""
-        out = np.empty(len(keys), dtype=np.int64)
-        index = self._index
+        out: list[int] = []
+        append, index = out.append, self._index
         # One dict lookup per event: the keys are the bytes objects the consumer already
-        # returned, so this is the only per-event Python of the features stage.
-        for row, (partition, key) in enumerate(zip(partitions.tolist(), keys, strict=True)):
-            users = index.get(partition)
-            if users is None:
-                users = self._add_partition(partition)
+        # returned, so this is the only per-event Python of the features stage. A batch
+        # holds runs of one partition (the consumer returns each fetch's messages together),
+        # so the partition's map is looked up once per run.
+        current, users = -1, {}
+        for partition, key in zip(partitions.tolist(), keys, strict=True):
+            if partition != current:
+                current = partition
+                found = index.get(partition)
+                users = self._add_partition(partition) if found is None else found
             slot = users.get(key)
             if slot is None:
                 slot = users[key] = self._allocate(partition, key)
                 self.columns.pending[slot] = True
                 self._count += 1
-            out[row] = slot
-        return out
+            append(slot)
+        return np.array(out, dtype=np.int64)
 
     def _add_partition(self, partition: int) -> dict[bytes, int]:
         if partition >= len(self._ends):
