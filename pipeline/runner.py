@@ -451,7 +451,8 @@ class Pipeline:
         return ExactlyOnce(
             consumer,
             lambda: make_producer(transactional_id),
-            lambda producer: Sink(producer, topics, changelog, self._dead_letter_id),
+            # Untracked: the transaction's commit fails if any record in it failed.
+            lambda producer: Sink(producer, topics, changelog, self._dead_letter_id, False),
             settings.processing.transaction_interval_ms,
         )
 

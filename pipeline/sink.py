@@ -85,10 +85,17 @@ class Sink:
         topics: TopicSettings,
         changelog: str,
         dead_letter_id: int | None = None,
+        track: bool = True,
     ) -> None:
         """Write to the topics named in `topics` and to `changelog` through `producer`;
         dead letters are framed with `dead_letter_id` (default: the static catalog's).
+
+        `track`: count each record's acknowledgement with a delivery callback, which is how
+        at-least-once knows a stretch is safe. Exactly-once passes False: a transaction's
+        commit fails if any of its records failed, and a callback per record cost 1.9 µs
+        here (3.5–3.9 µs a record produced, polled and flushed, against 1.8–1.9 without).
         """
+        self._track = track
         self._producer = producer
         self._topics = topics
         self._changelog = changelog
@@ -201,6 +208,15 @@ class Sink:
         """
         produce, unacked = self._producer.produce, self._outputs
         delivered = unacked.delivered
+        if not self._track:
+            for i, key in enumerate(keys):
+                value = data[starts[i] : starts[i + 1]]
+                extra = None if headers is None else headers[i]
+                try:
+                    produce(topic, value, key, headers=extra)
+                except BufferError:  # local queue full: the slow path serves and retries
+                    self._produce(topic, key, value, extra)
+            return
         if headers is not None:
             for i, key in enumerate(keys):
                 value = data[starts[i] : starts[i + 1]]
@@ -233,6 +249,11 @@ class Sink:
         unacked = self._outputs if to is None else to
         while True:
             try:
+                if not self._track:
+                    self._producer.produce(
+                        topic, value=value, key=key, headers=headers, partition=partition
+                    )
+                    return
                 self._producer.produce(
                     topic,
                     value=value,

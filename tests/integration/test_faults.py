@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 import schemas
+from pipeline.checkpoint import ExactlyOnce, Rewind
 from pipeline.codec import Decoder, Encoder
 from pipeline.events import ClickEvent
 from pipeline.features import compute_features, feature_digests
@@ -30,7 +32,7 @@ from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import TopicNotReady, committed_offsets, end_offsets
 from pipeline.kafka.clients import producer_config
 from pipeline.settings import Settings, settings_env
-from pipeline.sink import FEATURES_HEADER
+from pipeline.sink import FEATURES_HEADER, Sink
 from tests.integration.test_pipeline import wait_for_commit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -314,3 +316,50 @@ def test_broker_restart_mid_stream(kafka_settings, kafka_broker, tmp_path):
         finally:
             pipeline.stop()
     check_outputs(settings, events, exactly_once=False)
+
+
+def test_a_transaction_holding_a_record_the_broker_refuses_is_rolled_back(kafka_settings):
+    # Exactly-once produces without a delivery callback per record (sink.Sink(track=False)):
+    # it relies on the commit failing, abortably, when any record of the transaction failed.
+    # The broker refuses a record larger than the topic's max.message.bytes (compressed).
+    topic = f"{kafka_settings.topics.fraud_scores}.small"
+    admin = AdminClient(kafka_settings.kafka.client_config())
+    new = NewTopic(topic, 1, 1, config={"max.message.bytes": "1000"})
+    admin.create_topics([new])[topic].result()
+    transactional_id = f"{kafka_settings.consumer.group_id}.refused"
+    checkpoint = ExactlyOnce(
+        consumer=None,  # no offsets: never asked for its group metadata
+        make_producer=lambda: Producer(producer_config(kafka_settings, transactional_id)),
+        make_sink=lambda producer: Sink(producer, kafka_settings.topics, "changelog", track=False),
+    )
+    try:
+        checkpoint.begin_batch()
+        checkpoint.sink.publish_records(topic, [(b"k", os.urandom(5000))])  # lz4 cannot shrink it
+        with pytest.raises(Rewind):
+            checkpoint.end_batch({}, [])  # interval 0: commits now
+        # As the pipeline does after a Rewind: the batch again, in a new transaction. The
+        # first may fail too (the refused record took a sequence number: librdkafka bumps
+        # the producer epoch after that abort); nothing of an aborted one is read.
+        for _ in range(3):
+            checkpoint.begin_batch()
+            checkpoint.sink.publish_records(topic, [(b"k", b"small")])
+            try:
+                checkpoint.end_batch({}, [])
+                break
+            except Rewind:
+                continue
+        else:
+            pytest.fail("no transaction committed after the refused record's")
+    finally:
+        checkpoint.close()
+    reader = Consumer(
+        kafka_settings.kafka.client_config()
+        | {"group.id": f"{transactional_id}.reader", "isolation.level": "read_committed"}
+    )
+    reader.assign([TopicPartition(topic, 0, 0)])
+    values = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not values:
+        values += [m.value() for m in reader.consume(10, 1.0) if m.error() is None]
+    reader.close()
+    assert values == [b"small"]
