@@ -369,6 +369,11 @@ def _utf8_chars(buf: np.ndarray, start: int, end: int) -> int:
     """Code points in buf[start:end], or -1 if it is not strict UTF-8 (as Python decodes:
     no overlongs, no surrogates, nothing above U+10FFFF).
     """
+    high = 0
+    for k in range(start, end):  # no early exit: compiled to wide ORs over the bytes
+        high |= buf[k]
+    if high < 0x80:  # ASCII, as most strings are: one code point a byte
+        return end - start
     chars = 0
     i = start
     while i < end:
