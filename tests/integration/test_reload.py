@@ -143,12 +143,17 @@ def test_a_challenger_is_shadow_scored_beside_the_champion_and_never_decides(
         wait_for_commit(settings)
         challenger = publish_copy(models, "fraud", role="challenger")  # the same weights
         deadline = time.monotonic() + 60
-        for start in range(500, 1000, 50):  # until the shadow scores something
-            produce(events[start : start + 50])
+        # Small chunks, one every 0.1 s, until the shadow scores something: all at once, a
+        # fast pipeline could score them all before it swaps the challenger in, and then
+        # nothing would be left to shadow-score.
+        pending = [events[start : start + 10] for start in range(500, 1000, 10)]
         while not produced(port, topics.shadow_scores):
             assert time.monotonic() < deadline, "nothing shadow-scored after 60 s"
-            produce([])
+            if pending:
+                produce(pending.pop(0))
             time.sleep(0.1)
+        for chunk in pending:
+            produce(chunk)
         produce(events[1000:])  # all of these after the challenger was loaded
         wait_for_commit(settings)
     finally:
