@@ -21,7 +21,7 @@ from engines.base import Engine, EngineError
 from engines.factory import choose_backend, load_backend
 from engines.inputs import random_inputs
 from engines.registry import ModelArtifact, resolve
-from pipeline.settings import Backend, EngineSettings
+from engines.settings import Backend, EngineSettings
 
 Step = Callable[[int, str], None]  # (engines done, what is being built now)
 

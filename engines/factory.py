@@ -11,15 +11,30 @@ import structlog
 from engines.base import Engine, EngineError
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.registry import ModelArtifact, resolve
-from pipeline.settings import Backend, EngineSettings, ModelPin
+from engines.settings import Backend, EngineSettings, ModelPin
 
 log = structlog.get_logger("streamscore.engines")
 
 
 def gpu_available() -> bool:
-    """Whether torch sees a CUDA device."""
-    import torch
-
+    """Whether a CUDA device is present. Asked of the CUDA driver through pycuda, the TensorRT
+    backend's own dependency, so a serving install needs no torch; else of torch; False when
+    neither is installed.
+    """
+    try:
+        import pycuda.driver as cuda
+    except ImportError:  # not installed, or no CUDA driver library to link against
+        pass
+    else:
+        try:
+            cuda.init()
+            return bool(cuda.Device.count() > 0)
+        except cuda.Error:
+            return False
+    try:
+        import torch
+    except ImportError:
+        return False
     return bool(torch.cuda.is_available())
 
 
@@ -84,9 +99,11 @@ def load_backend(
     if backend is Backend.ONNXRUNTIME:
         return OnnxRuntimeEngine(artifact, threads=settings.threads, max_batch_size=max_batch)
     if backend is Backend.TORCH:
+        import torch
+
         from engines.torch import TorchEngine
 
-        device = "cuda" if gpu_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         return TorchEngine(artifact, device=device, max_batch_size=max_batch)
     reason = tensorrt_unavailable_reason()
     if reason is not None:

@@ -9,8 +9,10 @@ only, until `promote` makes it a champion).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,28 @@ def promote(model_dir: Path, name: str, version: str, record: dict[str, Any]) ->
     staged.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(staged, artifact.path / MANIFEST)
     return ModelArtifact(name, version, artifact.path, manifest)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one.
+
+    Replicas share the engine cache (`/engines`), so each writer fills a temporary file of its
+    own beside `path` and renames it into place: two replicas writing the same artefact at
+    once leave one whole file, and a crash leaves no half-written one under the real name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

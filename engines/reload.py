@@ -23,7 +23,7 @@ import structlog
 from engines.base import Engine
 from engines.factory import load_engine
 from engines.registry import CHALLENGER, versions
-from pipeline.settings import EngineSettings, ModelPin
+from engines.settings import EngineSettings, ModelPin
 
 log = structlog.get_logger("streamscore.engines")
 

@@ -6,7 +6,7 @@ over the batch axis, a workspace limit and a persisted timing cache, then serial
 cache keyed by ONNX hash + TensorRT version + GPU name and compute capability + profile +
 build configuration. At load the cached plan is deserialised; a missing, stale or unreadable
 plan is rebuilt. Precision comes from the ONNX file itself (TensorRT 11 removed the builder
-precision flags), so FP16 builds from the FP16 ONNX that `engines.export.fp16_onnx` makes
+precision flags), so FP16 builds from the FP16 ONNX that `fp16_onnx` makes
 with ModelOpt AutoCast into the engine cache; its own hash keys the plan. Plans and timing
 caches are written atomically: replicas share the cache directory.
 
@@ -30,8 +30,9 @@ import numpy as np
 import structlog
 
 from engines.base import Arrays, EngineError
-from engines.export import file_sha256, fp16_onnx, write_atomic
-from engines.registry import ModelArtifact
+from engines.registry import ModelArtifact, file_sha256, write_atomic
+
+FP16_SUFFIX = ".fp16.onnx"
 
 log = structlog.get_logger("streamscore.engines")
 
@@ -297,3 +298,32 @@ class TensorRTEngine:
             )
             for name in self._names
         }
+
+
+def fp16_onnx(onnx_path: Path, cache_dir: Path) -> Path:
+    """The FP16 variant of `onnx_path`, made once with ModelOpt AutoCast into `cache_dir`.
+
+    It is a derived artefact, so it goes to the engine cache, never beside the model: the
+    model directory is mounted read-only in production. It is named by the source's hash, so
+    versions never mix, and written atomically, so replicas sharing the cache do not race.
+
+    TensorRT 11 has no builder precision flags: reduced precision must be in the ONNX file.
+    AutoCast keeps nodes whose values overflow FP16 (the -1e4 attention mask, for one) in
+    FP32 and keeps the inputs and outputs FP32, so callers see the same signature.
+    """
+    target = cache_dir / f"{file_sha256(onnx_path)[:24]}{FP16_SUFFIX}"
+    if target.is_file():
+        return target
+    try:
+        import onnx
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+    except ImportError as exc:
+        raise EngineError(
+            "precision fp16 needs nvidia-modelopt[onnx] (in the `gpu` extra)"
+        ) from exc
+    model = convert_to_mixed_precision(
+        onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True
+    )
+    onnx.checker.check_model(model, full_check=True)
+    write_atomic(target, model.SerializeToString())
+    return target

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -45,6 +46,23 @@ ConfigOption = Annotated[
 ]
 KAFKA_HOME = Path("var/kafka")
 REGISTRY_HOME = Path("var/registry")
+
+
+def _require_train(command: str) -> None:
+    """Stop with how to install the `train` extra when `command` needs it and it is missing:
+    the default install serves without torch.
+    """
+    missing = [
+        name for name in ("torch", "onnx", "matplotlib", "psutil") if find_spec(name) is None
+    ]
+    if missing:
+        console.print(
+            f"{command} needs the train extra ({', '.join(missing)} missing): "
+            "pip install 'streamscore[train]'",
+            style="red",
+            markup=False,
+        )
+        raise typer.Exit(2)
 
 
 def _settings(config: Path | None) -> Settings:
@@ -316,7 +334,8 @@ def train(
     config: ConfigOption = None,
 ) -> None:
     """Train the fraud and ranking models on generated data and save new versions."""
-    from engines.train import TrainConfig, needs_training, train_all
+    _require_train("streamscore train")
+    from pipeline.training.train import TrainConfig, needs_training, train_all
 
     settings = _settings(config)
     directory = model_dir or settings.engine.model_dir
@@ -358,9 +377,10 @@ def retrain(
     topics; it is saved as the next version in the challenger role (shadow-scored, never
     serving until promoted).
     """
+    _require_train("streamscore retrain")
     from engines.registry import resolve
-    from engines.train import TrainConfig, retrain_fraud
-    from pipeline.retrain import labelled_events
+    from pipeline.training.retrain import labelled_events
+    from pipeline.training.train import TrainConfig, retrain_fraud
 
     settings = _settings(config)
     labelled = labelled_events(settings, window_h * 3600)
@@ -433,7 +453,8 @@ def evaluate(
     config: ConfigOption = None,
 ) -> None:
     """Fraud and ranking quality on held-out generated data, with baselines and plots."""
-    from engines.evaluate import evaluate as run_evaluation
+    _require_train("streamscore evaluate")
+    from pipeline.training.evaluate import evaluate as run_evaluation
 
     settings = _settings(config)
     engine = settings.engine
@@ -502,7 +523,7 @@ def engines_bench(
     from engines.bench import bench_engine
     from engines.factory import load_engine
     from engines.registry import resolve
-    from pipeline.settings import Backend
+    from engines.settings import Backend
 
     settings = _settings(config)
     table = Table(title=f"engines bench ({settings.engine.threads} thread)")
@@ -618,6 +639,7 @@ def run(
     if profile is None:
         run_pipeline(settings, stop, stats_file)
         return
+    _require_train("streamscore run --profile")
     from pyinstrument import Profiler
 
     profiler = Profiler(interval=0.001)
@@ -651,6 +673,7 @@ def bench(
     """Streamscore against the Kafka ceiling, a naive loop and Quix Streams, on the local
     broker: throughput, latency at 25/50/75% of max, CPU and RSS.
     """
+    _require_train("streamscore bench")
     from dataclasses import replace
 
     from pipeline.bench.harness import BY_NAME, Plan
@@ -765,6 +788,7 @@ def demo(
     config: ConfigOption = None,
 ) -> None:
     """End to end on the local broker: train if needed, produce, score, summarise."""
+    _require_train("streamscore demo")
     settings = _settings(config)
     ensure_kafka(settings)
     with console.status("starting the schema registry"):
@@ -800,6 +824,7 @@ def soak(
     """A live stream at a fixed rate on fresh topics for a while; lag and RSS sampled, then
     checked: inputs accounted for, dead letters as sent, lag bounded, RSS flat.
     """
+    _require_train("streamscore soak")
     from pipeline.soak import SoakPlan, run_soak
 
     settings = _settings(config)

@@ -24,7 +24,6 @@ from rich.table import Table
 
 import schemas
 from engines import metrics
-from engines.train import TrainConfig, needs_training, train_all
 from pipeline.codec import Decoder
 from pipeline.generator import GeneratorConfig
 from pipeline.kafka.admin import (
@@ -37,6 +36,7 @@ from pipeline.kafka.clients import reading_catalog
 from pipeline.kafka.messages import read_messages
 from pipeline.loadgen import produce_clickstream
 from pipeline.settings import Settings, settings_env, with_local_key
+from pipeline.training.train import TrainConfig, needs_training, train_all
 from schemas.catalog import subject
 from schemas.registry import RegistryCatalog
 

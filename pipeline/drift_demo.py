@@ -11,7 +11,7 @@ waiting on the one before:
    recall under 80% of the version's validation recall, over at least 200 labels) holds
    for three reports in a row;
 3. retrain: a challenger is fine-tuned from the champion on the labelled events read back
-   from the topics (`pipeline.retrain.labelled_events`, since the demo began);
+   from the topics (`pipeline.training.retrain.labelled_events`, since the demo began);
 4. shadow: the pipeline's reload watcher finds it and shadow-scores every event with it;
 5. promote: the monitor's policy (`monitor.promote`) promotes it once it beats the champion
    on the same labels, and the pipeline serves it from the next batch;
@@ -43,16 +43,16 @@ from rich.table import Table
 
 import schemas
 from engines.registry import CHAMPION, resolve, versions
-from engines.train import TrainConfig, retrain_fraud
 from pipeline.codec import Encoder
 from pipeline.demo import DEMO_DIR, ensure_models, fresh_topics, read_topic
 from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import create_topics
 from pipeline.kafka.clients import connect_catalog, producer_config, producer_outputs
 from pipeline.monitor.service import Monitor, ensure_monitor_topics
-from pipeline.retrain import labelled_events
 from pipeline.runner import run_pipeline
 from pipeline.settings import Settings, with_local_key
+from pipeline.training.retrain import labelled_events
+from pipeline.training.train import TrainConfig, retrain_fraud
 
 ALERT_RATIO, ALERT_MIN_LABELS, ALERT_REPORTS = 0.8, 200, 3  # the alert rule's, `for` shortened
 

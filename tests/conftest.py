@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from engines.train import TrainConfig, train_all
 from pipeline.kafka.admin import create_topics
 from pipeline.kafka.broker import REPO_ROOT, LocalBroker, free_port
 from pipeline.kafka.registry import LocalRegistry
 from pipeline.settings import Settings, load_settings
+from pipeline.training.train import TrainConfig, train_all
 
 TINY_TRAINING = TrainConfig(events=20_000, users=300, max_epochs=2, seed=3)
 

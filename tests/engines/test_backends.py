@@ -10,14 +10,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from engines import factory
-from engines.export import fp16_onnx, write_atomic
 from engines.factory import choose_backend, gpu_available, load_engine, tensorrt_unavailable_reason
 from engines.inputs import random_inputs
 from engines.models import map_item_ids
 from engines.onnxruntime import OnnxRuntimeEngine
-from engines.registry import resolve
+from engines.registry import resolve, write_atomic
+from engines.settings import Backend, EngineSettings
+from engines.tensorrt import fp16_onnx
 from engines.torch import TorchEngine, bucket_for, build_module
-from pipeline.settings import Backend, EngineSettings
 
 # Operators the TensorRT 10 ONNX parser supports that these models may use (onnx-tensorrt
 # docs/operators.md); a new operator must be checked there before it is added here.

@@ -6,7 +6,7 @@ import pytest
 
 from engines.base import EngineError
 from engines.build import build_engines
-from pipeline.settings import EngineSettings
+from engines.settings import EngineSettings
 from tests.engines.publish import publish_copy
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from engines.registry import promote, versions
 from engines.reload import ModelWatcher
-from pipeline.settings import EngineSettings
+from engines.settings import EngineSettings
 from tests.engines.publish import publish_copy
 
 

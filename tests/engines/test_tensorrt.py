@@ -14,8 +14,8 @@ from engines.factory import gpu_available, load_engine, tensorrt_unavailable_rea
 from engines.inputs import random_inputs
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.registry import resolve
+from engines.settings import Backend, EngineSettings
 from engines.tensorrt import Profile, engine_cache_key, network_flags
-from pipeline.settings import Backend, EngineSettings
 from tests.engines import fake_tensorrt
 
 BASE = ("abc", "10.9.0", "NVIDIA H100", "9.0", Profile(), '{"build": 2}')

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from engines.registry import CHALLENGER, promote, resolve, versions
-from engines.train import retrain_fraud
 from pipeline.generator import GeneratorConfig
 from pipeline.loadgen import produce_clickstream
-from pipeline.retrain import labelled_events
+from pipeline.training.retrain import labelled_events
+from pipeline.training.train import retrain_fraud
 from tests.conftest import TINY_TRAINING
 
 pytestmark = pytest.mark.integration

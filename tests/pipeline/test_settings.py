@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from pipeline.settings import Backend, SettingsError, load_settings, settings_env, with_local_key
+from engines.settings import Backend
+from pipeline.settings import SettingsError, load_settings, settings_env, with_local_key
 
 
 def test_defaults_are_valid_and_frozen():

@@ -2,8 +2,8 @@ import json
 
 from typer.testing import CliRunner
 
-from engines.evaluate import evaluate
 from pipeline.cli import app
+from pipeline.training.evaluate import evaluate
 
 METRICS = {"ndcg_at_10", "hitrate_at_10", "mrr"}
 

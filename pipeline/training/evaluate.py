@@ -22,7 +22,7 @@ from engines import metrics
 from engines.base import Engine
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.registry import resolve
-from engines.train import (
+from pipeline.training.train import (
     TrainConfig,
     build_dataset,
     evaluation_candidates,

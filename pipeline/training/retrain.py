@@ -2,8 +2,9 @@
 
 It reads the input topic and the labels topic from `window_s` ago (by Kafka timestamp) to
 their ends, keeps the events that have a label, and trains on them in event-time order with
-the same features the pipeline computes (`engines.train.retrain_fraud`). The new version is
-saved in the challenger role: it serves only once promoted (`streamscore promote`).
+the same features the pipeline computes (`pipeline.training.train.retrain_fraud`). The new
+version is saved in the challenger role: it serves only once promoted (`streamscore
+promote`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from torch import nn
 from engines import metrics
 from engines.base import EngineError
 from engines.drift import Profile
-from engines.export import OPSET, export_onnx
 from engines.models import FraudModel, RankingModel, for_serving, map_item_ids
 from engines.models.ranking import FIRST_ID
 from engines.registry import (
@@ -35,6 +34,7 @@ from pipeline.features import spec as feature_spec
 from pipeline.generator import ClickstreamGenerator, GeneratorConfig
 from pipeline.monitor import quality
 from pipeline.settings import DecisionSettings
+from pipeline.training.export import OPSET, export_onnx
 
 Progress = Callable[[str, int, int], None]
 
