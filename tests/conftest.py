@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.kafka.admin import create_topics
-from pipeline.kafka.broker import REPO_ROOT, LocalBroker, free_port
-from pipeline.kafka.registry import LocalRegistry
 from pipeline.settings import Settings, load_settings
+from pipeline.tools.local_broker import REPO_ROOT, LocalBroker, free_port
+from pipeline.tools.local_registry import LocalRegistry
 from pipeline.training.train import TrainConfig, train_all
 
 TINY_TRAINING = TrainConfig(events=20_000, users=300, max_epochs=2, seed=3)

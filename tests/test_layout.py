@@ -54,7 +54,7 @@ def test_the_serving_path_loads_and_scores_without_the_training_stack(model_dir)
         import numpy as np
         from typer.testing import CliRunner
 
-        import pipeline.runner
+        import pipeline.serve.runner
         from engines.factory import load_engine
         from engines.inputs import random_inputs
         from engines.registry import resolve

@@ -1,1 +1,3 @@
-"""Typed wrappers over confluent-kafka and the local broker used for demos and tests."""
+"""Kafka plumbing shared by the serving process, the monitor and the tools: client
+configuration, topic administration and message helpers.
+"""

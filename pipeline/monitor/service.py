@@ -49,8 +49,6 @@ import schemas
 from engines.base import EngineError
 from engines.drift import Profile
 from engines.registry import CHALLENGER, CHAMPION, promote, resolve
-from pipeline.checkpoint import transactional_call
-from pipeline.codec import DecodeError, Decoder, Encoder
 from pipeline.kafka.admin import create_topics, monitor_changelog, topic_partitions
 from pipeline.kafka.clients import connect_catalog, monitor_outputs, producer_config
 from pipeline.kafka.messages import position, read_messages
@@ -58,6 +56,8 @@ from pipeline.logging import get_logger
 from pipeline.monitor import quality
 from pipeline.monitor.join import LABELS, SCORES, Join, Pair
 from pipeline.monitor.quality import Tally, Window, at_thresholds
+from pipeline.serve.codec import DecodeError, Decoder, Encoder
+from pipeline.serve.commit import transactional_call
 from pipeline.settings import Settings
 from pipeline.telemetry import Health
 from schemas.catalog import Catalog, RegistryUnavailable

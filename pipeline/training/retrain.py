@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 import schemas
-from pipeline.codec import DecodeError, Decoder
-from pipeline.events import ClickEvent
 from pipeline.kafka.clients import reading_catalog
 from pipeline.kafka.messages import read_messages
+from pipeline.serve.codec import DecodeError, Decoder
+from pipeline.serve.events import ClickEvent
 from pipeline.settings import Settings
 
 

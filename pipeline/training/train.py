@@ -28,13 +28,13 @@ from engines.registry import (
     resolve,
     write_manifest,
 )
-from pipeline.events import ClickEvent
-from pipeline.features import FeatureBatch, compute_features
-from pipeline.features import spec as feature_spec
-from pipeline.generator import ClickstreamGenerator, GeneratorConfig
 from pipeline.monitor import quality
+from pipeline.serve.events import ClickEvent
+from pipeline.serve.features import FeatureBatch, compute_features
+from pipeline.serve.features import spec as feature_spec
 from pipeline.settings import DecisionSettings
 from pipeline.training.export import OPSET, export_onnx
+from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
 
 Progress = Callable[[str, int, int], None]
 

@@ -6,9 +6,9 @@ import pytest
 from rich.console import Console
 
 import schemas
-from pipeline import demo
-from pipeline.codec import DecodeError, Decoder
 from pipeline.kafka.clients import reading_catalog
+from pipeline.serve.codec import DecodeError, Decoder
+from pipeline.tools import demo
 from tests.integration.test_privacy import raw_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

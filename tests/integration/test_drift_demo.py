@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from engines.registry import CHAMPION, resolve
-from pipeline import drift_demo
+from pipeline.tools import drift_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

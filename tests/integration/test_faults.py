@@ -24,15 +24,15 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import schemas
-from pipeline.checkpoint import ExactlyOnce, Rewind
-from pipeline.codec import Decoder, Encoder
-from pipeline.events import ClickEvent
-from pipeline.features import compute_features, feature_digests
-from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import TopicNotReady, committed_offsets, end_offsets
 from pipeline.kafka.clients import producer_config
+from pipeline.serve.codec import Decoder, Encoder
+from pipeline.serve.commit import ExactlyOnce, Rewind
+from pipeline.serve.events import ClickEvent
+from pipeline.serve.features import compute_features, feature_digests
+from pipeline.serve.produce import FEATURES_HEADER, Sink
 from pipeline.settings import Settings, settings_env
-from pipeline.sink import FEATURES_HEADER, Sink
+from pipeline.training.generator import GeneratorConfig, generate
 from tests.integration.test_pipeline import wait_for_commit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -319,7 +319,7 @@ def test_broker_restart_mid_stream(kafka_settings, kafka_broker, tmp_path):
 
 
 def test_a_transaction_holding_a_record_the_broker_refuses_is_rolled_back(kafka_settings):
-    # Exactly-once produces without a delivery callback per record (sink.Sink(track=False)):
+    # Exactly-once produces without a delivery callback per record (produce.Sink(track=False)):
     # it relies on the commit failing, abortably, when any record of the transaction failed.
     # The broker refuses a record larger than the topic's max.message.bytes (compressed).
     topic = f"{kafka_settings.topics.fraud_scores}.small"

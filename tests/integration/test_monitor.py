@@ -14,15 +14,15 @@ from confluent_kafka import Producer
 
 import schemas
 from engines.registry import CHALLENGER, CHAMPION, resolve, versions
-from pipeline.codec import Encoder
-from pipeline.demo import read_topic
-from pipeline.generator import GeneratorConfig
 from pipeline.kafka.admin import admin_client, monitor_changelog, topic_partitions
 from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.kafka.messages import read_messages
-from pipeline.loadgen import produce_clickstream
 from pipeline.monitor.join import LABELS, SCORES
 from pipeline.monitor.service import Monitor
+from pipeline.serve.codec import Encoder
+from pipeline.tools.demo import read_topic
+from pipeline.tools.loadgen import produce_clickstream
+from pipeline.training.generator import GeneratorConfig
 from schemas.catalog import subject
 from tests.engines.publish import publish_copy
 from tests.integration.test_registry import Running as PipelineRunning

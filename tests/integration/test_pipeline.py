@@ -11,12 +11,12 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from fastavro import parse_schema, schemaless_writer
 
 import schemas
-from pipeline.codec import Encoder
-from pipeline.demo import read_topic
-from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import TopicNotReady, committed_offsets, end_offsets
 from pipeline.kafka.clients import producer_config
-from pipeline.runner import run_pipeline
+from pipeline.serve.codec import Encoder
+from pipeline.serve.runner import run_pipeline
+from pipeline.tools.demo import read_topic
+from pipeline.training.generator import GeneratorConfig, generate
 
 pytestmark = pytest.mark.integration
 

@@ -18,18 +18,18 @@ import structlog
 from confluent_kafka import Consumer, Producer
 
 import schemas
-from pipeline.codec import Decoder, Encoder
-from pipeline.events import ClickEvent
-from pipeline.features import UserTable, compute_features, feature_digests
-from pipeline.features.changelog import changelog_topic, restore
-from pipeline.features.state import SESSION_EVENTS
-from pipeline.forget import FORGET_POSITION, request_forget
-from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import topic_partitions
-from pipeline.kafka.broker import REPO_ROOT, free_port
 from pipeline.kafka.clients import producer_config, reading_catalog
 from pipeline.kafka.messages import read_messages
-from pipeline.sink import FEATURES_HEADER, TIMING_HEADER
+from pipeline.serve.codec import Decoder, Encoder
+from pipeline.serve.events import ClickEvent
+from pipeline.serve.features import UserTable, compute_features, feature_digests
+from pipeline.serve.features.changelog import changelog_topic, restore
+from pipeline.serve.features.state import SESSION_EVENTS
+from pipeline.serve.forget import FORGET_POSITION, request_forget
+from pipeline.serve.produce import FEATURES_HEADER, TIMING_HEADER
+from pipeline.tools.local_broker import REPO_ROOT, free_port
+from pipeline.training.generator import GeneratorConfig, generate
 from tests.engines.publish import publish_copy
 from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit
 from tests.integration.test_registry import Running

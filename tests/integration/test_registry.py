@@ -20,12 +20,12 @@ from typer.testing import CliRunner
 
 import schemas
 from pipeline.cli import app
-from pipeline.demo import read_topic
-from pipeline.generator import ClickstreamGenerator, GeneratorConfig
 from pipeline.kafka.admin import topic_partitions
-from pipeline.kafka.broker import free_port
 from pipeline.kafka.clients import connect_catalog, pipeline_outputs
-from pipeline.runner import run_pipeline
+from pipeline.serve.runner import run_pipeline
+from pipeline.tools.demo import read_topic
+from pipeline.tools.local_broker import free_port
+from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
 from schemas.catalog import IncompatibleSchema, subject
 from tests.integration.test_pipeline import wait_for_commit
 

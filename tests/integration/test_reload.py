@@ -11,12 +11,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import schemas
 from engines.registry import resolve
-from pipeline.codec import Encoder
-from pipeline.demo import read_topic
-from pipeline.generator import GeneratorConfig, generate
-from pipeline.kafka.broker import free_port
 from pipeline.kafka.clients import producer_config
-from pipeline.runner import run_pipeline
+from pipeline.serve.codec import Encoder
+from pipeline.serve.runner import run_pipeline
+from pipeline.tools.demo import read_topic
+from pipeline.tools.local_broker import free_port
+from pipeline.training.generator import GeneratorConfig, generate
 from tests.engines.publish import publish_copy
 from tests.integration.test_pipeline import wait_for_commit
 from tests.pipeline.test_telemetry import status

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engines.registry import CHALLENGER, promote, resolve, versions
-from pipeline.generator import GeneratorConfig
-from pipeline.loadgen import produce_clickstream
+from pipeline.tools.loadgen import produce_clickstream
+from pipeline.training.generator import GeneratorConfig
 from pipeline.training.retrain import labelled_events
 from pipeline.training.train import retrain_fraud
 from tests.conftest import TINY_TRAINING

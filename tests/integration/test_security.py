@@ -12,15 +12,15 @@ import pytest
 from confluent_kafka import Producer
 
 import schemas
-from pipeline.codec import Encoder
-from pipeline.demo import read_topic
-from pipeline.features.changelog import ensure_changelog
-from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import KafkaConnectionError, create_topics
-from pipeline.kafka.broker import REPO_ROOT, LocalBroker, SaslSslListener, free_port
 from pipeline.kafka.clients import producer_config
-from pipeline.runner import run_pipeline
+from pipeline.serve.codec import Encoder
+from pipeline.serve.features.changelog import ensure_changelog
+from pipeline.serve.runner import run_pipeline
 from pipeline.settings import load_settings
+from pipeline.tools.demo import read_topic
+from pipeline.tools.local_broker import REPO_ROOT, LocalBroker, SaslSslListener, free_port
+from pipeline.training.generator import GeneratorConfig, generate
 from tests.integration.test_pipeline import wait_for_commit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.kafka.admin import admin_client
-from pipeline.soak import PLOT, SoakPlan, run_soak
+from pipeline.tools.soak import PLOT, SoakPlan, run_soak
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -7,11 +7,11 @@ import time
 import pytest
 from confluent_kafka import Consumer
 
-from pipeline.generator import GeneratorConfig, generate
 from pipeline.kafka.admin import group_lag
-from pipeline.kafka.broker import free_port
-from pipeline.runner import run_pipeline
-from pipeline.sink import TIMING_HEADER
+from pipeline.serve.produce import TIMING_HEADER
+from pipeline.serve.runner import run_pipeline
+from pipeline.tools.local_broker import free_port
+from pipeline.training.generator import GeneratorConfig, generate
 from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit
 from tests.pipeline.test_telemetry import status
 

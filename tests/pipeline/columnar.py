@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 import schemas
-from pipeline.codec import Encoder
-from pipeline.decode import OK, TIME, BatchDecoder, EventColumns
-from pipeline.features import FeatureBatch, Featurizer, Pseudonyms, UserTable
-from pipeline.scoring import DECISIONS, REASON_NAMES, Scored
+from pipeline.serve.codec import Encoder
+from pipeline.serve.decode import OK, TIME, BatchDecoder, EventColumns
+from pipeline.serve.features import FeatureBatch, Featurizer, Pseudonyms, UserTable
+from pipeline.serve.score import DECISIONS, REASON_NAMES, Scored
 from pipeline.settings import LimitSettings
 from tests.pipeline.sample import NOW_MS
 

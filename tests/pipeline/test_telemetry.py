@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from pipeline.kafka.broker import free_port
 from pipeline.telemetry import Telemetry, observe_many
+from pipeline.tools.local_broker import free_port
 
 
 def status(port, path):

@@ -1,0 +1,5 @@
+"""`python -m pipeline.cli`: the `streamscore` command line."""
+
+from pipeline.cli import app
+
+app()

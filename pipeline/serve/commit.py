@@ -1,0 +1,345 @@
+"""The one place that decides when input counts as done: the two delivery guarantees.
+
+**At least once** (`AtLeastOnce`): every interval the batches since the last checkpoint are
+sealed as one stretch; the stretch's input offsets are committed once its outputs, then the
+changelog records of the users it changed, are acknowledged. Stretches advance in order and
+without blocking the loop: processing goes on while the broker acknowledges. Each user's
+record holds the state as it was when its batch ended, so it is written only after the
+outputs of the events folded into it were acknowledged, and it remembers the offset of the
+last of those events. A crash replays input from the last commit; the replayed events a
+user's restored state already holds are skipped (`FeatureUpdater.fresh`) and the rest see
+exactly the state they saw the first time: outputs may repeat, but never with different
+features. A revocation, and the stop, drain every stretch before the partitions go.
+
+**Exactly once** (`ExactlyOnce`): each batch is one transaction holding its outputs, the
+changelog records of the users it changed, and its input offsets
+(`send_offsets_to_transaction`). Errors are handled by class (REFERENCE §2): a retriable one
+retries the call, an abortable one aborts and rewinds, a fatal one recreates the producer
+(fencing the old one) and rewinds. Rewinding (`Rewind`) means: drop the state of every
+assigned partition, restore it from the changelog's committed records, and seek the consumer
+back to the committed offsets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from pipeline.kafka.messages import position
+from pipeline.logging import get_logger
+from pipeline.serve.features.state import StateChange
+from pipeline.serve.produce import Sink, Unacked
+
+log = get_logger()
+RETRY_FOR_S = 60.0  # retriable transactional errors are retried this long
+
+
+class Rewind(Exception):
+    """The batch in hand was rolled back: rewind state and input to the last commit."""
+
+
+Offsets = dict[tuple[str, int], int]  # (topic, partition) -> the next offset to consume
+
+
+def next_offsets(messages: list[Message]) -> Offsets:
+    """The offsets to commit after `messages` (those without an error), per partition."""
+    offsets: Offsets = {}
+    for message in messages:
+        if message.error() is None:
+            topic, partition, offset = position(message)
+            offsets[(topic, partition)] = max(offsets.get((topic, partition), 0), offset + 1)
+    return offsets
+
+
+class Checkpoint(Protocol):
+    """How a delivery guarantee brackets batches and commits progress."""
+
+    sink: Sink  # where this batch's outputs go (exactly-once replaces it with the producer)
+
+    def begin_batch(self) -> None:
+        """Before the batch's outputs are produced."""
+        ...
+
+    def end_batch(self, offsets: Offsets, changes: list[StateChange]) -> None:
+        """After the batch's outputs are produced; `offsets` are the batch's next offsets
+        and `changes` the changelog records of the state as this batch left it. May raise
+        Rewind.
+        """
+        ...
+
+    def tick(self) -> None:
+        """Between batches: move progress towards durable without waiting on the broker."""
+        ...
+
+    def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Make everything processed so far durable, waiting for it; `partitions` are about
+        to be revoked and are not committed again afterwards.
+        """
+        ...
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop progress of lost partitions without committing it."""
+        ...
+
+    def close(self) -> None:
+        """Release the producer."""
+        ...
+
+
+@dataclass(slots=True)
+class _Stretch:
+    """The batches between two checkpoints."""
+
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # next, per partition
+    changes: dict[tuple[int, bytes], StateChange] = field(default_factory=dict)  # newest per user
+    outputs: Unacked | None = None  # set when sealed
+    state: Unacked | None = None  # set when its changelog records are queued
+
+
+class AtLeastOnce:
+    """Seal a stretch every `interval_ms`; commit it once its outputs, then its changed state,
+    are acknowledged.
+    """
+
+    def __init__(self, consumer: Consumer, sink: Sink, interval_ms: int) -> None:
+        """Commit `consumer`'s progress after `sink` acknowledged outputs and state."""
+        self._consumer = consumer
+        self.sink = sink
+        self._interval_s = interval_ms / 1000.0
+        self._open = _Stretch()
+        self._sealed: deque[_Stretch] = deque()
+        self._safe: dict[tuple[str, int], int] = {}  # acknowledged offsets of owned partitions
+        self._last = time.monotonic()
+
+    def begin_batch(self) -> None:
+        """Nothing to open."""
+
+    def end_batch(self, offsets: Offsets, changes: list[StateChange]) -> None:
+        """Remember the batch's next offsets and `changes`, the state of the users it changed
+        as the batch left it (written later, after these outputs are acknowledged).
+        """
+        self._open.offsets.update(offsets)
+        newest = self._open.changes
+        for change in changes:
+            where = (change.partition, change.key)
+            # Re-inserted, not replaced in place: records go out in the order they were last
+            # changed, so a control record (the forget position) follows the tombstones it
+            # vouches for, and a prefix of a partition's records never holds it without them.
+            newest.pop(where, None)
+            newest[where] = change
+
+    def tick(self) -> None:
+        """Seal a stretch when the interval has passed; commit the sealed stretches whose
+        outputs and state are acknowledged, in order, without waiting.
+        """
+        if time.monotonic() - self._last >= self._interval_s:
+            self._seal()
+        self.sink.serve()
+        self._advance(wait=False)
+
+    def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Seal and commit everything, waiting for the broker; forget `partitions` after."""
+        self._seal()
+        self._advance(wait=True)
+        for tp in partitions or ():
+            self._safe.pop((tp.topic, tp.partition), None)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop the offsets and unwritten state of lost partitions: their new owner has
+        moved on, and neither may overwrite its progress.
+        """
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        numbers = {partition for _, partition in lost}
+        for stretch in (*self._sealed, self._open):
+            for key in lost:
+                stretch.offsets.pop(key, None)
+            if stretch.state is None:
+                stretch.changes = {
+                    key: change for key, change in stretch.changes.items() if key[0] not in numbers
+                }
+        for key in lost:
+            self._safe.pop(key, None)
+
+    def close(self) -> None:
+        """Flush what is left (the final commit has normally done it)."""
+        self.sink.flush()
+
+    def _seal(self) -> None:
+        self._last = time.monotonic()
+        stretch, self._open = self._open, _Stretch()
+        stretch.outputs = self.sink.take_outputs()
+        if stretch.offsets or stretch.changes:
+            self._sealed.append(stretch)
+
+    def _advance(self, wait: bool) -> None:
+        """Walk the sealed stretches in order: outputs acknowledged → queue the changelog
+        records → those acknowledged → commit. Without `wait`, stop at the first that is not
+        ready; with it, flush until each is.
+        """
+        while self._sealed:
+            head = self._sealed[0]
+            assert head.outputs is not None
+            if head.outputs.count and not self._acknowledged(wait):
+                return
+            self.sink.raise_failures()
+            if head.state is None:
+                head.state = self.sink.publish_state(list(head.changes.values()))
+            if head.state.count and not self._acknowledged(wait):
+                return
+            self.sink.raise_failures()
+            self._sealed.popleft()
+            self._commit(head.offsets, asynchronous=not wait)
+
+    def _acknowledged(self, wait: bool) -> bool:
+        """With `wait`, flush (every record queued so far is acknowledged, or this raises)."""
+        if wait:
+            self.sink.flush()
+        return wait
+
+    def _commit(self, offsets: dict[tuple[str, int], int], asynchronous: bool) -> None:
+        # Every owned partition's safe offset goes in each commit, so one that failed (e.g.
+        # the broker was restarting) is made good by the next.
+        self._safe.update(offsets)
+        if not self._safe:
+            return
+        safe = [TopicPartition(t, p, o) for (t, p), o in self._safe.items()]
+        try:
+            if asynchronous:
+                self._consumer.commit(offsets=safe, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=safe, asynchronous=False)
+        except KafkaException as exc:
+            # The outputs are safe; only the progress marker failed. A crash before the next
+            # commit replays this stretch, as at-least-once allows.
+            log.warning(
+                "commit_failed", reason=exc.args[0].str(), retriable=exc.args[0].retriable()
+            )
+            if exc.args[0].fatal():
+                raise
+
+
+class ExactlyOnce:
+    """Transactions that each hold the outputs, changelog records and input offsets of the
+    batches of up to `interval_ms` (0: one batch). A commit costs broker round trips and
+    transaction markers whatever its size, so one per batch bounded throughput; the price
+    of a longer transaction is latency: read_committed readers see its outputs at commit.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        make_producer: Callable[[], Producer],
+        make_sink: Callable[[Producer], Sink],
+        interval_ms: int = 0,
+    ) -> None:
+        """Create the transactional producer (fencing any older one with its id)."""
+        self._consumer = consumer
+        self._make_producer = make_producer
+        self._make_sink = make_sink
+        self._interval_s = interval_ms / 1000.0
+        self._open = False
+        self._began = 0.0
+        self._offsets: Offsets = {}  # the open transaction's next offsets, per partition
+        self._producer, self.sink = self._start()
+
+    def begin_batch(self) -> None:
+        """Open a transaction unless one is open."""
+        if not self._open:
+            try:
+                transactional_call(self._producer.begin_transaction)
+            except KafkaException as exc:
+                self._recover(exc)
+            self._open = True
+            self._began = time.monotonic()
+
+    def end_batch(self, offsets: Offsets, changes: list[StateChange]) -> None:
+        """Add `changes` and the offsets; commit once the transaction is `interval_ms` old."""
+        try:
+            self.sink.publish_state(changes)
+            self._offsets.update(offsets)
+            if time.monotonic() - self._began >= self._interval_s:
+                self._commit_open()
+        except KafkaException as exc:
+            self._recover(exc)
+
+    def tick(self) -> None:
+        """Commit an open transaction that is `interval_ms` old (the input may be idle)."""
+        if self._open and time.monotonic() - self._began >= self._interval_s:
+            self.commit()
+
+    def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Commit the open transaction now (before a revoke, or at stop); may raise Rewind."""
+        if self._open:
+            try:
+                self._commit_open()
+            except KafkaException as exc:
+                self._recover(exc)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Lost partitions' batches in an open transaction must not commit, and it holds
+        the other partitions' too: abort it, and raise Rewind for the partitions kept.
+        """
+        if self._open:
+            self._producer.abort_transaction()
+            self._open = False
+            self._offsets = {}
+            raise Rewind("partitions lost while a transaction was open")
+
+    def close(self) -> None:
+        """Abort a transaction left open and flush."""
+        if self._open:
+            self._producer.abort_transaction()
+            self._open = False
+        self._producer.flush(10)
+
+    def _commit_open(self) -> None:
+        if self._offsets:
+            transactional_call(
+                self._producer.send_offsets_to_transaction,
+                [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()],
+                self._consumer.consumer_group_metadata(),
+            )
+        transactional_call(self._producer.commit_transaction)
+        self._open = False
+        self._offsets = {}
+        self.sink.raise_failures()
+
+    def _start(self) -> tuple[Producer, Sink]:
+        producer = self._make_producer()
+        transactional_call(producer.init_transactions)
+        return producer, self._make_sink(producer)
+
+    def _recover(self, exc: KafkaException) -> None:
+        error = exc.args[0]
+        if error.txn_requires_abort():
+            log.warning("transaction_aborted", reason=error.str())
+            self._producer.abort_transaction()
+        else:
+            log.error("transaction_fatal", reason=error.str())
+            self._producer, self.sink = self._start()
+        self._open = False
+        self._offsets = {}
+        raise Rewind(error.str()) from exc
+
+
+def transactional_call(call: Callable[..., object], *args: object) -> None:
+    """Run a transactional producer call, retrying it for up to RETRY_FOR_S while its error
+    says it is retriable (a broker restarting, a coordinator moving).
+    """
+    deadline = time.monotonic() + RETRY_FOR_S
+    delay = 0.1
+    while True:
+        try:
+            call(*args)
+            return
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or time.monotonic() > deadline:
+                raise
+            log.warning("transaction_call_retried", call=call.__name__, reason=exc.args[0].str())
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)

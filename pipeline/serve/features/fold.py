@@ -1,0 +1,723 @@
+"""Features: one compiled pass folds a batch's columns into the user table and writes the
+feature matrix the engines read.
+
+The semantics are `updater.FeatureUpdater`'s, which stays as the readable reference and the
+oracle of tests/pipeline/serve/features/test_fold.py: features of an event come from its user's
+state before it; the late-event rule scores an event far behind its user's newest from a
+scratch copy of the state; an event already folded into a restored state (its offset is
+not past the state's) is a replay and is dropped. The comments below name the reference
+function each kernel mirrors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import cast
+
+import numpy as np
+from numba import njit
+
+import schemas
+from pipeline.serve.codec import Encoder
+from pipeline.serve.decode import (
+    AMOUNT,
+    BILLING_COUNTRY,
+    CARD_FINGERPRINT,
+    CATEGORY,
+    COUNTRY,
+    DEVICE_ID,
+    HAS_AMOUNT,
+    HAS_CATEGORY,
+    HAS_ITEM,
+    HAS_PRICE,
+    HAS_QUANTITY,
+    IP,
+    ITEM,
+    METHOD,
+    PRICE,
+    QUANTITY,
+    TIME,
+    TYPE,
+    USER_AGENT,
+    BatchDecoder,
+    EventColumns,
+)
+from pipeline.serve.events import ClickEvent
+from pipeline.serve.features import spec
+from pipeline.serve.features.pseudonym import WORK_WORDS, Pseudonyms, pseudonym
+from pipeline.serve.features.state import (
+    AFFINITY,
+    AMOUNT_1H,
+    COUNTER_TIME,
+    EVENTS,
+    FIRST_SEEN,
+    LAST_LOGIN,
+    LAST_PURCHASE,
+    LAST_TIME,
+    MAX_SEEN,
+    MAX_SESSION_ITEMS,
+    NEVER,
+    OFFSET,
+    PURCHASES,
+    SESSION_EVENTS,
+    SESSION_LAST,
+    SESSION_NOVELTY,
+    SESSION_START,
+    SESSION_VIEWS,
+    WINDOWS,
+)
+from pipeline.serve.features.table import (
+    KINDS,
+    SCRATCH,
+    UserTable,
+    Var,
+    _touch,
+    hashes_of,
+    history_of,
+    items_of,
+    promote,
+    times_of,
+)
+from pipeline.serve.features.updater import FeatureBatch, log_columns
+from pipeline.settings import LimitSettings
+
+_LONG_AGO_S = 1e7
+_HOUR_MS = 3_600_000
+_DECAY_MS = np.array([window * 1000.0 for window in spec.WINDOWS_S])
+_AFFINITY_TAU_MS = spec.AFFINITY_TAU_S * 1000.0
+_AFFINITY_SLOTS = spec.AFFINITY_SLOTS
+_INT32_MAX = 2**31 - 1
+_DISTINCT_ORDER = (0, 1, 3, 2)  # device, ip, card, country: the order of FRAUD_NUMERIC
+# EventType symbol indexes (schemas/click_event.avsc, spec.EVENT_TYPES).
+_PRODUCT_VIEW, _ADD_TO_CART, _BEGIN_CHECKOUT, _PURCHASE, _LOGIN, _ADD_PAYMENT = 1, 3, 5, 6, 7, 9
+_N_NUMERIC = len(spec.FRAUD_NUMERIC)
+_DEVICE = {name: spec.DEVICE_TYPES.index(name) for name in ("bot", "tablet", "mobile", "desktop")}
+
+
+def _crc_table() -> np.ndarray:
+    # CRC-32 (zlib's, reflected polynomial 0xEDB88320); tests check it against zlib.crc32.
+    # It only buckets the country feature (`spec.country_bucket`); what state keeps to
+    # compare is a keyed pseudonym (`pseudonym.py`).
+    table = np.zeros(256, dtype=np.int64)
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xEDB88320 if crc & 1 else crc >> 1
+        table[byte] = crc
+    return table
+
+
+_CRC = _crc_table()
+# Substrings of `spec.device_type_index`, lower case, with the class each one means.
+_AGENT_WORDS = (
+    (b"headless", _DEVICE["bot"]),
+    (b"bot", _DEVICE["bot"]),
+    (b"python-requests", _DEVICE["bot"]),
+    (b"curl", _DEVICE["bot"]),
+    (b"ipad", _DEVICE["tablet"]),
+    (b"tablet", _DEVICE["tablet"]),
+    (b"mobile", _DEVICE["mobile"]),
+    (b"android", _DEVICE["mobile"]),
+    (b"iphone", _DEVICE["mobile"]),
+    (b"windows", _DEVICE["desktop"]),
+    (b"macintosh", _DEVICE["desktop"]),
+    (b"x11", _DEVICE["desktop"]),
+)
+_WORD_BYTES = np.frombuffer(b"".join(word for word, _ in _AGENT_WORDS), dtype=np.uint8).copy()
+_WORD_START = np.cumsum([0] + [len(word) for word, _ in _AGENT_WORDS]).astype(np.int64)
+_WORD_CLASS = np.array([cls for _, cls in _AGENT_WORDS], dtype=np.int64)
+
+
+def _word_pairs() -> np.ndarray:
+    """Per pair of lower-case bytes (first * 256 + second): a bit per word that starts with
+    them. A user agent is scanned once, testing only the words its byte pairs start; testing
+    every word at every position cost 3 µs an event (67-byte agents, 12 words).
+    """
+    pairs = np.zeros(65536, dtype=np.int64)
+    for w, (word, _) in enumerate(_AGENT_WORDS):
+        assert len(word) >= 2 and word == word.lower(), word
+        pairs[word[0] * 256 + word[1]] |= 1 << w
+    return pairs
+
+
+_WORD_PAIRS = _word_pairs()
+# Precedence of `spec.device_type_index`: bot, then tablet, mobile, desktop.
+_PRECEDENCE = np.array([_DEVICE[name] for name in ("bot", "tablet", "mobile", "desktop")])
+
+
+def compute_features(
+    events: Iterable[ClickEvent],
+    history_length: int,
+    session_gap_s: float,
+    all_histories: bool = False,
+    allowed_lateness_s: float = float("inf"),
+    chunk: int = 50_000,
+) -> FeatureBatch:
+    """Features of an event log computed offline from an empty table, by the serving path:
+    each event is written as its Avro record, decoded by the columnar decoder and folded by
+    the same kernel, so training and serving cannot skew. Its pseudonyms are under a random
+    key: features depend on which values are equal, not on the key.
+    """
+    decoder = BatchDecoder(_OFFLINE_LIMITS)
+    encoder = Encoder(schemas.CLICK_EVENT)
+    featurizer = Featurizer(
+        UserTable(history_length), Pseudonyms.ephemeral(), session_gap_s, allowed_lateness_s
+    )
+    batches: list[FeatureBatch] = []
+    log = list(events)
+    for first in range(0, len(log), chunk):
+        part = log[first : first + chunk]
+        records = [{name: getattr(event, name) for name in _RECORD_FIELDS} for event in part]
+        positions = np.array(
+            [(event.partition, event.offset, event.ingest_time) for event in part],
+            dtype=np.int64,
+        ).reshape(len(part), 3)
+        columns, rejected = decoder.decode_values(
+            [encoder.encode(record) for record in records],
+            [event.user_id.encode() for event in part],
+            positions,
+            0,
+        )
+        if rejected:
+            first_bad = rejected[0]
+            raise ValueError(f"event {first + first_bad.row} is not valid: {first_bad.error}")
+        _, features = featurizer.process(
+            columns, np.arange(len(part), dtype=np.int64), all_histories=all_histories
+        )
+        batches.append(features)
+    if not batches:
+        return featurizer.process(*_no_events(decoder), all_histories=all_histories)[1]
+    return FeatureBatch(
+        *(np.concatenate([getattr(b, name) for b in batches]) for name in _BATCH_FIELDS)
+    )
+
+
+def _no_events(decoder: BatchDecoder) -> tuple[EventColumns, np.ndarray]:
+    columns, _ = decoder.decode_values([], [], np.zeros((0, 3), dtype=np.int64), 0)
+    return columns, np.zeros(0, dtype=np.int64)
+
+
+# An offline log is replayed, not live: any event time is acceptable.
+_OFFLINE_LIMITS = LimitSettings(max_event_age_s=1e12, max_future_skew_s=1e12)
+_RECORD_FIELDS = tuple(field["name"] for field in schemas.raw(schemas.CLICK_EVENT)["fields"])
+_BATCH_FIELDS = ("numeric", "categorical", "history_items", "history_categories")
+
+
+class Featurizer:
+    """Computes each event's features from the user table, then folds the event in."""
+
+    def __init__(
+        self,
+        table: UserTable,
+        pseudonyms: Pseudonyms,
+        session_gap_s: float,
+        allowed_lateness_s: float = float("inf"),
+    ) -> None:
+        """A featurizer over `table` that remembers values as `pseudonyms`; see
+        `FeatureUpdater` for the two settings.
+        """
+        self.table = table
+        self.pseudonyms = pseudonyms
+        self._work = np.zeros(WORK_WORDS, dtype=np.uint64)
+        self._gap_ms = session_gap_s * 1000.0
+        self._lateness_ms = allowed_lateness_s * 1000.0
+        self.late = 0
+
+    def process(
+        self, columns: EventColumns, rows: np.ndarray, all_histories: bool = False
+    ) -> tuple[np.ndarray, FeatureBatch]:
+        """The rows of `rows` (ascending, as `np.flatnonzero` gives them) that are not
+        replays, and their features in that order.
+
+        Each row's item history is the user's sequence before its event; it is filled for
+        events that carry candidates, or for every event when `all_histories` (training).
+        """
+        table = self.table
+        keys = cast(list[bytes], columns.keys)  # a valid event's key is its user id
+        if len(rows) != len(keys):  # else, ascending, they are every row
+            keys = [keys[row] for row in rows.tolist()]
+        slots = table.slots(columns.partition[rows], keys)
+        c = table.columns
+        kept_mask = _fresh(slots, columns.offset[rows], c.ints, c.pending)
+        kept, slots = rows[kept_mask], slots[kept_mask]
+        length = table.history_length
+        n = len(kept)
+        numeric = np.zeros((n, _N_NUMERIC), dtype=np.float32)
+        categorical = np.zeros((n, len(spec.FRAUD_CATEGORICAL)), dtype=np.int64)
+        hist_items = np.full((n, length), -1, dtype=np.int64)
+        hist_cats = np.full((n, length), -1, dtype=np.int64)
+        newly = np.empty(n, dtype=np.int64)
+        table.pool.reserve(n)  # each event moves at most its own user to the pool
+        late, flagged = _fold(
+            columns.buffer, columns.spans, columns.longs, columns.reals, columns.present,
+            columns.candidate_start, columns.offset, kept, slots, all_histories, self._gap_ms,
+            self._lateness_ms, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
+            table.var(), c.pending, c.changed, c.prev, c.next, c.partition, table.ends,
+            table.watermarks, numeric, categorical, hist_items, hist_cats, newly,
+            self.pseudonyms.key_state, self._work, _CRC, _WORD_BYTES, _WORD_START, _WORD_CLASS,
+            _WORD_PAIRS, _PRECEDENCE, _DECAY_MS,
+        )  # fmt: skip
+        table.mark_changed(newly[:flagged])
+        self.late += late
+        log_columns(numeric)
+        return kept, FeatureBatch(numeric, categorical, hist_items, hist_cats)
+
+
+@njit(cache=True, nogil=True)
+def _fresh(
+    slots: np.ndarray, offsets: np.ndarray, ints: np.ndarray, pending: np.ndarray
+) -> np.ndarray:
+    """`FeatureUpdater.fresh`: False for an event its user's state already holds."""
+    kept = np.ones(len(slots), dtype=np.bool_)
+    for i in range(len(slots)):
+        s = slots[i]
+        if offsets[i] >= 0 and not pending[s] and offsets[i] <= ints[s, OFFSET]:
+            kept[i] = False
+    return kept
+
+
+@njit(cache=True, nogil=True)
+def crc32(buf: np.ndarray, start: int, length: int, table: np.ndarray) -> int:
+    """zlib.crc32 of buf[start:start + length]."""
+    crc = np.int64(0xFFFFFFFF)
+    for k in range(start, start + length):
+        crc = table[(crc ^ buf[k]) & 0xFF] ^ (crc >> 8)
+    return int(crc ^ 0xFFFFFFFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _lower(b: int) -> int:
+    return b + 32 if 65 <= b <= 90 else b
+
+
+@njit(cache=True, nogil=True)
+def _device_type(
+    buf: np.ndarray,
+    start: int,
+    length: int,
+    words: np.ndarray,
+    word_start: np.ndarray,
+    word_class: np.ndarray,
+    pairs: np.ndarray,
+    precedence: np.ndarray,
+) -> int:
+    """`spec.device_type_index`: the words are ASCII, so lower-casing ASCII bytes is exact
+    (no non-ASCII character lower-cases into a run of them).
+    """
+    found = 0  # a bit per device class
+    end = start + length
+    for i in range(start, end - 1):
+        candidates = pairs[_lower(buf[i]) * 256 + _lower(buf[i + 1])]
+        if candidates == 0:
+            continue
+        for w in range(len(word_class)):
+            if not (candidates >> w) & 1:
+                continue
+            first, size = word_start[w], word_start[w + 1] - word_start[w]
+            if i + size > end:
+                continue
+            match = True
+            for k in range(2, size):
+                if _lower(buf[i + k]) != words[first + k]:
+                    match = False
+                    break
+            if match:
+                found |= 1 << word_class[w]
+    for k in range(len(precedence)):
+        if (found >> precedence[k]) & 1:
+            return int(precedence[k])
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _same_bytes(buf: np.ndarray, spans: np.ndarray, a: int, b: int) -> bool:
+    if spans[a, 1] != spans[b, 1]:
+        return False
+    for k in range(spans[a, 1]):  # noqa: SIM110 - a loop, not a generator, compiles
+        if buf[spans[a, 0] + k] != buf[spans[b, 0] + k]:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _equals_int(value: float, number: int) -> bool:
+    """Python's float == int: exact, not through a rounded float."""
+    if not (-9.223372036854775808e18 <= value < 9.223372036854775808e18):
+        return False
+    whole = np.int64(value)
+    return bool(np.float64(whole) == value and whole == number)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _int32(value: int) -> int:
+    return value if -_INT32_MAX <= value <= _INT32_MAX else _INT32_MAX
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _since(t: int, then: int) -> float:
+    return _LONG_AGO_S if then == NEVER else (t - then) / 1000.0
+
+
+@njit(cache=True, nogil=True)
+def _copy_slot(
+    source: int,
+    target: int,
+    ints: np.ndarray,
+    floats: np.ndarray,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
+    seen_len: np.ndarray,
+    v: Var,
+) -> None:
+    """Copy a user into the scratch slot (`target`, which always works in a pool row)."""
+    ints[target] = ints[source]
+    floats[target] = floats[source]
+    history_len[target] = history_len[source]
+    items_len[target] = items_len[source]
+    seen_len[target] = seen_len[source]
+    history, to_history = history_of(source, v), history_of(target, v)
+    for k in range(history_len[source]):
+        to_history[k] = history[k]
+    items, to_items = items_of(source, v), items_of(target, v)
+    for k in range(items_len[source]):
+        to_items[k] = items[k]
+    hashes, to_hashes = hashes_of(source, v), hashes_of(target, v)
+    times, to_times = times_of(source, v), times_of(target, v)
+    for kind in range(KINDS):
+        for k in range(seen_len[source, kind]):
+            to_hashes[kind, k] = hashes[kind, k]
+            to_times[kind, k] = times[kind, k]
+
+
+@njit(cache=True, nogil=True)
+def _fold(
+    buf: np.ndarray,
+    spans: np.ndarray,
+    longs: np.ndarray,
+    reals: np.ndarray,
+    present: np.ndarray,
+    candidate_start: np.ndarray,
+    offsets: np.ndarray,
+    rows: np.ndarray,
+    slots: np.ndarray,
+    all_histories: bool,
+    gap_ms: float,
+    lateness_ms: float,
+    ints: np.ndarray,
+    floats: np.ndarray,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
+    seen_len: np.ndarray,
+    v: Var,
+    pending: np.ndarray,
+    changed: np.ndarray,
+    prev: np.ndarray,
+    nxt: np.ndarray,
+    partition: np.ndarray,
+    ends: np.ndarray,
+    watermark: np.ndarray,
+    numeric: np.ndarray,
+    categorical: np.ndarray,
+    hist_items: np.ndarray,
+    hist_cats: np.ndarray,
+    newly: np.ndarray,
+    key_state: np.ndarray,
+    work: np.ndarray,
+    crc: np.ndarray,
+    words: np.ndarray,
+    word_start: np.ndarray,
+    word_class: np.ndarray,
+    word_pairs: np.ndarray,
+    precedence: np.ndarray,
+    decay_ms: np.ndarray,
+) -> tuple[int, int]:
+    """`FeatureUpdater.process` over `rows`; the late count and how many slots were newly
+    flagged changed (their slots are `newly[:count]`).
+    """
+    length = hist_items.shape[1]
+    hashes = np.empty(KINDS, dtype=np.int64)
+    nonempty = np.empty(KINDS, dtype=np.bool_)
+    novelty = np.zeros(KINDS)
+    weights = np.ones(WINDOWS + 1)
+    late = 0
+    flagged = 0
+    for r in range(len(rows)):
+        row = rows[r]
+        s = slots[r]
+        t = longs[row, TIME]
+        if _touch(
+            s, t, ints, floats, history_len, items_len, seen_len, pending, changed, prev, nxt,
+            partition, ends, watermark,
+        ):  # fmt: skip
+            newly[flagged] = s
+            flagged += 1
+        n_candidates = candidate_start[row + 1] - candidate_start[row]
+        pairs = history_len[s] // 2
+        if (all_histories or n_candidates > 0) and pairs > 0:
+            history = history_of(s, v)
+            for k in range(pairs):
+                hist_items[r, length - pairs + k] = history[2 * k]
+                hist_cats[r, length - pairs + k] = history[2 * k + 1]
+        for kind, field in enumerate((DEVICE_ID, IP, COUNTRY, CARD_FINGERPRINT)):
+            size = spans[row, field, 1]
+            hashes[kind] = (
+                -1 if size < 0 else pseudonym(buf, spans[row, field, 0], size, key_state, work)
+            )
+            nonempty[kind] = size > 0
+        billing = spans[row, BILLING_COUNTRY, 1]
+        mismatch = (
+            billing >= 0
+            and spans[row, COUNTRY, 1] > 0
+            and not _same_bytes(buf, spans[row], BILLING_COUNTRY, COUNTRY)
+        )
+        target = s
+        last = ints[s, LAST_TIME]
+        if last != NEVER and t < last - lateness_ms:  # late: scored, state unchanged
+            late += 1
+            _copy_slot(s, SCRATCH, ints, floats, history_len, items_len, seen_len, v)
+            target = SCRATCH
+        _update(
+            target, t, longs[row], reals[row], present[row], hashes, nonempty, mismatch,
+            gap_ms, ints, floats, history_len, items_len, seen_len, v, numeric[r], decay_ms,
+            novelty, weights,
+        )  # fmt: skip
+        if offsets[row] > ints[s, OFFSET]:
+            ints[s, OFFSET] = offsets[row]
+        categorical[r, 0] = longs[row, TYPE] + 1
+        categorical[r, 1] = (
+            0
+            if spans[row, USER_AGENT, 1] <= 0
+            else _device_type(
+                buf, spans[row, USER_AGENT, 0], spans[row, USER_AGENT, 1], words, word_start,
+                word_class, word_pairs, precedence,
+            )
+        )  # fmt: skip
+        country = spans[row, COUNTRY, 1]
+        categorical[r, 2] = (
+            0 if country <= 0 else crc32(buf, spans[row, COUNTRY, 0], country, crc) % 64 + 1
+        )
+        categorical[r, 3] = longs[row, METHOD] + 1  # -1 (null) gives 0
+    return late, flagged
+
+
+@njit(cache=True, nogil=True)
+def _update(
+    s: int,
+    t: int,
+    longs: np.ndarray,
+    reals: np.ndarray,
+    present: np.ndarray,
+    hashes: np.ndarray,
+    nonempty: np.ndarray,
+    mismatch: bool,
+    gap_ms: float,
+    ints: np.ndarray,
+    floats: np.ndarray,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
+    seen_len: np.ndarray,
+    v: Var,
+    out: np.ndarray,
+    decay_ms: np.ndarray,
+    novelty: np.ndarray,
+    weights: np.ndarray,
+) -> None:
+    """Fold one event into slot `s`, writing its raw feature row to `out`."""
+    first = ints[s, LAST_TIME] == NEVER
+    if first or t - ints[s, SESSION_LAST] > gap_ms:  # _new_session
+        ints[s, SESSION_START] = t
+        ints[s, SESSION_EVENTS] = 0
+        ints[s, SESSION_VIEWS] = 0
+        items_len[s] = 0
+        for i in range(4):
+            floats[s, SESSION_NOVELTY + i] = 0.0
+    novelty[:] = 0.0
+    seen_hash = hashes_of(s, v)
+    for kind in range(KINDS):
+        h = hashes[kind]
+        if first or h < 0:
+            continue
+        known = False
+        for k in range(seen_len[s, kind]):
+            if seen_hash[kind, k] == h:
+                known = True
+                break
+        if not known:
+            novelty[kind] = 1.0
+            floats[s, SESSION_NOVELTY + kind] = 1.0
+    event_type = longs[TYPE]
+    payment = event_type in (_BEGIN_CHECKOUT, _PURCHASE, _ADD_PAYMENT)
+    purchase = event_type == _PURCHASE
+    amount = reals[AMOUNT] if present[HAS_AMOUNT] and reals[AMOUNT] != 0.0 else 0.0
+    since_last = _since(t, ints[s, LAST_TIME])
+    affinity = 0.0  # _affinity
+    if present[HAS_CATEGORY]:
+        total = mine = 0.0
+        for k in range(_AFFINITY_SLOTS):
+            weight = floats[s, AFFINITY + 2 * k + 1]
+            total += weight
+            if weight > 0 and _equals_int(floats[s, AFFINITY + 2 * k], longs[CATEGORY]):
+                mine = weight
+        affinity = mine / total if total > 0 else 0.0
+    # _fold, starting with _advance_counters
+    weights[:] = 1.0
+    elapsed = t - ints[s, COUNTER_TIME]
+    if elapsed >= 0:
+        for i in range(WINDOWS):
+            factor = np.exp(-elapsed / decay_ms[i])
+            floats[s, EVENTS + i] *= factor
+            floats[s, PURCHASES + i] *= factor
+            if i == WINDOWS - 1:
+                floats[s, AMOUNT_1H] *= factor
+        factor = np.exp(-elapsed / _AFFINITY_TAU_MS)
+        for k in range(_AFFINITY_SLOTS):
+            floats[s, AFFINITY + 2 * k + 1] *= factor
+        ints[s, COUNTER_TIME] = t
+    else:
+        for i in range(WINDOWS):
+            weights[i] = np.exp(elapsed / decay_ms[i])
+        weights[WINDOWS] = np.exp(elapsed / _AFFINITY_TAU_MS)
+    for i in range(WINDOWS):
+        floats[s, EVENTS + i] += weights[i]
+        if purchase:
+            floats[s, PURCHASES + i] += weights[i]
+    if purchase:
+        floats[s, AMOUNT_1H] += amount * weights[WINDOWS - 1]
+        ints[s, LAST_PURCHASE] = max(ints[s, LAST_PURCHASE], t)
+    if event_type == _LOGIN:
+        ints[s, LAST_LOGIN] = max(ints[s, LAST_LOGIN], t)
+    taste = 0.0
+    if event_type == _PRODUCT_VIEW:
+        taste = 1.0
+    elif event_type == _ADD_TO_CART:
+        taste = 3.0
+    elif event_type == _PURCHASE:
+        taste = 5.0
+    if taste > 0 and present[HAS_CATEGORY]:  # _add_affinity
+        category = np.float64(longs[CATEGORY])
+        weight = taste * weights[WINDOWS]
+        lightest = 0
+        added = False
+        for k in range(_AFFINITY_SLOTS):
+            slot = AFFINITY + 2 * k
+            if floats[s, slot + 1] > 0 and floats[s, slot] == category:
+                floats[s, slot + 1] += weight
+                added = True
+                break
+            if floats[s, slot + 1] < floats[s, AFFINITY + 2 * lightest + 1]:
+                lightest = k
+        if not added:
+            floats[s, AFFINITY + 2 * lightest] = category
+            floats[s, AFFINITY + 2 * lightest + 1] = weight
+    ints[s, SESSION_EVENTS] += 1
+    ints[s, SESSION_LAST] = max(ints[s, SESSION_LAST], t)
+    ints[s, LAST_TIME] = max(ints[s, LAST_TIME], t)
+    if event_type == _PRODUCT_VIEW:
+        ints[s, SESSION_VIEWS] += 1
+    if present[HAS_ITEM]:
+        item = _int32(longs[ITEM])
+        n_items = items_len[s]
+        if n_items < MAX_SESSION_ITEMS:
+            items = items_of(s, v)
+            known = False
+            for k in range(n_items):
+                if items[k] == item:
+                    known = True
+                    break
+            if not known:
+                if n_items == len(items):  # its inline room is full
+                    promote(s, v, history_len, items_len, seen_len)
+                    items = items_of(s, v)
+                items[n_items] = item
+                items_len[s] = n_items + 1
+        history = history_of(s, v)
+        n = history_len[s]
+        if n == len(history) and n < v.pool_history.shape[1]:  # inline room full
+            promote(s, v, history_len, items_len, seen_len)
+            history = history_of(s, v)
+        if n == len(history):  # full: drop the oldest pair
+            for k in range(n - 2):
+                history[k] = history[k + 2]
+            n -= 2
+        history[n] = item
+        history[n + 1] = _int32(longs[CATEGORY]) if present[HAS_CATEGORY] else -1
+        history_len[s] = n + 2
+    for kind in range(KINDS):
+        if nonempty[kind]:
+            _remember(s, kind, hashes[kind], t, v, history_len, items_len, seen_len)
+    # the row, in FRAUD_NUMERIC order
+    out[0] = amount
+    out[1] = reals[PRICE] if present[HAS_PRICE] and reals[PRICE] != 0.0 else 0.0
+    out[2] = longs[QUANTITY] if present[HAS_QUANTITY] else 0
+    out[3] = 1.0 if payment else 0.0
+    out[4] = 1.0 if first else 0.0
+    out[5] = ints[s, SESSION_EVENTS]
+    out[6] = (ints[s, SESSION_LAST] - ints[s, SESSION_START]) / 1000.0
+    out[7] = items_len[s]
+    out[8] = ints[s, SESSION_VIEWS] if payment else 0
+    out[9] = since_last
+    out[10] = _since(t, ints[s, LAST_LOGIN])
+    out[11] = _since(t, ints[s, LAST_PURCHASE])
+    out[12] = (t - ints[s, FIRST_SEEN]) / 1000.0
+    column = 13
+    for i in range(WINDOWS):
+        out[column + i] = floats[s, EVENTS + i]
+        out[column + WINDOWS + i] = floats[s, PURCHASES + i]
+    column += 2 * WINDOWS
+    out[column] = floats[s, AMOUNT_1H]
+    column += 1
+    seen_time = times_of(s, v)
+    for kind in _DISTINCT_ORDER:
+        count = 0
+        for k in range(seen_len[s, kind]):
+            if t - seen_time[kind, k] <= _HOUR_MS:
+                count += 1
+        out[column] = count
+        column += 1
+    for kind in range(KINDS):
+        out[column + kind] = novelty[kind]
+        out[column + KINDS + kind] = floats[s, SESSION_NOVELTY + kind]
+    column += 2 * KINDS
+    out[column] = 1.0 if mismatch else 0.0
+    out[column + 1] = affinity
+
+
+@njit(cache=True, nogil=True)
+def _remember(
+    s: int,
+    kind: int,
+    h: int,
+    t: int,
+    v: Var,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
+    seen_len: np.ndarray,
+) -> None:
+    """`updater._remember`: record hash `h` seen at `t`; with MAX_SEEN + 1 values, drop the
+    first of the longest unseen (which may be the new one).
+    """
+    seen_hash, seen_time = hashes_of(s, v), times_of(s, v)
+    n = seen_len[s, kind]
+    for k in range(n):
+        if seen_hash[kind, k] == h:
+            seen_time[kind, k] = max(seen_time[kind, k], t)
+            return
+    if n < MAX_SEEN:
+        if n == seen_hash.shape[1]:  # its inline room is full
+            promote(s, v, history_len, items_len, seen_len)
+            seen_hash, seen_time = hashes_of(s, v), times_of(s, v)
+        seen_hash[kind, n] = h
+        seen_time[kind, n] = t
+        seen_len[s, kind] = n + 1
+        return
+    oldest = 0
+    for k in range(1, n):
+        if seen_time[kind, k] < seen_time[kind, oldest]:
+            oldest = k
+    if t < seen_time[kind, oldest]:
+        return  # the new value is the oldest: appended and dropped at once
+    for k in range(oldest, n - 1):
+        seen_hash[kind, k] = seen_hash[kind, k + 1]
+        seen_time[kind, k] = seen_time[kind, k + 1]
+    seen_hash[kind, n - 1] = h
+    seen_time[kind, n - 1] = t

@@ -1,0 +1,834 @@
+"""Per-user state as columns: one row (slot) per user in fixed-width arrays, with a key → slot
+index per partition. This is the serving store; `state.FeatureStore` and `UserState` are its
+readable reference, and the changelog bytes are the same (`UserState.to_bytes`), so a
+changelog written by either restores into the other.
+
+Each slot holds the int64 and float64 slots of `state` (times, counts, decayed counters,
+affinities) and three variable-length parts: the recent (item, category) history, kept
+oldest first, up to `2 * history_length` entries; the session's distinct items (up to
+MAX_SESSION_ITEMS); and per seen kind (device, IP, country, card) up to MAX_SEEN (hash, last
+seen) pairs in arrival order. The variable parts are two-tier, as a small-string
+optimisation is: a slot has room inline for a few of each (INLINE_EVENTS events,
+INLINE_ITEMS items, INLINE_SEEN values per kind), which is all that most users ever use, and
+a user who outgrows any of them moves all three to a full-size row of the `Pool` (`big`
+names it). A slot costs about 500 bytes and a pool row about 1.4 KB, against 1.7 KB for one
+full-size slot per user (README, Performance). There is no Python object per user except the
+key bytes and their entry in the index.
+
+Least-recently-updated order, which eviction follows, is a doubly linked list through the
+slots of each partition, as `FeatureStore`'s OrderedDicts are. Slot 0 is never a user's: it
+is the scratch slot that scores a late event without changing its user.
+
+Semantics that differ from the reference: a restored history longer than this build's
+`2 * history_length` (the setting was lowered) keeps its newest entries.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from pipeline.serve.features.state import (
+    FLOAT_SLOTS,
+    FORMAT_VERSION,
+    INT_SLOTS,
+    LAST_TIME,
+    MAX_SEEN,
+    MAX_SESSION_ITEMS,
+    NEVER,
+    SEEN_KINDS,
+    StateChange,
+)
+
+KINDS = len(SEEN_KINDS)
+INLINE_EVENTS = 8  # history events a slot holds before its user moves to a pool row
+INLINE_ITEMS = 8
+INLINE_SEEN = 2  # values per seen kind
+_HEADER = struct.Struct(f"<B{INT_SLOTS}q{FLOAT_SLOTS}d6H")
+HEADER_BYTES = _HEADER.size
+NO_SLOT = -1
+SCRATCH = 0
+
+
+# The first byte of a changelog key that is not a user's: user ids are the keys of valid
+# events, which equal the event's UTF-8 user_id, and 0xFF never occurs in UTF-8.
+CONTROL = b"\xff"
+
+
+@dataclass(slots=True)
+class Columns:
+    """The state arrays, slot-major. Kernels take them as arguments."""
+
+    ints: np.ndarray  # int64 (capacity, INT_SLOTS)
+    floats: np.ndarray  # float64 (capacity, FLOAT_SLOTS)
+    history: np.ndarray  # int32 (capacity, inline history entries): item, category, ...
+    history_len: np.ndarray  # int32 (capacity,): entries used (two per event)
+    items: np.ndarray  # int32 (capacity, INLINE_ITEMS)
+    items_len: np.ndarray  # int32 (capacity,)
+    seen_hash: np.ndarray  # uint32 (capacity, KINDS, INLINE_SEEN): CRC-32 of the value
+    seen_time: np.ndarray  # int64 (capacity, KINDS, INLINE_SEEN)
+    seen_len: np.ndarray  # int32 (capacity, KINDS)
+    big: np.ndarray  # int32 (capacity,): the slot's pool row + 1; 0 while inline
+    pending: np.ndarray  # bool (capacity,): allocated, initialised by its first event
+    changed: np.ndarray  # bool (capacity,): a changelog record is due
+    prev: np.ndarray  # int32 (capacity,): LRU links within the slot's partition
+    next: np.ndarray  # int32 (capacity,)
+    partition: np.ndarray  # int32 (capacity,)
+
+    @classmethod
+    def empty(cls, capacity: int, history_width: int) -> Columns:
+        """Zeroed arrays for `capacity` slots with `history_width` inline history entries.
+        Large zeroed arrays are calloc'ed, so memory is taken only as slots are used: a
+        slot's fields are set when it is first used.
+        """
+        return cls(
+            ints=np.zeros((capacity, INT_SLOTS), dtype=np.int64),
+            floats=np.zeros((capacity, FLOAT_SLOTS), dtype=np.float64),
+            history=np.zeros((capacity, history_width), dtype=np.int32),
+            history_len=np.zeros(capacity, dtype=np.int32),
+            items=np.zeros((capacity, min(INLINE_ITEMS, MAX_SESSION_ITEMS)), dtype=np.int32),
+            items_len=np.zeros(capacity, dtype=np.int32),
+            seen_hash=np.zeros((capacity, KINDS, min(INLINE_SEEN, MAX_SEEN)), dtype=np.uint32),
+            seen_time=np.zeros((capacity, KINDS, min(INLINE_SEEN, MAX_SEEN)), dtype=np.int64),
+            seen_len=np.zeros((capacity, KINDS), dtype=np.int32),
+            big=np.zeros(capacity, dtype=np.int32),
+            pending=np.zeros(capacity, dtype=np.bool_),
+            changed=np.zeros(capacity, dtype=np.bool_),
+            prev=np.zeros(capacity, dtype=np.int32),  # set when the slot is first linked
+            next=np.zeros(capacity, dtype=np.int32),
+            partition=np.zeros(capacity, dtype=np.int32),
+        )
+
+    def grown(self, capacity: int) -> Columns:
+        """A copy with room for `capacity` slots (its new slots zeroed, as `empty`'s)."""
+        bigger = Columns.empty(capacity, self.history.shape[1])
+        used = len(self.ints)
+        for name in self.__dataclass_fields__:
+            getattr(bigger, name)[:used] = getattr(self, name)
+        return bigger
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays."""
+        return sum(getattr(self, name).nbytes for name in self.__dataclass_fields__)
+
+
+@dataclass(slots=True)
+class Pool:
+    """Full-size rows for the variable parts of users who outgrew their slot's inline room.
+    Row 0 belongs to the scratch slot; the free rows are a stack, `free[:top[0]]`, which
+    kernels pop (`promote`), so `reserve` must leave enough before each kernel.
+    """
+
+    history: np.ndarray  # int32 (rows, 2 * history_length)
+    items: np.ndarray  # int32 (rows, MAX_SESSION_ITEMS)
+    seen_hash: np.ndarray  # uint32 (rows, KINDS, MAX_SEEN)
+    seen_time: np.ndarray  # int64 (rows, KINDS, MAX_SEEN)
+    free: np.ndarray  # int32 (rows,): free rows, the next one to take last
+    top: np.ndarray  # int64 (1,): how many of `free` are free
+
+    @classmethod
+    def empty(cls, rows: int, history_length: int) -> Pool:
+        """`rows` zeroed rows (calloc'ed, as the slots), all but row 0 free."""
+        return cls(
+            history=np.zeros((rows, 2 * history_length), dtype=np.int32),
+            items=np.zeros((rows, MAX_SESSION_ITEMS), dtype=np.int32),
+            seen_hash=np.zeros((rows, KINDS, MAX_SEEN), dtype=np.uint32),
+            seen_time=np.zeros((rows, KINDS, MAX_SEEN), dtype=np.int64),
+            free=np.arange(rows - 1, -1, -1, dtype=np.int32),
+            top=np.array([rows - 1], dtype=np.int64),
+        )
+
+    def reserve(self, rows: int) -> None:
+        """Make sure `rows` rows are free, doubling the pool when they are not."""
+        free = int(self.top[0])
+        if free >= rows:
+            return
+        old = len(self.free)
+        size = max(2 * old, old + rows - free)
+        for name in ("history", "items", "seen_hash", "seen_time"):
+            array = getattr(self, name)
+            grown = np.zeros((size, *array.shape[1:]), dtype=array.dtype)
+            grown[:old] = array
+            setattr(self, name, grown)
+        stack = np.empty(size, dtype=np.int32)
+        stack[:free] = self.free[:free]
+        stack[free : free + size - old] = np.arange(size - 1, old - 1, -1, dtype=np.int32)
+        self.free = stack
+        self.top[0] = free + size - old
+
+    def release(self, rows: np.ndarray) -> None:
+        """Return `rows` to the free stack."""
+        top = int(self.top[0])
+        self.free[top : top + len(rows)] = rows
+        self.top[0] = top + len(rows)
+
+    def used(self) -> int:
+        """Rows in use (the scratch slot's included)."""
+        return len(self.free) - int(self.top[0])
+
+    def row_bytes(self) -> int:
+        """Bytes of one row."""
+        arrays = (self.history, self.items, self.seen_hash, self.seen_time, self.free)
+        return sum(a.nbytes // len(a) for a in arrays)
+
+
+class Var(NamedTuple):
+    """The variable parts of every slot, inline and pooled, as kernels take them (numba
+    reads a NamedTuple's fields as typed arguments).
+    """
+
+    history: np.ndarray
+    items: np.ndarray
+    seen_hash: np.ndarray
+    seen_time: np.ndarray
+    big: np.ndarray
+    pool_history: np.ndarray
+    pool_items: np.ndarray
+    pool_hash: np.ndarray
+    pool_time: np.ndarray
+    free: np.ndarray
+    top: np.ndarray
+
+
+class UserTable:
+    """User states of the assigned partitions, as columns, with the store's interface.
+
+    Every user updated or evicted since the last `take_changes` is a pending changelog
+    record. Eviction: users idle for `ttl_s` of event time (against the newest event of their
+    partition) and, above `max_users`, the least recently updated users of the largest
+    partition (the first such partition in first-seen order on a tie).
+    """
+
+    def __init__(
+        self,
+        history_length: int,
+        max_users: int = 2**62,
+        ttl_s: float = float("inf"),
+        capacity: int = 1024,
+    ) -> None:
+        """An empty table; `history_length` bounds each user's recent item sequence. Size
+        `capacity` for the users a process holds (max_users plus a batch): it grows by
+        doubling past that, which copies the columns once.
+        """
+        self.history_length = history_length
+        self.max_users = max_users
+        self._ttl_ms = ttl_s * 1000.0
+        width = 2 * min(INLINE_EVENTS, history_length)
+        self.columns = Columns.empty(max(capacity, 2), width)
+        self.pool = Pool.empty(1024, history_length)
+        self.columns.big[SCRATCH] = 1  # the scratch slot always works in pool row 0
+        self._keys: list[bytes | None] = [None] * len(self.columns.ints)
+        self._unused = SCRATCH + 1  # slots from here on were never used
+        self._free: list[int] = []  # slots released since
+        # partition -> key -> slot; its order is the order partitions were first seen.
+        self._index: dict[int, dict[bytes, int]] = {}
+        self._ends = np.full((0, 2), NO_SLOT, dtype=np.int32)  # per partition: LRU head, tail
+        self._watermark = np.zeros(0, dtype=np.int64)
+        self._changed: list[int] = []  # slots whose `changed` flag was raised, maybe twice
+        self._tombstones: dict[int, list[bytes]] = {}
+        # Non-user changelog records, e.g. the forget position: (partition, key) -> value.
+        self._controls: dict[tuple[int, bytes], bytes] = {}
+        self._count = 0
+        self.evicted = 0
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def slots(self, partitions: np.ndarray, keys: list[bytes]) -> np.ndarray:
+        """The slot of each (partition, key), allocating a pending one for a new user."""
+        out: list[int] = []
+        append, index = out.append, self._index
+        # One dict lookup per event: the keys are the bytes objects the consumer already
+        # returned, so this is the only per-event Python of the features stage. A batch
+        # holds runs of one partition (the consumer returns each fetch's messages together),
+        # so the partition's map is looked up once per run.
+        current, users = -1, {}
+        for partition, key in zip(partitions.tolist(), keys, strict=True):
+            if partition != current:
+                current = partition
+                found = index.get(partition)
+                users = self._add_partition(partition) if found is None else found
+            slot = users.get(key)
+            if slot is None:
+                slot = users[key] = self._allocate(partition, key)
+                self.columns.pending[slot] = True
+                self._count += 1
+            append(slot)
+        return np.array(out, dtype=np.int64)
+
+    def _add_partition(self, partition: int) -> dict[bytes, int]:
+        if partition >= len(self._ends):
+            size = max(partition + 1, 2 * len(self._ends))
+            ends = np.full((size, 2), NO_SLOT, dtype=np.int32)
+            ends[: len(self._ends)] = self._ends
+            watermark = np.full(size, NEVER, dtype=np.int64)
+            watermark[: len(self._watermark)] = self._watermark
+            self._ends, self._watermark = ends, watermark
+        self._ends[partition] = NO_SLOT
+        self._watermark[partition] = NEVER
+        users = self._index[partition] = {}
+        return users
+
+    def _allocate(self, partition: int, key: bytes) -> int:
+        if self._free:
+            slot = self._free.pop()
+        else:
+            if self._unused == len(self._keys):
+                old = len(self._keys)
+                self.columns = self.columns.grown(2 * old)
+                self._keys.extend([None] * old)
+            slot = self._unused
+            self._unused += 1
+        self._keys[slot] = key
+        self.columns.partition[slot] = partition
+        return slot
+
+    def var(self) -> Var:
+        """The variable parts, for a kernel (after `pool.reserve` when it may promote)."""
+        c, p = self.columns, self.pool
+        return Var(
+            c.history, c.items, c.seen_hash, c.seen_time, c.big, p.history, p.items,
+            p.seen_hash, p.seen_time, p.free, p.top,
+        )  # fmt: skip
+
+    def _unpool(self, slots: np.ndarray) -> None:
+        """Return the pool rows of `slots` (users gone) and mark the slots inline."""
+        big = self.columns.big[slots]
+        self.pool.release(big[big > 0] - 1)
+        self.columns.big[slots] = 0
+
+    def _release(self, slots: np.ndarray, tombstones: bool) -> None:
+        """Forget the users in `slots` (already unlinked by a kernel)."""
+        self._unpool(slots)
+        keys, index = self._keys, self._index
+        for slot in slots.tolist():
+            key = keys[slot]
+            assert key is not None
+            partition = int(self.columns.partition[slot])
+            del index[partition][key]
+            if tombstones:
+                self._tombstones.setdefault(partition, []).append(key)
+            keys[slot] = None
+            self._free.append(slot)
+        self._count -= len(slots)
+
+    # -- the store's interface ----------------------------------------------------------------
+
+    def mark_changed(self, slots: np.ndarray) -> None:
+        """Remember the slots a kernel newly flagged changed (`fold` returns them)."""
+        self._changed.extend(slots.tolist())
+
+    def evict(self) -> None:
+        """Drop idle users past the TTL, then the least recent above `max_users`."""
+        order = np.fromiter(self._index, dtype=np.int64, count=len(self._index))
+        counts = np.fromiter(
+            (len(users) for users in self._index.values()), dtype=np.int64, count=len(order)
+        )
+        c = self.columns
+        evicted = _evict(
+            order, counts, self._ttl_ms, float(self.max_users), c.ints, c.changed, c.prev,
+            c.next, self._ends, self._watermark,
+        )  # fmt: skip
+        if len(evicted):
+            self.evicted += len(evicted)
+            self._release(evicted, tombstones=True)
+
+    def forget(self, partition: int, key: bytes) -> bool:
+        """Drop a user at once, with a tombstone for the changelog (an erasure request);
+        False when the partition holds no such user.
+        """
+        slot = self.slot_of(partition, key)
+        if slot == NO_SLOT:
+            return False
+        c = self.columns
+        if _linked(slot, c.prev, self._ends, partition):
+            _unlink(slot, c.prev, c.next, self._ends, partition)
+        c.changed[slot] = c.pending[slot] = False
+        self._release(np.array([slot], dtype=np.int64), tombstones=True)
+        return True
+
+    def put_control(self, partition: int, key: bytes, value: bytes) -> None:
+        """Write a non-user record (its key starts with CONTROL) to the partition's
+        changelog with the next changes; a restore returns it instead of loading it.
+        """
+        assert key.startswith(CONTROL), key
+        self._controls[partition, key] = value
+
+    def take_changes(self) -> list[StateChange]:
+        """Pending changelog records of every partition: state bytes or a tombstone, then
+        the control records.
+        """
+        changes: list[StateChange] = []
+        for partition, keys in self._tombstones.items():
+            users = self._index.get(partition, {})
+            changes.extend(StateChange(partition, key, None) for key in keys if key not in users)
+        self._tombstones.clear()
+        if self._changed:
+            slots = np.asarray(self._changed, dtype=np.int64)
+            self._changed.clear()
+            c = self.columns
+            slots = slots[c.changed[slots]]  # a slot flagged twice, or since freed
+            slots = np.unique(slots)
+            c.changed[slots] = False
+            buffer, starts = self.encode(slots)
+            data = buffer.tobytes()
+            bounds = starts.tolist()
+            held = self._keys
+            changes.extend(
+                map(
+                    StateChange,
+                    c.partition[slots].tolist(),
+                    [held[slot] for slot in slots.tolist()],
+                    [data[a:b] for a, b in pairwise(bounds)],
+                )
+            )
+        changes.extend(StateChange(p, key, value) for (p, key), value in self._controls.items())
+        self._controls.clear()
+        return changes
+
+    def encode(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The changelog bytes of `slots`, joined, and their offsets (len + 1)."""
+        c = self.columns
+        sizes = (
+            HEADER_BYTES
+            + 4 * c.history_len[slots].astype(np.int64)
+            + 4 * c.items_len[slots].astype(np.int64)
+            + 16 * c.seen_len[slots].sum(axis=1, dtype=np.int64)
+        )
+        starts = np.zeros(len(slots) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        buffer = np.empty(int(starts[-1]), dtype=np.uint8)
+        _encode(
+            slots, starts, buffer, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
+            self.var(),
+        )  # fmt: skip
+        return buffer, starts
+
+    def restore(self, partitions: list[int], keys: list[bytes], values: list[bytes | None]) -> None:
+        """Apply changelog records in order (None deletes); later records win."""
+        # The one Python loop of a restore (the index is a dict): per record, its slot to
+        # set, or -(slot + 1) to delete. Records come in runs of one partition.
+        ops: list[int] = []
+        deleted: list[int] = []
+        index, allocate, append = self._index, self._allocate, ops.append
+        current, users = -1, {}
+        for partition, key, value in zip(partitions, keys, values, strict=True):
+            if partition != current:
+                current = partition
+                found = index.get(partition)
+                users = self._add_partition(partition) if found is None else found
+            slot = users.get(key)
+            if value is None:
+                append(NO_SLOT if slot is None else -(slot + 1))
+                if slot is not None:
+                    del users[key]
+                    self._keys[slot] = None
+                    deleted.append(slot)
+            elif slot is None:
+                slot = users[key] = allocate(partition, key)
+                self._count += 1
+                append(slot)
+            else:
+                append(slot)
+        buffer = np.frombuffer(b"".join(v for v in values if v is not None), dtype=np.uint8)
+        lengths = np.fromiter((len(v) for v in values if v is not None), dtype=np.int64)
+        starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        c = self.columns
+        self.pool.reserve(len(ops))
+        bad = _restore(
+            np.array(ops, dtype=np.int64), buffer, starts, self.history_length, c.ints,
+            c.floats, c.history_len, c.items_len, c.seen_len, self.var(), c.pending,
+            c.changed, c.prev, c.next, c.partition, self._ends,
+        )  # fmt: skip
+        self._unpool(np.array(deleted, dtype=np.int64))
+        self._free.extend(deleted)  # only now: a slot must not be reused within the batch
+        self._count -= len(deleted)
+        if bad >= 0:
+            raise ValueError(f"changelog record {bad} of the batch is not a user state")
+
+    def drop_partition(self, partition: int) -> None:
+        """Forget the state of a partition this process no longer owns."""
+        for where in [where for where in self._controls if where[0] == partition]:
+            del self._controls[where]
+        users = self._index.get(partition)
+        if users is None:
+            return
+        c = self.columns
+        slots = np.fromiter(users.values(), dtype=np.int64, count=len(users))
+        c.changed[slots] = False
+        c.pending[slots] = False
+        c.prev[slots] = c.next[slots] = NO_SLOT
+        self._release(slots, tombstones=False)
+        del self._index[partition]
+        self._tombstones.pop(partition, None)
+        self._ends[partition] = NO_SLOT
+        self._watermark[partition] = NEVER
+
+    def slot_of(self, partition: int, key: bytes) -> int:
+        """The slot of a held user, or NO_SLOT."""
+        return self._index.get(partition, {}).get(key, NO_SLOT)
+
+    def partitions(self) -> list[int]:
+        """Partitions with state here."""
+        return list(self._index)
+
+    def users(self) -> int:
+        """Users held across all partitions."""
+        return self._count
+
+    def estimate_bytes(self) -> int:
+        """Bytes held by user states: the slots used so far, the pool rows in use, plus
+        each key and its index entry (about 100 bytes of dict and bytes object overhead).
+        """
+        slot = self.columns.nbytes() // len(self._keys)
+        pooled = self.pool.row_bytes() * self.pool.used()
+        keys = sum(len(k) + 100 for k in self._keys if k is not None)
+        return slot * self._unused + pooled + keys
+
+    def recency(self, partition: int) -> list[bytes]:
+        """The partition's keys, least recently updated first (tests)."""
+        out: list[bytes] = []
+        slot = int(self._ends[partition, 0]) if partition in self._index else NO_SLOT
+        while slot != NO_SLOT:
+            key = self._keys[slot]
+            assert key is not None
+            out.append(key)
+            slot = int(self.columns.next[slot])
+        return out
+
+    @property
+    def ends(self) -> np.ndarray:
+        """Per partition: LRU head and tail slots."""
+        return self._ends
+
+    @property
+    def watermarks(self) -> np.ndarray:
+        """Per partition: the newest event time."""
+        return self._watermark
+
+
+# --- kernels --------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _unlink(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
+    before, after = prev[slot], nxt[slot]
+    if before == NO_SLOT:
+        ends[p, 0] = after
+    else:
+        nxt[before] = after
+    if after == NO_SLOT:
+        ends[p, 1] = before
+    else:
+        prev[after] = before
+    prev[slot] = nxt[slot] = NO_SLOT
+
+
+@njit(cache=True, nogil=True)
+def _append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
+    tail = ends[p, 1]
+    prev[slot] = tail
+    nxt[slot] = NO_SLOT
+    if tail == NO_SLOT:
+        ends[p, 0] = slot
+    else:
+        nxt[tail] = slot
+    ends[p, 1] = slot
+
+
+@njit(cache=True, nogil=True)
+def _linked(slot: int, prev: np.ndarray, ends: np.ndarray, p: int) -> bool:
+    return bool(prev[slot] != NO_SLOT or ends[p, 0] == slot)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def history_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s history entries: inline, or its pool row's."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_history[b - 1] if b else v.history[s]
+    return found
+
+
+@njit(cache=True, nogil=True, inline="always")
+def items_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s session items."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_items[b - 1] if b else v.items[s]
+    return found
+
+
+@njit(cache=True, nogil=True, inline="always")
+def hashes_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s seen hashes, (KINDS, room)."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_hash[b - 1] if b else v.seen_hash[s]
+    return found
+
+
+@njit(cache=True, nogil=True, inline="always")
+def times_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s seen times, (KINDS, room)."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_time[b - 1] if b else v.seen_time[s]
+    return found
+
+
+@njit(cache=True, nogil=True)
+def promote(
+    s: int, v: Var, history_len: np.ndarray, items_len: np.ndarray, seen_len: np.ndarray
+) -> None:
+    """Move slot `s`'s variable parts to a free pool row (one of them outgrew its room).
+    The copies are clamped to the inline room: a reused slot may still carry the lengths of
+    its previous user until they are set.
+    """
+    if v.big[s]:
+        return
+    top = v.top[0]
+    if top == 0:
+        raise RuntimeError("user state pool exhausted: reserve rows before the kernel")
+    row = v.free[top - 1]
+    v.top[0] = top - 1
+    v.big[s] = row + 1
+    for k in range(min(history_len[s], v.history.shape[1])):
+        v.pool_history[row, k] = v.history[s, k]
+    for k in range(min(items_len[s], v.items.shape[1])):
+        v.pool_items[row, k] = v.items[s, k]
+    for kind in range(KINDS):
+        for k in range(min(seen_len[s, kind], v.seen_hash.shape[2])):
+            v.pool_hash[row, kind, k] = v.seen_hash[s, kind, k]
+            v.pool_time[row, kind, k] = v.seen_time[s, kind, k]
+
+
+@njit(cache=True, nogil=True)
+def _touch(
+    slot: int,
+    now_ms: int,
+    ints: np.ndarray,
+    floats: np.ndarray,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
+    seen_len: np.ndarray,
+    pending: np.ndarray,
+    changed: np.ndarray,
+    prev: np.ndarray,
+    nxt: np.ndarray,
+    partition: np.ndarray,
+    ends: np.ndarray,
+    watermark: np.ndarray,
+) -> bool:
+    """`FeatureStore.get` without the return; True when the slot was newly flagged changed."""
+    p = partition[slot]
+    if pending[slot]:
+        pending[slot] = False
+        ints[slot, :] = NEVER
+        ints[slot, 0] = ints[slot, 4] = ints[slot, 6] = (
+            now_ms  # FIRST_SEEN, SESSION_START, COUNTER_TIME
+        )
+        ints[slot, 8] = ints[slot, 9] = 0  # SESSION_EVENTS, SESSION_VIEWS
+        floats[slot, :] = 0.0
+        history_len[slot] = items_len[slot] = 0
+        seen_len[slot, :] = 0
+    elif _linked(slot, prev, ends, p):
+        _unlink(slot, prev, nxt, ends, p)
+    _append(slot, prev, nxt, ends, p)
+    if now_ms > watermark[p]:
+        watermark[p] = now_ms
+    if changed[slot]:
+        return False
+    changed[slot] = True
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _evict(
+    order: np.ndarray,
+    counts: np.ndarray,
+    ttl_ms: float,
+    max_users: float,
+    ints: np.ndarray,
+    changed: np.ndarray,
+    prev: np.ndarray,
+    nxt: np.ndarray,
+    ends: np.ndarray,
+    watermark: np.ndarray,
+) -> np.ndarray:
+    """Unlink the users to evict; their slots, in eviction order."""
+    out = []
+    for k in range(len(order)):
+        p = order[k]
+        horizon = watermark[p] - ttl_ms
+        while ends[p, 0] != NO_SLOT and ints[ends[p, 0], LAST_TIME] < horizon:
+            slot = ends[p, 0]
+            _unlink(slot, prev, nxt, ends, p)
+            changed[slot] = False
+            counts[k] -= 1
+            out.append(slot)
+    total = counts.sum()
+    while total > max_users:
+        largest = 0
+        for k in range(1, len(order)):
+            if counts[k] > counts[largest]:
+                largest = k
+        p = order[largest]
+        slot = ends[p, 0]
+        _unlink(slot, prev, nxt, ends, p)
+        changed[slot] = False
+        counts[largest] -= 1
+        total -= 1
+        out.append(slot)
+    result = np.empty(len(out), dtype=np.int64)
+    for i in range(len(out)):
+        result[i] = out[i]
+    return result
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put(buffer: np.ndarray, at: int, value: int, width: int) -> int:
+    for k in range(width):
+        buffer[at + k] = (value >> (8 * k)) & 0xFF
+    return at + width
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _get(buffer: np.ndarray, at: int, width: int) -> int:
+    value = 0
+    for k in range(width):
+        value |= int(np.int64(buffer[at + k]) << (8 * k))
+    if width == 4 and value >= 2**31:
+        value -= 2**32
+    return value
+
+
+@njit(cache=True, nogil=True)
+def _encode(
+    slots: np.ndarray,
+    starts: np.ndarray,
+    buffer: np.ndarray,
+    ints: np.ndarray,
+    floats: np.ndarray,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
+    seen_len: np.ndarray,
+    v: Var,
+) -> None:
+    """`UserState.to_bytes` of each slot, at `starts`."""
+    as_ints = floats.view(np.int64)  # a double's bytes, little-endian
+    for i in range(len(slots)):
+        s = slots[i]
+        at = starts[i]
+        buffer[at] = FORMAT_VERSION
+        at += 1
+        for k in range(INT_SLOTS):
+            at = _put(buffer, at, ints[s, k], 8)
+        for k in range(FLOAT_SLOTS):
+            at = _put(buffer, at, as_ints[s, k], 8)
+        at = _put(buffer, at, history_len[s], 2)
+        at = _put(buffer, at, items_len[s], 2)
+        for kind in range(KINDS):
+            at = _put(buffer, at, 2 * seen_len[s, kind], 2)
+        history, items = history_of(s, v), items_of(s, v)
+        seen_hash, seen_time = hashes_of(s, v), times_of(s, v)
+        for k in range(history_len[s]):
+            at = _put(buffer, at, history[k], 4)
+        for k in range(items_len[s]):
+            at = _put(buffer, at, items[k], 4)
+        for kind in range(KINDS):
+            for k in range(seen_len[s, kind]):
+                at = _put(buffer, at, int(seen_hash[kind, k]), 8)
+                at = _put(buffer, at, seen_time[kind, k], 8)
+
+
+@njit(cache=True, nogil=True)
+def _restore(
+    ops: np.ndarray,
+    buffer: np.ndarray,
+    starts: np.ndarray,
+    history_length: int,
+    ints: np.ndarray,
+    floats: np.ndarray,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
+    seen_len: np.ndarray,
+    v: Var,
+    pending: np.ndarray,
+    changed: np.ndarray,
+    prev: np.ndarray,
+    nxt: np.ndarray,
+    partition: np.ndarray,
+    ends: np.ndarray,
+) -> int:
+    """Apply restore `ops` in order; -1, or the index of the first record that is not a
+    user state (the rest is not applied).
+    """
+    as_ints = floats.view(np.int64)
+    capacity = 2 * history_length
+    value = 0
+    for i in range(len(ops)):
+        op = ops[i]
+        if op == NO_SLOT:
+            continue
+        if op < 0:
+            slot = -op - 1
+            _unlink(slot, prev, nxt, ends, partition[slot])
+            changed[slot] = pending[slot] = False
+            continue
+        slot = op
+        at, end = starts[value], starts[value + 1]
+        value += 1
+        if end - at < HEADER_BYTES or buffer[at] != FORMAT_VERSION:
+            return i
+        at += 1
+        for k in range(INT_SLOTS):
+            ints[slot, k] = _get(buffer, at, 8)
+            at += 8
+        for k in range(FLOAT_SLOTS):
+            as_ints[slot, k] = _get(buffer, at, 8)
+            at += 8
+        n_history = _get(buffer, at, 2)
+        n_items = _get(buffer, at + 2, 2)
+        n_seen = np.empty(KINDS, dtype=np.int64)
+        total = 4 * (n_history + n_items)
+        for kind in range(KINDS):
+            n_seen[kind] = _get(buffer, at + 4 + 2 * kind, 2)
+            total += 8 * n_seen[kind]
+            if n_seen[kind] % 2 or n_seen[kind] > 2 * MAX_SEEN:
+                return i
+        at += 12
+        if end - at != total or n_history % 2 or n_items > MAX_SESSION_ITEMS:
+            return i
+        skip = max(0, n_history - capacity)  # a longer history than this build keeps
+        fits = (
+            n_history - skip <= v.history.shape[1]
+            and n_items <= v.items.shape[1]
+            and n_seen.max() // 2 <= v.seen_hash.shape[2]
+        )
+        if not fits:
+            promote(slot, v, history_len, items_len, seen_len)
+        history, items = history_of(slot, v), items_of(slot, v)
+        seen_hash, seen_time = hashes_of(slot, v), times_of(slot, v)
+        for k in range(n_history - skip):
+            history[k] = _get(buffer, at + 4 * (skip + k), 4)
+        history_len[slot] = n_history - skip
+        at += 4 * n_history
+        for k in range(n_items):
+            items[k] = _get(buffer, at, 4)
+            at += 4
+        items_len[slot] = n_items
+        for kind in range(KINDS):
+            pairs = n_seen[kind] // 2
+            for k in range(pairs):
+                seen_hash[kind, k] = _get(buffer, at, 8)
+                seen_time[kind, k] = _get(buffer, at + 8, 8)
+                at += 16
+            seen_len[slot, kind] = pairs
+        pending[slot] = False
+        p = partition[slot]
+        if _linked(slot, prev, ends, p):
+            _unlink(slot, prev, nxt, ends, p)
+        _append(slot, prev, nxt, ends, p)
+    return -1

@@ -1,0 +1,251 @@
+"""Encodes results and dead letters and produces them, with the state changelog records;
+delivery failures are collected so no input is committed whose outputs were not acknowledged,
+and each stretch of records counts its unacknowledged ones, so a checkpoint can tell when a
+stretch is safe without waiting for all later ones (`Unacked`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+import schemas
+from pipeline.serve.codec import DecodeError, Encoder
+from pipeline.serve.decode import EventColumns
+from pipeline.serve.encode import Encoded
+from pipeline.serve.features.pseudonym import Pseudonyms
+from pipeline.serve.features.state import StateChange
+from pipeline.serve.score import Scored
+from pipeline.settings import TopicSettings
+
+FEATURES_HEADER = "streamscore-features"
+TIMING_HEADER = "streamscore-timing"
+Headers = list[tuple[str, str | bytes | None]]
+
+
+class DeliveryError(RuntimeError):
+    """Outputs were not acknowledged; the inputs behind them must not be committed."""
+
+
+def dead_letter(
+    message: Message, error: DecodeError, redact: Pseudonyms | None = None
+) -> dict[str, Any]:
+    """The DeadLetter record for an input `message` that failed with `error`. With `redact`
+    (privacy.dead_letter_payload = redact) it keeps only the reason, the source position and
+    a keyed hash of the value: no key, no value, no message, which may quote either.
+    """
+    record: dict[str, Any] = {
+        "original_key": message.key(),
+        "original_value": message.value(),
+        "source_topic": message.topic(),
+        "source_partition": message.partition(),
+        "source_offset": message.offset(),
+        "error_kind": error.kind,
+        "error_message": error.message,
+        "failed_time": int(time.time() * 1000),
+        "payload_hash": None,
+    }
+    if redact is not None:
+        record["payload_hash"] = redact.digest(message.value() or b"")
+        record["original_key"] = record["original_value"] = None
+        record["error_message"] = ""
+    return record
+
+
+class Unacked:
+    """Records of one stretch (the outputs between two checkpoints, or one batch of changelog
+    records) still awaiting acknowledgement. Its `delivered` is their delivery callback, so
+    counting costs one bound method per stretch, not one closure per record.
+    """
+
+    __slots__ = ("_failures", "count")
+
+    def __init__(self, failures: list[str]) -> None:
+        """Count from zero; failed deliveries are appended to the sink's `failures`."""
+        self.count = 0
+        self._failures = failures
+
+    def delivered(self, error: KafkaError | None, message: Message) -> None:
+        """Delivery callback: one record fewer awaits; remember it if it failed."""
+        self.count -= 1
+        if error is not None:
+            self._failures.append(f"{message.topic()}: {error}")
+
+
+class Sink:
+    """Produces FraudScore, Recommendation and DeadLetter records, keyed by user id, and
+    changelog records to the changelog partition of their input partition.
+    """
+
+    def __init__(
+        self,
+        producer: Producer,
+        topics: TopicSettings,
+        changelog: str,
+        dead_letter_id: int | None = None,
+        track: bool = True,
+    ) -> None:
+        """Write to the topics named in `topics` and to `changelog` through `producer`;
+        dead letters are framed with `dead_letter_id` (default: the static catalog's).
+
+        `track`: count each record's acknowledgement with a delivery callback, which is how
+        at-least-once knows a stretch is safe. Exactly-once passes False: a transaction's
+        commit fails if any of its records failed, and a callback per record cost 1.9 µs
+        here (3.5–3.9 µs a record produced, polled and flushed, against 1.8–1.9 without).
+        Untracked, the `Unacked` counts only grow, and nothing reads them.
+        """
+        self._track = track
+        self._producer = producer
+        self._topics = topics
+        self._changelog = changelog
+        self._dead_letter = Encoder(schemas.DEAD_LETTER, dead_letter_id)
+        self._failures: list[str] = []
+        self._outputs = Unacked(self._failures)
+
+    def publish(
+        self,
+        columns: EventColumns,
+        scored: Scored,
+        encoded: Encoded,
+        dead_letters: list[dict[str, Any]],
+        headers: list[Headers] | None = None,
+    ) -> None:
+        """Queue every output of a batch; deliveries are confirmed at the next flush.
+        `headers` (debug outputs), one list per scored row, go on its fraud score and
+        recommendation. Each output is keyed by its input's key (the user id).
+        """
+        keys = columns.keys
+        rows = scored.rows.tolist()
+        ranked = scored.ranked.tolist()
+        self._produce_all(
+            self._topics.fraud_scores,
+            [keys[row] for row in rows],
+            encoded.fraud,
+            encoded.fraud_starts,
+            headers,
+        )
+        self._produce_all(
+            self._topics.recommendations,
+            [keys[rows[i]] for i in ranked],
+            encoded.recommendations,
+            encoded.recommendation_starts,
+            None if headers is None else [headers[i] for i in ranked],
+        )
+        if scored.shadow is not None:
+            self._produce_all(
+                self._topics.shadow_scores,
+                [keys[row] for row in rows],
+                encoded.shadow,
+                encoded.shadow_starts,
+                None,
+            )
+        for record in dead_letters:
+            key = record["original_key"]
+            self._produce(self._topics.dead_letter, key, self._dead_letter.encode(record))
+        self._producer.poll(0)
+
+    def publish_records(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+        """Queue encoded (key, value) records to `topic`, acknowledged with the outputs."""
+        for key, value in records:
+            self._produce(topic, key, value)
+
+    def publish_state(self, changes: list[StateChange]) -> Unacked:
+        """Queue changelog records: a user's state bytes, or a tombstone for an eviction.
+        Returns the count of them still awaiting acknowledgement.
+        """
+        unacked = Unacked(self._failures)
+        for change in changes:
+            self._produce(
+                self._changelog,
+                change.key,
+                change.value,
+                partition=change.partition,
+                to=unacked,
+            )
+        self._producer.poll(0)
+        return unacked
+
+    def take_outputs(self) -> Unacked:
+        """The count of outputs published so far still awaiting acknowledgement; outputs
+        published from now on are counted afresh.
+        """
+        outputs, self._outputs = self._outputs, Unacked(self._failures)
+        return outputs
+
+    def serve(self) -> None:
+        """Run the delivery callbacks of records acknowledged since the last call."""
+        self._producer.poll(0)
+
+    def in_flight(self) -> int:
+        """Records queued or in transit, not yet acknowledged."""
+        return len(self._producer)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued output is acknowledged; raise DeliveryError otherwise."""
+        remaining = self._producer.flush(timeout_s)
+        self.raise_failures()
+        if remaining:
+            raise DeliveryError(f"{remaining} outputs still unacknowledged after {timeout_s}s")
+
+    def raise_failures(self) -> None:
+        """Raise DeliveryError if any output failed delivery since the last check."""
+        if self._failures:
+            failures = list(self._failures)
+            self._failures.clear()  # in place: every Unacked appends to this list
+            raise DeliveryError(f"{len(failures)} outputs failed delivery, first: {failures[0]}")
+
+    def _produce_all(
+        self,
+        topic: str,
+        keys: list[bytes | None],
+        data: bytes,
+        starts: list[int],
+        headers: list[Headers] | None,
+    ) -> None:
+        """One produce() per record of `data`; the loop confluent-kafka's API leaves us.
+        Without headers (they are for debugging) it passes no keyword it does not need, and
+        counts once.
+        """
+        if headers is not None:
+            for i, key in enumerate(keys):
+                self._produce(topic, key, data[starts[i] : starts[i + 1]], headers[i])
+            return
+        produce, unacked = self._producer.produce, self._outputs
+        delivered = unacked.delivered if self._track else None
+        queued = 0
+        for key, start, end in zip(keys, starts, starts[1:], strict=False):
+            try:
+                produce(topic, data[start:end], key, on_delivery=delivered)
+                queued += 1
+            except BufferError:  # local queue full: the slow path serves, retries and counts
+                unacked.count += queued  # before serving runs their delivery callbacks
+                queued = 0
+                self._produce(topic, key, data[start:end])
+        unacked.count += queued
+
+    def _produce(
+        self,
+        topic: str,
+        key: str | bytes | None,
+        value: bytes | None,
+        headers: Headers | None = None,
+        partition: int = -1,
+        to: Unacked | None = None,
+    ) -> None:
+        unacked = self._outputs if to is None else to
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    partition=partition,
+                    on_delivery=unacked.delivered if self._track else None,
+                )
+                unacked.count += 1
+                return
+            except BufferError:  # local queue full: serve delivery reports, then retry
+                self._producer.poll(0.05)

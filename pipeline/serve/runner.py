@@ -1,0 +1,778 @@
+"""The pipeline's lifecycle: consume a micro-batch → decode → skip replays → features →
+score → produce → commit (per the delivery guarantee), restoring state from the changelog
+on assignment, and stop cleanly when asked.
+
+Batches overlap in two steps. `_prepare` decodes a batch, computes its features and starts
+its inference on the inference thread; `_finish` waits for that inference, produces the
+outputs and hands the batch to the checkpoint. Up to `processing.inference_depth` prepared
+batches wait in `_in_flight`, a FIFO: with 1 or more (the default on GPU engines) the
+engines score batch N while the loop prepares batch N+1; with 0 (the default on CPU) each
+batch is finished as soon as it is prepared. Batches are finished, produced and committed
+strictly in order. State
+moves only in `_prepare` (on this one thread); each batch carries the changelog records of
+the state it left, so the checkpoint never sees a later batch's state early. Rebalances,
+model swaps and the stop finish the batches in flight first.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+import schemas
+from engines.base import Engine, EngineError
+from engines.drift import Profile
+from engines.factory import load_engine
+from engines.reload import ModelWatcher
+from pipeline.kafka.admin import create_topics
+from pipeline.kafka.clients import (
+    connect_catalog,
+    pipeline_outputs,
+    producer_config,
+)
+from pipeline.logging import get_logger
+from pipeline.serve.codec import Encoder
+from pipeline.serve.commit import AtLeastOnce, Checkpoint, ExactlyOnce, Offsets, Rewind
+from pipeline.serve.consume import (
+    Backpressure,
+    RegistryHold,
+    on_client_error,
+    open_consumer,
+    raise_if_fatal,
+)
+from pipeline.serve.decode import OK, BatchDecoder, EventColumns
+from pipeline.serve.encode import OutputEncoder
+from pipeline.serve.features import FeatureBatch, feature_digests
+from pipeline.serve.features.changelog import ensure_changelog, restore
+from pipeline.serve.features.fold import Featurizer
+from pipeline.serve.features.pseudonym import Pseudonyms
+from pipeline.serve.features.state import StateChange
+from pipeline.serve.features.table import UserTable
+from pipeline.serve.forget import Forgetter, ensure_forget_topic
+from pipeline.serve.histograms import InputHistograms
+from pipeline.serve.produce import FEATURES_HEADER, TIMING_HEADER, Headers, Sink, dead_letter
+from pipeline.serve.score import Inference, InferenceThread, Request, Scored, Scorer, top_reasons
+from pipeline.settings import LimitSettings, Settings
+from pipeline.telemetry import Telemetry, observe_many
+from schemas.catalog import Catalog, RegistryUnavailable
+
+log = get_logger()
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Counts and busy time of one run; written to `--stats-file` on exit."""
+
+    consumed: int = 0
+    scored: int = 0
+    replayed: int = 0
+    late: int = 0
+    recommendations: int = 0
+    shadow_scored: int = 0  # events a challenger also scored (to topics.shadow_scores)
+    dead_lettered: int = 0
+    batches: int = 0
+    busy_s: float = 0.0
+    restored: int = 0
+    restore_s: float = 0.0
+    rewinds: int = 0
+    pauses: int = 0
+    # Seconds in each stage of the loop (the bench's stage table divides them by `consumed`).
+    consume_s: float = 0.0
+    decode_s: float = 0.0
+    features_s: float = 0.0
+    score_s: float = 0.0  # engine inputs, the engines (inline or waited for), shaping
+    encode_s: float = 0.0
+    produce_s: float = 0.0
+    commit_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A batch between its features and its outputs: its inference may still be running."""
+
+    messages: list[Message]
+    columns: EventColumns  # the consumed messages without errors, decoded
+    rows: np.ndarray  # the rows scored: valid, minus replays already in the state
+    replayed: int
+    dead: list[dict[str, Any]]
+    features: FeatureBatch
+    changes: list[StateChange]  # changelog records of the state as this batch left it
+    late: int
+    request: Request
+    inference: Future[Inference]
+    started_ms: float  # wall clock when preparing began (timing header)
+    decode_s: float
+    features_s: float
+    prepare_s: float  # building the engine inputs and starting inference
+
+
+class Pipeline:
+    """One consumer-group member and everything it owns."""
+
+    def __init__(
+        self, settings: Settings, fraud: Engine, ranking: Engine, catalog: Catalog
+    ) -> None:
+        """Wire the stages; Kafka clients are created by `run`. `catalog` frames the outputs
+        and resolves input writer ids (`kafka.clients.connect_catalog`).
+        """
+        self.settings = settings
+        self.stats = RunStats()
+        features = settings.features
+        self._decoder = BatchDecoder(settings.limits, catalog)
+        self._dead_letter_id = catalog.output_id(schemas.DEAD_LETTER)
+        registry = settings.schema_registry
+        self._gate = Backpressure(settings.processing.max_in_flight)
+        self._registry_hold = RegistryHold(registry.retry_backoff_s, registry.retry_backoff_max_s)
+        # Room for max_users and one batch of new ones before eviction (up to 2M slots are
+        # reserved at once: untouched slots take no memory; past that the table doubles).
+        capacity = min(features.max_users, 2**21) + settings.consumer.max_batch + 1
+        self.store = UserTable(
+            features.history_length, features.max_users, features.ttl_s, capacity
+        )
+        pseudonyms = self._pseudonyms = Pseudonyms(settings.privacy.secret())
+        self._redact = pseudonyms if settings.privacy.dead_letter_payload == "redact" else None
+        self._updater = Featurizer(
+            self.store,
+            pseudonyms,
+            features.session_gap_s,
+            features.allowed_lateness_s,
+        )
+        self._encoder = OutputEncoder(catalog)
+        self._histograms = InputHistograms(
+            settings.monitor.histogram_interval_s, catalog.output_id(schemas.INPUT_HISTOGRAM)
+        )
+        self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
+        self._watcher = ModelWatcher(
+            settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
+        )
+        self.telemetry = Telemetry(settings.telemetry.liveness_timeout_s)
+        for role, engine in (("fraud", fraud), ("ranking", ranking)):
+            self._describe_engine(role, engine)
+        self.telemetry.engines_loaded()
+        self._next_state_sample = 0.0
+        self._inference = InferenceThread(_inference_depth(settings, fraud, ranking))
+        self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
+        self._rewind_due: str | None = None  # a rollback met in a rebalance callback
+        self._forgetter: Forgetter | None = None  # made by `run`, with the clients
+        self._unsent_erasures = False  # tombstones in the table that no batch has taken
+        # Challengers that failed mid-batch: closed at the end, when no batch can hold them.
+        self._retired_shadow: list[Engine] = []
+
+    def run(self, stop: threading.Event) -> RunStats:
+        """Consume until `stop` is set; finish the batch in hand, commit, close."""
+        changelog = ensure_changelog(self.settings)
+        ensure_forget_topic(self.settings)
+        topics = self.settings.topics
+        create_topics(self.settings, [topics.input_histograms, topics.shadow_scores])  # if missing
+        telemetry = self.telemetry
+        with ExitStack() as stack:
+            if self.settings.telemetry.port:
+                telemetry.serve(self.settings.telemetry.host, self.settings.telemetry.port)
+                stack.callback(telemetry.close)
+            telemetry.watch_gc()
+            stack.callback(telemetry.unwatch_gc)
+            # Everything alive now (modules, engines, settings) lives as long as the process:
+            # out of the collector's sight, a full collection no longer walks it while events
+            # wait (a few hundred thousand objects, 50-130 ms per pause when measured).
+            gc.collect()
+            gc.freeze()
+            consumer = open_consumer(self.settings, telemetry.on_stats)
+            stack.callback(consumer.close)
+            forgetter = self._forgetter = Forgetter(
+                self.settings, self.store, self._pseudonyms, telemetry.forgotten.inc
+            )
+            stack.callback(forgetter.close)
+            checkpoint = self._checkpoint(consumer, changelog)
+            stack.callback(checkpoint.close)
+            self._subscribe(consumer, checkpoint)
+            backpressure = self._gate
+            batch_size = self.settings.consumer.max_batch
+            wait_s = self.settings.consumer.max_wait_ms / 1000.0
+            depth = self._inference.depth
+            in_flight = self._in_flight
+            while not stop.is_set():
+                telemetry.beat()
+                # With a batch in inference, take only what is already fetched: waiting for
+                # more would hold that batch's outputs back.
+                consumed_at = time.perf_counter()
+                messages = consumer.consume(batch_size, 0 if in_flight else wait_s)
+                self.stats.consume_s += time.perf_counter() - consumed_at
+                try:
+                    if self._rewind_due is not None:
+                        raise Rewind(self._rewind_due)  # these messages are read again
+                    if forgetter.poll():  # erasure requests apply between batches
+                        self._unsent_erasures = True
+                    if messages:
+                        in_flight.append(self._prepare(messages))  # takes their tombstones
+                        self._unsent_erasures = False
+                        if self._registry_hold.succeeded():  # the registry answers again
+                            telemetry.held(None)
+                    elif backpressure.held is not None and self._registry_hold.due():
+                        # Try again (the batch is read anew). Still held, and not ready,
+                        # until a batch decodes: a retry is no sign the registry is back.
+                        backpressure.release(consumer)
+                        log.info("input_released", reason="retrying the schema registry")
+                    while len(in_flight) > depth or (in_flight and not messages):
+                        self._finish(in_flight.popleft(), checkpoint)
+                    if self._unsent_erasures and not in_flight:  # no batch to carry them
+                        checkpoint.begin_batch()
+                        checkpoint.end_batch({}, self.store.take_changes())
+                        self._unsent_erasures = False
+                    if not in_flight and self._histograms.due() and self._histograms.counted:
+                        checkpoint.begin_batch()  # an idle input: histograms go out alone
+                        self._publish_histograms(checkpoint)
+                        checkpoint.end_batch({}, [])
+                    self._swap_reloaded_models(checkpoint)
+                except Rewind as rewind:
+                    self._discard()
+                    self._rewind(consumer, str(rewind))
+                except RegistryUnavailable as outage:
+                    self._hold_input(consumer, messages, outage)
+                unacked = checkpoint.sink.in_flight()
+                if backpressure.update(consumer, unacked):
+                    self.stats.pauses += 1
+                ticked_at = time.perf_counter()
+                try:
+                    checkpoint.tick()  # exactly-once: may commit the open transaction
+                except Rewind as rewind:
+                    self._discard()
+                    self._rewind(consumer, str(rewind))
+                ticked = time.perf_counter() - ticked_at
+                telemetry.stage_seconds.labels("commit").observe(ticked)
+                self.stats.commit_s += ticked
+                self._sample_state(unacked)
+            try:
+                self._drain(checkpoint)
+                if self._histograms.counted:
+                    checkpoint.begin_batch()
+                    self._publish_histograms(checkpoint)
+                    checkpoint.end_batch({}, [])
+                checkpoint.commit()
+            except Rewind as rewind:
+                # Rolled back: the partitions' next owner reads it again from the last commit.
+                self._discard()
+                log.warning("stopped_after_rollback", reason=str(rewind))
+            log.info("pipeline_stopped", **asdict(self.stats))
+        return self.stats
+
+    def _drain(self, checkpoint: Checkpoint) -> None:
+        """Finish every batch in flight, oldest first; may raise Rewind."""
+        while self._in_flight:
+            self._finish(self._in_flight.popleft(), checkpoint)
+
+    def _discard(self) -> None:
+        """Drop the batches in flight after a rollback (their state is restored anew), once
+        the inference thread is done with them.
+        """
+        wait_for([batch.inference for batch in self._in_flight])
+        self._in_flight.clear()
+
+    def _hold_input(
+        self, consumer: Consumer, messages: list[Message], outage: RegistryUnavailable
+    ) -> None:
+        """The registry did not answer a lookup this batch needs: the batch changed nothing
+        (decode comes first), so put it back (each of its partitions seeks to its first
+        offset in it), pause the input until the next try is due, and report not-ready
+        until a batch decodes again. Batches already prepared finish as usual. Nothing is
+        dead-lettered for an outage.
+        """
+        first: dict[tuple[str, int], int] = {}
+        for message in messages:
+            if message.error() is None:
+                where = (message.topic() or "", message.partition() or 0)
+                offset = message.offset() or 0
+                first[where] = min(offset, first.get(where, offset))
+        for (topic, partition), offset in first.items():
+            consumer.seek(TopicPartition(topic, partition, offset))
+        wait = self._registry_hold.failed()
+        self._gate.hold(consumer, "schema_registry")
+        self.telemetry.held(outage.cause)
+        log.warning(
+            "input_held",
+            reason=str(outage),
+            cause=outage.cause,
+            retry_in_s=wait,
+            partitions=sorted(partition for _, partition in first),
+        )
+
+    def _settle(self, checkpoint: Checkpoint) -> None:
+        """In a rebalance callback: finish the batches in flight while their partitions are
+        still owned. A rollback met here is left to the loop, outside the callback.
+        """
+        try:
+            self._drain(checkpoint)
+        except Rewind as rewind:
+            self._discard()
+            self._rewind_due = str(rewind)
+
+    def _describe_engine(self, role: str, engine: Engine) -> None:
+        self.telemetry.engine.labels(role=role).info(
+            {"model": engine.name, "version": engine.version, "backend": engine.backend}
+        )
+
+    def _sample_state(self, in_flight: int) -> None:
+        telemetry = self.telemetry
+        telemetry.in_flight.set(in_flight)
+        telemetry.users.set(self.store.users())
+        now = time.monotonic()
+        if now >= self._next_state_sample:  # sampled: a size walk is not free
+            self._next_state_sample = now + 30
+            telemetry.state_bytes.set(self.store.estimate_bytes())
+
+    def close(self) -> None:
+        """Stop watching for models, stop the inference thread, close the engines in use."""
+        self._watcher.close()
+        self._inference.close()
+        self._scorer.fraud.close()
+        self._scorer.ranking.close()
+        if self._scorer.shadow is not None:
+            self._scorer.shadow.close()
+        for engine in self._retired_shadow:
+            engine.close()
+
+    def _checkpoint(self, consumer: Consumer, changelog: str) -> Checkpoint:
+        settings = self.settings
+        topics = settings.topics
+
+        def make_producer(transactional_id: str | None = None) -> Producer:
+            config = producer_config(settings, transactional_id)
+            return Producer(config | {"error_cb": on_client_error})
+
+        if settings.processing.guarantee == "at_least_once":
+            sink = Sink(make_producer(), topics, changelog, self._dead_letter_id)
+            return AtLeastOnce(consumer, sink, settings.checkpoint.interval_ms)
+        # One id per process instance: stable under static membership, fresh otherwise
+        # (fencing across restarts comes from the group generation, KIP-447).
+        instance = settings.consumer.instance_id or uuid.uuid4().hex[:12]
+        transactional_id = f"{settings.consumer.group_id}.{topics.input}.{instance}"
+        return ExactlyOnce(
+            consumer,
+            lambda: make_producer(transactional_id),
+            # Untracked: the transaction's commit fails if any record in it failed.
+            lambda producer: Sink(producer, topics, changelog, self._dead_letter_id, False),
+            settings.processing.transaction_interval_ms,
+        )
+
+    def _swap_reloaded_models(self, checkpoint: Checkpoint) -> None:
+        """Between batches, serve any newer model version the watcher has loaded. Batches in
+        flight keep the engines they were prepared with, so the old ones close only after
+        those are finished.
+        """
+        retired: list[Engine] = []
+        for role, engine in self._watcher.poll():
+            if role == "shadow":
+                retired.extend(self._swap_shadow(engine))
+                continue
+            assert engine is not None  # only the shadow role is ever offered None
+            try:
+                old = self._scorer.swap(role, engine)
+            except EngineError as exc:
+                log.warning(
+                    "model_reload_rejected", role=role, version=engine.version, error=str(exc)
+                )
+                self._watcher.refuse(role, engine.version)
+                engine.close()
+                continue
+            self._watcher.swapped(role, engine.version)
+            self._describe_engine(role, engine)
+            log.info(
+                "model_swapped",
+                role=role,
+                model=engine.name,
+                old_version=old.version,
+                new_version=engine.version,
+                backend=engine.backend,
+            )
+            retired.append(old)
+        if retired:
+            try:
+                self._drain(checkpoint)
+            finally:
+                self._discard()  # after a rollback, waits until inference let go of them
+                for old in retired:
+                    old.close()
+
+    def _swap_shadow(self, engine: Engine | None) -> list[Engine]:
+        """Shadow-score with `engine` (None: stop) from the next batch; what it retires."""
+        try:
+            old = self._scorer.swap_shadow(engine)
+        except EngineError as exc:
+            assert engine is not None
+            log.warning("model_shadow_rejected", version=engine.version, error=str(exc))
+            self._watcher.refuse("shadow", engine.version)
+            engine.close()
+            return []
+        version = None if engine is None else engine.version
+        self._watcher.swapped("shadow", version)
+        log.info(
+            "model_shadow_swapped",
+            old_version=None if old is None else old.version,
+            new_version=version,
+        )
+        return [] if old is None else [old]
+
+    def _stop_failed_shadow(self, request: Request, error: str) -> None:
+        """A challenger that failed to score a batch is shadowed no longer (the batch's own
+        scores are whole); it is not loaded again.
+        """
+        shadow = request.shadow
+        if shadow is None or self._scorer.shadow is not shadow:
+            return  # already replaced
+        log.warning("model_shadow_failed", version=shadow.version, error=error)
+        self._scorer.swap_shadow(None)
+        self._watcher.refuse("shadow", shadow.version)
+        self._watcher.swapped("shadow", None)
+        self._retired_shadow.append(shadow)
+
+    def _restore(self, partitions: list[int]) -> None:
+        """Restore `partitions`' state, then apply the erasure requests it has not seen."""
+        self.telemetry.restoring(True)
+        try:
+            stats = restore(self.settings, self.store, partitions, progress=self.telemetry.beat)
+            if self._forgetter is not None:
+                self._forgetter.assigned(partitions, stats.controls)
+        finally:
+            self.telemetry.restoring(False)
+        self.stats.restored += stats.records
+        self.stats.restore_s += stats.seconds
+        self.telemetry.restored.inc(stats.records)
+        self.telemetry.restore_seconds.observe(stats.seconds)
+        log.info(
+            "state_restored",
+            partitions=list(stats.partitions),
+            records=stats.records,
+            seconds=round(stats.seconds, 3),
+            records_per_s=round(stats.records_per_s),
+            users=self.store.users(),
+        )
+
+    def _rewind(self, consumer: Consumer, reason: str) -> None:
+        """Roll state and input back to the last committed transaction."""
+        self._rewind_due = None
+        self.stats.rewinds += 1
+        assignment = consumer.assignment()
+        partitions = [tp.partition for tp in assignment]
+        log.warning("rewinding_to_last_commit", reason=reason, partitions=partitions)
+        for partition in partitions:
+            self.store.drop_partition(partition)
+        self._restore(partitions)
+        reset = (
+            OFFSET_BEGINNING
+            if self.settings.consumer.auto_offset_reset == "earliest"
+            else OFFSET_END
+        )
+        for tp in consumer.committed(assignment, timeout=30):
+            consumer.seek(
+                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset)
+            )
+
+    def _subscribe(self, consumer: Consumer, checkpoint: Checkpoint) -> None:
+        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            numbers = [tp.partition for tp in partitions]
+            log.info("partitions_assigned", partitions=numbers)
+            self.telemetry.rebalances.labels(kind="assign").inc()
+            self._restore(numbers)
+            if self._gate.paused:  # a held or backed-up input stays paused on new partitions
+                consumer.pause(partitions)
+            self.telemetry.joined()
+
+        def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
+            log.info("partitions_revoked", partitions=[tp.partition for tp in partitions])
+            self.telemetry.rebalances.labels(kind="revoke").inc()
+            self._settle(checkpoint)
+            try:
+                checkpoint.commit(partitions)
+            except Rewind as rewind:  # the kept partitions roll back too: the loop rewinds them
+                self._rewind_due = str(rewind)
+            finally:
+                self._drop([tp.partition for tp in partitions])
+
+        def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
+            log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
+            self.telemetry.rebalances.labels(kind="lost").inc()
+            self._settle(checkpoint)
+            try:
+                checkpoint.forget(partitions)
+            except Rewind as rewind:  # an open transaction was aborted: rewind the rest
+                self._rewind_due = str(rewind)
+            finally:
+                self._drop([tp.partition for tp in partitions])
+
+        consumer.subscribe(
+            [self.settings.topics.input], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
+        )
+
+    def _drop(self, partitions: list[int]) -> None:
+        """Forget the state of partitions this process no longer owns."""
+        for partition in partitions:
+            self.store.drop_partition(partition)
+        if self._forgetter is not None:
+            self._forgetter.revoked(partitions)
+
+    def _prepare(self, messages: list[Message]) -> _Batch:
+        """Decode, skip replays, compute features (moving the state on), take the changelog
+        records, and start inference.
+        """
+        started = time.perf_counter()
+        started_ms = time.time() * 1000
+        stage = self.telemetry.stage_seconds
+        with stage.labels("decode").time():
+            columns, valid, dead = self._decode(messages)
+        decoded_at = time.perf_counter()
+        with stage.labels("features").time():
+            late_before = self._updater.late
+            rows, features = self._updater.process(columns, valid)
+            self.store.evict()
+            changes = self.store.take_changes()
+        featured_at = time.perf_counter()
+        request = self._scorer.prepare(columns, rows, features)
+        inference = self._inference.submit(request)
+        done = time.perf_counter()
+        return _Batch(
+            messages=messages,
+            columns=columns,
+            rows=rows,
+            replayed=len(valid) - len(rows),
+            dead=dead,
+            features=features,
+            changes=changes,
+            late=self._updater.late - late_before,
+            request=request,
+            inference=inference,
+            started_ms=started_ms,
+            decode_s=decoded_at - started,
+            features_s=featured_at - decoded_at,
+            prepare_s=done - featured_at,
+        )
+
+    def _finish(self, batch: _Batch, checkpoint: Checkpoint) -> None:
+        """Wait for the batch's inference, produce its outputs, hand it to the checkpoint."""
+        started = time.perf_counter()
+        stage = self.telemetry.stage_seconds
+        with stage.labels("inference_wait").time():
+            inference = batch.inference.result()
+        if inference.shadow_error is not None:
+            self._stop_failed_shadow(batch.request, inference.shadow_error)
+        stage.labels("inference").observe(inference.seconds)
+        shaping = time.perf_counter()
+        scored = self._scorer.shape(batch.columns, batch.rows, batch.request, inference)
+        encoding = time.perf_counter()
+        stage.labels("score").observe(batch.prepare_s + encoding - shaping)
+        encoded = self._encoder.encode(batch.columns, scored)
+        producing = time.perf_counter()
+        stage.labels("encode").observe(producing - encoding)
+        headers = self._debug_headers(batch, inference)
+        self._histograms.add(batch.request.fraud, batch.features, scored.score)
+        if batch.request.shadow is not None and scored.shadow is not None:
+            self._histograms.add(batch.request.shadow, batch.features, scored.shadow.score)
+        checkpoint.begin_batch()
+        checkpoint.sink.publish(batch.columns, scored, encoded, batch.dead, headers)
+        if self._histograms.due():
+            self._publish_histograms(checkpoint)
+        checkpoint.end_batch(
+            _next_offsets(self.settings.topics.input, batch.columns), batch.changes
+        )
+        done = time.perf_counter()
+        stage.labels("produce").observe(done - producing)
+        stats = self.stats
+        stats.decode_s += batch.decode_s
+        stats.features_s += batch.features_s
+        stats.score_s += batch.prepare_s + encoding - started
+        stats.encode_s += producing - encoding
+        stats.produce_s += done - producing
+        self._count(batch, scored)
+        prepared_s = batch.decode_s + batch.features_s + batch.prepare_s
+        self.stats.busy_s += prepared_s + time.perf_counter() - started
+
+    def _publish_histograms(self, checkpoint: Checkpoint) -> None:
+        """The input histograms counted since the last, into the open batch."""
+        topic = self.settings.topics.input_histograms
+        checkpoint.sink.publish_records(topic, self._histograms.take())
+
+    def _debug_headers(self, batch: _Batch, inference: Inference) -> list[Headers] | None:
+        """Per scored row: the features digest and the latency breakdown, when turned on.
+
+        Timing: `queue_ms` from the input's Kafka timestamp to the batch starting, then the
+        batch's decode, features and inference (the engines alone) times; the rest, up to
+        the output's own Kafka timestamp, is waiting for the inference thread, shaping the
+        records, encode and produce.
+        """
+        processing = self.settings.processing
+        if not (processing.emit_features or processing.emit_timing):
+            return None
+        ingest = batch.columns.ingest_time[batch.rows].tolist()
+        headers: list[Headers] = [[] for _ in ingest]
+        if processing.emit_features:
+            for row, digest in zip(headers, feature_digests(batch.features), strict=True):
+                row.append((FEATURES_HEADER, digest))
+        if processing.emit_timing:
+            decode, feats, infer = (
+                round(seconds * 1000, 3)
+                for seconds in (batch.decode_s, batch.features_s, inference.seconds)
+            )
+            for row, ingest_time in zip(headers, ingest, strict=True):
+                timing = {
+                    "queue_ms": round(batch.started_ms - ingest_time, 3),
+                    "decode_ms": decode,
+                    "features_ms": feats,
+                    "inference_ms": infer,
+                }
+                row.append((TIMING_HEADER, json.dumps(timing)))
+        return headers
+
+    def _count(self, batch: _Batch, scored: Scored) -> None:
+        stats, telemetry, topics = self.stats, self.telemetry, self.settings.topics
+        stats.batches += 1
+        stats.scored += len(scored.rows)
+        stats.replayed += batch.replayed
+        stats.late += batch.late
+        stats.recommendations += len(scored.ranked)
+        stats.dead_lettered += len(batch.dead)
+        telemetry.batch_size.observe(len(batch.messages))
+        telemetry.consumed.labels(topic=topics.input).inc(len(batch.messages))
+        telemetry.produced.labels(topic=topics.fraud_scores).inc(len(scored.rows))
+        telemetry.produced.labels(topic=topics.recommendations).inc(len(scored.ranked))
+        if scored.shadow is not None:
+            stats.shadow_scored += len(scored.rows)
+            telemetry.produced.labels(topic=topics.shadow_scores).inc(len(scored.rows))
+        telemetry.produced.labels(topic=topics.dead_letter).inc(len(batch.dead))
+        for record in batch.dead:
+            telemetry.dead_letters.labels(reason=record["error_kind"]).inc()
+        now_ms = time.time() * 1000
+        waited = np.maximum(0.0, now_ms - batch.columns.ingest_time[batch.rows]) / 1000
+        observe_many(telemetry.end_to_end_seconds, waited)
+
+    def _decode(
+        self, messages: list[Message]
+    ) -> tuple[EventColumns, np.ndarray, list[dict[str, Any]]]:
+        """The batch's messages without errors as columns, the rows that are valid events,
+        and the dead letters of the rest.
+        """
+        good = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                good.append(message)
+            else:
+                raise_if_fatal(error, message)
+        columns, rejected = self._decoder.decode(good, int(time.time() * 1000))
+        self.stats.consumed += len(good)  # after decode: a held batch is consumed again
+        dead = [dead_letter(good[r.row], r.error, self._redact) for r in rejected]
+        return columns, np.flatnonzero(columns.status == OK), dead
+
+
+def _next_offsets(topic: str, columns: EventColumns) -> Offsets:
+    """The batch's next offset per partition, from its offset column: a few numpy calls a
+    batch instead of reading every message's position.
+    """
+    if not len(columns):
+        return {}
+    order = np.lexsort((columns.offset, columns.partition))
+    partitions, offsets = columns.partition[order], columns.offset[order]
+    last = np.flatnonzero(np.diff(partitions, append=-1) != 0)  # each partition's highest
+    return {
+        (topic, partition): offset + 1
+        for partition, offset in zip(partitions[last].tolist(), offsets[last].tolist(), strict=True)
+    }
+
+
+def _inference_depth(settings: Settings, *engines: Engine) -> int:
+    """The configured depth, else 1 when an engine runs on a GPU and 0 on CPU: there the
+    engines are a few percent of a batch, and a thread that must retake the GIL after every
+    call cost more than it hid (README, Performance).
+    """
+    depth = settings.processing.inference_depth
+    if depth is None:
+        depth = 1 if any(engine.on_gpu for engine in engines) else 0
+    log.info("inference_depth", depth=depth, configured=settings.processing.inference_depth)
+    return depth
+
+
+def warm_kernels() -> float:
+    """Run every compiled kernel once on a one-event batch, so that none compiles (or loads
+    from numba's cache) while events wait; returns the seconds it took. The Dockerfiles call
+    it at build time (`streamscore warm`) so that a container starts from the cache.
+    """
+    started = time.perf_counter()
+    record: dict[str, Any] = {f["name"]: None for f in schemas.raw(schemas.CLICK_EVENT)["fields"]}
+    record |= {
+        "event_id": "e", "user_id": "u", "session_id": "s", "event_time": 0,
+        "event_type": "purchase", "item_id": 1, "category_id": 1, "device_id": "d",
+        "ip": "i", "country": "DE", "user_agent": "a", "candidates": [1],
+    }  # fmt: skip
+    columns, _ = BatchDecoder(LimitSettings(max_event_age_s=1e12)).decode_values(
+        [Encoder(schemas.CLICK_EVENT).encode(record)], [b"u"], np.zeros((1, 3), np.int64), 0
+    )
+    table = UserTable(2, max_users=1, ttl_s=1.0)
+    featurizer = Featurizer(table, Pseudonyms.ephemeral(), 1800)
+    rows, features = featurizer.process(columns, np.zeros(1, dtype=np.int64))
+    columns_in = features.numeric.shape[1] + features.categorical.shape[1] + 1
+    one_bin = Profile(("c",) * columns_in, (np.zeros(0),) * columns_in, np.ones(columns_in))
+    one_bin.histogram(features.numeric, features.categorical, np.zeros(1, np.float32))
+    table.evict()
+    changes = table.take_changes()
+    table.restore([c.partition for c in changes], [c.key for c in changes], [None])
+    empty = np.zeros((1, 1))
+    scored = Scored(
+        rows=rows, score=np.zeros(1, np.float32), decision=np.zeros(1, np.int64),
+        reasons=empty.astype(np.int64), contributions=empty.astype(np.float32),
+        reason_count=np.ones(1, np.int64), fraud_model=("m", "1"), ranked=rows,
+        items=empty.astype(np.int64), item_scores=empty.astype(np.float32),
+        item_count=np.ones(1, np.int64), ranking_model=("m", "1"), scored_time=0,
+    )  # fmt: skip
+    OutputEncoder().encode(columns, scored)
+    top_reasons(np.zeros((1, 1), dtype=np.float32), 1)
+    return time.perf_counter() - started
+
+
+def run_pipeline(
+    settings: Settings, stop: threading.Event, stats_file: Path | None = None
+) -> RunStats:
+    """Warm the kernels, register the output schemas, load the engines, run until `stop`,
+    close everything, optionally write stats.
+    """
+    settings.privacy.secret()  # no key: fail now, naming the setting, before any work
+    log.info("kernels_warm", seconds=round(warm_kernels(), 3))
+    catalog = connect_catalog(
+        settings,
+        pipeline_outputs(settings),
+        lambda outage: log.warning("schema_registry_waiting", reason=str(outage)),
+    )
+    log.info("schema_catalog", **catalog.describe())
+    fraud_pin, ranking_pin = settings.engine.pins()
+    fraud = load_engine(fraud_pin, settings.engine)
+    ranking = load_engine(ranking_pin, settings.engine)
+    try:
+        pipeline = Pipeline(settings, fraud, ranking, catalog)
+    except BaseException:
+        fraud.close()
+        ranking.close()
+        raise
+    try:
+        stats = pipeline.run(stop)
+    finally:
+        pipeline.close()
+    if stats_file is not None:
+        stats_file.parent.mkdir(parents=True, exist_ok=True)
+        stats_file.write_text(json.dumps(asdict(stats)))
+    return stats

@@ -1,0 +1,128 @@
+"""`streamscore state bench`: state memory per user and changelog restore rate.
+
+Users are synthetic but full: L items of history, a session of 10 items, two devices and
+IPs, a country and a card, so the figures are for the largest state a user normally has.
+Memory is measured with tracemalloc over a user table sized for the users, as the runner
+sizes its table for `features.max_users` (its columns, the user ids and the index). A
+restored user and a live one take the same slot, so the two figures are one since the
+table replaced per-user objects. The restore rate is end to end: records written to a fresh
+compacted changelog on the broker, then read back into an empty table by the same code a
+rebalance runs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import tracemalloc
+import uuid
+from array import array
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from confluent_kafka import Producer
+
+from pipeline.kafka.admin import create_topics
+from pipeline.kafka.clients import producer_config
+from pipeline.serve.features.changelog import ensure_changelog, restore
+from pipeline.serve.features.state import FLOAT_SLOTS, INT_SLOTS, UserState
+from pipeline.serve.features.table import UserTable
+from pipeline.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class StateBench:
+    """What one state bench measured."""
+
+    users: int
+    history_length: int
+    record_bytes: float
+    bytes_per_user_restored: float
+    bytes_per_user_live: float
+    restore_records_per_s: float
+    restore_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """For results files."""
+        return asdict(self)
+
+
+def full_user(rng: random.Random, now_ms: int, history_length: int) -> UserState:
+    """A user with every part of the state filled as far as normal traffic fills it."""
+    state = UserState(now_ms)
+    state.ints = array("q", (now_ms - rng.randrange(10**7) for _ in range(INT_SLOTS)))
+    state.floats = array("d", (rng.random() * 10 for _ in range(FLOAT_SLOTS)))
+    for _ in range(history_length):
+        state.history.extend((rng.randrange(50_000), rng.randrange(500)))
+    state.session_items.extend(rng.randrange(50_000) for _ in range(10))
+    for kind, count in zip(state.seen, (2, 2, 1, 1), strict=True):
+        for _ in range(count):
+            kind.extend((rng.getrandbits(32), now_ms - rng.randrange(10**7)))  # a pseudonym
+    return state
+
+
+def run_state_bench(settings: Settings, users: int) -> StateBench:
+    """Measure memory per user and restore throughput on the configured broker."""
+    length = settings.features.history_length
+    rng = random.Random(7)
+    now = int(time.time() * 1000)
+    records = [(f"user-{i:09d}", full_user(rng, now, length).to_bytes()) for i in range(users)]
+    partitions = settings.topics.partitions
+
+    restored = live = _measure(lambda table: _fill(table, records, partitions), length, users)
+
+    run = uuid.uuid4().hex[:10]
+    topics = settings.topics.model_copy(update={"input": f"state-bench-{run}.in"})
+    consumer = settings.consumer.model_copy(update={"group_id": f"state-bench-{run}"})
+    bench_settings = settings.model_copy(update={"topics": topics, "consumer": consumer})
+    create_topics(bench_settings, [topics.input])
+    changelog = ensure_changelog(bench_settings)
+    producer = Producer(producer_config(bench_settings))
+    for i, (user_id, value) in enumerate(records):
+        while True:
+            try:
+                producer.produce(changelog, key=user_id, value=value, partition=i % partitions)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(120):
+        raise RuntimeError("changelog records were not all acknowledged")
+    table = UserTable(length, capacity=users + 1)  # sized as the runner sizes it
+    stats = restore(bench_settings, table, range(partitions))
+    if stats.records != users or table.users() != users:
+        raise RuntimeError(f"restored {stats.records} records for {users} users")
+    return StateBench(
+        users=users,
+        history_length=length,
+        record_bytes=sum(len(v) for _, v in records) / users,
+        bytes_per_user_restored=restored / users,
+        bytes_per_user_live=live / users,
+        restore_records_per_s=stats.records_per_s,
+        restore_s=stats.seconds,
+    )
+
+
+def _fill(table: UserTable, records: list[tuple[str, bytes]], partitions: int) -> None:
+    # Fresh copies of key and value, as a consumer hands them over, so tracemalloc counts them.
+    step = 10_000  # as restore applies them: one fetched batch at a time
+    for first in range(0, len(records), step):
+        chunk = range(first, min(first + step, len(records)))
+        table.restore(
+            [i % partitions for i in chunk],
+            [records[i][0].encode() for i in chunk],
+            [bytes(bytearray(records[i][1])) for i in chunk],
+        )
+
+
+def _measure(fill: Any, history_length: int, users: int) -> int:
+    """Bytes still allocated by a table after `fill` (the records list excluded)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        table = UserTable(history_length, capacity=users + 1)
+        fill(table)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    del table
+    return after - before

@@ -1,0 +1,376 @@
+"""The two delivery guarantees with small fakes: AtLeastOnce's ordering of outputs, state and
+offsets; ExactlyOnce's handling of each transactional error class.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from pipeline.serve.commit import AtLeastOnce, ExactlyOnce, Rewind, next_offsets
+from pipeline.serve.encode import Encoded
+from pipeline.serve.features import FeatureStore
+from pipeline.serve.features.state import StateChange
+from pipeline.serve.features.table import CONTROL
+from pipeline.serve.produce import DeliveryError, Sink
+from pipeline.settings import SettingsError, TopicSettings, load_settings
+from tests.pipeline.columnar import columns_of
+from tests.pipeline.sample import click_record
+
+
+def error(retriable=False, abortable=False, fatal=False):
+    return KafkaException(
+        KafkaError(
+            KafkaError._STATE,
+            "boom",
+            fatal=fatal,
+            retriable=retriable,
+            txn_requires_abort=abortable,
+        )
+    )
+
+
+class FakeProducer:
+    def __init__(self, commit_errors=()):
+        self.calls = []
+        self.offsets = []  # each call's offsets, {(topic, partition): offset}
+        self.commit_errors = list(commit_errors)
+
+    def init_transactions(self):
+        self.calls.append("init")
+
+    def begin_transaction(self):
+        self.calls.append("begin")
+
+    def send_offsets_to_transaction(self, offsets, metadata):
+        self.calls.append("offsets")
+        self.offsets.append({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def commit_transaction(self):
+        self.calls.append("commit")
+        if self.commit_errors:
+            raise self.commit_errors.pop(0)
+
+    def abort_transaction(self):
+        self.calls.append("abort")
+
+    def flush(self, timeout):
+        return 0
+
+
+class FakeSink:
+    def publish_state(self, changes):
+        pass
+
+    def raise_failures(self):
+        pass
+
+
+class FakeConsumer:
+    def consumer_group_metadata(self):
+        return "group-metadata"
+
+
+class FakeMessage:
+    def __init__(self, partition=0, offset=41):
+        self._partition = partition
+        self._offset = offset
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return "in"
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+
+# --- at least once ------------------------------------------------------------------------
+
+
+class QueueingProducer:
+    """Holds every record until the test acknowledges it, like a broker that is slow."""
+
+    def __init__(self):
+        self.queued = []  # (topic, key, partition, callback)
+        self.produced = []
+
+    def produce(self, topic, value=None, key=None, headers=None, partition=-1, on_delivery=None):
+        self.queued.append((topic, key, partition, on_delivery))
+        self.produced.append((topic, key))
+
+    def ack(self, topic=None, error=None):
+        """Acknowledge the queued records of `topic` (all if None), oldest first."""
+        keep = []
+        for record in self.queued:
+            if topic is None or record[0] == topic:
+                record[3](error, AckedMessage(record[0]))
+            else:
+                keep.append(record)
+        self.queued = keep
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=None):
+        self.ack()
+        return 0
+
+    def __len__(self):
+        return len(self.queued)
+
+
+class AckedMessage:
+    def __init__(self, topic):
+        self._topic = topic
+
+    def topic(self):
+        return self._topic
+
+
+class CommittingConsumer:
+    def __init__(self):
+        self.commits = []  # (offsets as {partition: offset}, asynchronous)
+
+    def commit(self, offsets, asynchronous):
+        self.commits.append(({tp.partition: tp.offset for tp in offsets}, asynchronous))
+
+
+TOPICS = TopicSettings(fraud_scores="scores")
+CHANGELOG = "state"
+
+
+def at_least_once():
+    """A checkpoint that seals at every tick."""
+    producer, consumer, store = QueueingProducer(), CommittingConsumer(), FeatureStore(5)
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), interval_ms=0)
+    return checkpoint, producer, consumer, store
+
+
+def run_batch(checkpoint, store, partition, offset, user):
+    """One batch of one event: the user's state changes, one output is produced."""
+    store.get(partition, user, 1_000)
+    columns = columns_of(click_record(user_id=user, event_id=f"e{offset}"))
+    scored = SimpleNamespace(rows=np.array([0]), ranked=np.array([], dtype=np.int64), shadow=None)
+    encoded = Encoded(b"e", [0, 1], b"", [0])  # outputs are opaque here
+    checkpoint.begin_batch()
+    checkpoint.sink.publish(columns, scored, encoded, [])
+    checkpoint.end_batch(next_offsets([FakeMessage(partition, offset)]), store.take_changes())
+
+
+def test_offsets_wait_for_outputs_then_state_without_blocking():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    checkpoint.tick()
+    assert consumer.commits == []
+    assert producer.produced == [("scores", b"u1")]  # no state before its outputs are safe
+
+    producer.ack("scores")
+    checkpoint.tick()
+    assert producer.produced[-1] == (CHANGELOG, b"u1")
+    assert consumer.commits == []  # the state record is not acknowledged yet
+
+    producer.ack(CHANGELOG)
+    checkpoint.tick()
+    assert consumer.commits == [({0: 8}, True)]
+
+
+class FullQueueProducer(QueueingProducer):
+    """A local queue of `room` records: produce raises BufferError when it is full, and
+    serving with a wait (poll(timeout > 0)) acknowledges what it holds, running the delivery
+    callbacks.
+    """
+
+    def __init__(self, room):
+        super().__init__()
+        self.room = room
+
+    def produce(self, topic, value=None, key=None, headers=None, partition=-1, on_delivery=None):
+        if len(self.queued) >= self.room:
+            raise BufferError("queue full")
+        super().produce(topic, value, key, headers, partition, on_delivery)
+
+    def poll(self, timeout=0):
+        if timeout > 0:
+            self.ack()
+        return 0
+
+
+def test_a_full_local_queue_delays_outputs_without_losing_or_miscounting_them():
+    producer, consumer = FullQueueProducer(room=2), CommittingConsumer()
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), interval_ms=0)
+    users = [f"u{i}" for i in range(5)]
+    columns = columns_of(*(click_record(user_id=u, event_id=f"e{i}") for i, u in enumerate(users)))
+    scored = SimpleNamespace(rows=np.arange(5), ranked=np.array([], dtype=np.int64), shadow=None)
+    encoded = Encoded(b"abcde", [0, 1, 2, 3, 4, 5], b"", [0])
+    checkpoint.begin_batch()
+    checkpoint.sink.publish(columns, scored, encoded, [])
+    checkpoint.end_batch({("in", 0): 5}, [])
+    assert [key for _, key in producer.produced] == [u.encode() for u in users]  # each once
+    checkpoint.tick()  # seals; the last record is still queued, unacknowledged
+    assert consumer.commits == []
+    producer.ack()
+    checkpoint.tick()
+    assert consumer.commits == [({0: 5}, True)]
+
+
+def test_a_later_stretch_acknowledged_first_commits_nothing_before_the_earlier_one():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    checkpoint.tick()  # seals the first stretch
+    first = list(producer.queued)
+    producer.queued = []
+    run_batch(checkpoint, store, partition=1, offset=3, user="u2")
+    producer.ack("scores")  # only the second stretch's output
+    checkpoint.tick()
+    assert consumer.commits == []
+    assert (CHANGELOG, b"u2") not in producer.produced
+
+    producer.queued = first
+    producer.ack("scores")
+    checkpoint.tick()
+    producer.ack(CHANGELOG)
+    checkpoint.tick()  # first stretch commits; the second's state goes out after it
+    producer.ack(CHANGELOG)
+    checkpoint.tick()
+    assert [offsets for offsets, _ in consumer.commits] == [{0: 8}, {0: 8, 1: 4}]
+    states = [key for topic, key in producer.produced if topic == CHANGELOG]
+    assert states == [b"u1", b"u2"]
+
+
+def test_a_failed_output_stops_the_commit():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    checkpoint.tick()
+    producer.ack("scores", error=KafkaError(KafkaError._MSG_TIMED_OUT))
+    with pytest.raises(DeliveryError):
+        checkpoint.tick()
+    assert consumer.commits == []
+    assert (CHANGELOG, b"u1") not in producer.produced
+
+
+def test_commit_waits_for_everything_and_commits_synchronously():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=2, offset=10, user="u3")
+    checkpoint.commit()
+    assert consumer.commits == [({2: 11}, False)]
+    assert producer.produced == [("scores", b"u3"), (CHANGELOG, b"u3")]
+
+
+def test_lost_partitions_are_neither_committed_nor_written_to_the_changelog():
+    checkpoint, producer, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    run_batch(checkpoint, store, partition=1, offset=3, user="u2")
+    checkpoint.forget([TopicPartition("in", 1)])
+    checkpoint.commit()
+    assert consumer.commits == [({0: 8}, False)]
+    assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1"]
+
+
+def test_revoked_partitions_are_committed_once_then_left_to_their_new_owner():
+    checkpoint, _, consumer, store = at_least_once()
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    run_batch(checkpoint, store, partition=1, offset=3, user="u2")
+    checkpoint.commit([TopicPartition("in", 1)])
+    run_batch(checkpoint, store, partition=0, offset=8, user="u1")
+    checkpoint.commit()
+    assert [offsets for offsets, _ in consumer.commits] == [{0: 8, 1: 4}, {0: 9}]
+
+
+# --- exactly once -------------------------------------------------------------------------
+
+
+def checkpoint_with(*producers):
+    queue = list(producers)
+    return ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink())
+
+
+def test_a_retriable_commit_is_retried_until_it_succeeds():
+    producer = FakeProducer([error(retriable=True)])
+    checkpoint = checkpoint_with(producer)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    assert producer.calls == ["init", "begin", "offsets", "commit", "commit"]
+
+
+def test_an_abortable_error_aborts_and_rewinds():
+    producer = FakeProducer([error(abortable=True)])
+    checkpoint = checkpoint_with(producer)
+    checkpoint.begin_batch()
+    with pytest.raises(Rewind):
+        checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    assert producer.calls[-1] == "abort"
+    checkpoint.begin_batch()  # the next batch opens a new transaction on the same producer
+    assert producer.calls[-1] == "begin"
+
+
+def test_a_fatal_error_replaces_the_producer_and_rewinds():
+    first, second = FakeProducer([error(fatal=True)]), FakeProducer()
+    checkpoint = checkpoint_with(first, second)
+    checkpoint.begin_batch()
+    with pytest.raises(Rewind):
+        checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    assert "abort" not in first.calls
+    assert second.calls == ["init"]  # the new producer fences the old transactional id
+    checkpoint.begin_batch()
+    assert second.calls == ["init", "begin"]
+
+
+def test_next_offsets_skip_errors_and_keep_each_partitions_highest():
+    class Failed(FakeMessage):
+        def error(self):
+            return KafkaError(KafkaError._PARTITION_EOF)
+
+    messages = [FakeMessage(0, 4), FakeMessage(1, 9), FakeMessage(0, 5), Failed(0, 50)]
+    assert next_offsets(messages) == {("in", 0): 6, ("in", 1): 10}
+
+
+def test_a_control_record_goes_out_after_the_tombstones_it_follows_in_the_stretch():
+    """The forget position is written after the tombstones of the requests it covers, even
+    when an older position in the same stretch was queued before them.
+    """
+    producer = QueueingProducer()
+    checkpoint = AtLeastOnce(CommittingConsumer(), Sink(producer, TOPICS, CHANGELOG), 10**9)
+    mark = CONTROL + b"forget-position"
+    checkpoint.end_batch({}, [StateChange(0, mark, b"1")])
+    checkpoint.end_batch({}, [StateChange(0, b"u1", None), StateChange(0, mark, b"2")])
+    checkpoint.commit()
+    assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1", mark]
+
+
+def test_a_transaction_holds_the_batches_of_its_interval_then_commits_once():
+    producer = FakeProducer()
+    queue = [producer]
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), 60_000)
+    for offset in range(3):
+        checkpoint.begin_batch()
+        checkpoint.end_batch(next_offsets([FakeMessage(0, offset)]), [])
+    checkpoint.tick()  # not yet an interval old
+    assert producer.calls == ["init", "begin"]
+    checkpoint.commit()  # a revoke or the stop
+    assert producer.calls == ["init", "begin", "offsets", "commit"]
+    assert producer.offsets == [{("in", 0): 3}]  # the last batch's next offset covers all
+
+
+def test_partitions_lost_with_a_transaction_open_abort_it_and_rewind():
+    producer = FakeProducer()
+    queue = [producer]
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), 60_000)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage(0, 1)]), [])
+    with pytest.raises(Rewind):
+        checkpoint.forget([TopicPartition("in", 0)])
+    assert producer.calls[-1] == "abort"
+    checkpoint.begin_batch()
+    checkpoint.commit()
+    assert producer.offsets == []  # the aborted batch's offsets never commit
+
+
+def test_the_transaction_interval_must_fit_in_its_timeout():
+    with pytest.raises(SettingsError, match="transaction_interval_ms"):
+        load_settings(processing={"transaction_interval_ms": 6000, "transaction_timeout_ms": 10000})

@@ -1,0 +1,49 @@
+"""Backpressure and the registry hold against a small fake consumer (the real consumer is
+covered end to end).
+"""
+
+from pipeline.serve.consume import Backpressure, RegistryHold
+
+
+class FakeConsumer:
+    def __init__(self):
+        self.calls = []
+
+    def assignment(self):
+        return ["p0", "p1"]
+
+    def pause(self, partitions):
+        self.calls.append(("pause", partitions))
+
+    def resume(self, partitions):
+        self.calls.append(("resume", partitions))
+
+
+def test_pauses_above_the_limit_and_resumes_at_half():
+    consumer = FakeConsumer()
+    backpressure = Backpressure(max_in_flight=100)
+    steps = [(50, False), (101, True), (150, False), (51, False), (50, False), (40, False)]
+    for in_flight, just_paused in steps:
+        assert backpressure.update(consumer, in_flight) is just_paused
+    assert consumer.calls == [("pause", ["p0", "p1"]), ("resume", ["p0", "p1"])]
+    assert not backpressure.paused
+
+
+def test_a_hold_pauses_whatever_is_in_flight_and_backpressure_never_lifts_it():
+    consumer = FakeConsumer()
+    gate = Backpressure(max_in_flight=100)
+    gate.hold(consumer, "schema_registry")
+    assert gate.paused and consumer.calls == [("pause", ["p0", "p1"])]
+    gate.update(consumer, 101)
+    gate.update(consumer, 0)  # below half: backpressure alone would resume here
+    assert gate.paused and len(consumer.calls) == 1
+    gate.release(consumer)
+    assert not gate.paused and consumer.calls[-1] == ("resume", ["p0", "p1"])
+
+
+def test_registry_retries_back_off_doubling_to_the_cap_and_reset_after_a_batch():
+    hold = RegistryHold(backoff_s=0.5, max_s=2.0)
+    assert [hold.failed() for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
+    assert not hold.due()
+    hold.succeeded()
+    assert hold.failed() == 0.5

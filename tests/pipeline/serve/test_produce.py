@@ -1,0 +1,64 @@
+"""Dead-letter records: what they keep, and what the redact mode leaves out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.serve.codec import DecodeError
+from pipeline.serve.features.pseudonym import Pseudonyms
+from pipeline.serve.produce import dead_letter
+
+
+@dataclass
+class FakeMessage:
+    """The parts of a consumed message a dead letter reads."""
+
+    _key: bytes | None
+    _value: bytes | None
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def topic(self) -> str:
+        return "clickstream"
+
+    def partition(self) -> int:
+        return 2
+
+    def offset(self) -> int:
+        return 41
+
+
+ERROR = DecodeError("decode.malformed", "ValueError: bad value 'device-XYZ'")
+MESSAGE = FakeMessage(b"user-7", b"\x00\x00\x00\x00\x01device-XYZ 203.0.113.9")
+
+
+def test_a_dead_letter_keeps_the_payload_by_default() -> None:
+    record = dead_letter(MESSAGE, ERROR)  # type: ignore[arg-type]
+    assert record["original_key"] == b"user-7"
+    assert record["original_value"] == MESSAGE.value()
+    assert record["error_message"] == ERROR.message
+    assert record["payload_hash"] is None
+    assert (record["source_topic"], record["source_partition"], record["source_offset"]) == (
+        "clickstream",
+        2,
+        41,
+    )
+
+
+def test_redact_keeps_the_reason_the_position_and_a_keyed_hash_only() -> None:
+    pseudonyms = Pseudonyms(b"a dead-letter test key")
+    record = dead_letter(MESSAGE, ERROR, pseudonyms)  # type: ignore[arg-type]
+    assert record["original_key"] is None and record["original_value"] is None
+    assert record["error_message"] == ""
+    assert record["error_kind"] == "decode.malformed"
+    assert (record["source_partition"], record["source_offset"]) == (2, 41)
+    assert b"device-XYZ" not in repr(record).encode()
+    # Keyed: the same payload matches under the key, and differs under another.
+    assert record["payload_hash"] == pseudonyms.digest(MESSAGE.value() or b"")
+    assert len(record["payload_hash"]) == 32
+    other = Pseudonyms(b"another dead-letter key")
+    assert dead_letter(MESSAGE, ERROR, other)["payload_hash"] != record["payload_hash"]  # type: ignore[arg-type]

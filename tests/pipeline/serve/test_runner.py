@@ -1,0 +1,163 @@
+"""The batches in flight between prepare and finish, with fake engines and a recording
+checkpoint (the real clients are covered end to end).
+"""
+
+import secrets
+import time
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+
+import schemas
+from pipeline.serve.codec import Encoder
+from pipeline.serve.commit import Rewind
+from pipeline.serve.decode import EVENT_ID
+from pipeline.serve.features.state import OFFSET, SESSION_EVENTS, UserState
+from pipeline.serve.runner import Pipeline, _inference_depth, _next_offsets
+from pipeline.serve.score import REASON_NAMES
+from pipeline.settings import PrivacySettings, ProcessingSettings, Settings
+from schemas.catalog import StaticCatalog
+from tests.pipeline.columnar import columns_of
+from tests.pipeline.sample import click_record
+from tests.pipeline.serve.test_score import FakeFraud, FakeRanking
+
+# --- batches in flight ----------------------------------------------------------------------
+
+
+class ConstantFraud(FakeFraud):
+    """Scores every row 0.5, however many calls."""
+
+    def infer(self, inputs):
+        rows = len(inputs["numeric"])
+        return {
+            "score": np.full(rows, 0.5, dtype=np.float32),
+            "contributions": np.zeros((rows, len(REASON_NAMES)), dtype=np.float32),
+        }
+
+
+class ConsumedMessage:
+    """What the consumer hands over for one ClickEvent record."""
+
+    def __init__(self, record, offset, partition=0):
+        self._record, self._offset, self._partition = record, offset, partition
+        self._value = Encoder(schemas.CLICK_EVENT).encode(record)
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return "clicks"
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def key(self):
+        return self._record["user_id"].encode()
+
+    def value(self):
+        return self._value
+
+    def timestamp(self):
+        return (1, self._record["event_time"])
+
+
+class RecordingSink:
+    def __init__(self):
+        self.published = []
+
+    def publish(self, columns, scored, encoded, dead, headers):
+        self.published.append([columns.text(row, EVENT_ID) for row in scored.rows.tolist()])
+
+
+class RecordingCheckpoint:
+    """Records what each finished batch hands over; optionally rolls the first one back."""
+
+    def __init__(self, rewind_first=False):
+        self.sink = RecordingSink()
+        self.ended = []
+        self._rewind = rewind_first
+
+    def begin_batch(self):
+        pass
+
+    def end_batch(self, offsets, changes):
+        if self._rewind:
+            self._rewind = False
+            raise Rewind("aborted")
+        states = {c.key.decode(): UserState.from_bytes(c.value) for c in changes}
+        self.ended.append((offsets, states))
+
+
+def pipeline(depth):
+    settings = Settings(
+        processing=ProcessingSettings(inference_depth=depth),
+        privacy=PrivacySettings(pseudonym_key=SecretStr(secrets.token_urlsafe(32))),
+    )
+    return Pipeline(settings, ConstantFraud([]), FakeRanking(), StaticCatalog())
+
+
+def event_message(offset, user="u1"):
+    now = int(time.time() * 1000)
+    record = click_record(event_id=f"e{offset}", user_id=user, event_time=now + offset)
+    return ConsumedMessage(record, offset)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_batches_in_flight_finish_in_order_each_with_the_state_it_left(depth):
+    runner = pipeline(depth)
+    checkpoint = RecordingCheckpoint()
+    try:
+        # Both are prepared before either finishes: the second's features already moved
+        # the user on, yet the first hands over the state as it left it.
+        runner._in_flight.append(runner._prepare([event_message(0)]))
+        runner._in_flight.append(runner._prepare([event_message(1), event_message(2, "u2")]))
+        runner._drain(checkpoint)
+    finally:
+        runner.close()
+    assert checkpoint.sink.published == [["e0"], ["e1", "e2"]]
+    (first_offsets, first), (second_offsets, second) = checkpoint.ended
+    # One partition: the next offsets after each batch.
+    assert (first_offsets, second_offsets) == ({("clickstream", 0): 1}, {("clickstream", 0): 3})
+    assert first["u1"].ints[OFFSET] == 0 and first["u1"].ints[SESSION_EVENTS] == 1
+    assert set(first) == {"u1"}
+    assert second["u1"].ints[OFFSET] == 1 and second["u1"].ints[SESSION_EVENTS] == 2
+    assert second["u2"].ints[OFFSET] == 2
+    assert runner.stats.scored == 3 and runner.stats.batches == 2
+
+
+def test_a_rollback_in_a_rebalance_drops_the_batches_in_flight_and_is_left_to_the_loop():
+    runner = pipeline(depth=2)
+    checkpoint = RecordingCheckpoint(rewind_first=True)
+    try:
+        runner._in_flight.append(runner._prepare([event_message(0)]))
+        runner._in_flight.append(runner._prepare([event_message(1)]))
+        runner._settle(checkpoint)  # what on_revoke and on_lost do first
+    finally:
+        runner.close()
+    assert not runner._in_flight
+    assert checkpoint.ended == []  # the second batch is not finished after the rollback
+    assert checkpoint.sink.published == [["e0"]]
+    assert runner._rewind_due == "aborted"
+
+
+def test_inference_runs_on_its_own_thread_by_default_only_when_an_engine_is_on_a_gpu():
+    cpu, gpu = ConstantFraud([]), FakeRanking()
+    gpu.on_gpu = True
+    unset = Settings()
+    assert _inference_depth(unset, cpu, FakeRanking()) == 0
+    assert _inference_depth(unset, cpu, gpu) == 1
+    explicit = Settings(processing=ProcessingSettings(inference_depth=2))
+    assert _inference_depth(explicit, cpu, FakeRanking()) == 2
+
+
+def test_next_offsets_are_each_partitions_highest_plus_one():
+    records = [click_record(event_id=f"e{i}") for i in range(5)]
+    columns = columns_of(*records)
+    columns.partition[:] = [2, 0, 2, 0, 1]
+    columns.offset[:] = [10, 4, 11, 5, 7]
+    assert _next_offsets("t", columns) == {("t", 0): 6, ("t", 1): 8, ("t", 2): 12}
+    assert _next_offsets("t", columns_of()) == {}

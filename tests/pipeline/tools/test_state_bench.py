@@ -1,0 +1,15 @@
+"""The state bench runs end to end on the real broker (a smoke run: no timing asserted)."""
+
+import pytest
+
+from pipeline.tools.state_bench import run_state_bench
+
+pytestmark = pytest.mark.integration
+
+
+def test_state_bench_restores_every_record_and_measures_memory(kafka_settings):
+    result = run_state_bench(kafka_settings, users=2000)
+    assert result.users == 2000
+    assert result.record_bytes > 8 * result.history_length  # the history is in it
+    assert 0 < result.bytes_per_user_restored == result.bytes_per_user_live  # one form now
+    assert result.restore_records_per_s > 0
