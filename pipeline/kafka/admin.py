@@ -14,6 +14,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     TopicMetadata,
 )
 
+from pipeline.kafka.errors import kafka_error
 from pipeline.settings import Settings
 
 
@@ -72,7 +73,7 @@ def delete_topics(admin: AdminClient, names: Sequence[str], timeout_s: float = 3
         try:
             future.result()
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+            if kafka_error(exc).code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise
 
 
@@ -129,7 +130,7 @@ def create_topics(
         try:
             future.result()
         except KafkaException as exc:
-            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+            if kafka_error(exc).name() != "TOPIC_ALREADY_EXISTS":
                 raise
     for topic in futures:
         expected = new_topic(settings, topic).num_partitions
@@ -156,7 +157,7 @@ def topic_partitions(
         try:
             found = client.list_topics(topic, timeout=min(remaining, 5.0)).topics.get(topic)
         except KafkaException as exc:  # no answer yet: a busy or restarting broker
-            found, problem = None, str(exc.args[0])
+            found, problem = None, str(kafka_error(exc))
         else:
             problem = _incomplete(found, expected)
         if found is not None and problem is None:
@@ -235,7 +236,8 @@ def group_lag(settings: Settings, timeout_s: float = 10) -> list[PartitionLag]:
                 )
                 break
             except KafkaException as exc:  # e.g. the group coordinator is still loading
-                if not exc.args[0].retriable() and exc.args[0].code() not in _COORDINATOR_MOVING:
+                error = kafka_error(exc)
+                if not error.retriable() and error.code() not in _COORDINATOR_MOVING:
                     raise
                 if time.monotonic() > deadline:
                     raise

@@ -51,6 +51,7 @@ from engines.drift import Profile
 from engines.registry import CHALLENGER, CHAMPION, promote, resolve
 from pipeline.kafka.admin import create_topics, monitor_changelog, topic_partitions
 from pipeline.kafka.clients import connect_catalog, monitor_outputs, producer_config
+from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position, read_messages
 from pipeline.logging import get_logger
 from pipeline.monitor import quality
@@ -451,9 +452,10 @@ class Monitor:
                 transactional_call(producer.commit_transaction)
                 break
             except KafkaException as exc:
-                if not exc.args[0].txn_requires_abort():
+                error = kafka_error(exc)
+                if not error.txn_requires_abort():
                     raise  # fatal (fenced by a newer monitor): a restart restores
-                log.warning("monitor_transaction_aborted", reason=exc.args[0].str())
+                log.warning("monitor_transaction_aborted", reason=error.str())
                 producer.abort_transaction()
         for role, join in self.joins.items():
             expired = self._expired[role]

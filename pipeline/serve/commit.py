@@ -30,6 +30,7 @@ from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
+from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.serve.features.state import StateChange
@@ -216,10 +217,9 @@ class AtLeastOnce:
         except KafkaException as exc:
             # The outputs are safe; only the progress marker failed. A crash before the next
             # commit replays this stretch, as at-least-once allows.
-            log.warning(
-                "commit_failed", reason=exc.args[0].str(), retriable=exc.args[0].retriable()
-            )
-            if exc.args[0].fatal():
+            error = kafka_error(exc)
+            log.warning("commit_failed", reason=error.str(), retriable=error.retriable())
+            if error.fatal():
                 raise
 
 
@@ -315,7 +315,7 @@ class ExactlyOnce:
         return producer, self._make_sink(producer)
 
     def _recover(self, exc: KafkaException) -> None:
-        error = exc.args[0]
+        error = kafka_error(exc)
         if error.txn_requires_abort():
             log.warning("transaction_aborted", reason=error.str())
             self._producer.abort_transaction()
@@ -338,8 +338,9 @@ def transactional_call(call: Callable[..., object], *args: object) -> None:
             call(*args)
             return
         except KafkaException as exc:
-            if not exc.args[0].retriable() or time.monotonic() > deadline:
+            error = kafka_error(exc)
+            if not error.retriable() or time.monotonic() > deadline:
                 raise
-            log.warning("transaction_call_retried", call=call.__name__, reason=exc.args[0].str())
+            log.warning("transaction_call_retried", call=call.__name__, reason=error.str())
             time.sleep(delay)
             delay = min(delay * 2, 2.0)

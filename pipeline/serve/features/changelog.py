@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from pipeline.kafka.admin import connect, topic_partitions
+from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
 from pipeline.serve.features.table import CONTROL, UserTable
 from pipeline.settings import Settings
@@ -78,7 +79,7 @@ def ensure_changelog(settings: Settings, timeout_s: float = 30) -> str:
     try:
         future.result()
     except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+        if kafka_error(exc).code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
     topic_partitions(admin, name, timeout_s, expected=partitions)  # restore assigns them next
     return name
