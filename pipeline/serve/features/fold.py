@@ -87,10 +87,63 @@ _DECAY_MS = np.array([window * 1000.0 for window in spec.WINDOWS_S])
 _AFFINITY_TAU_MS = spec.AFFINITY_TAU_S * 1000.0
 _AFFINITY_SLOTS = spec.AFFINITY_SLOTS
 _INT32_MAX = 2**31 - 1
-_DISTINCT_ORDER = (0, 1, 3, 2)  # device, ip, card, country: the order of FRAUD_NUMERIC
 # EventType symbol indexes (schemas/click_event.avsc, spec.EVENT_TYPES).
 _PRODUCT_VIEW, _ADD_TO_CART, _BEGIN_CHECKOUT, _PURCHASE, _LOGIN, _ADD_PAYMENT = 1, 3, 5, 6, 7, 9
 _N_NUMERIC = len(spec.FRAUD_NUMERIC)
+# What `_update` computes, by name. Each goes to the column `spec` gives that name, through
+# `_COLUMNS` (an argument, not a global: numba's cache is keyed on this file, so a global
+# would keep an old spec's layout compiled in).
+_OUTPUTS = (
+    "payment_amount_log",
+    "price_log",
+    "quantity_log",
+    "is_payment_event",
+    "first_event_of_user",
+    "session_events_log",
+    "session_duration_log",
+    "session_distinct_items_log",
+    "session_views_before_payment_log",
+    "since_last_event_log",
+    "since_last_login_log",
+    "since_last_purchase_log",
+    "user_age_log",
+    *(f"events_{window}_log" for window in ("1m", "10m", "1h")),  # spec.WINDOWS_S
+    *(f"purchases_{window}_log" for window in ("1m", "10m", "1h")),
+    "amount_1h_log",
+    # per seen kind, in state.SEEN_KINDS order: device, ip, country, card
+    *("distinct_devices_1h", "distinct_ips_1h", "distinct_countries_1h", "distinct_cards_1h"),
+    *(f"new_{kind}" for kind in ("device", "ip", "country", "card")),
+    *(f"session_new_{kind}" for kind in ("device", "ip", "country", "card")),
+    "billing_country_mismatch",
+    "category_affinity",
+)
+if sorted(_OUTPUTS) != sorted(spec.FRAUD_NUMERIC):  # a feature added to one and not the other
+    raise ImportError(
+        f"the features kernel computes {sorted(set(_OUTPUTS) ^ set(spec.FRAUD_NUMERIC))} "
+        "that spec does not name, or the reverse"
+    )
+_COLUMNS = np.array([spec.numeric_column(name) for name in _OUTPUTS], dtype=np.int64)
+_O_AMOUNT = _OUTPUTS.index("payment_amount_log")
+_O_PRICE = _OUTPUTS.index("price_log")
+_O_QUANTITY = _OUTPUTS.index("quantity_log")
+_O_PAYMENT = _OUTPUTS.index("is_payment_event")
+_O_FIRST = _OUTPUTS.index("first_event_of_user")
+_O_SESSION_EVENTS = _OUTPUTS.index("session_events_log")
+_O_SESSION_DURATION = _OUTPUTS.index("session_duration_log")
+_O_SESSION_ITEMS = _OUTPUTS.index("session_distinct_items_log")
+_O_VIEWS_BEFORE_PAYMENT = _OUTPUTS.index("session_views_before_payment_log")
+_O_SINCE_LAST = _OUTPUTS.index("since_last_event_log")
+_O_SINCE_LOGIN = _OUTPUTS.index("since_last_login_log")
+_O_SINCE_PURCHASE = _OUTPUTS.index("since_last_purchase_log")
+_O_USER_AGE = _OUTPUTS.index("user_age_log")
+_O_EVENTS = _OUTPUTS.index("events_1m_log")  # then one per window
+_O_PURCHASES = _OUTPUTS.index("purchases_1m_log")  # then one per window
+_O_AMOUNT_1H = _OUTPUTS.index("amount_1h_log")
+_O_DISTINCT = _OUTPUTS.index("distinct_devices_1h")  # then one per seen kind
+_O_NEW = _OUTPUTS.index("new_device")  # then one per seen kind
+_O_SESSION_NEW = _OUTPUTS.index("session_new_device")  # then one per seen kind
+_O_MISMATCH = _OUTPUTS.index("billing_country_mismatch")
+_O_AFFINITY = _OUTPUTS.index("category_affinity")
 _DEVICE = {name: spec.DEVICE_TYPES.index(name) for name in ("bot", "tablet", "mobile", "desktop")}
 
 
@@ -255,7 +308,7 @@ class Featurizer:
             table.var(), c.pending, c.changed, c.prev, c.next, c.partition, table.ends,
             table.watermarks, numeric, categorical, hist_items, hist_cats, newly,
             self.pseudonyms.key_state, self._work, _CRC, _WORD_BYTES, _WORD_START, _WORD_CLASS,
-            _WORD_PAIRS, _PRECEDENCE, _DECAY_MS,
+            _WORD_PAIRS, _PRECEDENCE, _DECAY_MS, _COLUMNS,
         )  # fmt: skip
         table.mark_changed(newly[:flagged])
         self.late += late
@@ -430,6 +483,7 @@ def _fold(
     word_pairs: np.ndarray,
     precedence: np.ndarray,
     decay_ms: np.ndarray,
+    columns: np.ndarray,
 ) -> tuple[int, int]:
     """`FeatureUpdater.process` over `rows`; the late count and how many slots were newly
     flagged changed (their slots are `newly[:count]`).
@@ -478,8 +532,8 @@ def _fold(
             target = SCRATCH
         _update(
             target, t, longs[row], reals[row], present[row], hashes, nonempty, mismatch,
-            gap_ms, ints, floats, history_len, items_len, seen_len, v, numeric[r], decay_ms,
-            novelty, weights,
+            gap_ms, ints, floats, history_len, items_len, seen_len, v, numeric[r], columns,
+            decay_ms, novelty, weights,
         )  # fmt: skip
         if offsets[row] > ints[s, OFFSET]:
             ints[s, OFFSET] = offsets[row]
@@ -518,11 +572,14 @@ def _update(
     seen_len: np.ndarray,
     v: Var,
     out: np.ndarray,
+    columns: np.ndarray,
     decay_ms: np.ndarray,
     novelty: np.ndarray,
     weights: np.ndarray,
 ) -> None:
-    """Fold one event into slot `s`, writing its raw feature row to `out`."""
+    """Fold one event into slot `s`, writing its raw feature row to `out` (each value to
+    the column `columns` gives its name).
+    """
     first = ints[s, LAST_TIME] == NEVER
     if first or t - ints[s, SESSION_LAST] > gap_ms:  # _new_session
         ints[s, SESSION_START] = t
@@ -645,41 +702,35 @@ def _update(
     for kind in range(KINDS):
         if nonempty[kind]:
             _remember(s, kind, hashes[kind], t, v, history_len, items_len, seen_len)
-    # the row, in FRAUD_NUMERIC order
-    out[0] = amount
-    out[1] = reals[PRICE] if present[HAS_PRICE] and reals[PRICE] != 0.0 else 0.0
-    out[2] = longs[QUANTITY] if present[HAS_QUANTITY] else 0
-    out[3] = 1.0 if payment else 0.0
-    out[4] = 1.0 if first else 0.0
-    out[5] = ints[s, SESSION_EVENTS]
-    out[6] = (ints[s, SESSION_LAST] - ints[s, SESSION_START]) / 1000.0
-    out[7] = items_len[s]
-    out[8] = ints[s, SESSION_VIEWS] if payment else 0
-    out[9] = since_last
-    out[10] = _since(t, ints[s, LAST_LOGIN])
-    out[11] = _since(t, ints[s, LAST_PURCHASE])
-    out[12] = (t - ints[s, FIRST_SEEN]) / 1000.0
-    column = 13
+    # the row: each value to the column of its name
+    out[columns[_O_AMOUNT]] = amount
+    out[columns[_O_PRICE]] = reals[PRICE] if present[HAS_PRICE] and reals[PRICE] != 0.0 else 0.0
+    out[columns[_O_QUANTITY]] = longs[QUANTITY] if present[HAS_QUANTITY] else 0
+    out[columns[_O_PAYMENT]] = 1.0 if payment else 0.0
+    out[columns[_O_FIRST]] = 1.0 if first else 0.0
+    out[columns[_O_SESSION_EVENTS]] = ints[s, SESSION_EVENTS]
+    out[columns[_O_SESSION_DURATION]] = (ints[s, SESSION_LAST] - ints[s, SESSION_START]) / 1000.0
+    out[columns[_O_SESSION_ITEMS]] = items_len[s]
+    out[columns[_O_VIEWS_BEFORE_PAYMENT]] = ints[s, SESSION_VIEWS] if payment else 0
+    out[columns[_O_SINCE_LAST]] = since_last
+    out[columns[_O_SINCE_LOGIN]] = _since(t, ints[s, LAST_LOGIN])
+    out[columns[_O_SINCE_PURCHASE]] = _since(t, ints[s, LAST_PURCHASE])
+    out[columns[_O_USER_AGE]] = (t - ints[s, FIRST_SEEN]) / 1000.0
     for i in range(WINDOWS):
-        out[column + i] = floats[s, EVENTS + i]
-        out[column + WINDOWS + i] = floats[s, PURCHASES + i]
-    column += 2 * WINDOWS
-    out[column] = floats[s, AMOUNT_1H]
-    column += 1
+        out[columns[_O_EVENTS + i]] = floats[s, EVENTS + i]
+        out[columns[_O_PURCHASES + i]] = floats[s, PURCHASES + i]
+    out[columns[_O_AMOUNT_1H]] = floats[s, AMOUNT_1H]
     seen_time = times_of(s, v)
-    for kind in _DISTINCT_ORDER:
+    for kind in range(KINDS):
         count = 0
         for k in range(seen_len[s, kind]):
             if t - seen_time[kind, k] <= _HOUR_MS:
                 count += 1
-        out[column] = count
-        column += 1
-    for kind in range(KINDS):
-        out[column + kind] = novelty[kind]
-        out[column + KINDS + kind] = floats[s, SESSION_NOVELTY + kind]
-    column += 2 * KINDS
-    out[column] = 1.0 if mismatch else 0.0
-    out[column + 1] = affinity
+        out[columns[_O_DISTINCT + kind]] = count
+        out[columns[_O_NEW + kind]] = novelty[kind]
+        out[columns[_O_SESSION_NEW + kind]] = floats[s, SESSION_NOVELTY + kind]
+    out[columns[_O_MISMATCH]] = 1.0 if mismatch else 0.0
+    out[columns[_O_AFFINITY]] = affinity
 
 
 @njit(cache=True, nogil=True)

@@ -1,4 +1,6 @@
-"""Names, order and encodings of the features the engines read. Models record its hash."""
+"""Names, order, computation versions and encodings of the features the engines read.
+Models record their hash.
+"""
 
 from __future__ import annotations
 
@@ -13,48 +15,64 @@ WINDOWS_S = (60.0, 600.0, 3600.0)
 AFFINITY_TAU_S = 86_400.0
 AFFINITY_SLOTS = 6
 
-FRAUD_NUMERIC: tuple[str, ...] = (
-    "payment_amount_log",
-    "price_log",
-    "quantity_log",
-    "is_payment_event",
-    "first_event_of_user",
-    "session_events_log",
-    "session_duration_log",
-    "session_distinct_items_log",
-    "session_views_before_payment_log",
-    "since_last_event_log",
-    "since_last_login_log",
-    "since_last_purchase_log",
-    "user_age_log",
-    "events_1m_log",
-    "events_10m_log",
-    "events_1h_log",
-    "purchases_1m_log",
-    "purchases_10m_log",
-    "purchases_1h_log",
-    "amount_1h_log",
-    "distinct_devices_1h",
-    "distinct_ips_1h",
-    "distinct_cards_1h",
-    "distinct_countries_1h",
-    "new_device",
-    "new_ip",
-    "new_country",
-    "new_card",
-    "session_new_device",
-    "session_new_ip",
-    "session_new_country",
-    "session_new_card",
-    "billing_country_mismatch",
-    "category_affinity",
-)
-FRAUD_CATEGORICAL: tuple[str, ...] = (
-    "event_type",
-    "device_type",
-    "country_bucket",
-    "payment_method",
-)
+# Every feature the engines read, in the order of their columns, with the version of its
+# computation. Change how a feature is computed, not only where it sits, and bump its
+# version: the hash a model records covers names, order and versions, so a model trained on
+# the old computation is refused instead of served skewed inputs. Columns are found by name
+# (`numeric_column`); the kernel writes each by name, never by position.
+FRAUD_NUMERIC_VERSIONS: dict[str, int] = {
+    "payment_amount_log": 1,
+    "price_log": 1,
+    "quantity_log": 1,
+    "is_payment_event": 1,
+    "first_event_of_user": 1,
+    "session_events_log": 1,
+    "session_duration_log": 1,
+    "session_distinct_items_log": 1,
+    "session_views_before_payment_log": 1,
+    "since_last_event_log": 1,
+    "since_last_login_log": 1,
+    "since_last_purchase_log": 1,
+    "user_age_log": 1,
+    "events_1m_log": 1,
+    "events_10m_log": 1,
+    "events_1h_log": 1,
+    "purchases_1m_log": 1,
+    "purchases_10m_log": 1,
+    "purchases_1h_log": 1,
+    "amount_1h_log": 1,
+    "distinct_devices_1h": 1,
+    "distinct_ips_1h": 1,
+    "distinct_cards_1h": 1,
+    "distinct_countries_1h": 1,
+    "new_device": 1,
+    "new_ip": 1,
+    "new_country": 1,
+    "new_card": 1,
+    "session_new_device": 1,
+    "session_new_ip": 1,
+    "session_new_country": 1,
+    "session_new_card": 1,
+    "billing_country_mismatch": 1,
+    "category_affinity": 1,
+}
+FRAUD_CATEGORICAL_VERSIONS: dict[str, int] = {
+    "event_type": 1,
+    "device_type": 1,
+    "country_bucket": 1,
+    "payment_method": 1,
+}
+FRAUD_NUMERIC: tuple[str, ...] = tuple(FRAUD_NUMERIC_VERSIONS)
+FRAUD_CATEGORICAL: tuple[str, ...] = tuple(FRAUD_CATEGORICAL_VERSIONS)
+
+
+def numeric_column(name: str) -> int:
+    """The column of numeric feature `name` in the feature matrix."""
+    try:
+        return FRAUD_NUMERIC.index(name)
+    except ValueError:
+        raise KeyError(f"no numeric feature named {name!r}") from None
+
 
 EVENT_TYPES = (
     "page_view",
@@ -124,8 +142,8 @@ def country_bucket(country: str) -> int:
 def feature_hash() -> str:
     """Fingerprint of the feature contract; a model trained on another one must not load."""
     contract = {
-        "numeric": FRAUD_NUMERIC,
-        "categorical": FRAUD_CATEGORICAL,
+        "numeric": list(FRAUD_NUMERIC_VERSIONS.items()),
+        "categorical": list(FRAUD_CATEGORICAL_VERSIONS.items()),
         "cardinality": CATEGORICAL_CARDINALITY,
         "windows": WINDOWS_S,
     }

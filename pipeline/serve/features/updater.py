@@ -42,6 +42,7 @@ from pipeline.serve.features.state import (
     NEVER,
     OFFSET,
     PURCHASES,
+    SEEN_KINDS,
     SESSION_EVENTS,
     SESSION_LAST,
     SESSION_NOVELTY,
@@ -59,9 +60,8 @@ _AFFINITY_TAU_MS = spec.AFFINITY_TAU_S * 1000.0
 _AFFINITY_EVENTS = {"product_view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
 _LOG_COLUMNS = [i for i, name in enumerate(spec.FRAUD_NUMERIC) if name.endswith("_log")]
 _INT32_MAX = 2**31 - 1
-# Distinct-count columns are devices, IPs, cards, countries; SEEN_KINDS order is
-# device, ip, country, card.
-_DISTINCT_ORDER = (0, 1, 3, 2)
+_WINDOW_NAMES = ("1m", "10m", "1h")  # spec.WINDOWS_S
+_KIND_PLURALS = {"device": "devices", "ip": "ips", "country": "countries", "card": "cards"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +134,9 @@ class FeatureUpdater:
         return FeatureBatch(numeric, categorical, hist_items, hist_cats)
 
     def _update(self, state: UserState, event: ClickEvent) -> list[float]:
-        """The event's raw feature row (columns named *_log are logged per batch)."""
+        """The event's raw feature row, in `spec.FRAUD_NUMERIC` order, built by name
+        (columns named *_log are logged per batch).
+        """
         t = event.event_time
         ints, floats = state.ints, state.floats
         first = ints[LAST_TIME] == NEVER
@@ -155,34 +157,37 @@ class FeatureUpdater:
         since_last = _since(t, ints[LAST_TIME])
         affinity = _affinity(floats, event.category_id)
         _fold(state, event, t, purchase, amount, values, hashes, self.store.history_length)
-        distinct = [
-            sum(1 for seen_at in state.seen[kind][1::2] if t - seen_at <= _HOUR_MS)
-            for kind in _DISTINCT_ORDER
-        ]
         billing = event.billing_country
-        return [
-            amount,
-            event.price or 0.0,
-            event.quantity or 0,
-            float(payment),
-            float(first),
-            ints[SESSION_EVENTS],
-            (ints[SESSION_LAST] - ints[SESSION_START]) / 1000.0,
-            len(state.session_items),
-            ints[SESSION_VIEWS] if payment else 0,
-            since_last,
-            _since(t, ints[LAST_LOGIN]),
-            _since(t, ints[LAST_PURCHASE]),
-            (t - ints[FIRST_SEEN]) / 1000.0,
-            *floats[EVENTS : EVENTS + WINDOWS],
-            *floats[PURCHASES : PURCHASES + WINDOWS],
-            floats[AMOUNT_1H],
-            *(float(count) for count in distinct),
-            *novelty,
-            *floats[SESSION_NOVELTY : SESSION_NOVELTY + 4],
-            float(billing is not None and bool(event.country) and billing != event.country),
-            affinity,
-        ]
+        row: dict[str, float] = {
+            "payment_amount_log": amount,
+            "price_log": event.price or 0.0,
+            "quantity_log": event.quantity or 0,
+            "is_payment_event": float(payment),
+            "first_event_of_user": float(first),
+            "session_events_log": ints[SESSION_EVENTS],
+            "session_duration_log": (ints[SESSION_LAST] - ints[SESSION_START]) / 1000.0,
+            "session_distinct_items_log": len(state.session_items),
+            "session_views_before_payment_log": ints[SESSION_VIEWS] if payment else 0,
+            "since_last_event_log": since_last,
+            "since_last_login_log": _since(t, ints[LAST_LOGIN]),
+            "since_last_purchase_log": _since(t, ints[LAST_PURCHASE]),
+            "user_age_log": (t - ints[FIRST_SEEN]) / 1000.0,
+            "amount_1h_log": floats[AMOUNT_1H],
+            "billing_country_mismatch": float(
+                billing is not None and bool(event.country) and billing != event.country
+            ),
+            "category_affinity": affinity,
+        }
+        for i, window in enumerate(_WINDOW_NAMES):
+            row[f"events_{window}_log"] = floats[EVENTS + i]
+            row[f"purchases_{window}_log"] = floats[PURCHASES + i]
+        for kind, name in enumerate(SEEN_KINDS):
+            seen_times = state.seen[kind][1::2]
+            distinct = sum(1 for seen_at in seen_times if t - seen_at <= _HOUR_MS)
+            row[f"distinct_{_KIND_PLURALS[name]}_1h"] = float(distinct)
+            row[f"new_{name}"] = novelty[kind]
+            row[f"session_new_{name}"] = floats[SESSION_NOVELTY + kind]
+        return [row[name] for name in spec.FRAUD_NUMERIC]
 
 
 def log_columns(numeric: np.ndarray) -> None:
