@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -42,7 +43,7 @@ class Encoder:
         self.schema_id = schema.schema_id if schema_id is None else schema_id
         self._header = _HEADER.pack(MAGIC_BYTE, self.schema_id)
 
-    def encode(self, record: dict[str, Any]) -> bytes:
+    def encode(self, record: Mapping[str, Any]) -> bytes:
         """`record` as framed Avro bytes (fastavro: the reference the output kernel in
         `pipeline.serve.encode` is tested against, and the writer of dead letters).
         """

@@ -19,7 +19,6 @@ reference refuses, and must decode what it accepts to the same values
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -29,6 +28,7 @@ from numba import njit
 import schemas
 from pipeline.serve.codec import DecodeError, Decoder, Encoder
 from pipeline.serve.events import STRING_FIELDS, validate
+from pipeline.serve.records import NULL, EventColumns, Rejected
 from pipeline.settings import LimitSettings
 from schemas.catalog import Catalog, StaticCatalog
 
@@ -51,7 +51,6 @@ RESOLVED_ID = 0xFFFFFFFF
     CARD_FINGERPRINT,
     BILLING_COUNTRY,
 ) = range(len(STRING_FIELDS))
-NULL = -1  # span length of a null string
 
 # Row status. OK rows are decoded; any other code sends the row to the reference path, which
 # decides (its kind is the dead letter's). The names are the error kinds they stand for.
@@ -120,43 +119,8 @@ PRICE, AMOUNT = range(2)  # reals
 HAS_ITEM, HAS_CATEGORY, HAS_PRICE, HAS_QUANTITY, HAS_AMOUNT = range(5)  # present
 
 
-@dataclass(frozen=True, slots=True)
-class EventColumns:
-    """One consumed batch as columns; row i is message i. Only rows with `status` OK hold
-    decoded values. The numeric fields are packed into three 2-D arrays, so a kernel takes
-    them as three arguments; the properties name their columns.
-    """
-
-    buffer: np.ndarray  # uint8, every value joined
-    status: np.ndarray  # int8 (n,), a STATUS_KINDS index
-    spans: np.ndarray  # int64 (n, len(STRING_FIELDS), 2): start in buffer, length or NULL
-    longs: np.ndarray  # int64 (n, 6): TIME, TYPE, ITEM, CATEGORY, QUANTITY, METHOD
-    reals: np.ndarray  # float64 (n, 2): PRICE, AMOUNT
-    present: np.ndarray  # bool (n, 5): HAS_ITEM ... HAS_AMOUNT
-    candidates: np.ndarray  # int64, every row's candidates in row order
-    candidate_start: np.ndarray  # int64 (n + 1,): row i's are candidates[start[i]:start[i+1]]
-    partition: np.ndarray  # int32 (n,)
-    offset: np.ndarray  # int64 (n,)
-    ingest_time: np.ndarray  # int64 (n,), the message's Kafka timestamp
-    keys: list[bytes | None]  # the message keys, as the consumer returned them
-
-    def __len__(self) -> int:
-        return len(self.status)
-
-    def text(self, row: int, field: int) -> str | None:
-        """String field `field` of `row` (tests, debugging; not used on the hot path)."""
-        start, length = (int(x) for x in self.spans[row, field])
-        if length == NULL:
-            return None
-        return bytes(self.buffer[start : start + length]).decode()
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A consumed message that is not a valid event: its row and the reason."""
-
-    row: int
-    error: DecodeError
+def _rejected(positions: np.ndarray, row: int, kind: str, detail: str) -> Rejected:
+    return Rejected(row, int(positions[row, 0]), int(positions[row, 1]), kind, detail)
 
 
 def join(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,7 +196,7 @@ class BatchDecoder:
             try:
                 record = self._reference_decode(values[row], keys[row], now_ms)
             except DecodeError as error:
-                rejected.append(Rejected(row, error))
+                rejected.append(_rejected(positions, row, error.kind, error.message))
                 continue
             # Valid by the reference: another writer schema, or a writer id not yet known to
             # be the reader schema's. Decode its reader-schema form (framed with RESOLVED_ID).
@@ -246,7 +210,7 @@ class BatchDecoder:
             for row in np.flatnonzero(columns.status != OK).tolist():
                 if row not in refused_again:  # the reference accepts what the kernel refuses
                     kind = STATUS_KINDS[columns.status[row]]
-                    rejected.append(Rejected(row, DecodeError(kind, "refused after resolution")))
+                    rejected.append(_rejected(positions, row, kind, "refused after resolution"))
             rejected.sort(key=lambda r: r.row)
         return columns, rejected
 

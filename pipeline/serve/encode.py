@@ -17,8 +17,9 @@ from numba import njit
 
 import schemas
 from pipeline.serve.codec import MAGIC_BYTE
-from pipeline.serve.decode import EVENT_ID, TIME, USER_ID, EventColumns
-from pipeline.serve.score import REASON_NAMES, Scored, ShadowScored
+from pipeline.serve.decode import EVENT_ID, TIME, USER_ID
+from pipeline.serve.records import EventColumns, Scored, ShadowScored
+from pipeline.serve.score import REASON_NAMES
 from schemas.catalog import Catalog, StaticCatalog
 
 _VARINT_MAX = 10  # bytes of the longest zig-zag varint

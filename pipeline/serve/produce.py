@@ -7,17 +7,15 @@ stretch is safe without waiting for all later ones (`Unacked`).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
 import schemas
-from pipeline.serve.codec import DecodeError, Encoder
-from pipeline.serve.decode import EventColumns
+from pipeline.serve.codec import Encoder
 from pipeline.serve.encode import Encoded
 from pipeline.serve.features.pseudonym import Pseudonyms
 from pipeline.serve.features.state import StateChange
-from pipeline.serve.score import Scored
+from pipeline.serve.records import DeadLetter, EventColumns, Rejected, Scored
 from pipeline.settings import TopicSettings
 
 FEATURES_HEADER = "streamscore-features"
@@ -30,23 +28,23 @@ class DeliveryError(RuntimeError):
 
 
 def dead_letter(
-    message: Message, error: DecodeError, redact: Pseudonyms | None = None
-) -> dict[str, Any]:
-    """The DeadLetter record for an input `message` that failed with `error`. With `redact`
+    message: Message, rejected: Rejected, redact: Pseudonyms | None = None
+) -> DeadLetter:
+    """The DeadLetter record for an input `message` refused as `rejected`. With `redact`
     (privacy.dead_letter_payload = redact) it keeps only the reason, the source position and
     a keyed hash of the value: no key, no value, no message, which may quote either.
     """
-    record: dict[str, Any] = {
-        "original_key": message.key(),
-        "original_value": message.value(),
-        "source_topic": message.topic(),
-        "source_partition": message.partition(),
-        "source_offset": message.offset(),
-        "error_kind": error.kind,
-        "error_message": error.message,
-        "failed_time": int(time.time() * 1000),
-        "payload_hash": None,
-    }
+    record = DeadLetter(
+        original_key=message.key(),
+        original_value=message.value(),
+        source_topic=message.topic() or "",
+        source_partition=rejected.partition,
+        source_offset=rejected.offset,
+        error_kind=rejected.kind,
+        error_message=rejected.detail,
+        failed_time=int(time.time() * 1000),
+        payload_hash=None,
+    )
     if redact is not None:
         record["payload_hash"] = redact.digest(message.value() or b"")
         record["original_key"] = record["original_value"] = None
@@ -109,7 +107,7 @@ class Sink:
         columns: EventColumns,
         scored: Scored,
         encoded: Encoded,
-        dead_letters: list[dict[str, Any]],
+        dead_letters: list[DeadLetter],
         headers: list[Headers] | None = None,
     ) -> None:
         """Queue every output of a batch; deliveries are confirmed at the next flush.

@@ -60,7 +60,7 @@ from pipeline.serve.consume import (
     open_consumer,
     raise_if_fatal,
 )
-from pipeline.serve.decode import OK, BatchDecoder, EventColumns
+from pipeline.serve.decode import OK, BatchDecoder
 from pipeline.serve.encode import OutputEncoder
 from pipeline.serve.features import FeatureBatch, feature_digests
 from pipeline.serve.features.changelog import ensure_changelog, restore
@@ -71,7 +71,8 @@ from pipeline.serve.features.table import UserTable
 from pipeline.serve.forget import Forgetter, ensure_forget_topic
 from pipeline.serve.histograms import InputHistograms
 from pipeline.serve.produce import FEATURES_HEADER, TIMING_HEADER, Headers, Sink, dead_letter
-from pipeline.serve.score import Inference, InferenceThread, Request, Scored, Scorer, top_reasons
+from pipeline.serve.records import DeadLetter, EventColumns, Scored
+from pipeline.serve.score import Inference, InferenceThread, Request, Scorer, top_reasons
 from pipeline.settings import LimitSettings, Settings
 from pipeline.telemetry import Telemetry, observe_many
 from schemas.catalog import Catalog, RegistryUnavailable
@@ -114,7 +115,7 @@ class _Batch:
     columns: EventColumns  # the consumed messages without errors, decoded
     rows: np.ndarray  # the rows scored: valid, minus replays already in the state
     replayed: int
-    dead: list[dict[str, Any]]
+    dead: list[DeadLetter]
     features: FeatureBatch
     changes: list[StateChange]  # changelog records of the state as this batch left it
     late: int
@@ -662,9 +663,7 @@ class Pipeline:
         waited = np.maximum(0.0, now_ms - batch.columns.ingest_time[batch.rows]) / 1000
         observe_many(telemetry.end_to_end_seconds, waited)
 
-    def _decode(
-        self, messages: list[Message]
-    ) -> tuple[EventColumns, np.ndarray, list[dict[str, Any]]]:
+    def _decode(self, messages: list[Message]) -> tuple[EventColumns, np.ndarray, list[DeadLetter]]:
         """The batch's messages without errors as columns, the rows that are valid events,
         and the dead letters of the rest.
         """
@@ -677,7 +676,7 @@ class Pipeline:
                 raise_if_fatal(error, message)
         columns, rejected = self._decoder.decode(good, int(time.time() * 1000))
         self.stats.consumed += len(good)  # after decode: a held batch is consumed again
-        dead = [dead_letter(good[r.row], r.error, self._redact) for r in rejected]
+        dead = [dead_letter(good[r.row], r, self._redact) for r in rejected]
         return columns, np.flatnonzero(columns.status == OK), dead
 
 

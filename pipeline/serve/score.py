@@ -24,45 +24,12 @@ from numba import njit
 
 from engines.base import Engine, EngineError
 from engines.vocabulary import PAD, map_item_ids
-from pipeline.serve.decode import EventColumns
 from pipeline.serve.features import FRAUD_CATEGORICAL, FRAUD_NUMERIC, FeatureBatch
 from pipeline.serve.features.spec import feature_hash
+from pipeline.serve.records import EventColumns, Scored, ShadowScored
 from pipeline.settings import DecisionSettings, RankingSettings
 
 REASON_NAMES = (*FRAUD_NUMERIC, *FRAUD_CATEGORICAL)
-DECISIONS = ("allow", "review", "block")
-
-
-@dataclass(frozen=True, slots=True)
-class ShadowScored:
-    """A challenger's fraud scores of the same rows as its Scored, as columns."""
-
-    score: np.ndarray  # float32 (n,)
-    decision: np.ndarray  # int64 (n,): what it would have decided, recorded only
-    reasons: np.ndarray  # int64 (n, top_reasons)
-    contributions: np.ndarray  # float32 (n, top_reasons)
-    reason_count: np.ndarray  # int64 (n,)
-    fraud_model: tuple[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Scored:
-    """A batch's scores as columns, ready to encode (`encode.OutputEncoder`)."""
-
-    rows: np.ndarray  # int64 (n,): the scored events' rows in their EventColumns
-    score: np.ndarray  # float32 (n,)
-    decision: np.ndarray  # int64 (n,): index into DECISIONS
-    reasons: np.ndarray  # int64 (n, top_reasons): index into REASON_NAMES
-    contributions: np.ndarray  # float32 (n, top_reasons), largest first
-    reason_count: np.ndarray  # int64 (n,): the leading reasons that are positive
-    fraud_model: tuple[str, str]  # name, version
-    ranked: np.ndarray  # int64 (m,): which of `rows` have a recommendation
-    items: np.ndarray  # int64 (m, top_k): item ids, best first
-    item_scores: np.ndarray  # float32 (m, top_k)
-    item_count: np.ndarray  # int64 (m,)
-    ranking_model: tuple[str, str]
-    scored_time: int  # epoch milliseconds
-    shadow: ShadowScored | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,10 @@ import numpy as np
 
 import schemas
 from pipeline.serve.codec import Encoder
-from pipeline.serve.decode import OK, TIME, BatchDecoder, EventColumns
+from pipeline.serve.decode import OK, TIME, BatchDecoder
 from pipeline.serve.features import FeatureBatch, Featurizer, Pseudonyms, UserTable
-from pipeline.serve.score import DECISIONS, REASON_NAMES, Scored
+from pipeline.serve.records import DECISIONS, EventColumns, Scored
+from pipeline.serve.score import REASON_NAMES
 from pipeline.settings import LimitSettings
 from tests.pipeline.sample import NOW_MS
 

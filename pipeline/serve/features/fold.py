@@ -40,7 +40,6 @@ from pipeline.serve.decode import (
     TYPE,
     USER_AGENT,
     BatchDecoder,
-    EventColumns,
 )
 from pipeline.serve.events import ClickEvent
 from pipeline.serve.features import spec
@@ -79,6 +78,7 @@ from pipeline.serve.features.table import (
     times_of,
 )
 from pipeline.serve.features.updater import FeatureBatch, log_columns
+from pipeline.serve.records import EventColumns
 from pipeline.settings import LimitSettings
 
 _LONG_AGO_S = 1e7
@@ -233,7 +233,9 @@ def compute_features(
         )
         if rejected:
             first_bad = rejected[0]
-            raise ValueError(f"event {first + first_bad.row} is not valid: {first_bad.error}")
+            raise ValueError(
+                f"event {first + first_bad.row} is not valid: {first_bad.kind}: {first_bad.detail}"
+            )
         _, features = featurizer.process(
             columns, np.arange(len(part), dtype=np.int64), all_histories=all_histories
         )

@@ -159,14 +159,15 @@ def payloads(draw: st.DrawFn) -> tuple[bytes | None, bytes | None]:
 def test_columns_equal_the_oracle(batch):
     messages = [Message(value, key, offset) for offset, (value, key) in enumerate(batch)]
     columns, rejected = BatchDecoder(LIMITS).decode(messages, NOW_MS)
-    refused = {r.row: r.error for r in rejected}
+    refused = {r.row: r for r in rejected}
     for row, (value, key) in enumerate(batch):
         expected = oracle(value, key)
         if isinstance(expected, DecodeError):
             assert row in refused, f"kernel accepted what the oracle refuses: {expected}"
             assert refused[row].kind == expected.kind
+            assert (refused[row].partition, refused[row].offset) == (3, row)
             if " at 0x" not in expected.message:  # fastavro names its BytesIO object
-                assert refused[row].message == expected.message
+                assert refused[row].detail == expected.message
             continue
         assert row not in refused
         assert columns.status[row] == OK
@@ -264,7 +265,7 @@ def test_registry_ids_of_the_reader_schema_are_learned_and_others_resolved():
         Message(framed(41, record, catalog.schemas[41]), b"u1", 3),
     ]
     columns, rejected = decoder.decode(batch, NOW_MS)
-    assert [(r.row, r.error.kind) for r in rejected] == [(2, "decode.unknown_schema_id")]
+    assert [(r.row, r.kind) for r in rejected] == [(2, "decode.unknown_schema_id")]
     assert row_record(columns, 0) == record == row_record(columns, 1) == row_record(columns, 3)
     # 40 and 41 write the reader schema: the kernel takes them from now on; 42 never.
     assert sorted(decoder._reader_ids.tolist()) == [40, 41]

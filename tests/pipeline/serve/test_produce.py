@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.serve.codec import DecodeError
 from pipeline.serve.features.pseudonym import Pseudonyms
 from pipeline.serve.produce import dead_letter
+from pipeline.serve.records import Rejected
 
 
 @dataclass
@@ -32,7 +32,7 @@ class FakeMessage:
         return 41
 
 
-ERROR = DecodeError("decode.malformed", "ValueError: bad value 'device-XYZ'")
+ERROR = Rejected(0, 2, 41, "decode.malformed", "ValueError: bad value 'device-XYZ'")
 MESSAGE = FakeMessage(b"user-7", b"\x00\x00\x00\x00\x01device-XYZ 203.0.113.9")
 
 
@@ -40,7 +40,7 @@ def test_a_dead_letter_keeps_the_payload_by_default() -> None:
     record = dead_letter(MESSAGE, ERROR)  # type: ignore[arg-type]
     assert record["original_key"] == b"user-7"
     assert record["original_value"] == MESSAGE.value()
-    assert record["error_message"] == ERROR.message
+    assert record["error_message"] == ERROR.detail
     assert record["payload_hash"] is None
     assert (record["source_topic"], record["source_partition"], record["source_offset"]) == (
         "clickstream",

@@ -1,0 +1,111 @@
+"""The records that cross the stages of `pipeline/serve`, in one place.
+
+- `EventColumns`: a consumed batch as columns (decode writes it; features, score, encode
+  and produce read it). Its column layout (which index of `longs` is the event time, ...)
+  is the decode kernel's, in `decode.py`.
+- `Rejected`: a message that is not a valid event, with its position and reason; produce
+  turns it into a `DeadLetter` record.
+- `Scored` and `ShadowScored`: a batch's scores as columns (score writes them; encode
+  writes the FraudScore and Recommendation records from them and the input buffer, with no
+  per-record object).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypedDict
+
+import numpy as np
+
+NULL = -1  # span length of a null string
+DECISIONS = ("allow", "review", "block")
+
+
+@dataclass(frozen=True, slots=True)
+class EventColumns:
+    """One consumed batch as columns; row i is message i. Only rows with `status` OK hold
+    decoded values. The numeric fields are packed into three 2-D arrays, so a kernel takes
+    them as three arguments; the properties name their columns.
+    """
+
+    buffer: np.ndarray  # uint8, every value joined
+    status: np.ndarray  # int8 (n,), a STATUS_KINDS index
+    spans: np.ndarray  # int64 (n, len(STRING_FIELDS), 2): start in buffer, length or NULL
+    longs: np.ndarray  # int64 (n, 6): TIME, TYPE, ITEM, CATEGORY, QUANTITY, METHOD
+    reals: np.ndarray  # float64 (n, 2): PRICE, AMOUNT
+    present: np.ndarray  # bool (n, 5): HAS_ITEM ... HAS_AMOUNT
+    candidates: np.ndarray  # int64, every row's candidates in row order
+    candidate_start: np.ndarray  # int64 (n + 1,): row i's are candidates[start[i]:start[i+1]]
+    partition: np.ndarray  # int32 (n,)
+    offset: np.ndarray  # int64 (n,)
+    ingest_time: np.ndarray  # int64 (n,), the message's Kafka timestamp
+    keys: list[bytes | None]  # the message keys, as the consumer returned them
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    def text(self, row: int, field: int) -> str | None:
+        """String field `field` of `row` (tests, debugging; not used on the hot path)."""
+        start, length = (int(x) for x in self.spans[row, field])
+        if length == NULL:
+            return None
+        return bytes(self.buffer[start : start + length]).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A consumed message that is not a valid event: where it was read, and why (the
+    dead-letter topic's `error_kind` and `error_message`).
+    """
+
+    row: int  # its row in the batch's EventColumns
+    partition: int
+    offset: int
+    kind: str  # a stable name: decode.truncated, validate.price_not_finite, ...
+    detail: str
+
+
+class DeadLetter(TypedDict):
+    """A DeadLetter record (schemas/dead_letter.avsc) as the encoder takes it."""
+
+    original_key: bytes | None
+    original_value: bytes | None
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    error_kind: str
+    error_message: str
+    failed_time: int
+    payload_hash: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowScored:
+    """A challenger's fraud scores of the same rows as its Scored, as columns."""
+
+    score: np.ndarray  # float32 (n,)
+    decision: np.ndarray  # int64 (n,): what it would have decided, recorded only
+    reasons: np.ndarray  # int64 (n, top_reasons)
+    contributions: np.ndarray  # float32 (n, top_reasons)
+    reason_count: np.ndarray  # int64 (n,)
+    fraud_model: tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A batch's scores as columns, ready to encode (`encode.OutputEncoder`)."""
+
+    rows: np.ndarray  # int64 (n,): the scored events' rows in their EventColumns
+    score: np.ndarray  # float32 (n,)
+    decision: np.ndarray  # int64 (n,): index into DECISIONS
+    reasons: np.ndarray  # int64 (n, top_reasons): index into REASON_NAMES
+    contributions: np.ndarray  # float32 (n, top_reasons), largest first
+    reason_count: np.ndarray  # int64 (n,): the leading reasons that are positive
+    fraud_model: tuple[str, str]  # name, version
+    ranked: np.ndarray  # int64 (m,): which of `rows` have a recommendation
+    items: np.ndarray  # int64 (m, top_k): item ids, best first
+    item_scores: np.ndarray  # float32 (m, top_k)
+    item_count: np.ndarray  # int64 (m,)
+    ranking_model: tuple[str, str]
+    scored_time: int  # epoch milliseconds
+    shadow: ShadowScored | None = None
