@@ -4,7 +4,9 @@
 commits, read_committed) with the callbacks that report commits, client errors and
 librdkafka's statistics. `Backpressure` pauses fetching while too many outputs await
 acknowledgement or while the input is held for an unavailable dependency, and
-`RegistryHold` times the retries of that hold. The loop that drives them is `runner.py`.
+`RegistryHold` times the retries of that hold. `Partitions` owns the assignment: the
+rebalance callbacks, and each partition's state restored, dropped or rolled back. The loop
+that drives them is `runner.py`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from pipeline.kafka.clients import consumer_config
 from pipeline.logging import get_logger
+from pipeline.serve.commit import Checkpoint, Rewind
+from pipeline.serve.counts import RunStats
+from pipeline.serve.features.changelog import restore
+from pipeline.serve.features.table import UserTable
+from pipeline.serve.forget import Forgetter
 from pipeline.settings import Settings
+from pipeline.telemetry import Telemetry
 
 log = get_logger()
 
@@ -145,3 +161,132 @@ def on_commit(error: KafkaError | None, partitions: list[TopicPartition]) -> Non
 
 def on_client_error(error: KafkaError) -> None:
     log.warning("kafka_client_error", code=error.name(), reason=error.str(), fatal=error.fatal())
+
+
+class Partitions:
+    """The input partitions this member owns, and their state: restored from the changelog
+    on assignment, dropped on revocation or loss, rolled back to the last commit on a
+    rewind. `subscribe` joins the group with these rebalance callbacks.
+
+    Two invariants are enforced here. A partition leaving this member has its batches in
+    flight finished (`settle`) and its offsets committed while it is still owned, and only
+    then its state dropped. A rollback met inside a callback (the consumer is inside poll)
+    is never handled there: it is kept in `rewind_due`, and the loop rewinds before it
+    prepares another batch.
+    """
+
+    def __init__(
+        self, settings: Settings, store: UserTable, telemetry: Telemetry, stats: RunStats
+    ) -> None:
+        """Partitions of `settings.topics.input` whose state lives in `store`."""
+        self._settings = settings
+        self._store = store
+        self._telemetry = telemetry
+        self._stats = stats
+        self.rewind_due: str | None = None  # a rollback met in a rebalance callback
+        self.forgetter: Forgetter | None = None  # set with the clients, before `subscribe`
+
+    def subscribe(
+        self,
+        consumer: Consumer,
+        checkpoint: Checkpoint,
+        gate: Backpressure,
+        settle: Callable[[], str | None],
+    ) -> None:
+        """Join the group. `settle` finishes the batches in flight, returning the reason of
+        a rollback it met instead; `gate` keeps new partitions paused while the input is.
+        """
+
+        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            numbers = [tp.partition for tp in partitions]
+            log.info("partitions_assigned", partitions=numbers)
+            self._telemetry.rebalances.labels(kind="assign").inc()
+            self.restore(numbers)
+            if gate.paused:  # a held or backed-up input stays paused on new partitions
+                consumer.pause(partitions)
+            self._telemetry.joined()
+
+        def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
+            log.info("partitions_revoked", partitions=[tp.partition for tp in partitions])
+            self._telemetry.rebalances.labels(kind="revoke").inc()
+            self._leave(partitions, settle, checkpoint.commit)
+
+        def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
+            log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
+            self._telemetry.rebalances.labels(kind="lost").inc()
+            self._leave(partitions, settle, checkpoint.forget)
+
+        consumer.subscribe(
+            [self._settings.topics.input],
+            on_assign=on_assign,
+            on_revoke=on_revoke,
+            on_lost=on_lost,
+        )
+
+    def _leave(
+        self,
+        partitions: list[TopicPartition],
+        settle: Callable[[], str | None],
+        seal: Callable[[list[TopicPartition]], None],
+    ) -> None:
+        """Finish the batches in flight, then `seal` the partitions (commit what was done
+        on a revocation, give up the open work on a loss), then drop their state.
+        """
+        self.rewind_due = settle() or self.rewind_due
+        try:
+            seal(partitions)
+        except Rewind as rewind:  # the kept partitions roll back too: the loop rewinds them
+            self.rewind_due = str(rewind)
+        finally:
+            self.drop([tp.partition for tp in partitions])
+
+    def restore(self, partitions: list[int]) -> None:
+        """Restore `partitions`' state, then apply the erasure requests it has not seen."""
+        self._telemetry.restoring(True)
+        try:
+            stats = restore(self._settings, self._store, partitions, progress=self._telemetry.beat)
+            if self.forgetter is not None:
+                self.forgetter.assigned(partitions, stats.controls)
+        finally:
+            self._telemetry.restoring(False)
+        self._stats.restored += stats.records
+        self._stats.restore_s += stats.seconds
+        self._telemetry.restored.inc(stats.records)
+        self._telemetry.restore_seconds.observe(stats.seconds)
+        log.info(
+            "state_restored",
+            partitions=list(stats.partitions),
+            records=stats.records,
+            seconds=round(stats.seconds, 3),
+            records_per_s=round(stats.records_per_s),
+            users=self._store.users(),
+        )
+
+    def drop(self, partitions: list[int]) -> None:
+        """Forget the state of partitions this process no longer owns."""
+        for partition in partitions:
+            self._store.drop_partition(partition)
+        if self.forgetter is not None:
+            self.forgetter.revoked(partitions)
+
+    def rewind(self, consumer: Consumer, reason: str) -> None:
+        """Roll state and input back to the last committed transaction (the caller has
+        discarded the batches in flight).
+        """
+        self.rewind_due = None
+        self._stats.rewinds += 1
+        assignment = consumer.assignment()
+        partitions = [tp.partition for tp in assignment]
+        log.warning("rewinding_to_last_commit", reason=reason, partitions=partitions)
+        for partition in partitions:
+            self._store.drop_partition(partition)
+        self.restore(partitions)
+        reset = (
+            OFFSET_BEGINNING
+            if self._settings.consumer.auto_offset_reset == "earliest"
+            else OFFSET_END
+        )
+        for tp in consumer.committed(assignment, timeout=30):
+            consumer.seek(
+                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset)
+            )

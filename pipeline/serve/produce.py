@@ -6,17 +6,20 @@ stretch is safe without waiting for all later ones (`Unacked`).
 
 from __future__ import annotations
 
+import json
 import time
 
+import numpy as np
 from confluent_kafka import KafkaError, Message, Producer
 
 import schemas
 from pipeline.serve.codec import Encoder
 from pipeline.serve.encode import Encoded
+from pipeline.serve.features import FeatureBatch, feature_digests
 from pipeline.serve.features.pseudonym import Pseudonyms
 from pipeline.serve.features.state import StateChange
 from pipeline.serve.records import DeadLetter, EventColumns, Rejected, Scored
-from pipeline.settings import TopicSettings
+from pipeline.settings import ProcessingSettings, TopicSettings
 
 FEATURES_HEADER = "streamscore-features"
 TIMING_HEADER = "streamscore-timing"
@@ -25,6 +28,40 @@ Headers = list[tuple[str, str | bytes | None]]
 
 class DeliveryError(RuntimeError):
     """Outputs were not acknowledged; the inputs behind them must not be committed."""
+
+
+def debug_headers(
+    processing: ProcessingSettings,
+    ingest_time: np.ndarray,
+    features: FeatureBatch,
+    started_ms: float,
+    seconds: tuple[float, float, float],
+) -> list[Headers] | None:
+    """Per scored row, when turned on: the features digest, and the latency breakdown.
+
+    Timing: `queue_ms` from the input's Kafka timestamp (`ingest_time`, per scored row) to
+    the batch starting (`started_ms`), then the batch's decode, features and inference (the
+    engines alone) `seconds`; the rest, up to the output's own Kafka timestamp, is waiting
+    for the inference thread, shaping the records, encode and produce.
+    """
+    if not (processing.emit_features or processing.emit_timing):
+        return None
+    ingest = ingest_time.tolist()
+    headers: list[Headers] = [[] for _ in ingest]
+    if processing.emit_features:
+        for row, digest in zip(headers, feature_digests(features), strict=True):
+            row.append((FEATURES_HEADER, digest))
+    if processing.emit_timing:
+        decode, feats, infer = (round(part * 1000, 3) for part in seconds)
+        for row, ingested in zip(headers, ingest, strict=True):
+            timing = {
+                "queue_ms": round(started_ms - ingested, 3),
+                "decode_ms": decode,
+                "features_ms": feats,
+                "inference_ms": infer,
+            }
+            row.append((TIMING_HEADER, json.dumps(timing)))
+    return headers
 
 
 def dead_letter(

@@ -12,6 +12,9 @@ strictly in order. State
 moves only in `_prepare` (on this one thread); each batch carries the changelog records of
 the state it left, so the checkpoint never sees a later batch's state early. Rebalances,
 model swaps and the stop finish the batches in flight first.
+
+Beside the loop: `consume.Partitions` (rebalances and each partition's state),
+`counts.count_batch` (run counts and metrics) and `produce.debug_headers`.
 """
 
 from __future__ import annotations
@@ -31,8 +34,6 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import (
-    OFFSET_BEGINNING,
-    OFFSET_END,
     Consumer,
     Message,
     Producer,
@@ -55,56 +56,31 @@ from pipeline.serve.codec import Encoder
 from pipeline.serve.commit import AtLeastOnce, Checkpoint, ExactlyOnce, Offsets, Rewind
 from pipeline.serve.consume import (
     Backpressure,
+    Partitions,
     RegistryHold,
     on_client_error,
     open_consumer,
     raise_if_fatal,
 )
+from pipeline.serve.counts import RunStats, count_batch
 from pipeline.serve.decode import OK, BatchDecoder
 from pipeline.serve.encode import OutputEncoder
-from pipeline.serve.features import FeatureBatch, feature_digests
-from pipeline.serve.features.changelog import ensure_changelog, restore
+from pipeline.serve.features import FeatureBatch
+from pipeline.serve.features.changelog import ensure_changelog
 from pipeline.serve.features.fold import Featurizer
 from pipeline.serve.features.pseudonym import Pseudonyms
 from pipeline.serve.features.state import StateChange
 from pipeline.serve.features.table import UserTable
 from pipeline.serve.forget import Forgetter, ensure_forget_topic
 from pipeline.serve.histograms import InputHistograms
-from pipeline.serve.produce import FEATURES_HEADER, TIMING_HEADER, Headers, Sink, dead_letter
+from pipeline.serve.produce import Sink, dead_letter, debug_headers
 from pipeline.serve.records import DeadLetter, EventColumns, Scored
 from pipeline.serve.score import Inference, InferenceThread, Request, Scorer, top_reasons
 from pipeline.settings import LimitSettings, Settings
-from pipeline.telemetry import Telemetry, observe_many
+from pipeline.telemetry import Telemetry
 from schemas.catalog import Catalog, RegistryUnavailable
 
 log = get_logger()
-
-
-@dataclass(slots=True)
-class RunStats:
-    """Counts and busy time of one run; written to `--stats-file` on exit."""
-
-    consumed: int = 0
-    scored: int = 0
-    replayed: int = 0
-    late: int = 0
-    recommendations: int = 0
-    shadow_scored: int = 0  # events a challenger also scored (to topics.shadow_scores)
-    dead_lettered: int = 0
-    batches: int = 0
-    busy_s: float = 0.0
-    restored: int = 0
-    restore_s: float = 0.0
-    rewinds: int = 0
-    pauses: int = 0
-    # Seconds in each stage of the loop (the bench's stage table divides them by `consumed`).
-    consume_s: float = 0.0
-    decode_s: float = 0.0
-    features_s: float = 0.0
-    score_s: float = 0.0  # engine inputs, the engines (inline or waited for), shaping
-    encode_s: float = 0.0
-    produce_s: float = 0.0
-    commit_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -173,8 +149,7 @@ class Pipeline:
         self._next_state_sample = 0.0
         self._inference = InferenceThread(_inference_depth(settings, fraud, ranking))
         self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
-        self._rewind_due: str | None = None  # a rollback met in a rebalance callback
-        self._forgetter: Forgetter | None = None  # made by `run`, with the clients
+        self._partitions = Partitions(settings, self.store, self.telemetry, self.stats)
         self._unsent_erasures = False  # tombstones in the table that no batch has taken
         # Challengers that failed mid-batch: closed at the end, when no batch can hold them.
         self._retired_shadow: list[Engine] = []
@@ -199,13 +174,15 @@ class Pipeline:
             gc.freeze()
             consumer = open_consumer(self.settings, telemetry.on_stats)
             stack.callback(consumer.close)
-            forgetter = self._forgetter = Forgetter(
+            forgetter = self._partitions.forgetter = Forgetter(
                 self.settings, self.store, self._pseudonyms, telemetry.forgotten.inc
             )
             stack.callback(forgetter.close)
             checkpoint = self._checkpoint(consumer, changelog)
             stack.callback(checkpoint.close)
-            self._subscribe(consumer, checkpoint)
+            self._partitions.subscribe(
+                consumer, checkpoint, self._gate, lambda: self._settle(checkpoint)
+            )
             backpressure = self._gate
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
@@ -219,8 +196,10 @@ class Pipeline:
                 messages = consumer.consume(batch_size, 0 if in_flight else wait_s)
                 self.stats.consume_s += time.perf_counter() - consumed_at
                 try:
-                    if self._rewind_due is not None:
-                        raise Rewind(self._rewind_due)  # these messages are read again
+                    # A rollback met in a rebalance callback is handled here, before any
+                    # batch is prepared from these messages (they are read again).
+                    if self._partitions.rewind_due is not None:
+                        raise Rewind(self._partitions.rewind_due)
                     if forgetter.poll():  # erasure requests apply between batches
                         self._unsent_erasures = True
                     if messages:
@@ -246,7 +225,7 @@ class Pipeline:
                     self._swap_reloaded_models(checkpoint)
                 except Rewind as rewind:
                     self._discard()
-                    self._rewind(consumer, str(rewind))
+                    self._partitions.rewind(consumer, str(rewind))
                 except RegistryUnavailable as outage:
                     self._hold_input(consumer, messages, outage)
                 unacked = checkpoint.sink.in_flight()
@@ -257,7 +236,7 @@ class Pipeline:
                     checkpoint.tick()  # exactly-once: may commit the open transaction
                 except Rewind as rewind:
                     self._discard()
-                    self._rewind(consumer, str(rewind))
+                    self._partitions.rewind(consumer, str(rewind))
                 ticked = time.perf_counter() - ticked_at
                 telemetry.stage_seconds.labels("commit").observe(ticked)
                 self.stats.commit_s += ticked
@@ -316,15 +295,17 @@ class Pipeline:
             partitions=sorted(partition for _, partition in first),
         )
 
-    def _settle(self, checkpoint: Checkpoint) -> None:
+    def _settle(self, checkpoint: Checkpoint) -> str | None:
         """In a rebalance callback: finish the batches in flight while their partitions are
-        still owned. A rollback met here is left to the loop, outside the callback.
+        still owned. A rollback met here drops the rest and is returned, for the loop to
+        rewind outside the callback.
         """
         try:
             self._drain(checkpoint)
         except Rewind as rewind:
             self._discard()
-            self._rewind_due = str(rewind)
+            return str(rewind)
+        return None
 
     def _describe_engine(self, role: str, engine: Engine) -> None:
         self.telemetry.engine.labels(role=role).info(
@@ -445,91 +426,6 @@ class Pipeline:
         self._watcher.swapped("shadow", None)
         self._retired_shadow.append(shadow)
 
-    def _restore(self, partitions: list[int]) -> None:
-        """Restore `partitions`' state, then apply the erasure requests it has not seen."""
-        self.telemetry.restoring(True)
-        try:
-            stats = restore(self.settings, self.store, partitions, progress=self.telemetry.beat)
-            if self._forgetter is not None:
-                self._forgetter.assigned(partitions, stats.controls)
-        finally:
-            self.telemetry.restoring(False)
-        self.stats.restored += stats.records
-        self.stats.restore_s += stats.seconds
-        self.telemetry.restored.inc(stats.records)
-        self.telemetry.restore_seconds.observe(stats.seconds)
-        log.info(
-            "state_restored",
-            partitions=list(stats.partitions),
-            records=stats.records,
-            seconds=round(stats.seconds, 3),
-            records_per_s=round(stats.records_per_s),
-            users=self.store.users(),
-        )
-
-    def _rewind(self, consumer: Consumer, reason: str) -> None:
-        """Roll state and input back to the last committed transaction."""
-        self._rewind_due = None
-        self.stats.rewinds += 1
-        assignment = consumer.assignment()
-        partitions = [tp.partition for tp in assignment]
-        log.warning("rewinding_to_last_commit", reason=reason, partitions=partitions)
-        for partition in partitions:
-            self.store.drop_partition(partition)
-        self._restore(partitions)
-        reset = (
-            OFFSET_BEGINNING
-            if self.settings.consumer.auto_offset_reset == "earliest"
-            else OFFSET_END
-        )
-        for tp in consumer.committed(assignment, timeout=30):
-            consumer.seek(
-                TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset)
-            )
-
-    def _subscribe(self, consumer: Consumer, checkpoint: Checkpoint) -> None:
-        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            numbers = [tp.partition for tp in partitions]
-            log.info("partitions_assigned", partitions=numbers)
-            self.telemetry.rebalances.labels(kind="assign").inc()
-            self._restore(numbers)
-            if self._gate.paused:  # a held or backed-up input stays paused on new partitions
-                consumer.pause(partitions)
-            self.telemetry.joined()
-
-        def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
-            log.info("partitions_revoked", partitions=[tp.partition for tp in partitions])
-            self.telemetry.rebalances.labels(kind="revoke").inc()
-            self._settle(checkpoint)
-            try:
-                checkpoint.commit(partitions)
-            except Rewind as rewind:  # the kept partitions roll back too: the loop rewinds them
-                self._rewind_due = str(rewind)
-            finally:
-                self._drop([tp.partition for tp in partitions])
-
-        def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
-            log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
-            self.telemetry.rebalances.labels(kind="lost").inc()
-            self._settle(checkpoint)
-            try:
-                checkpoint.forget(partitions)
-            except Rewind as rewind:  # an open transaction was aborted: rewind the rest
-                self._rewind_due = str(rewind)
-            finally:
-                self._drop([tp.partition for tp in partitions])
-
-        consumer.subscribe(
-            [self.settings.topics.input], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
-        )
-
-    def _drop(self, partitions: list[int]) -> None:
-        """Forget the state of partitions this process no longer owns."""
-        for partition in partitions:
-            self.store.drop_partition(partition)
-        if self._forgetter is not None:
-            self._forgetter.revoked(partitions)
-
     def _prepare(self, messages: list[Message]) -> _Batch:
         """Decode, skip replays, compute features (moving the state on), take the changelog
         records, and start inference.
@@ -582,7 +478,13 @@ class Pipeline:
         encoded = self._encoder.encode(batch.columns, scored)
         producing = time.perf_counter()
         stage.labels("encode").observe(producing - encoding)
-        headers = self._debug_headers(batch, inference)
+        headers = debug_headers(
+            self.settings.processing,
+            batch.columns.ingest_time[batch.rows],
+            batch.features,
+            batch.started_ms,
+            (batch.decode_s, batch.features_s, inference.seconds),
+        )
         self._histograms.add(batch.request.fraud, batch.features, scored.score)
         if batch.request.shadow is not None and scored.shadow is not None:
             self._histograms.add(batch.request.shadow, batch.features, scored.shadow.score)
@@ -601,7 +503,17 @@ class Pipeline:
         stats.score_s += batch.prepare_s + encoding - started
         stats.encode_s += producing - encoding
         stats.produce_s += done - producing
-        self._count(batch, scored)
+        count_batch(
+            self.stats,
+            self.telemetry,
+            self.settings.topics,
+            len(batch.messages),
+            batch.replayed,
+            batch.late,
+            scored,
+            batch.dead,
+            batch.columns.ingest_time[batch.rows],
+        )
         prepared_s = batch.decode_s + batch.features_s + batch.prepare_s
         self.stats.busy_s += prepared_s + time.perf_counter() - started
 
@@ -609,59 +521,6 @@ class Pipeline:
         """The input histograms counted since the last, into the open batch."""
         topic = self.settings.topics.input_histograms
         checkpoint.sink.publish_records(topic, self._histograms.take())
-
-    def _debug_headers(self, batch: _Batch, inference: Inference) -> list[Headers] | None:
-        """Per scored row: the features digest and the latency breakdown, when turned on.
-
-        Timing: `queue_ms` from the input's Kafka timestamp to the batch starting, then the
-        batch's decode, features and inference (the engines alone) times; the rest, up to
-        the output's own Kafka timestamp, is waiting for the inference thread, shaping the
-        records, encode and produce.
-        """
-        processing = self.settings.processing
-        if not (processing.emit_features or processing.emit_timing):
-            return None
-        ingest = batch.columns.ingest_time[batch.rows].tolist()
-        headers: list[Headers] = [[] for _ in ingest]
-        if processing.emit_features:
-            for row, digest in zip(headers, feature_digests(batch.features), strict=True):
-                row.append((FEATURES_HEADER, digest))
-        if processing.emit_timing:
-            decode, feats, infer = (
-                round(seconds * 1000, 3)
-                for seconds in (batch.decode_s, batch.features_s, inference.seconds)
-            )
-            for row, ingest_time in zip(headers, ingest, strict=True):
-                timing = {
-                    "queue_ms": round(batch.started_ms - ingest_time, 3),
-                    "decode_ms": decode,
-                    "features_ms": feats,
-                    "inference_ms": infer,
-                }
-                row.append((TIMING_HEADER, json.dumps(timing)))
-        return headers
-
-    def _count(self, batch: _Batch, scored: Scored) -> None:
-        stats, telemetry, topics = self.stats, self.telemetry, self.settings.topics
-        stats.batches += 1
-        stats.scored += len(scored.rows)
-        stats.replayed += batch.replayed
-        stats.late += batch.late
-        stats.recommendations += len(scored.ranked)
-        stats.dead_lettered += len(batch.dead)
-        telemetry.batch_size.observe(len(batch.messages))
-        telemetry.consumed.labels(topic=topics.input).inc(len(batch.messages))
-        telemetry.produced.labels(topic=topics.fraud_scores).inc(len(scored.rows))
-        telemetry.produced.labels(topic=topics.recommendations).inc(len(scored.ranked))
-        if scored.shadow is not None:
-            stats.shadow_scored += len(scored.rows)
-            telemetry.produced.labels(topic=topics.shadow_scores).inc(len(scored.rows))
-        telemetry.produced.labels(topic=topics.dead_letter).inc(len(batch.dead))
-        for record in batch.dead:
-            telemetry.dead_letters.labels(reason=record["error_kind"]).inc()
-        now_ms = time.time() * 1000
-        waited = np.maximum(0.0, now_ms - batch.columns.ingest_time[batch.rows]) / 1000
-        observe_many(telemetry.end_to_end_seconds, waited)
 
     def _decode(self, messages: list[Message]) -> tuple[EventColumns, np.ndarray, list[DeadLetter]]:
         """The batch's messages without errors as columns, the rows that are valid events,

@@ -47,3 +47,48 @@ def test_registry_retries_back_off_doubling_to_the_cap_and_reset_after_a_batch()
     assert not hold.due()
     hold.succeeded()
     assert hold.failed() == 0.5
+
+
+class RecordingStore:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def drop_partition(self, partition):
+        self.calls.append(("drop", partition))
+
+
+def leaving(settle_reason, seal_error):
+    from confluent_kafka import TopicPartition
+
+    from pipeline.serve.commit import Rewind
+    from pipeline.serve.consume import Partitions
+    from pipeline.serve.counts import RunStats
+    from pipeline.settings import Settings
+
+    calls = []
+    partitions = Partitions(Settings(), RecordingStore(calls), None, RunStats())
+
+    def settle():
+        calls.append("settle")
+        return settle_reason
+
+    def seal(tps):
+        calls.append(("seal", [tp.partition for tp in tps]))
+        if seal_error:
+            raise Rewind(seal_error)
+
+    partitions._leave([TopicPartition("in", 1), TopicPartition("in", 2)], settle, seal)
+    return calls, partitions.rewind_due
+
+
+def test_a_leaving_partition_is_settled_then_sealed_then_dropped():
+    calls, due = leaving(None, None)
+    assert calls == ["settle", ("seal", [1, 2]), ("drop", 1), ("drop", 2)]
+    assert due is None
+
+
+def test_a_rollback_met_while_leaving_is_left_for_the_loop_and_the_state_still_dropped():
+    calls, due = leaving("aborted in settle", None)
+    assert due == "aborted in settle" and calls[-2:] == [("drop", 1), ("drop", 2)]
+    calls, due = leaving(None, "aborted in commit")
+    assert due == "aborted in commit" and calls[-2:] == [("drop", 1), ("drop", 2)]

@@ -135,13 +135,13 @@ def test_a_rollback_in_a_rebalance_drops_the_batches_in_flight_and_is_left_to_th
     try:
         runner._in_flight.append(runner._prepare([event_message(0)]))
         runner._in_flight.append(runner._prepare([event_message(1)]))
-        runner._settle(checkpoint)  # what on_revoke and on_lost do first
+        reason = runner._settle(checkpoint)  # what on_revoke and on_lost do first
     finally:
         runner.close()
     assert not runner._in_flight
     assert checkpoint.ended == []  # the second batch is not finished after the rollback
     assert checkpoint.sink.published == [["e0"]]
-    assert runner._rewind_due == "aborted"
+    assert reason == "aborted"
 
 
 def test_inference_runs_on_its_own_thread_by_default_only_when_an_engine_is_on_a_gpu():
