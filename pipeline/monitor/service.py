@@ -32,7 +32,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from confluent_kafka import (
@@ -561,25 +561,58 @@ class Monitor:
 
     def _quality_record(
         self, version: str, figures: dict[str, float], psi: dict[str, float], now_ms: float
-    ) -> dict[str, Any]:
+    ) -> ModelQuality:
         def nullable(name: str) -> float | None:
             value = figures[name]
             return None if math.isnan(value) else value
 
-        record: dict[str, Any] = {
-            "window_end": int(now_ms),
-            "window_s": self.window.window_s,
-            "model_name": self._names.get(version, ""),
-            "model_version": version,
-            "role": self._roles.get(version, CHAMPION),
-            "served": int(figures["served"]),
-            "labelled": int(figures["labelled"]),
-            "psi": psi,
-        }
-        for name in figures:
-            if name not in record:
-                record[name] = nullable(name)
-        return record
+        return ModelQuality(
+            window_end=int(now_ms),
+            window_s=self.window.window_s,
+            model_name=self._names.get(version, ""),
+            model_version=version,
+            role=self._roles.get(version, CHAMPION),
+            served=int(figures["served"]),
+            labelled=int(figures["labelled"]),
+            label_coverage=nullable("label_coverage"),
+            label_delay_p50_s=nullable("label_delay_p50_s"),
+            label_delay_p90_s=nullable("label_delay_p90_s"),
+            positive_rate=nullable("positive_rate"),
+            pr_auc=nullable("pr_auc"),
+            precision_at_review=nullable("precision_at_review"),
+            recall_at_review=nullable("recall_at_review"),
+            precision_at_block=nullable("precision_at_block"),
+            recall_at_block=nullable("recall_at_block"),
+            ece=nullable("ece"),
+            brier=nullable("brier"),
+            psi=psi,
+        )
+
+
+class ModelQuality(TypedDict):
+    """A ModelQuality record (schemas/model_quality.avsc): one version's figures over the
+    window; a figure undefined so far (no labels, no positives) is null.
+    """
+
+    window_end: int
+    window_s: float
+    model_name: str
+    model_version: str
+    role: str
+    served: int
+    labelled: int
+    label_coverage: float | None
+    label_delay_p50_s: float | None
+    label_delay_p90_s: float | None
+    positive_rate: float | None
+    pr_auc: float | None
+    precision_at_review: float | None
+    recall_at_review: float | None
+    precision_at_block: float | None
+    recall_at_block: float | None
+    ece: float | None
+    brier: float | None
+    psi: dict[str, float]
 
 
 def _add_pairs(window: Window, pairs: list[Pair]) -> None:
