@@ -36,9 +36,8 @@ def require_train(command: str) -> None:
     """Stop with how to install the `train` extra when `command` needs it and it is missing:
     the default install serves without torch.
     """
-    missing = [
-        name for name in ("torch", "onnx", "matplotlib", "psutil") if find_spec(name) is None
-    ]
+    wanted = ("torch", "onnx", "matplotlib", "psutil", "pyinstrument")  # the extra's imports
+    missing = [name for name in wanted if find_spec(name) is None]
     if missing:
         console.print(
             f"{command} needs the train extra ({', '.join(missing)} missing): "
