@@ -212,6 +212,9 @@ class Pipeline:
                         # until a batch decodes: a retry is no sign the registry is back.
                         backpressure.release(consumer)
                         log.info("input_released", reason="retrying the schema registry")
+                    # The overlap invariant: batches leave `in_flight` oldest first, so
+                    # outputs, changelog and offsets go out in input order; at most `depth`
+                    # wait, and none once the input is idle.
                     while len(in_flight) > depth or (in_flight and not messages):
                         self._finish(in_flight.popleft(), checkpoint)
                     if self._unsent_erasures and not in_flight:  # no batch to carry them
