@@ -529,8 +529,16 @@ class Monitor:
             and new["recall_at_block"] >= old["recall_at_block"] + monitor.promote_margin_recall
         )
         verdict["won"], verdict["promoted"] = better, better and act
-        self.verdicts.append(verdict)
-        if not better:
+        try:
+            self._act(verdict, challenger, act)
+        finally:
+            # Published once final: a reader never sees a promotion not yet made, or one
+            # that then failed.
+            self.verdicts.append(verdict)
+
+    def _act(self, verdict: dict[str, Any], challenger: str, act: bool) -> None:
+        """Log `verdict`, and promote `challenger` when it won and the policy may act."""
+        if not verdict["won"]:
             log.info("model_promotion_refused", **verdict)
             return
         if not act:
