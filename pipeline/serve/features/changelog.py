@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
@@ -118,6 +119,8 @@ def restore(
     records = 0
     try:
         consumer.assign([TopicPartition(topic, p, 0) for p in wanted])
+        marks = [consumer.get_watermark_offsets(TopicPartition(topic, p), 30) for p in wanted]
+        store.expect(sum(high - low for low, high in marks))  # at most; compaction drops some
         pending = set(wanted)
         deadline = time.monotonic() + timeout_s
         batch = settings.features.restore_batch
@@ -125,30 +128,34 @@ def restore(
             if time.monotonic() > deadline:
                 raise ChangelogError(f"restore of {topic} {sorted(pending)} timed out")
             # consume() waits its whole timeout for a short batch: keep it short.
-            owners: list[int] = []
-            keys: list[bytes] = []
-            values: list[bytes | None] = []
-            for message in consumer.consume(batch, 0.02):
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(message.partition())
+            messages = consumer.consume(batch, 0.02)
+            # Per message, only what the client's API forces: C-level comprehensions.
+            if any(message.error() is not None for message in messages):
+                for message in messages:
+                    error = message.error()
+                    if error is None:
                         continue
-                    raise KafkaException(error)
-                key = message.key()
-                if key is not None and key.startswith(CONTROL):
-                    value = message.value()
-                    where = (position(message)[1], key)
-                    if value is None:
-                        controls.pop(where, None)
-                    else:
-                        controls[where] = value
-                elif key is not None:
-                    owners.append(position(message)[1])
-                    keys.append(key)
-                    values.append(message.value())
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        raise KafkaException(error)
+                    pending.discard(message.partition())
+                messages = [message for message in messages if message.error() is None]
+            keys = [message.key() for message in messages]
+            if any(key is None or key.startswith(CONTROL) for key in keys):
+                for message, key in zip(messages, keys, strict=True):
+                    if key is not None and key.startswith(CONTROL):
+                        value, where = message.value(), (position(message)[1], key)
+                        if value is None:
+                            controls.pop(where, None)
+                        else:
+                            controls[where] = value
+                users = [i for i, key in enumerate(keys) if key and not key.startswith(CONTROL)]
+                messages, keys = [messages[i] for i in users], [keys[i] for i in users]
             if keys:
-                store.restore(owners, keys, values)  # one compiled pass per fetch
+                store.restore(
+                    cast(list[int], [message.partition() for message in messages]),  # all set
+                    cast(list[bytes], keys),  # none is None now
+                    [message.value() for message in messages],
+                )  # one compiled pass per fetch
                 records += len(keys)
             progress()
     finally:
