@@ -50,9 +50,10 @@ def ceiling(settings: Settings, stop: threading.Event) -> None:
     # nothing to commit and, synchronous, raise _NO_OFFSET.
     mirrored: dict[tuple[str, int], int] = {}
     next_commit = time.monotonic() + 1.0
+    wait_s = settings.consumer.max_wait_ms / 1000.0  # a batch closes as streamscore's do
     try:
         while not stop.is_set():
-            for message in consumer.consume(settings.consumer.max_batch, 0.05):
+            for message in consumer.consume(settings.consumer.max_batch, wait_s):
                 if message.error() is None:
                     produce_one(
                         producer, out, message.key(), message.value(), message.timestamp()[1]
