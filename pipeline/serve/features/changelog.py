@@ -119,7 +119,9 @@ def restore(
     records = 0
     try:
         consumer.assign([TopicPartition(topic, p, 0) for p in wanted])
-        marks = [consumer.get_watermark_offsets(TopicPartition(topic, p), 30) for p in wanted]
+        marks = [
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s) for p in wanted
+        ]
         store.expect(sum(high - low for low, high in marks))  # at most; compaction drops some
         pending = set(wanted)
         deadline = time.monotonic() + timeout_s
@@ -148,7 +150,11 @@ def restore(
                             controls.pop(where, None)
                         else:
                             controls[where] = value
-                users = [i for i, key in enumerate(keys) if key and not key.startswith(CONTROL)]
+                users = [
+                    i
+                    for i, key in enumerate(keys)
+                    if key is not None and not key.startswith(CONTROL)
+                ]
                 messages, keys = [messages[i] for i in users], [keys[i] for i in users]
             if keys:
                 store.restore(
