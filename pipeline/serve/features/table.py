@@ -51,6 +51,7 @@ INLINE_ITEMS = 8
 INLINE_SEEN = 2  # values per seen kind
 _HEADER = struct.Struct(f"<B{INT_SLOTS}q{FLOAT_SLOTS}d6H")
 HEADER_BYTES = _HEADER.size
+_COUNTS_BYTES = 12  # the header ends with its six uint16 counts (history, items, seen kinds)
 NO_SLOT = -1
 SCRATCH = 0
 
@@ -823,7 +824,7 @@ def _check(buffer: np.ndarray, starts: np.ndarray) -> int:
         at, end = starts[j], starts[j + 1]
         if end - at < HEADER_BYTES or buffer[at] != FORMAT_VERSION:
             return j
-        at += HEADER_BYTES - 12
+        at += HEADER_BYTES - _COUNTS_BYTES
         n_history = _get(buffer, at, 2)
         n_items = _get(buffer, at + 2, 2)
         total = 4 * (n_history + n_items)
@@ -832,7 +833,7 @@ def _check(buffer: np.ndarray, starts: np.ndarray) -> int:
             total += 8 * n_seen
             if n_seen % 2 or n_seen > 2 * MAX_SEEN:
                 return j
-        if end - at - 12 != total or n_history % 2 or n_items > MAX_SESSION_ITEMS:
+        if end - at - _COUNTS_BYTES != total or n_history % 2 or n_items > MAX_SESSION_ITEMS:
             return j
     return -1
 
@@ -882,7 +883,7 @@ def _restore(
         n_items = _get(buffer, at + 2, 2)
         for kind in range(KINDS):
             n_seen[kind] = _get(buffer, at + 4 + 2 * kind, 2)
-        at += 12
+        at += _COUNTS_BYTES
         skip = max(0, n_history - capacity)  # a longer history than this build keeps
         fits = (
             n_history - skip <= v.history.shape[1]
