@@ -131,7 +131,7 @@ def restore(
                 raise ChangelogError(f"restore of {topic} {sorted(pending)} timed out")
             # consume() waits its whole timeout for a short batch: keep it short.
             messages = consumer.consume(batch, 0.02)
-            # Per message, only what the client's API forces: C-level comprehensions.
+            # Per message, one comprehension for each thing the client's API makes us read.
             if any(message.error() is not None for message in messages):
                 for message in messages:
                     error = message.error()

@@ -452,8 +452,9 @@ class UserTable:
         """
         # A changelog value is a user's whole state, so of each key's records in the batch
         # only the last one matters: applied in the order of those last records, they leave
-        # the states and the recency order that a record-by-record replay would. The Python
-        # work per record is `dict` and `map` calls (C loops); the kernel checks every value.
+        # the states and the recency order that a record-by-record replay would. Per record
+        # there are a few comprehensions and `dict`/`map` calls, no Python step of its own;
+        # the kernel checks every value.
         present = [value for value in values if value is not None]
         lengths = np.fromiter(map(len, present), dtype=np.int64, count=len(present))
         starts = np.zeros(len(present) + 1, dtype=np.int64)
@@ -488,9 +489,10 @@ class UserTable:
                 self._keys[slots[j]] = None
             deleted.extend(slots[gone].tolist())
             keep = slots != NO_SLOT  # a tombstone of an unknown user changes nothing
-            sequence = np.argsort(at[keep], kind="stable")
+            kept = at[keep]
+            sequence = np.argsort(kept)  # the order of the last records
             ops.append(np.where(put, slots, -(slots + 1))[keep][sequence])
-            applied.append(at[keep][sequence])
+            applied.append(kept[sequence])
         if not ops:
             return
         op = np.concatenate(ops)
