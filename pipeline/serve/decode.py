@@ -23,11 +23,11 @@ from typing import cast
 
 import numpy as np
 from confluent_kafka import Message
-from numba import njit
 
 import schemas
 from pipeline.serve.codec import DecodeError, Decoder, Encoder
 from pipeline.serve.events import STRING_FIELDS, validate
+from pipeline.serve.kernel import inline_kernel, kernel
 from pipeline.serve.records import NULL, EventColumns, Rejected
 from pipeline.settings import LimitSettings
 from schemas.catalog import Catalog, StaticCatalog
@@ -276,6 +276,7 @@ class BatchDecoder:
         _decode_rows(
             buffer, starts, key_buffer, key_starts, key_null, reader_ids, bounds, window,
             status, spans, longs, reals, present, candidates, candidate_start,
+            np.empty(8, dtype=np.uint8), np.zeros(len(STRING_FIELDS), dtype=np.int64),
         )  # fmt: skip
         where = positions
         return EventColumns(
@@ -302,7 +303,7 @@ class BatchDecoder:
 # the next position, or a negative position: -TRUNCATED, -MALFORMED and so on.
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
     if pos >= end:
         return 0, -TRUNCATED
@@ -328,7 +329,7 @@ def _varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
     return int(np.int64(result >> np.uint64(1)) ^ -np.int64(result & np.uint64(1))), pos
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _utf8_chars(buf: np.ndarray, start: int, end: int) -> int:
     """Code points in buf[start:end], or -1 if it is not strict UTF-8 (as Python decodes:
     no overlongs, no surrogates, nothing above U+10FFFF).
@@ -376,7 +377,7 @@ def _utf8_chars(buf: np.ndarray, start: int, end: int) -> int:
     return chars
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _string(
     buf: np.ndarray, pos: int, end: int, spans: np.ndarray, field: int, chars: np.ndarray
 ) -> int:
@@ -399,7 +400,7 @@ def _string(
     return pos + length
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _branch(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
     """A ["null", T] union's branch: 0 null, 1 the value."""
     index, pos = _varint(buf, pos, end)
@@ -410,7 +411,7 @@ def _branch(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
     return index, pos
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _double(buf: np.ndarray, pos: int, end: int, scratch: np.ndarray) -> tuple[float, int]:
     if end - pos < 8:
         return 0.0, -TRUNCATED
@@ -419,7 +420,7 @@ def _double(buf: np.ndarray, pos: int, end: int, scratch: np.ndarray) -> tuple[f
     return scratch.view(np.float64)[0], pos + 8
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _decode_rows(
     buf: np.ndarray,
     starts: np.ndarray,
@@ -436,10 +437,12 @@ def _decode_rows(
     present: np.ndarray,
     candidates: np.ndarray,
     candidate_start: np.ndarray,
+    scratch: np.ndarray,
+    chars: np.ndarray,
 ) -> None:
-    """Decode and validate every row; see the module docstring."""
-    scratch = np.empty(8, dtype=np.uint8)
-    chars = np.zeros(len(STRING_FIELDS), dtype=np.int64)
+    """Decode and validate every row; see the module docstring. `scratch` (8 bytes) and
+    `chars` (one per string field) are its working space.
+    """
     n_candidates = 0
     rows = len(starts) - 1
     for row in range(rows):
@@ -465,7 +468,7 @@ def _decode_rows(
     candidate_start[rows] = n_candidates
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _row(
     buf: np.ndarray,
     start: int,
@@ -608,7 +611,7 @@ def _row(
     return n_candidates
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _validate(
     key: np.ndarray,
     key_null: bool,
@@ -655,7 +658,7 @@ def _validate(
     return OK
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _amount(present: bool, value: float, limit: float, not_finite: int) -> int:
     """OK, or the first of not_finite, negative (+1), too_large (+2) that `value` breaks."""
     if not present:

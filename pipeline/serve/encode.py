@@ -13,11 +13,11 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
 
 import schemas
 from pipeline.serve.codec import MAGIC_BYTE
 from pipeline.serve.decode import EVENT_ID, TIME, USER_ID
+from pipeline.serve.kernel import kernel
 from pipeline.serve.records import EventColumns, Scored, ShadowScored
 from pipeline.serve.score import REASON_NAMES
 from schemas.catalog import Catalog, StaticCatalog
@@ -80,7 +80,7 @@ class OutputEncoder:
             recommendations, recommendation_starts, self._recommendation_header,
             columns.buffer, spans, columns.longs, columns.ingest_time, ranked_rows,
             scored.items, scored.item_scores, scored.item_count, name, len(rank_name),
-            scored.scored_time,
+            scored.scored_time, np.empty(1, dtype=np.float64),
         )  # fmt: skip
         return Encoded(
             fraud=fraud,
@@ -117,7 +117,7 @@ class OutputEncoder:
             out, starts, self._fraud_header, columns.buffer, spans, columns.longs,
             columns.ingest_time, rows, fraud.score, fraud.decision, fraud.reasons,
             fraud.contributions, fraud.reason_count, _REASONS, _REASON_STARTS, name,
-            len(fraud_name), scored.scored_time,
+            len(fraud_name), scored.scored_time, np.empty(1, dtype=np.float64),
         )  # fmt: skip
         return out[: starts[-1]].tobytes(), starts.tolist()
 
@@ -133,7 +133,7 @@ def _allocate(bound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.empty(int(bound.sum()), dtype=np.uint8), starts
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _long(out: np.ndarray, at: int, value: int) -> int:
     n = np.uint64((value << 1) ^ (value >> 63))
     while n > 0x7F:
@@ -144,35 +144,39 @@ def _long(out: np.ndarray, at: int, value: int) -> int:
     return at + 1
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _copy(out: np.ndarray, at: int, source: np.ndarray, start: int, length: int) -> int:
     at = _long(out, at, length)
-    out[at : at + length] = source[start : start + length]
+    for k in range(length):  # a loop: numba's slice copy may allocate, which a kernel cannot
+        out[at + k] = source[start + k]
     return at + length
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _double(out: np.ndarray, at: int, value: float, scratch: np.ndarray) -> int:
     scratch[0] = value
-    out[at : at + 8] = scratch.view(np.uint8)
+    raw = scratch.view(np.uint8)
+    for k in range(8):  # a loop, as in `_copy`
+        out[at + k] = raw[k]
     return at + 8
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _head(
     out: np.ndarray, at: int, header: np.ndarray, buf: np.ndarray, spans: np.ndarray, time: int
 ) -> int:
     """The wire header, then the fields both records start with: event_id, user_id (copied
     from the input's spans) and event_time.
     """
-    out[at : at + len(header)] = header
+    for k in range(len(header)):
+        out[at + k] = header[k]
     at += len(header)
     at = _copy(out, at, buf, spans[EVENT_ID, 0], spans[EVENT_ID, 1])
     at = _copy(out, at, buf, spans[USER_ID, 0], spans[USER_ID, 1])
     return _long(out, at, time)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _tail(
     out: np.ndarray, at: int, model: np.ndarray, name_length: int, ingest: int, scored: int
 ) -> int:
@@ -183,7 +187,7 @@ def _tail(
     return _long(out, at, scored)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _fraud_scores(
     out: np.ndarray,
     starts: np.ndarray,
@@ -203,8 +207,8 @@ def _fraud_scores(
     model: np.ndarray,
     name_length: int,
     scored_time: int,
+    scratch: np.ndarray,
 ) -> None:
-    scratch = np.empty(1, dtype=np.float64)
     at = 0
     for i in range(len(rows)):
         row = rows[i]
@@ -224,7 +228,7 @@ def _fraud_scores(
     starts[len(rows)] = at
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _recommendations(
     out: np.ndarray,
     starts: np.ndarray,
@@ -240,8 +244,8 @@ def _recommendations(
     model: np.ndarray,
     name_length: int,
     scored_time: int,
+    scratch: np.ndarray,
 ) -> None:
-    scratch = np.empty(1, dtype=np.float64)
     at = 0
     for i in range(len(rows)):
         row = rows[i]

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from typing import cast
 
 import numpy as np
-from numba import njit
 
 import schemas
 from pipeline.serve.codec import Encoder
@@ -78,6 +77,7 @@ from pipeline.serve.features.table import (
     times_of,
 )
 from pipeline.serve.features.updater import FeatureBatch, log_columns
+from pipeline.serve.kernel import inline_kernel, kernel
 from pipeline.serve.records import EventColumns
 from pipeline.settings import LimitSettings
 
@@ -274,6 +274,12 @@ class Featurizer:
         self.table = table
         self.pseudonyms = pseudonyms
         self._work = np.zeros(WORK_WORDS, dtype=np.uint64)
+        # The fold's per-event scratch (KINDS hashes and flags, windows' weights), made
+        # here because the kernel does not allocate (see `_fold`).
+        self._hashes = np.empty(KINDS, dtype=np.int64)
+        self._nonempty = np.empty(KINDS, dtype=np.bool_)
+        self._novelty = np.zeros(KINDS)
+        self._weights = np.ones(WINDOWS + 1)
         self._gap_ms = session_gap_s * 1000.0
         self._lateness_ms = allowed_lateness_s * 1000.0
         self.late = 0
@@ -293,7 +299,8 @@ class Featurizer:
             keys = [keys[row] for row in rows.tolist()]
         slots = table.slots(columns.partition[rows], keys)
         c = table.columns
-        kept_mask = _fresh(slots, columns.offset[rows], c.ints, c.pending)
+        kept_mask = np.empty(len(slots), dtype=np.bool_)
+        _fresh(slots, columns.offset[rows], c.ints, c.pending, kept_mask)
         kept, slots = rows[kept_mask], slots[kept_mask]
         length = table.history_length
         n = len(kept)
@@ -309,7 +316,8 @@ class Featurizer:
             self._lateness_ms, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
             table.var(), c.pending, c.changed, c.prev, c.next, c.partition, table.ends,
             table.watermarks, numeric, categorical, hist_items, hist_cats, newly,
-            self.pseudonyms.key_state, self._work, _CRC, _WORD_BYTES, _WORD_START, _WORD_CLASS,
+            self.pseudonyms.key_state, self._work, self._hashes, self._nonempty,
+            self._novelty, self._weights, _CRC, _WORD_BYTES, _WORD_START, _WORD_CLASS,
             _WORD_PAIRS, _PRECEDENCE, _DECAY_MS, _COLUMNS,
         )  # fmt: skip
         table.mark_changed(newly[:flagged])
@@ -318,20 +326,19 @@ class Featurizer:
         return kept, FeatureBatch(numeric, categorical, hist_items, hist_cats)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _fresh(
-    slots: np.ndarray, offsets: np.ndarray, ints: np.ndarray, pending: np.ndarray
-) -> np.ndarray:
-    """`FeatureUpdater.fresh`: False for an event its user's state already holds."""
-    kept = np.ones(len(slots), dtype=np.bool_)
+    slots: np.ndarray, offsets: np.ndarray, ints: np.ndarray, pending: np.ndarray, kept: np.ndarray
+) -> None:
+    """`FeatureUpdater.fresh` into `kept`: False for an event its user's state already
+    holds.
+    """
     for i in range(len(slots)):
         s = slots[i]
-        if offsets[i] >= 0 and not pending[s] and offsets[i] <= ints[s, OFFSET]:
-            kept[i] = False
-    return kept
+        kept[i] = not (offsets[i] >= 0 and not pending[s] and offsets[i] <= ints[s, OFFSET])
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def crc32(buf: np.ndarray, start: int, length: int, table: np.ndarray) -> int:
     """zlib.crc32 of buf[start:start + length]."""
     crc = np.int64(0xFFFFFFFF)
@@ -340,12 +347,12 @@ def crc32(buf: np.ndarray, start: int, length: int, table: np.ndarray) -> int:
     return int(crc ^ 0xFFFFFFFF)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _lower(b: int) -> int:
     return b + 32 if 65 <= b <= 90 else b
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _device_type(
     buf: np.ndarray,
     start: int,
@@ -384,7 +391,7 @@ def _device_type(
     return 0
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _same_bytes(buf: np.ndarray, spans: np.ndarray, a: int, b: int) -> bool:
     if spans[a, 1] != spans[b, 1]:
         return False
@@ -394,7 +401,7 @@ def _same_bytes(buf: np.ndarray, spans: np.ndarray, a: int, b: int) -> bool:
     return True
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _equals_int(value: float, number: int) -> bool:
     """Python's float == int: exact, not through a rounded float."""
     if not (-9.223372036854775808e18 <= value < 9.223372036854775808e18):
@@ -403,17 +410,17 @@ def _equals_int(value: float, number: int) -> bool:
     return bool(np.float64(whole) == value and whole == number)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _int32(value: int) -> int:
     return value if -_INT32_MAX <= value <= _INT32_MAX else _INT32_MAX
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _since(t: int, then: int) -> float:
     return _LONG_AGO_S if then == NEVER else (t - then) / 1000.0
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _copy_slot(
     source: int,
     target: int,
@@ -425,11 +432,14 @@ def _copy_slot(
     v: Var,
 ) -> None:
     """Copy a user into the scratch slot (`target`, which always works in a pool row)."""
-    ints[target] = ints[source]
-    floats[target] = floats[source]
+    for k in range(ints.shape[1]):  # element by element: a slice copy may allocate
+        ints[target, k] = ints[source, k]
+    for k in range(floats.shape[1]):
+        floats[target, k] = floats[source, k]
     history_len[target] = history_len[source]
     items_len[target] = items_len[source]
-    seen_len[target] = seen_len[source]
+    for kind in range(KINDS):
+        seen_len[target, kind] = seen_len[source, kind]
     history, to_history = history_of(source, v), history_of(target, v)
     for k in range(history_len[source]):
         to_history[k] = history[k]
@@ -444,7 +454,7 @@ def _copy_slot(
             to_times[kind, k] = times[kind, k]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _fold(
     buf: np.ndarray,
     spans: np.ndarray,
@@ -478,6 +488,10 @@ def _fold(
     newly: np.ndarray,
     key_state: np.ndarray,
     work: np.ndarray,
+    hashes: np.ndarray,
+    nonempty: np.ndarray,
+    novelty: np.ndarray,
+    weights: np.ndarray,
     crc: np.ndarray,
     words: np.ndarray,
     word_start: np.ndarray,
@@ -491,10 +505,6 @@ def _fold(
     flagged changed (their slots are `newly[:count]`).
     """
     length = hist_items.shape[1]
-    hashes = np.empty(KINDS, dtype=np.int64)
-    nonempty = np.empty(KINDS, dtype=np.bool_)
-    novelty = np.zeros(KINDS)
-    weights = np.ones(WINDOWS + 1)
     late = 0
     flagged = 0
     for r in range(len(rows)):
@@ -556,7 +566,7 @@ def _fold(
     return late, flagged
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _update(
     s: int,
     t: int,
@@ -735,7 +745,7 @@ def _update(
     out[columns[_O_AFFINITY]] = affinity
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _remember(
     s: int,
     kind: int,

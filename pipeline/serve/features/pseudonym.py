@@ -27,6 +27,7 @@ import secrets
 import numpy as np
 from numba import njit
 
+from pipeline.serve.kernel import kernel
 from pipeline.settings import MIN_SECRET_BYTES
 
 DIGEST_BYTES = 4
@@ -49,12 +50,12 @@ _CHAIN, _BLOCK = 0, 8
 _EMPTY = 8
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _rotr(x: np.uint64, n: int) -> np.uint64:
     return (x >> np.uint64(n)) | (x << np.uint64(64 - n))
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _mix(
     a: np.uint64, b: np.uint64, c: np.uint64, d: np.uint64, x: np.uint64, y: np.uint64
 ) -> tuple[np.uint64, np.uint64, np.uint64, np.uint64]:
@@ -72,7 +73,7 @@ def _mix(
     return a, b, c, d
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _compress(work: np.ndarray, counter: int, last: bool) -> None:
     """RFC 7693's F over the block in `work`, into the chain in `work`. The 12 rounds are
     unrolled with the message schedule (SIGMA) written out: 0.24 µs a pseudonym against
@@ -205,7 +206,7 @@ def _compress(work: np.ndarray, counter: int, last: bool) -> None:
     work[_CHAIN + 7] ^= v7 ^ v15
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _load(work: np.ndarray, buf: np.ndarray, start: int, length: int) -> None:
     """Put `length` (≤ 128) bytes of `buf` from `start` in the block, zero-padded."""
     for i in range(16):
@@ -215,7 +216,7 @@ def _load(work: np.ndarray, buf: np.ndarray, start: int, length: int) -> None:
         work[word] |= np.uint64(buf[start + k]) << np.uint64(8 * (k & 7))
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def pseudonym(
     buf: np.ndarray, start: int, length: int, key_state: np.ndarray, work: np.ndarray
 ) -> int:

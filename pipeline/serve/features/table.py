@@ -44,6 +44,7 @@ from pipeline.serve.features.state import (
     SEEN_KINDS,
     StateChange,
 )
+from pipeline.serve.kernel import inline_kernel, kernel
 
 KINDS = len(SEEN_KINDS)
 INLINE_EVENTS = 8  # history events a slot holds before its user moves to a pool row
@@ -502,7 +503,7 @@ class UserTable:
         _restore(
             op, which, buffer, starts, self.history_length, c.ints, c.floats, c.history_len,
             c.items_len, c.seen_len, self.var(), c.pending, c.changed, c.prev, c.next,
-            c.partition, self._ends,
+            c.partition, self._ends, np.empty(KINDS, dtype=np.int64),
         )  # fmt: skip
         self._unpool(np.array(deleted, dtype=np.int64))
         self._free.extend(deleted)  # only now: a slot must not be reused within the batch
@@ -591,7 +592,7 @@ def _runs(partitions: np.ndarray) -> list[tuple[int, int, int]]:
 # --- kernels --------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _unlink(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
     before, after = prev[slot], nxt[slot]
     if before == NO_SLOT:
@@ -605,7 +606,7 @@ def _unlink(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: i
     prev[slot] = nxt[slot] = NO_SLOT
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
     tail = ends[p, 1]
     prev[slot] = tail
@@ -617,12 +618,12 @@ def _append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: i
     ends[p, 1] = slot
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _linked(slot: int, prev: np.ndarray, ends: np.ndarray, p: int) -> bool:
     return bool(prev[slot] != NO_SLOT or ends[p, 0] == slot)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def history_of(s: int, v: Var) -> np.ndarray:
     """Slot `s`'s history entries: inline, or its pool row's."""
     b = v.big[s]
@@ -630,7 +631,7 @@ def history_of(s: int, v: Var) -> np.ndarray:
     return found
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def items_of(s: int, v: Var) -> np.ndarray:
     """Slot `s`'s session items."""
     b = v.big[s]
@@ -638,7 +639,7 @@ def items_of(s: int, v: Var) -> np.ndarray:
     return found
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def hashes_of(s: int, v: Var) -> np.ndarray:
     """Slot `s`'s seen hashes, (KINDS, room)."""
     b = v.big[s]
@@ -646,7 +647,7 @@ def hashes_of(s: int, v: Var) -> np.ndarray:
     return found
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def times_of(s: int, v: Var) -> np.ndarray:
     """Slot `s`'s seen times, (KINDS, room)."""
     b = v.big[s]
@@ -654,7 +655,7 @@ def times_of(s: int, v: Var) -> np.ndarray:
     return found
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def promote(
     s: int, v: Var, history_len: np.ndarray, items_len: np.ndarray, seen_len: np.ndarray
 ) -> None:
@@ -680,7 +681,7 @@ def promote(
             v.pool_time[row, kind, k] = v.seen_time[s, kind, k]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _touch(
     slot: int,
     now_ms: int,
@@ -763,14 +764,14 @@ def _evict(
     return result
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _put(buffer: np.ndarray, at: int, value: int, width: int) -> int:
     for k in range(width):
         buffer[at + k] = (value >> (8 * k)) & 0xFF
     return at + width
 
 
-@njit(cache=True, nogil=True, inline="always")
+@inline_kernel
 def _get(buffer: np.ndarray, at: int, width: int) -> int:
     value = 0
     for k in range(width):
@@ -780,7 +781,7 @@ def _get(buffer: np.ndarray, at: int, width: int) -> int:
     return value
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _encode(
     slots: np.ndarray,
     starts: np.ndarray,
@@ -819,7 +820,7 @@ def _encode(
                 at = _put(buffer, at, seen_time[kind, k], 8)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _check(buffer: np.ndarray, starts: np.ndarray) -> int:
     """-1 when every value is a user state this build reads, else the first one's index."""
     for j in range(len(starts) - 1):
@@ -840,7 +841,7 @@ def _check(buffer: np.ndarray, starts: np.ndarray) -> int:
     return -1
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _restore(
     ops: np.ndarray,
     which: np.ndarray,
@@ -859,13 +860,13 @@ def _restore(
     nxt: np.ndarray,
     partition: np.ndarray,
     ends: np.ndarray,
+    n_seen: np.ndarray,
 ) -> None:
     """Apply restore `ops` in order, a put taking the state in value `which[i]` (values
-    `_check` passed).
+    `_check` passed); `n_seen` (KINDS) is its working space.
     """
     as_ints = floats.view(np.int64)
     capacity = 2 * history_length
-    n_seen = np.empty(KINDS, dtype=np.int64)
     for i in range(len(ops)):
         op = ops[i]
         if op < 0:
@@ -883,14 +884,16 @@ def _restore(
             at += 8
         n_history = _get(buffer, at, 2)
         n_items = _get(buffer, at + 2, 2)
+        most_seen = 0
         for kind in range(KINDS):
             n_seen[kind] = _get(buffer, at + 4 + 2 * kind, 2)
+            most_seen = max(most_seen, n_seen[kind])
         at += _COUNTS_BYTES
         skip = max(0, n_history - capacity)  # a longer history than this build keeps
         fits = (
             n_history - skip <= v.history.shape[1]
             and n_items <= v.items.shape[1]
-            and n_seen.max() // 2 <= v.seen_hash.shape[2]
+            and most_seen // 2 <= v.seen_hash.shape[2]
         )
         if not fits:
             promote(slot, v, history_len, items_len, seen_len)
