@@ -502,7 +502,8 @@ def _fold(
     columns: np.ndarray,
 ) -> tuple[int, int]:
     """`FeatureUpdater.process` over `rows`; the late count and how many slots were newly
-    flagged changed (their slots are `newly[:count]`).
+    flagged changed (their slots are `newly[:count]`). `hashes`, `nonempty`, `novelty` and
+    `weights` are its per-event working space: a kernel does not allocate.
     """
     length = hist_items.shape[1]
     late = 0
