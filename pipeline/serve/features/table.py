@@ -765,13 +765,6 @@ def _evict(
 
 
 @inline_kernel
-def _put(buffer: np.ndarray, at: int, value: int, width: int) -> int:
-    for k in range(width):
-        buffer[at + k] = (value >> (8 * k)) & 0xFF
-    return at + width
-
-
-@inline_kernel
 def _get(buffer: np.ndarray, at: int, width: int) -> int:
     value = 0
     for k in range(width):
@@ -793,31 +786,46 @@ def _encode(
     seen_len: np.ndarray,
     v: Var,
 ) -> None:
-    """`UserState.to_bytes` of each slot, at `starts`."""
-    as_ints = floats.view(np.int64)  # a double's bytes, little-endian
+    """`UserState.to_bytes` of each slot, at `starts`. The parts are written through typed
+    views of the output's bytes (unaligned, which numba and x86-64 and ARM64 allow): a
+    value written a byte at a time cost about 1 ns a byte, 1.3 µs a full-history record.
+    """
     for i in range(len(slots)):
         s = slots[i]
         at = starts[i]
         buffer[at] = FORMAT_VERSION
         at += 1
+        out = buffer[at : at + 8 * INT_SLOTS].view(np.int64)
         for k in range(INT_SLOTS):
-            at = _put(buffer, at, ints[s, k], 8)
+            out[k] = ints[s, k]
+        at += 8 * INT_SLOTS
+        out_floats = buffer[at : at + 8 * FLOAT_SLOTS].view(np.float64)
         for k in range(FLOAT_SLOTS):
-            at = _put(buffer, at, as_ints[s, k], 8)
-        at = _put(buffer, at, history_len[s], 2)
-        at = _put(buffer, at, items_len[s], 2)
+            out_floats[k] = floats[s, k]
+        at += 8 * FLOAT_SLOTS
+        counts = buffer[at : at + _COUNTS_BYTES].view(np.uint16)
+        n_history, n_items = history_len[s], items_len[s]
+        counts[0], counts[1] = n_history, n_items
         for kind in range(KINDS):
-            at = _put(buffer, at, 2 * seen_len[s, kind], 2)
+            counts[2 + kind] = 2 * seen_len[s, kind]
+        at += _COUNTS_BYTES
         history, items = history_of(s, v), items_of(s, v)
+        out_ints = buffer[at : at + 4 * n_history].view(np.int32)
+        for k in range(n_history):
+            out_ints[k] = history[k]
+        at += 4 * n_history
+        out_ints = buffer[at : at + 4 * n_items].view(np.int32)
+        for k in range(n_items):
+            out_ints[k] = items[k]
+        at += 4 * n_items
         seen_hash, seen_time = hashes_of(s, v), times_of(s, v)
-        for k in range(history_len[s]):
-            at = _put(buffer, at, history[k], 4)
-        for k in range(items_len[s]):
-            at = _put(buffer, at, items[k], 4)
         for kind in range(KINDS):
-            for k in range(seen_len[s, kind]):
-                at = _put(buffer, at, int(seen_hash[kind, k]), 8)
-                at = _put(buffer, at, seen_time[kind, k], 8)
+            pairs = seen_len[s, kind]
+            out = buffer[at : at + 16 * pairs].view(np.int64)
+            for k in range(pairs):
+                out[2 * k] = seen_hash[kind, k]
+                out[2 * k + 1] = seen_time[kind, k]
+            at += 16 * pairs
 
 
 @kernel
@@ -865,7 +873,6 @@ def _restore(
     """Apply restore `ops` in order, a put taking the state in value `which[i]` (values
     `_check` passed); `n_seen` (KINDS) is its working space.
     """
-    as_ints = floats.view(np.int64)
     capacity = 2 * history_length
     for i in range(len(ops)):
         op = ops[i]
@@ -875,18 +882,20 @@ def _restore(
             changed[slot] = pending[slot] = False
             continue
         slot = op
-        at = starts[which[i]] + 1
+        at = starts[which[i]] + 1  # read through typed views of the bytes, as `_encode`
+        values = buffer[at : at + 8 * INT_SLOTS].view(np.int64)
         for k in range(INT_SLOTS):
-            ints[slot, k] = _get(buffer, at, 8)
-            at += 8
+            ints[slot, k] = values[k]
+        at += 8 * INT_SLOTS
+        doubles = buffer[at : at + 8 * FLOAT_SLOTS].view(np.float64)
         for k in range(FLOAT_SLOTS):
-            as_ints[slot, k] = _get(buffer, at, 8)
-            at += 8
-        n_history = _get(buffer, at, 2)
-        n_items = _get(buffer, at + 2, 2)
+            floats[slot, k] = doubles[k]
+        at += 8 * FLOAT_SLOTS
+        counts = buffer[at : at + _COUNTS_BYTES].view(np.uint16)
+        n_history, n_items = int(counts[0]), int(counts[1])
         most_seen = 0
         for kind in range(KINDS):
-            n_seen[kind] = _get(buffer, at + 4 + 2 * kind, 2)
+            n_seen[kind] = counts[2 + kind]
             most_seen = max(most_seen, n_seen[kind])
         at += _COUNTS_BYTES
         skip = max(0, n_history - capacity)  # a longer history than this build keeps
@@ -899,20 +908,23 @@ def _restore(
             promote(slot, v, history_len, items_len, seen_len)
         history, items = history_of(slot, v), items_of(slot, v)
         seen_hash, seen_time = hashes_of(slot, v), times_of(slot, v)
+        entries = buffer[at : at + 4 * n_history].view(np.int32)
         for k in range(n_history - skip):
-            history[k] = _get(buffer, at + 4 * (skip + k), 4)
+            history[k] = entries[skip + k]
         history_len[slot] = n_history - skip
         at += 4 * n_history
+        entries = buffer[at : at + 4 * n_items].view(np.int32)
         for k in range(n_items):
-            items[k] = _get(buffer, at, 4)
-            at += 4
+            items[k] = entries[k]
         items_len[slot] = n_items
+        at += 4 * n_items
         for kind in range(KINDS):
             pairs = n_seen[kind] // 2
+            values = buffer[at : at + 16 * pairs].view(np.int64)
             for k in range(pairs):
-                seen_hash[kind, k] = _get(buffer, at, 8)
-                seen_time[kind, k] = _get(buffer, at + 8, 8)
-                at += 16
+                seen_hash[kind, k] = values[2 * k]
+                seen_time[kind, k] = values[2 * k + 1]
+            at += 16 * pairs
             seen_len[slot, kind] = pairs
         pending[slot] = False
         p = partition[slot]
