@@ -393,6 +393,19 @@ class FeatureSettings(_Frozen):
         default=1_000_000, description="Users held per process; the least recent go first."
     )
     restore_batch: PositiveInt = 10_000
+    snapshot_dir: Path | None = Field(
+        default=None,
+        description="Where partitions given up cleanly leave a snapshot of their state, so "
+        "that their next owner on this host restores from it and the changelog's tail "
+        "(`pipeline/serve/features/snapshot.py`). Unset: every restore reads the whole "
+        "changelog.",
+    )
+    snapshot_max_age_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        default=3600.0,
+        description="An older snapshot is deleted, not loaded. At most 24 h, the changelog's "
+        "delete.retention.ms: past it, compaction may have removed a tombstone (an eviction "
+        "or an erasure) that the snapshot's tail must apply.",
+    )
 
 
 class LimitSettings(_Frozen):

@@ -55,8 +55,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
-    """Settings on fresh, uuid-named topics and group, with the topics created."""
+def kafka_settings(kafka_bootstrap: str, model_dir: Path, tmp_path: Path) -> Settings:
+    """Settings on fresh, uuid-named topics and group, with the topics created; partitions
+    given up cleanly leave snapshots in the test's own directory.
+    """
     run = uuid.uuid4().hex[:10]
     settings = load_settings(
         kafka={"bootstrap_servers": kafka_bootstrap},
@@ -75,6 +77,7 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path) -> Settings:
         consumer={"group_id": f"g-{run}"},
         monitor={"group_id": f"m-{run}"},
         checkpoint={"interval_ms": 200},
+        features={"snapshot_dir": str(tmp_path / "snapshots")},
         engine={"model_dir": str(model_dir), "backend": "onnxruntime"},
         telemetry={"port": 0},  # tests that probe it choose a free port
         schema_registry={"url": ""},  # static ids; the registry's tests use registry_settings

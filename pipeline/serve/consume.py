@@ -28,7 +28,7 @@ from pipeline.kafka.clients import consumer_config
 from pipeline.logging import get_logger
 from pipeline.serve.commit import Checkpoint, Rewind
 from pipeline.serve.counts import RunStats
-from pipeline.serve.features.changelog import restore
+from pipeline.serve.features.changelog import restore, save_snapshots
 from pipeline.serve.features.table import UserTable
 from pipeline.serve.forget import Forgetter
 from pipeline.settings import Settings
@@ -209,7 +209,7 @@ class Partitions:
         def on_revoke(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.info("partitions_revoked", partitions=[tp.partition for tp in partitions])
             self._telemetry.rebalances.labels(kind="revoke").inc()
-            self._leave(partitions, settle, checkpoint.commit)
+            self._leave(partitions, settle, checkpoint.commit, clean=True)
 
         def on_lost(_: Consumer, partitions: list[TopicPartition]) -> None:
             log.warning("partitions_lost", partitions=[tp.partition for tp in partitions])
@@ -228,17 +228,29 @@ class Partitions:
         partitions: list[TopicPartition],
         settle: Callable[[], str | None],
         seal: Callable[[list[TopicPartition]], None],
+        clean: bool = False,
     ) -> None:
         """Finish the batches in flight, then `seal` the partitions (commit what was done
-        on a revocation, give up the open work on a loss), then drop their state.
+        on a revocation, give up the open work on a loss), then drop their state. When
+        `clean` (a revocation), partitions left with everything committed leave a local
+        snapshot of their state first, where `features.snapshot_dir` is set.
         """
         self.rewind_due = settle() or self.rewind_due
+        numbers = [tp.partition for tp in partitions]
         try:
             seal(partitions)
+            if clean and self.rewind_due is None:
+                self.save(numbers)
         except Rewind as rewind:  # the kept partitions roll back too: the loop rewinds them
             self.rewind_due = str(rewind)
         finally:
-            self.drop([tp.partition for tp in partitions])
+            self.drop(numbers)
+
+    def save(self, partitions: list[int]) -> None:
+        """Leave a snapshot of each of `partitions`, whose changelog records are all
+        acknowledged (`features.snapshot_dir`).
+        """
+        save_snapshots(self._settings, self._store, partitions)
 
     def restore(self, partitions: list[int]) -> None:
         """Restore `partitions`' state, then apply the erasure requests it has not seen."""
@@ -257,6 +269,7 @@ class Partitions:
             "state_restored",
             partitions=list(stats.partitions),
             records=stats.records,
+            from_snapshot=stats.from_snapshot,
             seconds=round(stats.seconds, 3),
             records_per_s=round(stats.records_per_s),
             users=self._store.users(),

@@ -7,24 +7,28 @@ sizes its table for `features.max_users` (its columns, the user ids and the inde
 restored user and a live one take the same slot, so the two figures are one since the
 table replaced per-user objects. The restore rate is end to end: records written to a fresh
 compacted changelog on the broker, then read back into an empty table by the same code a
-rebalance runs.
+rebalance runs. Then the restored table leaves a local snapshot of each partition, as a
+clean revocation does, and a second empty table restores from those (the files just written,
+so from the page cache, as on a restart on the same host) and the changelog's empty tail.
 """
 
 from __future__ import annotations
 
 import random
+import tempfile
 import time
 import tracemalloc
 import uuid
 from array import array
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Producer
 
 from pipeline.kafka.admin import create_topics
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.features.changelog import ensure_changelog, restore
+from pipeline.serve.features.changelog import ensure_changelog, restore, save_snapshots
 from pipeline.serve.features.state import FLOAT_SLOTS, INT_SLOTS, UserState
 from pipeline.serve.features.table import UserTable
 from pipeline.settings import Settings
@@ -41,6 +45,10 @@ class StateBench:
     bytes_per_user_live: float
     restore_records_per_s: float
     restore_s: float
+    snapshot_write_s: float
+    snapshot_bytes: int
+    snapshot_restore_records_per_s: float
+    snapshot_restore_s: float
 
     def as_dict(self) -> dict[str, Any]:
         """For results files."""
@@ -91,6 +99,19 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
     stats = restore(bench_settings, table, range(partitions))
     if stats.records != users or table.users() != users:
         raise RuntimeError(f"restored {stats.records} records for {users} users")
+
+    with tempfile.TemporaryDirectory(prefix="state-bench-") as directory:
+        features = settings.features.model_copy(update={"snapshot_dir": Path(directory)})
+        with_snapshots = bench_settings.model_copy(update={"features": features})
+        started = time.perf_counter()
+        save_snapshots(with_snapshots, table, list(range(partitions)))  # as a revocation
+        written_s = time.perf_counter() - started
+        written = sum(path.stat().st_size for path in Path(directory).iterdir())
+        del table
+        again = UserTable(length, capacity=users + 1)
+        loaded = restore(with_snapshots, again, range(partitions))
+    if loaded.from_snapshot != users or again.users() != users:
+        raise RuntimeError(f"loaded {loaded.from_snapshot} snapshot states for {users} users")
     return StateBench(
         users=users,
         history_length=length,
@@ -99,6 +120,10 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
         bytes_per_user_live=live / users,
         restore_records_per_s=stats.records_per_s,
         restore_s=stats.seconds,
+        snapshot_write_s=written_s,
+        snapshot_bytes=written,
+        snapshot_restore_records_per_s=loaded.records_per_s,
+        snapshot_restore_s=loaded.seconds,
     )
 
 

@@ -164,6 +164,12 @@ def test_deployment_fits_the_pipeline():
     assert "secretKeyRef" in env["STREAMSCORE_KAFKA__SASL_PASSWORD"]["valueFrom"]
     assert "secretKeyRef" in env["STREAMSCORE_PRIVACY__PSEUDONYM_KEY"]["valueFrom"]
     assert "sasl_password" not in config_text()  # the secret comes from the Secret only
+    # The root filesystem is read-only: snapshots need a volume of their own.
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    state_volume = mounts[str(settings.features.snapshot_dir)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == state_volume]
+    assert volume["emptyDir"]
 
 
 def test_one_monitor_reads_every_partition_and_serves_its_own_metrics():

@@ -106,14 +106,19 @@ def _forget_two_users_and_check(kafka_settings, entries):
     assert features_header(settings, "alice-erase-again") == fresh_digest(settings, alice_again)
 
     # Forgotten while no instance runs: the next owner applies it after its restore, and
-    # does not apply alice's request again (she came back after it).
+    # does not apply alice's request again (she came back after it). The first instance
+    # stopped cleanly, so the second restores from its snapshots, which still hold bob.
     request_forget(settings, "bob-erase")
+    written = [e for e in entries if e["event"] == "snapshot_written"]
+    assert {e["partition"] for e in written} == set(topic_partitions_of(settings))
     second = Running(settings)
     try:
         wait_until(lambda: tombstoned(settings, "bob-erase"), "bob's tombstone", timeout_s=120)
         bob_again = come_back(settings, "bob-erase", seed=23)
     finally:
         second.close()
+    (restored,) = [e for e in entries if e["event"] == "state_restored" and e["records"]]
+    assert restored["from_snapshot"] == restored["records"] == 3  # three users, no tail
     assert features_header(settings, "bob-erase-again") == fresh_digest(settings, bob_again)
 
     table = UserTable(settings.features.history_length)

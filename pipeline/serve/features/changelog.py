@@ -6,7 +6,8 @@ holds the partition's own bookkeeping (the forget-topic position its state has a
 Changelog partition p holds the users of input partition p, so a process that is assigned
 input partition p restores exactly changelog partition p before it processes p's events.
 Each fetched batch of records is decoded into the user table's columns in one compiled
-pass.
+pass. Where `features.snapshot_dir` holds a local snapshot of a partition (`snapshot.py`),
+the restore loads it and reads only the changelog's records after it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 from pipeline.kafka.admin import connect, topic_partitions
 from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
+from pipeline.logging import get_logger
+from pipeline.serve.features import snapshot
 from pipeline.serve.features.table import CONTROL, UserTable
 from pipeline.settings import Settings
+
+log = get_logger()
 
 
 class ChangelogError(RuntimeError):
@@ -35,9 +40,10 @@ class RestoreStats:
     """What one restore read."""
 
     partitions: tuple[int, ...]
-    records: int
+    records: int  # user states applied: from snapshots, then changelog records
     seconds: float
     controls: dict[tuple[int, bytes], bytes]  # (partition, key) -> the latest control record
+    from_snapshot: int = 0  # users loaded from local snapshots
 
     @property
     def records_per_s(self) -> float:
@@ -93,8 +99,9 @@ def restore(
     timeout_s: float = 300,
     progress: Callable[[], None] = lambda: None,
 ) -> RestoreStats:
-    """Read changelog `partitions` from their start to their end into `store`, calling
-    `progress` after each fetched batch (a liveness beat during long restores).
+    """Read changelog `partitions` to their end into `store`, calling `progress` after each
+    fetched batch (a liveness beat during long restores). A partition starts from its local
+    snapshot and the records after it where there is a valid one, else from its start.
 
     Reads committed records only, so an aborted transaction's state never comes back.
     """
@@ -104,25 +111,38 @@ def restore(
     if not wanted:
         return RestoreStats(wanted, 0, 0.0, controls)
     topic = changelog_topic(settings)
-    consumer = Consumer(
-        settings.kafka.client_config()
-        | {
-            "group.id": f"{settings.consumer.group_id}.restore",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "fetch.wait.max.ms": 10,  # an empty partition reports its end at once
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-        }
-    )
-    records = 0
+    consumer = _reader(settings)
+    records = from_snapshot = 0
     try:
-        consumer.assign([TopicPartition(topic, p, 0) for p in wanted])
-        marks = [
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s) for p in wanted
-        ]
-        store.expect(sum(high - low for low, high in marks))  # at most; compaction drops some
+        marks = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s) for p in wanted
+        }
+        first = {p: low for p, (low, _) in marks.items()}
+        directory = settings.features.snapshot_dir
+        if directory is not None:
+            max_age_s = settings.features.snapshot_max_age_s
+            snapshot.prune(directory, max_age_s)
+            cluster = consumer.list_topics(topic, timeout=timeout_s).cluster_id or ""
+            found = {}
+            for p in wanted:
+                source = snapshot.Source(cluster, topic, p)
+                read = snapshot.read(directory, source, *marks[p], max_age_s)
+                if read is not None:
+                    found[source] = read
+            store.expect(sum(len(read.state.keys) for read in found.values()))  # room at once
+            for source, read in found.items():
+                try:
+                    store.load(source.partition, read.state)
+                except ValueError as refused:
+                    snapshot.refuse(source, str(refused))
+                    continue
+                first[source.partition] = read.offset
+                from_snapshot += len(read.state.keys)
+                controls.update(((source.partition, k), v) for k, v in read.state.controls.items())
+            found.clear()  # unmaps the files
+        consumer.assign([TopicPartition(topic, p, first[p]) for p in wanted])
+        # At most; compaction drops some.
+        store.expect(sum(high - first[p] for p, (_, high) in marks.items()))
         pending = set(wanted)
         deadline = time.monotonic() + timeout_s
         batch = settings.features.restore_batch
@@ -166,4 +186,72 @@ def restore(
             progress()
     finally:
         consumer.close()
-    return RestoreStats(wanted, records, time.perf_counter() - started, controls)
+    store.keep_controls(controls)  # a snapshot of these partitions carries them
+    seconds = time.perf_counter() - started
+    return RestoreStats(wanted, from_snapshot + records, seconds, controls, from_snapshot)
+
+
+def save_snapshots(settings: Settings, store: UserTable, partitions: list[int]) -> None:
+    """Write a local snapshot of each of `partitions` into `features.snapshot_dir` (if
+    set), naming the changelog's end: their changelog records must all be acknowledged.
+    A snapshot only saves a later restore time, so one that cannot be written is logged
+    and skipped.
+    """
+    directory = settings.features.snapshot_dir
+    if directory is None or not partitions:
+        return
+    topic = changelog_topic(settings)
+    try:
+        cluster, ends = changelog_ends(settings, partitions)
+        for partition in partitions:
+            state = store.export(partition)
+            if state is None:  # changes no batch has carried: the changelog lags
+                log.info("snapshot_skipped", partition=partition, reason="pending changes")
+                continue
+            started = time.perf_counter()
+            source = snapshot.Source(cluster, topic, partition)
+            path = snapshot.save(directory, source, ends[partition], state)
+            log.info(
+                "snapshot_written",
+                partition=partition,
+                users=len(state.keys),
+                offset=ends[partition],
+                seconds=round(time.perf_counter() - started, 3),
+                path=str(path),
+            )
+    except (KafkaException, OSError) as failed:
+        log.warning("snapshot_not_written", partitions=partitions, reason=str(failed))
+
+
+def changelog_ends(settings: Settings, partitions: Iterable[int]) -> tuple[str, dict[int, int]]:
+    """The cluster's id and the changelog's end offset of each of `partitions`, asked by a
+    consumer of its own: the pipeline's consumer must not make broker calls from inside its
+    rebalance callbacks, where this is needed (confluent-kafka aborts the process).
+    """
+    topic = changelog_topic(settings)
+    consumer = _reader(settings)
+    try:
+        cluster = consumer.list_topics(topic, timeout=10).cluster_id or ""
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions
+        }
+    finally:
+        consumer.close()
+    return cluster, ends
+
+
+def _reader(settings: Settings) -> Consumer:
+    """A consumer of the changelog outside the group: it never subscribes or commits."""
+    return Consumer(
+        settings.kafka.client_config()
+        | {
+            "group.id": f"{settings.consumer.group_id}.restore",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,  # an empty partition reports its end at once
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+        }
+    )

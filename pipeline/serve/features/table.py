@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from itertools import pairwise, repeat
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 from numba import njit
@@ -197,6 +197,17 @@ class Var(NamedTuple):
     top: np.ndarray
 
 
+class PartitionState(NamedTuple):
+    """A partition's users as changelog values, least recently updated first, with its
+    latest control records: what `UserTable.export` gives and `UserTable.load` takes.
+    """
+
+    keys: list[bytes]
+    values: np.ndarray  # uint8: the values joined
+    starts: np.ndarray  # int64 (users + 1): value i is values[starts[i]:starts[i + 1]]
+    controls: dict[bytes, bytes]
+
+
 class UserTable:
     """User states of the assigned partitions, as columns, with the store's interface.
 
@@ -235,6 +246,9 @@ class UserTable:
         self._tombstones: dict[int, list[bytes]] = {}
         # Non-user changelog records, e.g. the forget position: (partition, key) -> value.
         self._controls: dict[tuple[int, bytes], bytes] = {}
+        # The latest value of each control record, written or restored: a partition's
+        # export carries them, as its changelog does.
+        self._latest_controls: dict[tuple[int, bytes], bytes] = {}
         self._count = 0
         self.evicted = 0
 
@@ -389,6 +403,11 @@ class UserTable:
         """
         assert key.startswith(CONTROL), key
         self._controls[partition, key] = value
+        self._latest_controls[partition, key] = value
+
+    def keep_controls(self, controls: dict[tuple[int, bytes], bytes]) -> None:
+        """Remember control records a restore read ((partition, key) -> value)."""
+        self._latest_controls.update(controls)
 
     def take_changes(self) -> list[StateChange]:
         """Pending changelog records of every partition: state bytes or a tombstone, then
@@ -509,10 +528,48 @@ class UserTable:
         self._free.extend(deleted)  # only now: a slot must not be reused within the batch
         self._count -= len(deleted)
 
+    def export(self, partition: int) -> PartitionState | None:
+        """The partition's users, least recently updated first, as its changelog would
+        restore them; None while it has changelog records pending (`take_changes`), since
+        then the export would hold state that its changelog does not.
+        """
+        if self._tombstones.get(partition) or any(p == partition for p, _ in self._controls):
+            return None
+        users = self._index.get(partition, {})
+        slots = np.empty(len(users), dtype=np.int64)
+        _chain(int(self._ends[partition, 0]) if users else NO_SLOT, self.columns.next, slots)
+        if self.columns.changed[slots].any() or self.columns.pending[slots].any():
+            return None
+        values, starts = self.encode(slots)
+        keys = self._keys
+        controls = {k: v for (p, k), v in self._latest_controls.items() if p == partition}
+        held = cast(list[bytes], [keys[slot] for slot in slots.tolist()])  # every one is held
+        return PartitionState(held, values, starts, controls)
+
+    def load(self, partition: int, state: PartitionState) -> None:
+        """Take an export of `partition`, which holds no users here yet. Raises ValueError,
+        having loaded nothing, when a value is not a user state or a key repeats.
+        """
+        users = self._users(partition)
+        if users:
+            raise ValueError(f"partition {partition} already holds {len(users)} users")
+        if _check(state.values, state.starts) >= 0 or len(set(state.keys)) != len(state.keys):
+            raise ValueError(f"partition {partition}'s export is not a set of user states")
+        slots = self._allocate_all(partition, state.keys)
+        c = self.columns
+        self.pool.reserve(len(slots))
+        _restore(
+            slots, np.arange(len(slots)), state.values, state.starts, self.history_length,
+            c.ints, c.floats, c.history_len, c.items_len, c.seen_len, self.var(), c.pending,
+            c.changed, c.prev, c.next, c.partition, self._ends, np.empty(KINDS, dtype=np.int64),
+        )  # fmt: skip
+        self._latest_controls.update(((partition, k), v) for k, v in state.controls.items())
+
     def drop_partition(self, partition: int) -> None:
         """Forget the state of a partition this process no longer owns."""
-        for where in [where for where in self._controls if where[0] == partition]:
-            del self._controls[where]
+        for controls in (self._controls, self._latest_controls):
+            for where in [where for where in controls if where[0] == partition]:
+                del controls[where]
         users = self._index.get(partition)
         if users is None:
             return
@@ -621,6 +678,15 @@ def _append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: i
 @kernel
 def _linked(slot: int, prev: np.ndarray, ends: np.ndarray, p: int) -> bool:
     return bool(prev[slot] != NO_SLOT or ends[p, 0] == slot)
+
+
+@kernel
+def _chain(head: int, nxt: np.ndarray, out: np.ndarray) -> None:
+    """The slots of a partition's recency list from `head`, into `out` (its length)."""
+    slot = head
+    for i in range(len(out)):
+        out[i] = slot
+        slot = nxt[slot]
 
 
 @inline_kernel

@@ -57,7 +57,7 @@ class RecordingStore:
         self.calls.append(("drop", partition))
 
 
-def leaving(settle_reason, seal_error):
+def leaving(settle_reason, seal_error, clean=False):
     from confluent_kafka import TopicPartition
 
     from pipeline.serve.commit import Rewind
@@ -67,6 +67,7 @@ def leaving(settle_reason, seal_error):
 
     calls = []
     partitions = Partitions(Settings(), RecordingStore(calls), None, RunStats())
+    partitions.save = lambda numbers: calls.append(("save", numbers))
 
     def settle():
         calls.append("settle")
@@ -77,7 +78,7 @@ def leaving(settle_reason, seal_error):
         if seal_error:
             raise Rewind(seal_error)
 
-    partitions._leave([TopicPartition("in", 1), TopicPartition("in", 2)], settle, seal)
+    partitions._leave([TopicPartition("in", 1), TopicPartition("in", 2)], settle, seal, clean)
     return calls, partitions.rewind_due
 
 
@@ -92,3 +93,14 @@ def test_a_rollback_met_while_leaving_is_left_for_the_loop_and_the_state_still_d
     assert due == "aborted in settle" and calls[-2:] == [("drop", 1), ("drop", 2)]
     calls, due = leaving(None, "aborted in commit")
     assert due == "aborted in commit" and calls[-2:] == [("drop", 1), ("drop", 2)]
+
+
+def test_a_partition_revoked_with_everything_committed_leaves_a_snapshot_before_its_drop():
+    calls, _ = leaving(None, None, clean=True)
+    assert calls == ["settle", ("seal", [1, 2]), ("save", [1, 2]), ("drop", 1), ("drop", 2)]
+    # Rolled back, or lost rather than revoked: its state is not what was committed.
+    for settle_reason, seal_error in (("aborted in settle", None), (None, "aborted in commit")):
+        calls, _ = leaving(settle_reason, seal_error, clean=True)
+        assert not [call for call in calls if call[0] == "save"], calls
+    calls, _ = leaving(None, None, clean=False)
+    assert not [call for call in calls if call[0] == "save"], calls

@@ -1,0 +1,91 @@
+"""Restoring from the changelog on the real broker: from a local snapshot plus the
+changelog's tail, the state equals a restore of the whole changelog.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from confluent_kafka import Producer
+
+from pipeline.kafka.clients import producer_config
+from pipeline.serve.features import UserTable, snapshot
+from pipeline.serve.features.changelog import (
+    changelog_topic,
+    ensure_changelog,
+    restore,
+    save_snapshots,
+)
+from pipeline.serve.features.table import CONTROL
+from pipeline.tools.state_bench import full_user
+from tests.pipeline.serve.features.test_snapshot import states_of
+
+pytestmark = pytest.mark.integration
+
+MARK = CONTROL + b"test-mark"
+PARTITIONS = 3
+
+
+def state(seed: int, history: int) -> bytes:
+    return full_user(random.Random(seed), 1_700_000_000_000, history).to_bytes()
+
+
+def produce(settings, records):
+    """(partition, key, value or None) records to the changelog, acknowledged."""
+    producer = Producer(producer_config(settings))
+    for partition, key, value in records:
+        producer.produce(changelog_topic(settings), key=key, value=value, partition=partition)
+    assert producer.flush(30) == 0
+
+
+def held(table: UserTable) -> dict[int, list[tuple[bytes, bytes]]]:
+    """Per partition: (key, changelog value) of each user, least recently updated first."""
+    return {partition: states_of(table, partition) for partition in range(PARTITIONS)}
+
+
+def test_a_snapshot_plus_the_tail_restores_what_the_whole_changelog_does(kafka_settings):
+    settings = kafka_settings
+    history = settings.features.history_length
+    directory = settings.features.snapshot_dir
+    assert directory is not None
+    without = settings.model_copy(
+        update={"features": settings.features.model_copy(update={"snapshot_dir": None})}
+    )
+    ensure_changelog(settings)
+    users = [(i % PARTITIONS, f"user-{i}".encode()) for i in range(30)]
+    produce(settings, [(p, key, state(i, i % 7)) for i, (p, key) in enumerate(users)])
+    produce(settings, [(0, MARK, b"before"), (1, b"user-1", state(99, history))])
+
+    first = UserTable(history)
+    stats = restore(settings, first, range(PARTITIONS))
+    assert stats.from_snapshot == 0 and stats.records == 31  # user records only
+
+    # Given up cleanly: each partition leaves a snapshot naming the changelog's end.
+    save_snapshots(settings, first, list(range(PARTITIONS)))
+    files = sorted(path.name for path in directory.iterdir())
+    topic = changelog_topic(settings)
+    assert files == [f"{topic}.{p}{snapshot.SUFFIX}" for p in range(PARTITIONS)]
+
+    # A later owner wrote more: an update, a tombstone, a new user, a newer control record.
+    tail = [
+        (0, b"user-3", state(100, 2)),
+        (1, b"user-4", None),
+        (2, b"user-new", state(101, history)),
+        (0, MARK, b"after"),
+        (2, b"user-5", state(102, 0)),
+    ]
+    produce(settings, tail)
+
+    from_snapshots = UserTable(history)
+    stats = restore(settings, from_snapshots, range(PARTITIONS))
+    assert stats.from_snapshot == 30  # user-1's two records are one state
+    assert stats.records == 30 + len(tail) - 1  # the control record is no user state
+    assert list(directory.iterdir()) == []  # each read once
+
+    whole = UserTable(history)
+    full = restore(without, whole, range(PARTITIONS))
+    assert full.from_snapshot == 0
+    assert held(from_snapshots) == held(whole)
+    assert from_snapshots.users() == whole.users() == 30
+    assert stats.controls == full.controls == {(0, MARK): b"after"}
