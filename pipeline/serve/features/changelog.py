@@ -13,8 +13,11 @@ the restore loads it and reads only the changelog's records after it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -120,26 +123,12 @@ def restore(
         first = {p: low for p, (low, _) in marks.items()}
         directory = settings.features.snapshot_dir
         if directory is not None:
-            max_age_s = settings.features.snapshot_max_age_s
-            snapshot.prune(directory, max_age_s)
             cluster = consumer.list_topics(topic, timeout=timeout_s).cluster_id or ""
-            found = {}
-            for p in wanted:
-                source = snapshot.Source(cluster, topic, p)
-                read = snapshot.read(directory, source, *marks[p], max_age_s)
-                if read is not None:
-                    found[source] = read
-            store.expect(sum(len(read.state.keys) for read in found.values()))  # room at once
-            for source, read in found.items():
-                try:
-                    store.load(source.partition, read.state)
-                except ValueError as refused:
-                    snapshot.refuse(source, str(refused))
-                    continue
+            sources = [snapshot.Source(cluster, topic, p) for p in wanted]
+            for source, read in _load_snapshots(settings, directory, store, sources, marks):
                 first[source.partition] = read.offset
                 from_snapshot += len(read.state.keys)
                 controls.update(((source.partition, k), v) for k, v in read.state.controls.items())
-            found.clear()  # unmaps the files
         consumer.assign([TopicPartition(topic, p, first[p]) for p in wanted])
         # At most; compaction drops some.
         store.expect(sum(high - first[p] for p, (_, high) in marks.items()))
@@ -189,6 +178,45 @@ def restore(
     store.keep_controls(controls)  # a snapshot of these partitions carries them
     seconds = time.perf_counter() - started
     return RestoreStats(wanted, from_snapshot + records, seconds, controls, from_snapshot)
+
+
+def _load_snapshots(
+    settings: Settings,
+    directory: Path,
+    store: UserTable,
+    sources: list[snapshot.Source],
+    marks: dict[int, tuple[int, int]],
+) -> Iterator[tuple[snapshot.Source, snapshot.Snapshot]]:
+    """Load the valid snapshots of `sources` into `store`, yielding each one loaded.
+
+    Each file is read and checked on a thread while the one before it is loaded: its
+    CRC-32 and the restore kernel both release the GIL, so on two cores the two overlap.
+    """
+    max_age_s = settings.features.snapshot_max_age_s
+    snapshot.prune(directory, max_age_s)
+    # Room for them all at once: growing the pool as they come copies it each time.
+    store.expect(sum(snapshot.users_in(directory, source) for source in sources))
+    with ThreadPoolExecutor(1, thread_name_prefix="snapshot-read") as reader:
+        reads = deque(
+            (
+                source,
+                reader.submit(
+                    snapshot.read, directory, source, *marks[source.partition], max_age_s
+                ),
+            )
+            for source in sources
+        )
+        while reads:
+            source, future = reads.popleft()
+            read = future.result()
+            if read is None:
+                continue
+            try:
+                store.load(source.partition, read.state)
+            except ValueError as refused:
+                snapshot.refuse(source, str(refused))
+                continue
+            yield source, read
 
 
 def save_snapshots(settings: Settings, store: UserTable, partitions: list[int]) -> None:

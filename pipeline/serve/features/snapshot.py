@@ -153,6 +153,21 @@ def read(directory: Path, source: Source, low: int, high: int, max_age_s: float)
         path.unlink(missing_ok=True)
 
 
+def users_in(directory: Path, source: Source) -> int:
+    """The users `source`'s snapshot holds by its header (0 when there is none, or no
+    readable header: `read` refuses that file).
+    """
+    try:
+        with path_of(directory, source).open("rb") as file:
+            head = file.read(len(MAGIC) + _LENGTH.size)
+            if len(head) != len(MAGIC) + _LENGTH.size or not head.startswith(MAGIC):
+                return 0
+            (size,) = _LENGTH.unpack(head[len(MAGIC) :])
+            return max(0, int(json.loads(file.read(size))["users"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def refuse(source: Source, reason: str) -> None:
     """Log why `source`'s snapshot is not used (its restore reads the whole changelog)."""
     log.warning("snapshot_refused", topic=source.topic, partition=source.partition, reason=reason)

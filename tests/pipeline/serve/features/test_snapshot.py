@@ -201,3 +201,11 @@ def test_values_that_are_not_user_states_load_nothing() -> None:
 
 def test_a_missing_snapshot_reads_nothing(tmp_path: Path) -> None:
     assert snapshot.read(tmp_path, SOURCE, 0, 9, 60) is None
+
+
+def test_the_users_a_snapshot_holds_are_known_from_its_header(tmp_path: Path) -> None:
+    assert snapshot.users_in(tmp_path, SOURCE) == 0  # none
+    path = saved(tmp_path)
+    assert snapshot.users_in(tmp_path, SOURCE) == 2
+    path.write_bytes(snapshot.MAGIC + b"\x05\x00")  # a torn header: read() refuses it
+    assert snapshot.users_in(tmp_path, SOURCE) == 0
