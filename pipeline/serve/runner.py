@@ -253,7 +253,10 @@ class Pipeline:
                 checkpoint.commit()
             except Rewind as rewind:
                 # Rolled back: the partitions' next owner reads it again from the last commit.
+                # The state here still holds the rolled-back batches: no snapshot of it when
+                # the consumer's close revokes the partitions.
                 self._discard()
+                self._partitions.rewind_due = str(rewind)
                 log.warning("stopped_after_rollback", reason=str(rewind))
             log.info("pipeline_stopped", **asdict(self.stats))
         return self.stats

@@ -82,7 +82,10 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
     run = uuid.uuid4().hex[:10]
     topics = settings.topics.model_copy(update={"input": f"state-bench-{run}.in"})
     consumer = settings.consumer.model_copy(update={"group_id": f"state-bench-{run}"})
-    bench_settings = settings.model_copy(update={"topics": topics, "consumer": consumer})
+    features = settings.features.model_copy(update={"snapshot_dir": None})  # the changelog
+    bench_settings = settings.model_copy(
+        update={"topics": topics, "consumer": consumer, "features": features}
+    )
     create_topics(bench_settings, [topics.input])
     changelog = ensure_changelog(bench_settings)
     producer = Producer(producer_config(bench_settings))
@@ -101,8 +104,8 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
         raise RuntimeError(f"restored {stats.records} records for {users} users")
 
     with tempfile.TemporaryDirectory(prefix="state-bench-") as directory:
-        features = settings.features.model_copy(update={"snapshot_dir": Path(directory)})
-        with_snapshots = bench_settings.model_copy(update={"features": features})
+        local = settings.features.model_copy(update={"snapshot_dir": Path(directory)})
+        with_snapshots = bench_settings.model_copy(update={"features": local})
         started = time.perf_counter()
         save_snapshots(with_snapshots, table, list(range(partitions)))  # as a revocation
         written_s = time.perf_counter() - started

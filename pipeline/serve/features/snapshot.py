@@ -227,7 +227,9 @@ def prune(directory: Path, max_age_s: float) -> int:
     horizon = time.time() - max_age_s
     removed = 0
     for path in directory.iterdir():
-        if path.name.endswith((SUFFIX, ".tmp")) and path.stat().st_mtime < horizon:
+        name = path.name  # only this module's files: the directory may be shared
+        ours = name.endswith(SUFFIX) or (f"{SUFFIX}." in name and name.endswith(".tmp"))
+        if ours and path.stat().st_mtime < horizon:
             path.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -537,8 +537,10 @@ class UserTable:
             return None
         users = self._index.get(partition, {})
         slots = np.empty(len(users), dtype=np.int64)
-        _chain(int(self._ends[partition, 0]) if users else NO_SLOT, self.columns.next, slots)
-        if self.columns.changed[slots].any() or self.columns.pending[slots].any():
+        head = int(self._ends[partition, 0]) if users else NO_SLOT
+        if _chain(head, self.columns.next, slots) != len(users):
+            return None  # a user allocated but not yet folded in (not linked yet)
+        if self.columns.changed[slots].any():
             return None
         values, starts = self.encode(slots)
         keys = self._keys
@@ -681,12 +683,18 @@ def _linked(slot: int, prev: np.ndarray, ends: np.ndarray, p: int) -> bool:
 
 
 @kernel
-def _chain(head: int, nxt: np.ndarray, out: np.ndarray) -> None:
-    """The slots of a partition's recency list from `head`, into `out` (its length)."""
-    slot = head
-    for i in range(len(out)):
-        out[i] = slot
+def _chain(head: int, nxt: np.ndarray, out: np.ndarray) -> int:
+    """The slots of a partition's recency list from `head`, into `out`: how many, or -1
+    when the list is longer than `out`.
+    """
+    slot, n = head, 0
+    while slot != NO_SLOT:
+        if n == len(out):
+            return -1
+        out[n] = slot
+        n += 1
         slot = nxt[slot]
+    return n
 
 
 @inline_kernel

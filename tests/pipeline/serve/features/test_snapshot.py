@@ -91,6 +91,8 @@ def test_a_partition_with_changes_the_changelog_lacks_exports_nothing() -> None:
     state = table.export(0)
     assert state is not None and state.keys == [b"bob", b"carol"]
     assert state.controls == {MARK: b"\x01"}  # the latest control records go with it
+    table.slots(np.zeros(1, dtype=np.int64), [b"dave"])  # allocated, not folded in yet
+    assert table.export(0) is None
     table.drop_partition(0)
     empty = table.export(0)
     assert empty is not None and empty.keys == [] and empty.controls == {}
@@ -165,11 +167,13 @@ def test_an_old_snapshot_is_refused_and_pruned(tmp_path: Path) -> None:
     leftover = tmp_path / "t.0.snapshot.123.tmp"  # a crash mid-write
     leftover.write_bytes(b"partial")
     assert snapshot.prune(tmp_path, 60) == 0
+    unrelated = tmp_path / "someone-else.tmp"
+    unrelated.write_bytes(b"not ours")
     hour_ago = time.time() - 3600
-    for old in (path, leftover):
+    for old in (path, leftover, unrelated):
         os.utime(old, (hour_ago, hour_ago))
     assert snapshot.prune(tmp_path, 60) == 2
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [unrelated]
     assert snapshot.prune(tmp_path / "missing", 60) == 0
 
 
