@@ -26,6 +26,7 @@ from pipeline.serve.features.table import UserTable
 from pipeline.serve.features.updater import FeatureUpdater
 from pipeline.settings import LimitSettings
 from tests.pipeline.sample import NOW_MS, click_record
+from tests.pipeline.serve.features.test_table import assert_memory_estimate
 
 PSEUDONYMS = Pseudonyms.ephemeral()  # one key, shared by the oracle and the kernel
 
@@ -164,6 +165,7 @@ class Pair:
         assert got == want
         assert self.table.users() == self.store.users()
         assert self.table.evicted == self.store.evicted
+        assert_memory_estimate(self.table)  # through folds, evictions and restores
         for partition in (0, 1):
             users = self.store._partitions.get(partition, {})
             assert [k.decode() for k in self.table.recency(partition)] == list(users)

@@ -70,6 +70,7 @@ def test_a_restored_batch_equals_the_records_applied_one_by_one(
     for batch in batches:
         restore_both(table, store, batch)
         assert table.users() == store.users()
+        assert_memory_estimate(table)
         for partition in store.partitions():
             users = list(store._partitions[partition])
             assert [k.decode() for k in table.recency(partition)] == users
@@ -79,6 +80,16 @@ def test_a_restored_batch_equals_the_records_applied_one_by_one(
                 slot = table.slot_of(partition, user.encode())
                 buffer, _ = table.encode(np.array([slot]))
                 assert buffer.tobytes() == state.to_bytes()
+
+
+def assert_memory_estimate(table: UserTable) -> None:
+    """The estimate, kept as keys come and go, equals one summed over the held keys."""
+    held = [key for key in table._keys if key is not None]
+    assert len(held) == table.users()
+    slot = table.columns.nbytes() // len(table._keys)
+    pooled = table.pool.row_bytes() * table.pool.used()
+    keys = sum(len(key) + 100 for key in held)
+    assert table.estimate_bytes() == slot * table._unused + pooled + keys
 
 
 def test_a_batch_with_a_corrupt_record_is_refused_whole() -> None:
@@ -96,6 +107,7 @@ def test_forget_drops_the_user_with_a_tombstone_and_leaves_the_others() -> None:
     assert table.forget(0, b"bob")
     assert not table.forget(0, b"bob") and not table.forget(1, b"alice")
     assert table.users() == 2
+    assert_memory_estimate(table)
     assert table.recency(0) == [b"alice", b"carol"]
     assert table.take_changes() == [StateChange(0, b"bob", None)]
 
