@@ -400,6 +400,11 @@ class FeatureSettings(_Frozen):
         "(`pipeline/serve/features/snapshot.py`). Unset: every restore reads the whole "
         "changelog.",
     )
+    snapshot_max_bytes: PositiveInt = Field(
+        default=2 * 1024**3,
+        description="After each snapshot is written, the oldest go until the directory holds "
+        "at most this many bytes (keep it under the volume's size).",
+    )
     snapshot_max_age_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
         default=3600.0,
         description="An older snapshot is deleted, not loaded. At most 24 h, the changelog's "

@@ -169,7 +169,8 @@ def test_deployment_fits_the_pipeline():
     assert container["securityContext"]["readOnlyRootFilesystem"]
     state_volume = mounts[str(settings.features.snapshot_dir)]
     (volume,) = [v for v in pod["volumes"] if v["name"] == state_volume]
-    assert volume["emptyDir"]
+    limit = volume["emptyDir"]["sizeLimit"]  # past it, the kubelet evicts the pod
+    assert limit.endswith("Gi") and settings.features.snapshot_max_bytes < int(limit[:-2]) * 2**30
 
 
 def test_one_monitor_reads_every_partition_and_serves_its_own_metrics():

@@ -247,6 +247,8 @@ def save_snapshots(settings: Settings, store: UserTable, partitions: list[int]) 
                 seconds=round(time.perf_counter() - started, 3),
                 path=str(path),
             )
+        features = settings.features
+        snapshot.prune(directory, features.snapshot_max_age_s, features.snapshot_max_bytes)
     except (KafkaException, OSError) as failed:
         log.warning("snapshot_not_written", partitions=partitions, reason=str(failed))
 

@@ -32,6 +32,11 @@ Privacy: a snapshot holds what the changelog holds, user ids and pseudonymised s
 file only its user may read. Snapshots past the age limit are deleted whenever a restore
 runs here (each assignment, so at every start), whichever partition they hold.
 
+Room: a partition revoked here leaves its file even when its next owner is elsewhere and
+never reads it, so after each write the oldest snapshots go until the directory holds at
+most `features.snapshot_max_bytes` (a Kubernetes emptyDir past its sizeLimit evicts the
+pod).
+
 The file: MAGIC; a uint32 length and a JSON header (cluster, topic, partition, offset,
 written_ms, users, the parts' sizes, their CRC-32, the control records in hex); then the
 key offsets (int64, users + 1), the keys, the value offsets (int64, users + 1) and the
@@ -218,18 +223,35 @@ def _parse(data: np.ndarray, source: Source, low: int, high: int, max_age_s: flo
     return Snapshot(offset, PartitionState(keys, parts[3], starts, controls))
 
 
-def prune(directory: Path, max_age_s: float) -> int:
-    """Delete snapshots (and temporary files left by a crash) older than `max_age_s`;
-    return how many.
+def prune(directory: Path, max_age_s: float, max_bytes: int | None = None) -> int:
+    """Delete snapshots (and temporary files left by a crash) older than `max_age_s`, then,
+    with `max_bytes`, the oldest snapshots until the rest fit in it; return how many.
     """
     if not directory.is_dir():
         return 0
     horizon = time.time() - max_age_s
+    kept: list[tuple[float, int, Path]] = []  # (written, bytes, path) of the files left
     removed = 0
     for path in directory.iterdir():
         name = path.name  # only this module's files: the directory may be shared
         ours = name.endswith(SUFFIX) or (f"{SUFFIX}." in name and name.endswith(".tmp"))
-        if ours and path.stat().st_mtime < horizon:
+        if not ours:
+            continue
+        try:
+            status = path.stat()
+        except FileNotFoundError:  # read (and deleted) by another process meanwhile
+            continue
+        if status.st_mtime < horizon:
             path.unlink(missing_ok=True)
+            removed += 1
+        else:
+            kept.append((status.st_mtime, status.st_size, path))
+    if max_bytes is not None:
+        total = sum(size for _, size, _ in kept)
+        for _, size, path in sorted(kept):
+            if total <= max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
             removed += 1
     return removed

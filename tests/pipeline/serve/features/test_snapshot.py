@@ -177,6 +177,20 @@ def test_an_old_snapshot_is_refused_and_pruned(tmp_path: Path) -> None:
     assert snapshot.prune(tmp_path / "missing", 60) == 0
 
 
+def test_past_the_size_limit_the_oldest_snapshots_go(tmp_path: Path) -> None:
+    table, _ = table_with("alice", "bob")
+    state = table.export(0)
+    assert state is not None
+    paths = [snapshot.save(tmp_path, Source("c", "t", p), 5, state) for p in range(3)]
+    now = time.time()
+    for age, path in zip((30, 10, 20), paths, strict=True):
+        os.utime(path, (now - age, now - age))
+    size = paths[0].stat().st_size
+    assert snapshot.prune(tmp_path, 3600, max_bytes=3 * size) == 0
+    assert snapshot.prune(tmp_path, 3600, max_bytes=2 * size - 1) == 2  # the two oldest
+    assert list(tmp_path.iterdir()) == [paths[1]]
+
+
 def test_a_partition_already_held_is_not_overwritten(tmp_path: Path) -> None:
     saved(tmp_path)
     read = snapshot.read(tmp_path, SOURCE, 0, 9, 60)
