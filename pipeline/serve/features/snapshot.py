@@ -53,6 +53,7 @@ import zlib
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -149,8 +150,10 @@ def read(directory: Path, source: Source, low: int, high: int, max_age_s: float)
     if not path.exists():
         return None
     try:
+        with path.open("rb") as file:
+            header, at = _header(file)
         data = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))  # a plain array
-        return _parse(data, source, low, high, max_age_s)
+        return _parse(data, header, at, source, low, high, max_age_s)
     except (SnapshotRefused, ValueError, OSError) as refused:
         refuse(source, str(refused))
         return None
@@ -164,11 +167,8 @@ def users_in(directory: Path, source: Source) -> int:
     """
     try:
         with path_of(directory, source).open("rb") as file:
-            head = file.read(len(MAGIC) + _LENGTH.size)
-            if len(head) != len(MAGIC) + _LENGTH.size or not head.startswith(MAGIC):
-                return 0
-            (size,) = _LENGTH.unpack(head[len(MAGIC) :])
-            return max(0, int(json.loads(file.read(size))["users"]))
+            header, _ = _header(file)
+        return max(0, int(header["users"]))
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -178,14 +178,31 @@ def refuse(source: Source, reason: str) -> None:
     log.warning("snapshot_refused", topic=source.topic, partition=source.partition, reason=reason)
 
 
-def _parse(data: np.ndarray, source: Source, low: int, high: int, max_age_s: float) -> Snapshot:
+def _header(file: BinaryIO) -> tuple[dict[str, Any], int]:
+    """The JSON header at the start of `file`, and where the parts begin."""
+    head = file.read(len(MAGIC) + _LENGTH.size)
+    if len(head) != len(MAGIC) + _LENGTH.size or not head.startswith(MAGIC):
+        raise SnapshotRefused("not a snapshot file")
+    (size,) = _LENGTH.unpack(head[len(MAGIC) :])
     try:
-        if data[: len(MAGIC)].tobytes() != MAGIC:
-            raise SnapshotRefused("not a snapshot file")
-        at = len(MAGIC) + _LENGTH.size
-        (size,) = _LENGTH.unpack(data[len(MAGIC) : at].tobytes())
-        header = json.loads(data[at : at + size].tobytes())
-        at += size
+        header = json.loads(file.read(size))
+    except ValueError as bad:
+        raise SnapshotRefused(f"unreadable header: {bad!r}") from bad
+    if not isinstance(header, dict):
+        raise SnapshotRefused("unreadable header: not an object")
+    return header, len(head) + size
+
+
+def _parse(
+    data: np.ndarray,
+    header: dict[str, Any],
+    at: int,
+    source: Source,
+    low: int,
+    high: int,
+    max_age_s: float,
+) -> Snapshot:
+    try:
         if header["version"] != VERSION:
             raise SnapshotRefused(f"format version {header['version']}, not {VERSION}")
         named = Source(header["cluster"], header["topic"], header["partition"])
@@ -210,7 +227,7 @@ def _parse(data: np.ndarray, source: Source, low: int, high: int, max_age_s: flo
         if crc != header["crc32"]:
             raise SnapshotRefused("checksum mismatch")
         controls = {bytes.fromhex(k): bytes.fromhex(v) for k, v in header["controls"].items()}
-    except (KeyError, TypeError, ValueError, struct.error) as bad:
+    except (KeyError, TypeError, ValueError) as bad:
         if isinstance(bad, SnapshotRefused):
             raise
         raise SnapshotRefused(f"unreadable header: {bad!r}") from bad
