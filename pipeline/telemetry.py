@@ -206,7 +206,10 @@ class Telemetry(Health):
             registry=registry,
         )
         self.restored = Counter(
-            "streamscore_restored_records", "Changelog records restored.", registry=registry
+            "streamscore_restored_records",
+            "User states restored, by source: the changelog, or a local snapshot.",
+            ["source"],
+            registry=registry,
         )
         self.engine = Info(
             "streamscore_engine",

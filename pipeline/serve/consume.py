@@ -263,7 +263,8 @@ class Partitions:
             self._telemetry.restoring(False)
         self._stats.restored += stats.records
         self._stats.restore_s += stats.seconds
-        self._telemetry.restored.inc(stats.records)
+        self._telemetry.restored.labels(source="snapshot").inc(stats.from_snapshot)
+        self._telemetry.restored.labels(source="changelog").inc(stats.records - stats.from_snapshot)
         self._telemetry.restore_seconds.observe(stats.seconds)
         log.info(
             "state_restored",

@@ -104,3 +104,22 @@ def test_a_partition_revoked_with_everything_committed_leaves_a_snapshot_before_
         assert not [call for call in calls if call[0] == "save"], calls
     calls, _ = leaving(None, None, clean=False)
     assert not [call for call in calls if call[0] == "save"], calls
+
+
+def test_a_restore_counts_the_states_from_snapshots_and_from_the_changelog(monkeypatch):
+    from pipeline.serve import consume
+    from pipeline.serve.consume import Partitions
+    from pipeline.serve.counts import RunStats
+    from pipeline.serve.features.changelog import RestoreStats
+    from pipeline.serve.features.table import UserTable
+    from pipeline.settings import Settings
+    from pipeline.telemetry import Telemetry
+
+    stats = RestoreStats((0, 1), records=10, seconds=0.5, controls={}, from_snapshot=7)
+    monkeypatch.setattr(consume, "restore", lambda *args, **kwargs: stats)
+    telemetry, counts = Telemetry(), RunStats()
+    Partitions(Settings(), UserTable(5), telemetry, counts).restore([0, 1])
+    sample = telemetry.registry.get_sample_value
+    assert sample("streamscore_restored_records_total", {"source": "snapshot"}) == 7
+    assert sample("streamscore_restored_records_total", {"source": "changelog"}) == 3
+    assert counts.restored == 10
