@@ -127,7 +127,7 @@ def restore(
             sources = [snapshot.Source(cluster, topic, p) for p in wanted]
             for source, read in _load_snapshots(settings, directory, store, sources, marks):
                 first[source.partition] = read.offset
-                from_snapshot += len(read.state.keys)
+                from_snapshot += read.state.users
                 controls.update(((source.partition, k), v) for k, v in read.state.controls.items())
         consumer.assign([TopicPartition(topic, p, first[p]) for p in wanted])
         # At most; compaction drops some.
@@ -242,7 +242,7 @@ def save_snapshots(settings: Settings, store: UserTable, partitions: list[int]) 
             log.info(
                 "snapshot_written",
                 partition=partition,
-                users=len(state.keys),
+                users=state.users,
                 offset=ends[partition],
                 seconds=round(time.perf_counter() - started, 3),
                 path=str(path),

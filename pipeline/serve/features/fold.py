@@ -12,7 +12,6 @@ function each kernel mirrors.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import cast
 
 import numpy as np
 
@@ -38,6 +37,7 @@ from pipeline.serve.decode import (
     TIME,
     TYPE,
     USER_AGENT,
+    USER_ID,
     BatchDecoder,
 )
 from pipeline.serve.events import ClickEvent
@@ -294,10 +294,10 @@ class Featurizer:
         events that carry candidates, or for every event when `all_histories` (training).
         """
         table = self.table
-        keys = cast(list[bytes], columns.keys)  # a valid event's key is its user id
-        if len(rows) != len(keys):  # else, ascending, they are every row
-            keys = [keys[row] for row in rows.tolist()]
-        slots = table.slots(columns.partition[rows], keys)
+        # A valid event's key is its user id (validation checks it), so the user id's span
+        # in the batch's buffer is the key.
+        user = columns.spans[rows, USER_ID]
+        slots = table.slots_in(columns.partition[rows], columns.buffer, user[:, 0], user[:, 1])
         c = table.columns
         kept_mask = np.empty(len(slots), dtype=np.bool_)
         _fresh(slots, columns.offset[rows], c.ints, c.pending, kept_mask)

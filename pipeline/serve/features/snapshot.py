@@ -51,7 +51,6 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -99,12 +98,9 @@ def save(directory: Path, source: Source, offset: int, state: PartitionState) ->
     snapshot of it.
     """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lengths = np.fromiter(map(len, state.keys), dtype=np.int64, count=len(state.keys))
-    key_starts = np.zeros(len(state.keys) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=key_starts[1:])
     parts: list[bytes | memoryview] = [
-        key_starts.data,
-        b"".join(state.keys),
+        state.key_starts.data,
+        state.key_bytes.data,
         state.starts.data,
         state.values.data,
     ]
@@ -119,7 +115,7 @@ def save(directory: Path, source: Source, offset: int, state: PartitionState) ->
             "partition": source.partition,
             "offset": offset,
             "written_ms": int(time.time() * 1000),
-            "users": len(state.keys),
+            "users": state.users,
             "sizes": [memoryview(part).nbytes for part in parts],
             "crc32": crc,
             "controls": {key.hex(): value.hex() for key, value in state.controls.items()},
@@ -232,12 +228,12 @@ def _parse(
             raise
         raise SnapshotRefused(f"unreadable header: {bad!r}") from bad
     # Copied: the kernels are compiled for aligned arrays, and the file aligns nothing.
-    key_starts, starts = parts[0].view(np.int64), parts[2].view(np.int64).copy()
+    key_starts, starts = parts[0].view(np.int64).copy(), parts[2].view(np.int64).copy()
     if len(starts) != users + 1 or key_starts[-1] != len(parts[1]) or starts[-1] != len(parts[3]):
         raise SnapshotRefused("its offsets do not match its parts")
-    blob = parts[1].tobytes()
-    keys = [blob[a:b] for a, b in pairwise(key_starts.tolist())]
-    return Snapshot(offset, PartitionState(keys, parts[3], starts, controls))
+    if (np.diff(key_starts) < 0).any() or key_starts[0] != 0:
+        raise SnapshotRefused("its key offsets are not in order")
+    return Snapshot(offset, PartitionState(parts[1], key_starts, parts[3], starts, controls))
 
 
 def prune(directory: Path, max_age_s: float, max_bytes: int | None = None) -> int:

@@ -1,7 +1,7 @@
-"""Per-user state as columns: one row (slot) per user in fixed-width arrays, with a key → slot
-index per partition. This is the serving store; `state.FeatureStore` and `UserState` are its
-readable reference, and the changelog bytes are the same (`UserState.to_bytes`), so a
-changelog written by either restores into the other.
+"""Per-user state as columns: one row (slot) per user in fixed-width arrays, with a
+(partition, key) → slot index (`keys.KeyIndex`). This is the serving store;
+`state.FeatureStore` and `UserState` are its readable reference, and the changelog bytes are
+the same (`UserState.to_bytes`), so a changelog written by either restores into the other.
 
 Each slot holds the int64 and float64 slots of `state` (times, counts, decayed counters,
 affinities) and three variable-length parts: the recent (item, category) history, kept
@@ -12,8 +12,8 @@ optimisation is: a slot has room inline for a few of each (INLINE_EVENTS events,
 INLINE_ITEMS items, INLINE_SEEN values per kind), which is all that most users ever use, and
 a user who outgrows any of them moves all three to a full-size row of the `Pool` (`big`
 names it). A slot costs about 500 bytes and a pool row about 1.4 KB, against 1.7 KB for one
-full-size slot per user (README, Performance). There is no Python object per user except the
-key bytes and their entry in the index.
+full-size slot per user (README, Performance). There is no Python object per user: the keys
+are bytes in the index's arena.
 
 Least-recently-updated order, which eviction follows, is a doubly linked list through the
 slots of each partition, as `FeatureStore`'s OrderedDicts are. Slot 0 is never a user's: it
@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from itertools import pairwise, repeat
-from typing import NamedTuple, cast
+from itertools import pairwise
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
+from pipeline.serve.features.keys import FREE, KeyIndex, find_or_add, lookup, remove
+from pipeline.serve.features.keys import join as join_keys
 from pipeline.serve.features.state import (
     FLOAT_SLOTS,
     FORMAT_VERSION,
@@ -81,6 +83,11 @@ class Columns:
     prev: np.ndarray  # int32 (capacity,): LRU links within the slot's partition
     next: np.ndarray  # int32 (capacity,)
     partition: np.ndarray  # int32 (capacity,)
+    # The user's key, for `keys.KeyIndex`: its hash, where its bytes are in the index's
+    # arena, and whether the slot holds a user at all.
+    key_hash: np.ndarray  # uint64 (capacity,)
+    key: np.ndarray  # int64 (capacity, 3): arena start, length, partition
+    held: np.ndarray  # bool (capacity,)
 
     @classmethod
     def empty(cls, capacity: int, history_width: int) -> Columns:
@@ -104,6 +111,9 @@ class Columns:
             prev=np.zeros(capacity, dtype=np.int32),  # set when the slot is first linked
             next=np.zeros(capacity, dtype=np.int32),
             partition=np.zeros(capacity, dtype=np.int32),
+            key_hash=np.zeros(capacity, dtype=np.uint64),
+            key=np.zeros((capacity, 3), dtype=np.int64),
+            held=np.zeros(capacity, dtype=np.bool_),
         )
 
     def grown(self, capacity: int) -> Columns:
@@ -202,10 +212,21 @@ class PartitionState(NamedTuple):
     latest control records: what `UserTable.export` gives and `UserTable.load` takes.
     """
 
-    keys: list[bytes]
+    key_bytes: np.ndarray  # uint8: the keys joined
+    key_starts: np.ndarray  # int64 (users + 1): key i is key_bytes[key_starts[i]:...[i + 1]]
     values: np.ndarray  # uint8: the values joined
     starts: np.ndarray  # int64 (users + 1): value i is values[starts[i]:starts[i + 1]]
     controls: dict[bytes, bytes]
+
+    @property
+    def users(self) -> int:
+        """How many users it holds."""
+        return len(self.starts) - 1
+
+    def keys(self) -> list[bytes]:
+        """The keys, as bytes (tests, and the rare reader that needs objects)."""
+        blob, bounds = self.key_bytes.tobytes(), self.key_starts.tolist()
+        return [blob[a:b] for a, b in pairwise(bounds)]
 
 
 class UserTable:
@@ -235,11 +256,10 @@ class UserTable:
         self.columns = Columns.empty(max(capacity, 2), width)
         self.pool = Pool.empty(1024, history_length)
         self.columns.big[SCRATCH] = 1  # the scratch slot always works in pool row 0
-        self._keys: list[bytes | None] = [None] * len(self.columns.ints)
-        self._unused = SCRATCH + 1  # slots from here on were never used
-        self._free: list[int] = []  # slots released since
-        # partition -> key -> slot; its order is the order partitions were first seen.
-        self._index: dict[int, dict[bytes, int]] = {}
+        self._index = KeyIndex(len(self.columns.ints), SCRATCH + 1)
+        # Partitions with state here, in the order first seen (eviction's tie-break).
+        self._partitions: dict[int, None] = {}
+        self._known = np.zeros(0, dtype=np.bool_)  # per partition: in `_partitions`
         self._ends = np.full((0, 2), NO_SLOT, dtype=np.int32)  # per partition: LRU head, tail
         self._watermark = np.zeros(0, dtype=np.int64)
         self._changed: list[int] = []  # slots whose `changed` flag was raised, maybe twice
@@ -249,92 +269,102 @@ class UserTable:
         # The latest value of each control record, written or restored: a partition's
         # export carries them, as its changelog does.
         self._latest_controls: dict[tuple[int, bytes], bytes] = {}
-        self._count = 0
-        self._key_bytes = 0  # of the keys held: kept as they come and go, never summed
         self.evicted = 0
 
     # -- slots --------------------------------------------------------------------------------
 
     def slots(self, partitions: np.ndarray, keys: list[bytes]) -> np.ndarray:
         """The slot of each (partition, key), allocating a pending one for a new user."""
-        out: list[int] = []
-        append = out.append
-        # One dict lookup per event: the keys are the bytes objects the consumer already
-        # returned, so this is the only per-event Python of the features stage. A batch
-        # holds runs of one partition (the consumer returns each fetch's messages together),
-        # so the partition's map is looked up once per run. (`map` over each partition's
-        # keys, as `restore` does, measured slower at serving batch sizes: 12 partitions
-        # of about 40 events each pay more in numpy calls than the loop costs.)
-        current, users = -1, {}
-        for partition, key in zip(partitions.tolist(), keys, strict=True):
-            if partition != current:
-                current = partition
-                users = self._users(partition)
-            slot = users.get(key)
-            if slot is None:
-                slot = self._allocate(partition, key)
-                self.columns.pending[slot] = True
-            append(slot)
-        return np.array(out, dtype=np.int64)
+        return self.slots_in(partitions, *join_keys(keys))
 
-    def _users(self, partition: int) -> dict[bytes, int]:
-        """The partition's key → slot map, made on first use."""
-        users = self._index.get(partition)
-        return self._add_partition(partition) if users is None else users
+    def slots_in(
+        self, partitions: np.ndarray, buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    ) -> np.ndarray:
+        """`slots` of the keys at `buffer[starts[i]:starts[i] + lengths[i]]`: one kernel
+        call for the batch, no Python object per key (`keys.KeyIndex`).
+        """
+        self._see(partitions)
+        out = np.empty(len(partitions), dtype=np.int64)
+        self._find_or_add(partitions, buffer, starts, lengths, out, pend=True)
+        return out
 
-    def _add_partition(self, partition: int) -> dict[bytes, int]:
+    def _see(self, partitions: np.ndarray) -> None:
+        """Add the partitions of `partitions` not seen yet, in the order they come there."""
+        if not len(partitions):
+            return
+        known = self._known
+        if int(partitions.max()) < len(known) and known[partitions].all():
+            return
+        distinct, first = np.unique(partitions, return_index=True)
+        for partition in distinct[np.argsort(first)].tolist():
+            if partition >= len(self._known) or not self._known[partition]:
+                self._add_partition(partition)
+
+    def _add_partition(self, partition: int) -> None:
         if partition >= len(self._ends):
             size = max(partition + 1, 2 * len(self._ends))
             ends = np.full((size, 2), NO_SLOT, dtype=np.int32)
             ends[: len(self._ends)] = self._ends
             watermark = np.full(size, NEVER, dtype=np.int64)
             watermark[: len(self._watermark)] = self._watermark
-            self._ends, self._watermark = ends, watermark
+            known = np.zeros(size, dtype=np.bool_)
+            known[: len(self._known)] = self._known
+            self._ends, self._watermark, self._known = ends, watermark, known
+            self._index.add_partitions(size)
         self._ends[partition] = NO_SLOT
         self._watermark[partition] = NEVER
-        users = self._index[partition] = {}
-        return users
+        self._known[partition] = True
+        self._partitions[partition] = None
 
-    def _allocate(self, partition: int, key: bytes) -> int:
-        """A slot for `key`, a new user of `partition`, entered in its index."""
-        if self._free:
-            slot = self._free.pop()
-        else:
-            self._room(1)
-            slot = self._unused
-            self._unused += 1
-        self._keys[slot] = key
-        self._key_bytes += len(key)
-        self._index[partition][key] = slot
-        self.columns.partition[slot] = partition
-        self._count += 1
-        return slot
+    def _find_or_add(
+        self,
+        partitions: np.ndarray,
+        buffer: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        out: np.ndarray,
+        pend: bool,
+    ) -> None:
+        """The slot of each key into `out`, a new key given a slot (pending when `pend`),
+        making room whenever the kernel runs out of it.
+        """
+        index, row = self._index, 0
+        index.reserve(len(partitions), self.columns)
+        while True:
+            c = self.columns
+            row = find_or_add(
+                row, partitions, buffer, starts, lengths, out, pend, index.table, c.key_hash,
+                c.key, c.partition, c.held, c.pending, index.arena, index.free, index.meta,
+                index.counts,
+            )  # fmt: skip
+            if row == len(partitions):
+                return
+            rest = len(partitions) - row  # room for every row left to be new, at worst
+            self._room(max(0, rest - int(index.meta[FREE])))
+            index.room_for(int(lengths[row:].sum()), self.columns)
 
-    def _allocate_all(self, partition: int, keys: list[bytes]) -> np.ndarray:
-        """`_allocate` for many keys at once (a restore's)."""
-        reused = min(len(keys), len(self._free))
-        slots = self._free[len(self._free) - reused :]
-        del self._free[len(self._free) - reused :]
-        fresh = len(keys) - reused
-        self._room(fresh)
-        for slot, key in zip(slots, keys, strict=False):
-            self._keys[slot] = key
-        self._keys[self._unused : self._unused + fresh] = keys[reused:]
-        slots.extend(range(self._unused, self._unused + fresh))
-        self._unused += fresh
-        self._count += len(keys)
-        self._key_bytes += sum(map(len, keys))
-        self._index[partition].update(zip(keys, slots, strict=True))
-        out = np.array(slots, dtype=np.int64)
-        self.columns.partition[out] = partition
+    def _add_all(self, partition: int, keys: list[bytes]) -> np.ndarray:
+        """Slots for `keys`, new users of `partition` (a restore's)."""
+        out = np.empty(len(keys), dtype=np.int64)
+        partitions = np.full(len(keys), partition, dtype=np.int64)
+        self._find_or_add(partitions, *join_keys(keys), out, pend=False)
+        return out
+
+    def _lookup(self, partition: int, keys: list[bytes]) -> np.ndarray:
+        """The slot of each of `keys` in `partition`, NO_SLOT for a user not held."""
+        out = np.empty(len(keys), dtype=np.int64)
+        c, index = self.columns, self._index
+        lookup(
+            np.full(len(keys), partition, dtype=np.int64), *join_keys(keys), out, index.table,
+            c.key, index.arena,
+        )  # fmt: skip
         return out
 
     def _room(self, fresh: int) -> None:
         """Grow the columns, by doubling, until `fresh` never-used slots are left."""
-        while self._unused + fresh > len(self._keys):
-            old = len(self._keys)
-            self.columns = self.columns.grown(2 * old)
-            self._keys.extend([None] * old)
+        while self._index.unused + fresh > len(self.columns.ints):
+            self.columns = self.columns.grown(2 * len(self.columns.ints))
+            self._index.resized(self.columns)
 
     def var(self) -> Var:
         """The variable parts, for a kernel (after `pool.reserve` when it may promote)."""
@@ -353,18 +383,20 @@ class UserTable:
     def _release(self, slots: np.ndarray, tombstones: bool) -> None:
         """Forget the users in `slots` (already unlinked by a kernel)."""
         self._unpool(slots)
-        keys, index = self._keys, self._index
-        for slot in slots.tolist():
-            key = keys[slot]
-            assert key is not None
-            partition = int(self.columns.partition[slot])
-            del index[partition][key]
-            if tombstones:
+        c, index = self.columns, self._index
+        if tombstones:
+            keys = index.keys(slots, c)
+            for partition, key in zip(c.partition[slots].tolist(), keys, strict=True):
                 self._tombstones.setdefault(partition, []).append(key)
-            keys[slot] = None
-            self._key_bytes -= len(key)
-            self._free.append(slot)
-        self._count -= len(slots)
+        self._remove(slots)
+        index.release(slots)
+
+    def _remove(self, slots: np.ndarray) -> None:
+        """Take `slots` out of the index; they are not free until `KeyIndex.release`."""
+        c, index = self.columns, self._index
+        remove(
+            slots, index.table, c.key_hash, c.key, c.held, index.meta, index.counts,
+        )  # fmt: skip
 
     # -- the store's interface ----------------------------------------------------------------
 
@@ -374,10 +406,8 @@ class UserTable:
 
     def evict(self) -> None:
         """Drop idle users past the TTL, then the least recent above `max_users`."""
-        order = np.fromiter(self._index, dtype=np.int64, count=len(self._index))
-        counts = np.fromiter(
-            (len(users) for users in self._index.values()), dtype=np.int64, count=len(order)
-        )
+        order = np.fromiter(self._partitions, dtype=np.int64, count=len(self._partitions))
+        counts = self._index.counts[order]
         c = self.columns
         evicted = _evict(
             order, counts, self._ttl_ms, float(self.max_users), c.ints, c.changed, c.prev,
@@ -419,8 +449,12 @@ class UserTable:
         """
         changes: list[StateChange] = []
         for partition, keys in self._tombstones.items():
-            users = self._index.get(partition, {})
-            changes.extend(StateChange(partition, key, None) for key in keys if key not in users)
+            slots = self._lookup(partition, keys).tolist()  # a key may be back since
+            changes.extend(
+                StateChange(partition, key, None)
+                for key, slot in zip(keys, slots, strict=True)
+                if slot == NO_SLOT
+            )
         self._tombstones.clear()
         if self._changed:
             slots = np.asarray(self._changed, dtype=np.int64)
@@ -432,12 +466,11 @@ class UserTable:
             buffer, starts = self.encode(slots)
             data = buffer.tobytes()
             bounds = starts.tolist()
-            held = self._keys
             changes.extend(
                 map(
                     StateChange,
                     c.partition[slots].tolist(),
-                    [held[slot] for slot in slots.tolist()],
+                    self._index.keys(slots, c),
                     [data[a:b] for a, b in pairwise(bounds)],
                 )
             )
@@ -468,7 +501,7 @@ class UserTable:
         will read), so that the pool does not grow by doubling as they come, which copies
         it each time. Room untouched takes no memory, as the slots' does not.
         """
-        self.pool.reserve(min(users, len(self._keys)))
+        self.pool.reserve(min(users, len(self.columns.ints)))
 
     def restore(self, partitions: list[int], keys: list[bytes], values: list[bytes | None]) -> None:
         """Apply changelog records in order (None deletes); later records win. Raises
@@ -496,23 +529,20 @@ class UserTable:
         if order is not None:
             keys = list(map(keys.__getitem__, order.tolist()))
         for partition, first, end in groups:
-            users = self._users(partition)
+            self._see(np.array([partition], dtype=np.int64))
             last = dict(zip(keys[first:end], range(first, end), strict=True))
             run = list(last)
             at = np.fromiter(last.values(), dtype=np.int64, count=len(run))
             if order is not None:
                 at = order[at]  # the record's index in the batch
             put = has_value[at]
-            slots = np.fromiter(map(users.get, run, repeat(NO_SLOT)), np.int64, len(run))
+            slots = self._lookup(partition, run)
             new = np.flatnonzero(put & (slots == NO_SLOT))
             if len(new):
-                slots[new] = self._allocate_all(partition, [run[j] for j in new.tolist()])
-            gone = np.flatnonzero(~put & (slots != NO_SLOT))
-            for j in gone.tolist():  # leaves the index now, frees its slot after the batch
-                del users[run[j]]
-                self._keys[slots[j]] = None
-                self._key_bytes -= len(run[j])
-            deleted.extend(slots[gone].tolist())
+                slots[new] = self._add_all(partition, [run[j] for j in new.tolist()])
+            gone = slots[~put & (slots != NO_SLOT)]
+            self._remove(gone)  # leaves the index now, frees its slot after the batch
+            deleted.extend(gone.tolist())
             keep = slots != NO_SLOT  # a tombstone of an unknown user changes nothing
             kept = at[keep]
             sequence = np.argsort(kept)  # the order of the last records
@@ -529,9 +559,9 @@ class UserTable:
             c.items_len, c.seen_len, self.var(), c.pending, c.changed, c.prev, c.next,
             c.partition, self._ends, np.empty(KINDS, dtype=np.int64),
         )  # fmt: skip
-        self._unpool(np.array(deleted, dtype=np.int64))
-        self._free.extend(deleted)  # only now: a slot must not be reused within the batch
-        self._count -= len(deleted)
+        freed = np.array(deleted, dtype=np.int64)
+        self._unpool(freed)
+        self._index.release(freed)  # only now: a slot must not be reused within the batch
 
     def export(self, partition: int) -> PartitionState | None:
         """The partition's users, least recently updated first, as its changelog would
@@ -540,29 +570,44 @@ class UserTable:
         """
         if self._tombstones.get(partition) or any(p == partition for p, _ in self._controls):
             return None
-        users = self._index.get(partition, {})
-        slots = np.empty(len(users), dtype=np.int64)
+        users = self._users_of(partition)
+        slots = np.empty(users, dtype=np.int64)
         head = int(self._ends[partition, 0]) if users else NO_SLOT
-        if _chain(head, self.columns.next, slots) != len(users):
+        if _chain(head, self.columns.next, slots) != users:
             return None  # a user allocated but not yet folded in (not linked yet)
         if self.columns.changed[slots].any():
             return None
         values, starts = self.encode(slots)
-        keys = self._keys
         controls = {k: v for (p, k), v in self._latest_controls.items() if p == partition}
-        held = cast(list[bytes], [keys[slot] for slot in slots.tolist()])  # every one is held
-        return PartitionState(held, values, starts, controls)
+        key_bytes, key_starts = self._index.gather(slots, self.columns)
+        return PartitionState(key_bytes, key_starts, values, starts, controls)
+
+    def _users_of(self, partition: int) -> int:
+        """Users held of `partition`."""
+        known = partition < len(self._known) and self._known[partition]
+        return int(self._index.counts[partition]) if known else 0
 
     def load(self, partition: int, state: PartitionState) -> None:
         """Take an export of `partition`, which holds no users here yet. Raises ValueError,
         having loaded nothing, when a value is not a user state or a key repeats.
         """
-        users = self._users(partition)
-        if users:
-            raise ValueError(f"partition {partition} already holds {len(users)} users")
-        if _check(state.values, state.starts) >= 0 or len(set(state.keys)) != len(state.keys):
-            raise ValueError(f"partition {partition}'s export is not a set of user states")
-        slots = self._allocate_all(partition, state.keys)
+        self._see(np.array([partition], dtype=np.int64))
+        if users := self._users_of(partition):
+            raise ValueError(f"partition {partition} already holds {users} users")
+        refused = ValueError(f"partition {partition}'s export is not a set of user states")
+        if _check(state.values, state.starts) >= 0:
+            raise refused
+        slots = np.empty(state.users, dtype=np.int64)
+        starts = state.key_starts
+        self._find_or_add(
+            np.full(state.users, partition, dtype=np.int64), state.key_bytes, starts[:-1],
+            np.diff(starts), slots, pend=False,
+        )  # fmt: skip
+        if self._users_of(partition) != state.users:  # a key twice: take them out again
+            added = np.unique(slots)
+            self._remove(added)
+            self._index.release(added)
+            raise refused
         c = self.columns
         self.pool.reserve(len(slots))
         _restore(
@@ -577,50 +622,46 @@ class UserTable:
         for controls in (self._controls, self._latest_controls):
             for where in [where for where in controls if where[0] == partition]:
                 del controls[where]
-        users = self._index.get(partition)
-        if users is None:
+        if partition not in self._partitions:
             return
-        c = self.columns
-        slots = np.fromiter(users.values(), dtype=np.int64, count=len(users))
+        c, unused = self.columns, self._index.unused
+        slots = np.flatnonzero(c.held[:unused] & (c.partition[:unused] == partition))
         c.changed[slots] = False
         c.pending[slots] = False
         c.prev[slots] = c.next[slots] = NO_SLOT
-        self._release(slots, tombstones=False)
-        del self._index[partition]
+        self._release(slots.astype(np.int64), tombstones=False)
+        del self._partitions[partition]
+        self._known[partition] = False
         self._tombstones.pop(partition, None)
         self._ends[partition] = NO_SLOT
         self._watermark[partition] = NEVER
 
     def slot_of(self, partition: int, key: bytes) -> int:
         """The slot of a held user, or NO_SLOT."""
-        return self._index.get(partition, {}).get(key, NO_SLOT)
+        return int(self._lookup(partition, [key])[0])
 
     def partitions(self) -> list[int]:
         """Partitions with state here."""
-        return list(self._index)
+        return list(self._partitions)
 
     def users(self) -> int:
         """Users held across all partitions."""
-        return self._count
+        return int(self._index.counts.sum())
 
     def estimate_bytes(self) -> int:
-        """Bytes held by user states: the slots used so far, the pool rows in use, plus
-        each key and its index entry (about 100 bytes of dict and bytes object overhead).
-        Constant time: the loop samples it, and summing the keys walked every slot (44 ms
-        a sample with room for a million users, the loop stalled meanwhile).
+        """Bytes held by user states: the slots used so far, the pool rows in use, and the
+        key index (its table, arena and free stack). Constant time: the loop samples it.
         """
-        slot = self.columns.nbytes() // len(self._keys)
+        slot = self.columns.nbytes() // len(self.columns.ints)
         pooled = self.pool.row_bytes() * self.pool.used()
-        return slot * self._unused + pooled + self._key_bytes + 100 * self._count
+        return slot * self._index.unused + pooled + self._index.nbytes()
 
     def recency(self, partition: int) -> list[bytes]:
         """The partition's keys, least recently updated first (tests)."""
         out: list[bytes] = []
-        slot = int(self._ends[partition, 0]) if partition in self._index else NO_SLOT
+        slot = int(self._ends[partition, 0]) if partition in self._partitions else NO_SLOT
         while slot != NO_SLOT:
-            key = self._keys[slot]
-            assert key is not None
-            out.append(key)
+            out.append(self._index.key(slot, self.columns))
             slot = int(self.columns.next[slot])
         return out
 

@@ -22,6 +22,7 @@ from tests.pipeline.sample import click_record
 from tests.pipeline.serve.features.test_table import (
     HISTORY,
     STATES,
+    assert_memory_estimate,
     batch,
     sum_runs,
     table_with,
@@ -89,13 +90,13 @@ def test_a_partition_with_changes_the_changelog_lacks_exports_nothing() -> None:
     assert table.export(0) is None
     table.take_changes()
     state = table.export(0)
-    assert state is not None and state.keys == [b"bob", b"carol"]
+    assert state is not None and state.keys() == [b"bob", b"carol"]
     assert state.controls == {MARK: b"\x01"}  # the latest control records go with it
     table.slots(np.zeros(1, dtype=np.int64), [b"dave"])  # allocated, not folded in yet
     assert table.export(0) is None
     table.drop_partition(0)
     empty = table.export(0)
-    assert empty is not None and empty.keys == [] and empty.controls == {}
+    assert empty is not None and empty.keys() == [] and empty.controls == {}
 
 
 def saved(tmp_path: Path, offset: int = 5) -> Path:
@@ -209,12 +210,16 @@ def test_values_that_are_not_user_states_load_nothing() -> None:
     damaged[state.starts[1]] = 7  # bob's format version
     for bad in (
         state._replace(values=damaged),
-        state._replace(keys=[b"alice", b"alice"]),  # a key twice
+        state._replace(  # a key twice
+            key_bytes=np.frombuffer(b"alicealice", dtype=np.uint8),
+            key_starts=np.array([0, 5, 10], dtype=np.int64),
+        ),
     ):
         fresh = UserTable(HISTORY)
         with pytest.raises(ValueError, match="not a set of user states"):
             fresh.load(0, bad)
         assert fresh.users() == 0
+        assert_memory_estimate(fresh)  # the key index too
 
 
 def test_a_missing_snapshot_reads_nothing(tmp_path: Path) -> None:

@@ -83,13 +83,22 @@ def test_a_restored_batch_equals_the_records_applied_one_by_one(
 
 
 def assert_memory_estimate(table: UserTable) -> None:
-    """The estimate, kept as keys come and go, equals one summed over the held keys."""
-    held = [key for key in table._keys if key is not None]
-    assert len(held) == table.users()
-    slot = table.columns.nbytes() // len(table._keys)
+    """The key index is whole, and its counts kept as keys come and go equal a recount:
+    every held slot's key finds that slot, the users per partition and the key bytes add up,
+    and the estimate is the sum of its parts.
+    """
+    c, index = table.columns, table._index
+    held = np.flatnonzero(c.held[: index.unused])
+    keys = index.keys(held, c)
+    for slot, partition, key in zip(held.tolist(), c.partition[held].tolist(), keys, strict=True):
+        assert table.slot_of(partition, key) == slot
+    assert len(held) == table.users() == int((table._index.table >= 0).sum())
+    for partition in table.partitions():
+        assert int(index.counts[partition]) == int((c.partition[held] == partition).sum())
+    assert index.key_bytes() == sum(map(len, keys))
+    slot = c.nbytes() // len(c.ints)
     pooled = table.pool.row_bytes() * table.pool.used()
-    keys = sum(len(key) + 100 for key in held)
-    assert table.estimate_bytes() == slot * table._unused + pooled + keys
+    assert table.estimate_bytes() == slot * index.unused + pooled + index.nbytes()
 
 
 def test_a_batch_with_a_corrupt_record_is_refused_whole() -> None:
