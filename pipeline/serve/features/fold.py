@@ -42,7 +42,7 @@ from pipeline.serve.decode import (
 )
 from pipeline.serve.events import ClickEvent
 from pipeline.serve.features import spec
-from pipeline.serve.features.pseudonym import WORK_WORDS, Pseudonyms, pseudonym
+from pipeline.serve.features.pseudonym import Pseudonyms, pseudonym
 from pipeline.serve.features.state import (
     AFFINITY,
     AMOUNT_1H,
@@ -273,7 +273,6 @@ class Featurizer:
         """
         self.table = table
         self.pseudonyms = pseudonyms
-        self._work = np.zeros(WORK_WORDS, dtype=np.uint64)
         # The fold's per-event scratch (KINDS hashes and flags, windows' weights), made
         # here because the kernel does not allocate (see `_fold`).
         self._hashes = np.empty(KINDS, dtype=np.int64)
@@ -316,7 +315,7 @@ class Featurizer:
             self._lateness_ms, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
             table.var(), c.pending, c.changed, c.prev, c.next, c.partition, table.ends,
             table.watermarks, numeric, categorical, hist_items, hist_cats, newly,
-            self.pseudonyms.key_state, self._work, self._hashes, self._nonempty,
+            self.pseudonyms.key_state, self._hashes, self._nonempty,
             self._novelty, self._weights, _CRC, _WORD_BYTES, _WORD_START, _WORD_CLASS,
             _WORD_PAIRS, _PRECEDENCE, _DECAY_MS, _COLUMNS,
         )  # fmt: skip
@@ -487,7 +486,6 @@ def _fold(
     hist_cats: np.ndarray,
     newly: np.ndarray,
     key_state: np.ndarray,
-    work: np.ndarray,
     hashes: np.ndarray,
     nonempty: np.ndarray,
     novelty: np.ndarray,
@@ -527,9 +525,7 @@ def _fold(
                 hist_cats[r, length - pairs + k] = history[2 * k + 1]
         for kind, field in enumerate((DEVICE_ID, IP, COUNTRY, CARD_FINGERPRINT)):
             size = spans[row, field, 1]
-            hashes[kind] = (
-                -1 if size < 0 else pseudonym(buf, spans[row, field, 0], size, key_state, work)
-            )
+            hashes[kind] = -1 if size < 0 else pseudonym(buf, spans[row, field, 0], size, key_state)
             nonempty[kind] = size > 0
         billing = spans[row, BILLING_COUNTRY, 1]
         mismatch = (
