@@ -595,7 +595,13 @@ def warm_kernels() -> float:
     one_bin.histogram(features.numeric, features.categorical, np.zeros(1, np.float32))
     table.evict()
     changes = table.take_changes()
-    table.restore([c.partition for c in changes], [c.key for c in changes], [None])
+    partitions, keys = [c.partition for c in changes], [c.key for c in changes]
+    restored = UserTable(2)  # a changelog's restore into new users, then a snapshot's load
+    restored.restore(partitions, keys, [c.value for c in changes])
+    state = restored.export(partitions[0])
+    if state is not None:
+        UserTable(2).load(partitions[0], state)
+    table.restore(partitions, keys, [None])  # a tombstone of a held user
     empty = np.zeros((1, 1))
     scored = Scored(
         rows=rows, score=np.zeros(1, np.float32), decision=np.zeros(1, np.int64),
