@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import urllib.error
 import urllib.request
 import uuid
 import zlib
@@ -175,6 +176,23 @@ def topic_partitions_of(settings):
         consumer.close()
 
 
+def scrape(port: int, timeout_s: float = 60.0) -> bytes:
+    """/metrics of an instance, once its server listens: an instance that joined late (a
+    busy machine, kernels loading) may not listen yet when the commits the test waits for
+    were the first instance's.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                body: bytes = reply.read()
+                return body
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_no_raw_personal_data_outside_the_input_and_the_dead_letter_topic(
     kafka_settings, model_dir, tmp_path, capfd
 ):
@@ -216,9 +234,7 @@ def test_no_raw_personal_data_outside_the_input_and_the_dead_letter_topic(
         more = GeneratorConfig(events=300, users=30, seed=10).anchored_before(time.time())
         produce_with_bad_input(settings, [(e | PERSONAL, label) for e, label in generate(more)])
         wait_for_commit(settings, timeout_s=120)
-        for port in (first_port, second_port):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-                metrics.append(reply.read())
+        metrics = [scrape(port) for port in (first_port, second_port)]
     finally:
         if second is not None:
             second.close()
