@@ -19,6 +19,7 @@ reference refuses, and must decode what it accepts to the same values
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import cast
 
 import numpy as np
@@ -36,6 +37,7 @@ from schemas.catalog import Catalog, StaticCatalog
 # for the kernel's second pass only: the kernel takes it in that pass alone, and every row
 # that carried it on the wire was already rejected or re-encoded by the reference path.
 RESOLVED_ID = 0xFFFFFFFF
+_TIME = itemgetter(1)  # of Message.timestamp(): (type, ms)
 
 # Span columns: the string fields in the order validation checks their length.
 (
@@ -160,18 +162,16 @@ class BatchDecoder:
         self, messages: Sequence[Message], now_ms: int
     ) -> tuple[EventColumns, list[Rejected]]:
         """Columns of `messages` (consumed, without errors) and those refused, in row order."""
-        # A list per column: half the cost of one list of (partition, offset, timestamp)
-        # tuples made into an array.
-        positions = np.empty((len(messages), 3), dtype=np.int64)
-        positions[:, 0] = np.array([message.partition() for message in messages], np.int64)
-        positions[:, 1] = np.array([message.offset() for message in messages], np.int64)
-        positions[:, 2] = [message.timestamp()[1] for message in messages]
-        return self.decode_values(
-            [message.value() for message in messages],
-            [message.key() for message in messages],
-            positions,
-            now_ms,
-        )
+        # A pass per column, `map` over Message's own methods: no Python frame per message
+        # (370 against 430 ns an event for list comprehensions, which were half the cost of
+        # one list of (partition, offset, timestamp) tuples made into an array).
+        n = len(messages)
+        positions = np.empty((n, 3), dtype=np.int64)
+        positions[:, 0] = np.fromiter(map(Message.partition, messages), np.int64, n)
+        positions[:, 1] = np.fromiter(map(Message.offset, messages), np.int64, n)
+        positions[:, 2] = np.fromiter(map(_TIME, map(Message.timestamp, messages)), np.int64, n)
+        values = list(map(Message.value, messages))
+        return self.decode_values(values, list(map(Message.key, messages)), positions, now_ms)
 
     def decode_values(
         self,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import math
 import struct
-from dataclasses import dataclass
 
 import fastavro
 import pytest
+from confluent_kafka import Message as KafkaMessage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,28 +35,11 @@ REFERENCE = Decoder(schemas.CLICK_EVENT)
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 
-@dataclass
-class Message:
-    """The parts of a consumed confluent_kafka.Message the decoder reads."""
-
-    _value: bytes | None
-    _key: bytes | None
-    _offset: int = 0
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def partition(self) -> int:
-        return 3
-
-    def offset(self) -> int:
-        return self._offset
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, NOW_MS - 5)
+def Message(value: bytes | None, key: bytes | None, offset: int = 0) -> KafkaMessage:
+    """A consumed message, as the consumer makes it (confluent-kafka's own constructor)."""
+    return KafkaMessage(
+        topic="clicks", partition=3, offset=offset, key=key, value=value, timestamp=(1, NOW_MS - 5)
+    )
 
 
 def oracle(value: bytes | None, key: bytes | None) -> dict[str, object] | DecodeError:

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from confluent_kafka import Message
 from pydantic import SecretStr
 
 import schemas
@@ -36,33 +37,18 @@ class ConstantFraud(FakeFraud):
         }
 
 
-class ConsumedMessage:
-    """What the consumer hands over for one ClickEvent record."""
-
-    def __init__(self, record, offset, partition=0):
-        self._record, self._offset, self._partition = record, offset, partition
-        self._value = Encoder(schemas.CLICK_EVENT).encode(record)
-
-    def error(self):
-        return None
-
-    def topic(self):
-        return "clicks"
-
-    def partition(self):
-        return self._partition
-
-    def offset(self):
-        return self._offset
-
-    def key(self):
-        return self._record["user_id"].encode()
-
-    def value(self):
-        return self._value
-
-    def timestamp(self):
-        return (1, self._record["event_time"])
+def ConsumedMessage(record, offset, partition=0):
+    """What the consumer hands over for one ClickEvent record (confluent-kafka's own
+    constructor).
+    """
+    return Message(
+        topic="clicks",
+        partition=partition,
+        offset=offset,
+        key=record["user_id"].encode(),
+        value=Encoder(schemas.CLICK_EVENT).encode(record),
+        timestamp=(1, record["event_time"]),
+    )
 
 
 class RecordingSink:

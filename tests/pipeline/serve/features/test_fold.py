@@ -7,10 +7,10 @@ long candidate lists.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from confluent_kafka import Message as KafkaMessage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,27 +37,12 @@ GAP_S = 1800.0
 LATENESS_S = 3600.0
 
 
-@dataclass
-class Message:
-    _value: bytes
-    _key: bytes
-    _partition: int
-    _offset: int
-
-    def value(self) -> bytes:
-        return self._value
-
-    def key(self) -> bytes:
-        return self._key
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def timestamp(self) -> tuple[int, int]:
-        return (1, NOW_MS)
+def Message(value: bytes, key: bytes, partition: int, offset: int) -> KafkaMessage:
+    """A consumed message, as the consumer makes it (confluent-kafka's own constructor)."""
+    return KafkaMessage(
+        topic="clicks", partition=partition, offset=offset, key=key, value=value,
+        timestamp=(1, NOW_MS),
+    )  # fmt: skip
 
 
 AGENTS = [
