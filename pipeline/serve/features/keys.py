@@ -290,12 +290,16 @@ def remove(
     meta: np.ndarray,
     counts: np.ndarray,
 ) -> None:
-    """Take held `slots` out of the table (the caller frees them, `KeyIndex.release`)."""
+    """Take held `slots` out of the table (the caller frees them, `KeyIndex.release`); a
+    slot not held, or named twice, is left alone.
+    """
     mask = np.uint64(len(table) - 1)
     for i in range(len(slots)):
         s = slots[i]
+        if not held[s]:
+            continue
         gap = key_hash[s] & mask
-        while table[gap] == EMPTY or table[gap] & _SLOT != s:
+        while table[gap] & _SLOT != s:  # a held slot's entry lies on its probe
             gap = (gap + np.uint64(1)) & mask
         # Backward shift: an entry after the gap moves into it unless its home position
         # lies cyclically in (gap, here], where a probe for it never passes the gap.

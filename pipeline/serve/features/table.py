@@ -11,7 +11,7 @@ seen) pairs in arrival order. The variable parts are two-tier, as a small-string
 optimisation is: a slot has room inline for a few of each (INLINE_EVENTS events,
 INLINE_ITEMS items, INLINE_SEEN values per kind), which is all that most users ever use, and
 a user who outgrows any of them moves all three to a full-size row of the `Pool` (`big`
-names it). A slot costs about 500 bytes and a pool row about 1.4 KB, against 1.7 KB for one
+names it). A slot costs about 530 bytes and a pool row about 1.4 KB, against 1.7 KB for one
 full-size slot per user (README, Performance). There is no Python object per user: the keys
 are bytes in the index's arena.
 

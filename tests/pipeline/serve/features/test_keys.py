@@ -95,3 +95,11 @@ def test_the_table_is_sized_by_the_users_held_at_most_half_full() -> None:
         assert 2 * table.users() <= len(table._index.table) <= 4 * (table.users() + 500)
     assert len(table._index.table) == table_size(5000)
     assert_memory_estimate(table)
+
+
+def test_removing_a_slot_twice_or_one_not_held_changes_nothing_more() -> None:
+    table = UserTable(5)
+    slots = table.slots(np.zeros(3, dtype=np.int64), [b"a", b"b", b"c"])
+    table._remove(np.array([slots[1], slots[1], 99], dtype=np.int64))
+    assert table.users() == 2 and table.slot_of(0, b"b") == -1
+    assert table._index.key_bytes() == 2
