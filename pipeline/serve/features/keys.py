@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.serve.decode import join
 from pipeline.serve.kernel import inline_kernel, kernel
 
 if TYPE_CHECKING:
@@ -149,12 +150,12 @@ class KeyIndex:
         return [data[bounds[i] : bounds[i + 1]] for i in range(len(slots))]
 
 
-def join(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`keys` as one uint8 buffer with int64 starts and lengths."""
-    lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
-    starts = np.zeros(len(keys), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    return np.frombuffer(b"".join(keys), dtype=np.uint8), starts, lengths
+def spans(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`keys` joined as `decode.join` joins a batch's values: the buffer, then each key's
+    start and length in it, as the kernels take them.
+    """
+    buffer, bounds, _ = join(keys)
+    return buffer, bounds[:-1], np.diff(bounds)
 
 
 # --- kernels --------------------------------------------------------------------------------

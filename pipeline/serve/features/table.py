@@ -33,8 +33,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from pipeline.serve.features.keys import FREE, KeyIndex, find_or_add, lookup, remove
-from pipeline.serve.features.keys import join as join_keys
+from pipeline.serve.features.keys import FREE, KeyIndex, find_or_add, lookup, remove, spans
 from pipeline.serve.features.state import (
     FLOAT_SLOTS,
     FORMAT_VERSION,
@@ -275,7 +274,7 @@ class UserTable:
 
     def slots(self, partitions: np.ndarray, keys: list[bytes]) -> np.ndarray:
         """The slot of each (partition, key), allocating a pending one for a new user."""
-        return self.slots_in(partitions, *join_keys(keys))
+        return self.slots_in(partitions, *spans(keys))
 
     def slots_in(
         self, partitions: np.ndarray, buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray
@@ -347,7 +346,7 @@ class UserTable:
         """Slots for `keys`, new users of `partition` (a restore's)."""
         out = np.empty(len(keys), dtype=np.int64)
         partitions = np.full(len(keys), partition, dtype=np.int64)
-        self._find_or_add(partitions, *join_keys(keys), out, pend=False)
+        self._find_or_add(partitions, *spans(keys), out, pend=False)
         return out
 
     def _lookup(self, partition: int, keys: list[bytes]) -> np.ndarray:
@@ -355,7 +354,7 @@ class UserTable:
         out = np.empty(len(keys), dtype=np.int64)
         c, index = self.columns, self._index
         lookup(
-            np.full(len(keys), partition, dtype=np.int64), *join_keys(keys), out, index.table,
+            np.full(len(keys), partition, dtype=np.int64), *spans(keys), out, index.table,
             c.key, index.arena,
         )  # fmt: skip
         return out
