@@ -9,10 +9,13 @@ columns of `table.Columns` (hash, arena position, length, held).
 
 Hand-written because numba has no hash map of byte strings that a kernel can share with the
 caller across calls (its typed Dict boxes every key): the table is linear probing over
-int32 slot numbers, kept at most half full (its size is a power of two, at least twice the
-slot capacity), and deletion shifts the entries after the gap back (Knuth, TAOCP vol. 3,
-algorithm 6.4R), so there are no tombstones to clean up. Keys are hashed with FNV-1a, the
-partition mixed in, then the splitmix64 finaliser spreads the bits over the table's index.
+slot numbers (each tagged with bits of its key's hash), kept at most half full (its size is
+a power of two, at least twice the users held), and deletion shifts the entries after the
+gap back (Knuth, TAOCP vol. 3, algorithm 6.4R), so there are no tombstones to clean up.
+Keys are hashed with the pseudonyms' SipHash-2-4 under a random key of the index's own, as
+CPython keys its str and bytes hashes: user ids come from producers, and under an unkeyed
+hash a producer could send ids that all probe one chain. The partition is mixed in by a
+multiply with the golden ratio.
 
 Slots are allocated here too, since a kernel allocates a new user's slot as it meets the
 key: from a stack of freed slots first, then from the never-used ones. A kernel stops early
@@ -21,11 +24,13 @@ when there is no slot or arena room left; the caller makes room and calls again 
 
 from __future__ import annotations
 
+import secrets
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.serve.decode import join
+from pipeline.serve.features.pseudonym import siphash
 from pipeline.serve.kernel import inline_kernel, kernel
 
 if TYPE_CHECKING:
@@ -44,11 +49,7 @@ START, LENGTH, PARTITION = range(3)
 # and the arena bytes of keys since removed (reclaimed by compaction).
 FREE, UNUSED, TOP, GARBAGE = range(4)
 
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
 
 
 def table_size(keys: int) -> int:
@@ -67,6 +68,7 @@ class KeyIndex:
         a few keys over many cache lines and pages.
         """
         self.table = np.full(table_size(0), EMPTY, dtype=np.int64)
+        self.secret = np.frombuffer(secrets.token_bytes(16), dtype=np.uint64).copy()  # k0, k1
         self.free = np.empty(capacity, dtype=np.int64)
         self.arena = np.empty(max(1024, 16 * capacity), dtype=np.uint8)
         self.meta = np.array([0, first_slot, 0, 0], dtype=np.int64)
@@ -82,8 +84,11 @@ class KeyIndex:
         return int(self.meta[TOP] - self.meta[GARBAGE])
 
     def nbytes(self) -> int:
-        """Bytes held by the table, the arena and the free stack."""
-        return self.table.nbytes + self.arena.nbytes + self.free.nbytes
+        """Bytes in use: the table, the arena up to its end, the free stack's slots (the
+        arena and the stack are sized for the slot capacity, and untouched they take no
+        memory).
+        """
+        return self.table.nbytes + int(self.meta[TOP]) + 8 * int(self.meta[FREE])
 
     def add_partitions(self, partitions: int) -> None:
         """Count users of partitions below `partitions`."""
@@ -108,8 +113,9 @@ class KeyIndex:
             _rehash(self.table, columns.key_hash, columns.held, self.unused)
 
     def room_for(self, key_bytes: int, columns: Columns) -> None:
-        """Make sure `key_bytes` more bytes of keys fit in the arena: compacting it when at
-        least half of it is garbage, else doubling it.
+        """Make sure `key_bytes` more bytes of keys fit in the arena: when they do not, copy
+        the live keys into a new arena (the garbage left behind), doubled until they and
+        `key_bytes` fill at most half of it.
         """
         top, garbage = int(self.meta[TOP]), int(self.meta[GARBAGE])
         if top + key_bytes <= len(self.arena):
@@ -162,14 +168,11 @@ def spans(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @inline_kernel
-def _hash(buf: np.ndarray, start: int, length: int, partition: int) -> np.uint64:
-    h = _FNV_OFFSET
-    for k in range(start, start + length):
-        h = (h ^ np.uint64(buf[k])) * _FNV_PRIME
-    h ^= np.uint64(partition) * _GOLDEN
-    h = (h ^ (h >> np.uint64(30))) * _MIX_1
-    h = (h ^ (h >> np.uint64(27))) * _MIX_2
-    return h ^ (h >> np.uint64(31))
+def hash_key(
+    secret: np.ndarray, buf: np.ndarray, start: int, length: int, partition: int
+) -> np.uint64:
+    """The hash of (partition, key) under the index's `secret`."""
+    return siphash(secret, buf, start, length) ^ (np.uint64(partition) * _GOLDEN)
 
 
 @inline_kernel
@@ -212,6 +215,7 @@ def lookup(
     starts: np.ndarray,
     lengths: np.ndarray,
     out: np.ndarray,
+    secret: np.ndarray,
     table: np.ndarray,
     key: np.ndarray,
     arena: np.ndarray,
@@ -219,7 +223,8 @@ def lookup(
     """The slot of each (partition, key) into `out`, EMPTY for a key not held."""
     for i in range(len(partitions)):
         p, a, n = partitions[i], starts[i], lengths[i]
-        entry = table[_find(table, key, arena, _hash(buf, a, n, p), p, buf, a, n)]
+        h = hash_key(secret, buf, a, n, p)
+        entry = table[_find(table, key, arena, h, p, buf, a, n)]
         out[i] = EMPTY if entry == EMPTY else entry & _SLOT
 
 
@@ -232,6 +237,7 @@ def find_or_add(
     lengths: np.ndarray,
     out: np.ndarray,
     pend: bool,
+    secret: np.ndarray,
     table: np.ndarray,
     key_hash: np.ndarray,
     key: np.ndarray,
@@ -249,7 +255,7 @@ def find_or_add(
     """
     for i in range(first, len(partitions)):
         p, a, n = partitions[i], starts[i], lengths[i]
-        h = _hash(buf, a, n, p)
+        h = hash_key(secret, buf, a, n, p)
         pos = _find(table, key, arena, h, p, buf, a, n)
         entry = table[pos]
         if entry != EMPTY:

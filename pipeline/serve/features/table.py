@@ -332,7 +332,8 @@ class UserTable:
         while True:
             c = self.columns
             row = find_or_add(
-                row, partitions, buffer, starts, lengths, out, pend, index.table, c.key_hash,
+                row, partitions, buffer, starts, lengths, out, pend, index.secret, index.table,
+                c.key_hash,
                 c.key, c.partition, c.held, c.pending, index.arena, index.free, index.meta,
                 index.counts,
             )  # fmt: skip
@@ -354,8 +355,8 @@ class UserTable:
         out = np.empty(len(keys), dtype=np.int64)
         c, index = self.columns, self._index
         lookup(
-            np.full(len(keys), partition, dtype=np.int64), *spans(keys), out, index.table,
-            c.key, index.arena,
+            np.full(len(keys), partition, dtype=np.int64), *spans(keys), out, index.secret,
+            index.table, c.key, index.arena,
         )  # fmt: skip
         return out
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.serve.features.keys import _hash, table_size
+from pipeline.serve.features.keys import hash_key, table_size
 from pipeline.serve.features.table import UserTable
 from tests.pipeline.serve.features.test_table import assert_memory_estimate
 
@@ -55,12 +55,13 @@ def test_slots_follow_a_dict_through_adds_removals_growth_and_compaction(
         assert_memory_estimate(table)
 
 
-def homes(size: int, home: int, count: int) -> list[bytes]:
-    """`count` keys of partition 0 whose probe starts at `home` in a table of `size`."""
+def homes(table: UserTable, home: int, count: int) -> list[bytes]:
+    """`count` keys of partition 0 whose probe starts at `home` in `table`'s index."""
+    size, secret = len(table._index.table), table._index.secret
     found: list[bytes] = []
     for i in range(100_000):
         k = f"user-{i}".encode()
-        h = int(_hash(np.frombuffer(k, dtype=np.uint8), 0, len(k), 0))
+        h = int(hash_key(secret, np.frombuffer(k, dtype=np.uint8), 0, len(k), 0))
         if h & (size - 1) == home:
             found.append(k)
             if len(found) == count:
@@ -73,7 +74,7 @@ def test_a_removal_in_a_probe_chain_that_wraps_keeps_the_rest_found(order: tuple
     # Table of 16 entries: three keys at home 15 take 15, 0 and 1; one at home 0 goes on to 2.
     table = UserTable(5, capacity=8)
     assert len(table._index.table) == 16
-    keys = [*homes(16, 15, 3), homes(16, 0, 1)[0]]
+    keys = [*homes(table, 15, 3), homes(table, 0, 1)[0]]
     table.slots(np.zeros(4, dtype=np.int64), keys)
     assert [table._index.table[p] >= 0 for p in (15, 0, 1, 2)] == [True] * 4
     held = set(keys)
