@@ -139,6 +139,8 @@ class Forgetter:
         """After `partitions` were restored (`controls` from their changelog): apply the
         requests each has not applied yet.
         """
+        if not partitions:  # a cooperative rebalance that brought none
+            return
         end = self._end()
         behind: dict[int, int] = {}
         for partition in partitions:

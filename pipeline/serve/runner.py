@@ -172,12 +172,14 @@ class Pipeline:
             # wait (a few hundred thousand objects, 50-130 ms per pause when measured).
             gc.collect()
             gc.freeze()
-            consumer = open_consumer(self.settings, telemetry.on_stats)
-            stack.callback(consumer.close)
+            # Closed after the consumer: closing it may still run a rebalance callback,
+            # which applies erasures to the partitions it assigns.
             forgetter = self._partitions.forgetter = Forgetter(
                 self.settings, self.store, self._pseudonyms, telemetry.forgotten.inc
             )
             stack.callback(forgetter.close)
+            consumer = open_consumer(self.settings, telemetry.on_stats)
+            stack.callback(consumer.close)
             checkpoint = self._checkpoint(consumer, changelog)
             stack.callback(checkpoint.close)
             self._partitions.subscribe(

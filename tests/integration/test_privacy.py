@@ -26,8 +26,9 @@ from pipeline.serve.codec import Decoder, Encoder
 from pipeline.serve.events import ClickEvent
 from pipeline.serve.features import UserTable, compute_features, feature_digests
 from pipeline.serve.features.changelog import changelog_topic, restore
+from pipeline.serve.features.pseudonym import Pseudonyms
 from pipeline.serve.features.state import SESSION_EVENTS
-from pipeline.serve.forget import FORGET_POSITION, request_forget
+from pipeline.serve.forget import FORGET_POSITION, Forgetter, ensure_forget_topic, request_forget
 from pipeline.serve.produce import FEATURES_HEADER, TIMING_HEADER
 from pipeline.tools.local_broker import REPO_ROOT, free_port
 from pipeline.training.generator import GeneratorConfig, generate
@@ -191,6 +192,16 @@ def scrape(port: int, timeout_s: float = 60.0) -> bytes:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_an_assignment_of_no_partitions_asks_the_forget_topic_nothing(kafka_settings):
+    # A cooperative rebalance may assign nothing, also while the consumer closes at stop.
+    ensure_forget_topic(kafka_settings)
+    forgetter = Forgetter(kafka_settings, UserTable(2), Pseudonyms.ephemeral())
+    forgetter.close()
+    forgetter.assigned([], {})  # its closed consumer raises if asked for the topic's end
+    with pytest.raises(RuntimeError, match="closed"):
+        forgetter.assigned([0], {})
 
 
 def test_no_raw_personal_data_outside_the_input_and_the_dead_letter_topic(
