@@ -191,14 +191,18 @@ class Sink:
         Returns the count of them still awaiting acknowledgement.
         """
         unacked = Unacked(self._failures)
-        for change in changes:
-            self._produce(
-                self._changelog,
-                change.key,
-                change.value,
-                partition=change.partition,
-                to=unacked,
-            )
+        produce, topic = self._producer.produce, self._changelog
+        delivered = unacked.delivered if self._track else None
+        queued = 0
+        for partition, key, value in changes:  # as `_produce_all`: one call a record
+            try:
+                produce(topic, value, key, partition=partition, on_delivery=delivered)
+                queued += 1
+            except BufferError:  # local queue full: the slow path serves, retries and counts
+                unacked.count += queued
+                queued = 0
+                self._produce(topic, key, value, partition=partition, to=unacked)
+        unacked.count += queued
         self._producer.poll(0)
         return unacked
 

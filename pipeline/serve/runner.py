@@ -9,9 +9,11 @@ batches wait in `_in_flight`, a FIFO: with 1 or more (the default on GPU engines
 engines score batch N while the loop prepares batch N+1; with 0 (the default on CPU) each
 batch is finished as soon as it is prepared. Batches are finished, produced and committed
 strictly in order. State
-moves only in `_prepare` (on this one thread); each batch carries the changelog records of
-the state it left, so the checkpoint never sees a later batch's state early. Rebalances,
-model swaps and the stop finish the batches in flight first.
+moves only in `_prepare` (on this one thread). The batch that closes a stretch or
+transaction (`Checkpoint.closing`, asked there) carries the changelog records of the state
+it left, for every user changed since the last such batch, so the checkpoint never sees a
+later batch's state early; with no batch in flight the checkpoint takes them itself.
+Rebalances, model swaps and the stop finish the batches in flight first.
 
 Beside the loop: `consume.Partitions` (rebalances and each partition's state),
 `counts.count_batch` (run counts and metrics) and `produce.debug_headers`.
@@ -93,7 +95,9 @@ class _Batch:
     replayed: int
     dead: list[DeadLetter]
     features: FeatureBatch
-    changes: list[StateChange]  # changelog records of the state as this batch left it
+    # A batch closing a stretch (or transaction): the changelog records of every user
+    # changed since the last one, as this batch left them. None: they stay in the state.
+    changes: list[StateChange] | None
     late: int
     request: Request
     inference: Future[Inference]
@@ -150,7 +154,9 @@ class Pipeline:
         self._inference = InferenceThread(_inference_depth(settings, fraud, ranking))
         self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
         self._partitions = Partitions(settings, self.store, self.telemetry, self.stats)
-        self._unsent_erasures = False  # tombstones in the table that no batch has taken
+        # Erasures applied since the last batch was prepared: that batch's stretch takes
+        # their tombstones when it closes; with none in flight, a stretch closes for them.
+        self._unsent_erasures = False
         # Challengers that failed mid-batch: closed at the end, when no batch can hold them.
         self._retired_shadow: list[Engine] = []
 
@@ -205,7 +211,7 @@ class Pipeline:
                     if forgetter.poll():  # erasure requests apply between batches
                         self._unsent_erasures = True
                     if messages:
-                        in_flight.append(self._prepare(messages))  # takes their tombstones
+                        in_flight.append(self._prepare(messages, checkpoint))
                         self._unsent_erasures = False
                         if self._registry_hold.succeeded():  # the registry answers again
                             telemetry.held(None)
@@ -226,7 +232,7 @@ class Pipeline:
                     if not in_flight and self._histograms.due() and self._histograms.counted:
                         checkpoint.begin_batch()  # an idle input: histograms go out alone
                         self._publish_histograms(checkpoint)
-                        checkpoint.end_batch({}, [])
+                        checkpoint.end_batch({}, None)
                     self._swap_reloaded_models(checkpoint)
                 except Rewind as rewind:
                     self._discard()
@@ -238,7 +244,8 @@ class Pipeline:
                     self.stats.pauses += 1
                 ticked_at = time.perf_counter()
                 try:
-                    checkpoint.tick()  # exactly-once: may commit the open transaction
+                    # May close a stretch or commit the open transaction.
+                    checkpoint.tick(idle=not in_flight)
                 except Rewind as rewind:
                     self._discard()
                     self._partitions.rewind(consumer, str(rewind))
@@ -251,7 +258,7 @@ class Pipeline:
                 if self._histograms.counted:
                     checkpoint.begin_batch()
                     self._publish_histograms(checkpoint)
-                    checkpoint.end_batch({}, [])
+                    checkpoint.end_batch({}, None)
                 checkpoint.commit()
             except Rewind as rewind:
                 # Rolled back: the partitions' next owner reads it again from the last commit.
@@ -350,7 +357,9 @@ class Pipeline:
 
         if settings.processing.guarantee == "at_least_once":
             sink = Sink(make_producer(), topics, changelog, self._dead_letter_id)
-            return AtLeastOnce(consumer, sink, settings.checkpoint.interval_ms)
+            return AtLeastOnce(
+                consumer, sink, settings.checkpoint.interval_ms, self.store.take_changes
+            )
         # One id per process instance: stable under static membership, fresh otherwise
         # (fencing across restarts comes from the group generation, KIP-447).
         instance = settings.consumer.instance_id or uuid.uuid4().hex[:12]
@@ -360,6 +369,7 @@ class Pipeline:
             lambda: make_producer(transactional_id),
             # Untracked: the transaction's commit fails if any record in it failed.
             lambda producer: Sink(producer, topics, changelog, self._dead_letter_id, False),
+            self.store.take_changes,
             settings.processing.transaction_interval_ms,
         )
 
@@ -434,9 +444,9 @@ class Pipeline:
         self._watcher.swapped("shadow", None)
         self._retired_shadow.append(shadow)
 
-    def _prepare(self, messages: list[Message]) -> _Batch:
+    def _prepare(self, messages: list[Message], checkpoint: Checkpoint) -> _Batch:
         """Decode, skip replays, compute features (moving the state on), take the changelog
-        records, and start inference.
+        records if the batch closes a stretch (`Checkpoint.closing`), and start inference.
         """
         started = time.perf_counter()
         started_ms = time.time() * 1000
@@ -448,7 +458,7 @@ class Pipeline:
             late_before = self._updater.late
             rows, features = self._updater.process(columns, valid)
             self.store.evict()
-            changes = self.store.take_changes()
+            changes = self.store.take_changes() if checkpoint.closing() else None
         featured_at = time.perf_counter()
         request = self._scorer.prepare(columns, rows, features)
         inference = self._inference.submit(request)

@@ -145,38 +145,42 @@ TOPICS = TopicSettings(fraud_scores="scores")
 CHANGELOG = "state"
 
 
-def at_least_once():
-    """A checkpoint that seals at every tick."""
+def at_least_once(interval_ms=0):
+    """A checkpoint whose every batch closes a stretch (interval 0), and its state."""
     producer, consumer, store = QueueingProducer(), CommittingConsumer(), FeatureStore(5)
-    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), interval_ms=0)
+    sink = Sink(producer, TOPICS, CHANGELOG)
+    checkpoint = AtLeastOnce(consumer, sink, interval_ms, store.take_changes)
     return checkpoint, producer, consumer, store
 
 
 def run_batch(checkpoint, store, partition, offset, user):
-    """One batch of one event: the user's state changes, one output is produced."""
+    """One batch of one event: the user's state changes, one output is produced; a closing
+    batch takes the state's changes, as the pipeline's `_prepare` does.
+    """
     store.get(partition, user, 1_000)
+    changes = store.take_changes() if checkpoint.closing() else None
     columns = columns_of(click_record(user_id=user, event_id=f"e{offset}"))
     scored = SimpleNamespace(rows=np.array([0]), ranked=np.array([], dtype=np.int64), shadow=None)
     encoded = Encoded(b"e", [0, 1], b"", [0])  # outputs are opaque here
     checkpoint.begin_batch()
     checkpoint.sink.publish(columns, scored, encoded, [])
-    checkpoint.end_batch(next_offsets([FakeMessage(partition, offset)]), store.take_changes())
+    checkpoint.end_batch(next_offsets([FakeMessage(partition, offset)]), changes)
 
 
 def test_offsets_wait_for_outputs_then_state_without_blocking():
     checkpoint, producer, consumer, store = at_least_once()
     run_batch(checkpoint, store, partition=0, offset=7, user="u1")
-    checkpoint.tick()
+    checkpoint.tick(idle=True)
     assert consumer.commits == []
     assert producer.produced == [("scores", b"u1")]  # no state before its outputs are safe
 
     producer.ack("scores")
-    checkpoint.tick()
+    checkpoint.tick(idle=True)
     assert producer.produced[-1] == (CHANGELOG, b"u1")
     assert consumer.commits == []  # the state record is not acknowledged yet
 
     producer.ack(CHANGELOG)
-    checkpoint.tick()
+    checkpoint.tick(idle=True)
     assert consumer.commits == [({0: 8}, True)]
 
 
@@ -201,43 +205,50 @@ class FullQueueProducer(QueueingProducer):
         return 0
 
 
-def test_a_full_local_queue_delays_outputs_without_losing_or_miscounting_them():
+def test_a_full_local_queue_delays_outputs_and_state_without_losing_or_miscounting_them():
     producer, consumer = FullQueueProducer(room=2), CommittingConsumer()
-    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), interval_ms=0)
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), 0, list)
     users = [f"u{i}" for i in range(5)]
     columns = columns_of(*(click_record(user_id=u, event_id=f"e{i}") for i, u in enumerate(users)))
     scored = SimpleNamespace(rows=np.arange(5), ranked=np.array([], dtype=np.int64), shadow=None)
     encoded = Encoded(b"abcde", [0, 1, 2, 3, 4, 5], b"", [0])
     checkpoint.begin_batch()
     checkpoint.sink.publish(columns, scored, encoded, [])
-    checkpoint.end_batch({("in", 0): 5}, [])
+    states = [StateChange(0, u.encode(), b"state") for u in users]
+    checkpoint.end_batch({("in", 0): 5}, states)  # closes the stretch
     assert [key for _, key in producer.produced] == [u.encode() for u in users]  # each once
-    checkpoint.tick()  # seals; the last record is still queued, unacknowledged
+    checkpoint.tick(idle=True)  # the last output is still queued, unacknowledged
     assert consumer.commits == []
     producer.ack()
-    checkpoint.tick()
+    checkpoint.tick(idle=True)  # the state records, through the same full queue
+    assert [key for topic, key in producer.produced if topic == CHANGELOG] == [
+        u.encode() for u in users
+    ]
+    assert consumer.commits == []  # the last state record is still queued
+    producer.ack()
+    checkpoint.tick(idle=True)
     assert consumer.commits == [({0: 5}, True)]
 
 
 def test_a_later_stretch_acknowledged_first_commits_nothing_before_the_earlier_one():
     checkpoint, producer, consumer, store = at_least_once()
     run_batch(checkpoint, store, partition=0, offset=7, user="u1")
-    checkpoint.tick()  # seals the first stretch
+    checkpoint.tick(idle=True)  # seals the first stretch
     first = list(producer.queued)
     producer.queued = []
     run_batch(checkpoint, store, partition=1, offset=3, user="u2")
     producer.ack("scores")  # only the second stretch's output
-    checkpoint.tick()
+    checkpoint.tick(idle=True)
     assert consumer.commits == []
     assert (CHANGELOG, b"u2") not in producer.produced
 
     producer.queued = first
     producer.ack("scores")
-    checkpoint.tick()
+    checkpoint.tick(idle=True)
     producer.ack(CHANGELOG)
-    checkpoint.tick()  # first stretch commits; the second's state goes out after it
+    checkpoint.tick(idle=True)  # first stretch commits; the second's state goes out after it
     producer.ack(CHANGELOG)
-    checkpoint.tick()
+    checkpoint.tick(idle=True)
     assert [offsets for offsets, _ in consumer.commits] == [{0: 8}, {0: 8, 1: 4}]
     states = [key for topic, key in producer.produced if topic == CHANGELOG]
     assert states == [b"u1", b"u2"]
@@ -246,10 +257,10 @@ def test_a_later_stretch_acknowledged_first_commits_nothing_before_the_earlier_o
 def test_a_failed_output_stops_the_commit():
     checkpoint, producer, consumer, store = at_least_once()
     run_batch(checkpoint, store, partition=0, offset=7, user="u1")
-    checkpoint.tick()
+    checkpoint.tick(idle=True)
     producer.ack("scores", error=KafkaError(KafkaError._MSG_TIMED_OUT))
     with pytest.raises(DeliveryError):
-        checkpoint.tick()
+        checkpoint.tick(idle=True)
     assert consumer.commits == []
     assert (CHANGELOG, b"u1") not in producer.produced
 
@@ -262,18 +273,20 @@ def test_commit_waits_for_everything_and_commits_synchronously():
     assert producer.produced == [("scores", b"u3"), (CHANGELOG, b"u3")]
 
 
-def test_lost_partitions_are_neither_committed_nor_written_to_the_changelog():
-    checkpoint, producer, consumer, store = at_least_once()
+@pytest.mark.parametrize("interval_ms", [0, 10**9])  # sealed stretches, or one open one
+def test_lost_partitions_are_neither_committed_nor_written_to_the_changelog(interval_ms):
+    checkpoint, producer, consumer, store = at_least_once(interval_ms)
     run_batch(checkpoint, store, partition=0, offset=7, user="u1")
     run_batch(checkpoint, store, partition=1, offset=3, user="u2")
     checkpoint.forget([TopicPartition("in", 1)])
+    store.drop_partition(1)  # as `Partitions` does next: its pending changes go with it
     checkpoint.commit()
-    assert consumer.commits == [({0: 8}, False)]
+    assert consumer.commits and all(offsets == {0: 8} for offsets, _ in consumer.commits)
     assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1"]
 
 
 def test_revoked_partitions_are_committed_once_then_left_to_their_new_owner():
-    checkpoint, _, consumer, store = at_least_once()
+    checkpoint, _, consumer, store = at_least_once(interval_ms=10**9)
     run_batch(checkpoint, store, partition=0, offset=7, user="u1")
     run_batch(checkpoint, store, partition=1, offset=3, user="u2")
     checkpoint.commit([TopicPartition("in", 1)])
@@ -287,7 +300,7 @@ def test_revoked_partitions_are_committed_once_then_left_to_their_new_owner():
 
 def checkpoint_with(*producers):
     queue = list(producers)
-    return ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink())
+    return ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), list)
 
 
 def test_a_retriable_commit_is_retried_until_it_succeeds():
@@ -330,15 +343,42 @@ def test_next_offsets_skip_errors_and_keep_each_partitions_highest():
     assert next_offsets(messages) == {("in", 0): 6, ("in", 1): 10}
 
 
-def test_a_control_record_goes_out_after_the_tombstones_it_follows_in_the_stretch():
-    """The forget position is written after the tombstones of the requests it covers, even
-    when an older position in the same stretch was queued before them.
-    """
+def test_a_stretch_writes_each_user_it_changed_once_as_its_last_batch_left_them():
+    checkpoint, producer, consumer, store = at_least_once(interval_ms=10**9)
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    run_batch(checkpoint, store, partition=0, offset=8, user="u1")
+    run_batch(checkpoint, store, partition=1, offset=3, user="u2")
+    producer.ack()
+    checkpoint.tick(idle=True)  # not due: the stretch stays open
+    assert consumer.commits == []
+    assert [topic for topic, _ in producer.produced] == ["scores"] * 3
+    checkpoint.commit()  # a revoke or the stop closes it, taking the state's changes
+    assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1", b"u2"]
+    assert consumer.commits == [({0: 9, 1: 4}, False)]
+
+
+def test_a_due_stretch_closes_between_batches_only_with_none_in_flight():
+    checkpoint, producer, consumer, store = at_least_once()
+    store.get(0, "u1", 1_000)  # a batch that did not close the stretch (changes: None)
+    checkpoint.begin_batch()
+    checkpoint.end_batch({("in", 0): 8}, None)
+    checkpoint.tick(idle=False)  # a later batch is prepared: the state is past this one
+    assert producer.produced == [] and consumer.commits == []
+    checkpoint.tick(idle=True)
+    assert producer.produced == [(CHANGELOG, b"u1")]
+    producer.ack()
+    checkpoint.tick(idle=True)
+    assert consumer.commits == [({0: 8}, True)]
+
+
+def test_a_control_record_goes_out_after_the_tombstones_of_its_stretch():
+    """The forget position is written after the tombstones of the requests it covers."""
     producer = QueueingProducer()
-    checkpoint = AtLeastOnce(CommittingConsumer(), Sink(producer, TOPICS, CHANGELOG), 10**9)
     mark = CONTROL + b"forget-position"
-    checkpoint.end_batch({}, [StateChange(0, mark, b"1")])
-    checkpoint.end_batch({}, [StateChange(0, b"u1", None), StateChange(0, mark, b"2")])
+    pending = [StateChange(0, b"u1", None), StateChange(0, mark, b"2")]
+    checkpoint = AtLeastOnce(
+        CommittingConsumer(), Sink(producer, TOPICS, CHANGELOG), 10**9, lambda: pending
+    )
     checkpoint.commit()
     assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1", mark]
 
@@ -346,11 +386,14 @@ def test_a_control_record_goes_out_after_the_tombstones_it_follows_in_the_stretc
 def test_a_transaction_holds_the_batches_of_its_interval_then_commits_once():
     producer = FakeProducer()
     queue = [producer]
-    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), 60_000)
+    checkpoint = ExactlyOnce(
+        FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), list, 60_000
+    )
     for offset in range(3):
         checkpoint.begin_batch()
-        checkpoint.end_batch(next_offsets([FakeMessage(0, offset)]), [])
-    checkpoint.tick()  # not yet an interval old
+        assert not checkpoint.closing()
+        checkpoint.end_batch(next_offsets([FakeMessage(0, offset)]), None)
+    checkpoint.tick(idle=True)  # not yet an interval old
     assert producer.calls == ["init", "begin"]
     checkpoint.commit()  # a revoke or the stop
     assert producer.calls == ["init", "begin", "offsets", "commit"]
@@ -360,9 +403,11 @@ def test_a_transaction_holds_the_batches_of_its_interval_then_commits_once():
 def test_partitions_lost_with_a_transaction_open_abort_it_and_rewind():
     producer = FakeProducer()
     queue = [producer]
-    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), 60_000)
+    checkpoint = ExactlyOnce(
+        FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), list, 60_000
+    )
     checkpoint.begin_batch()
-    checkpoint.end_batch(next_offsets([FakeMessage(0, 1)]), [])
+    checkpoint.end_batch(next_offsets([FakeMessage(0, 1)]), None)
     with pytest.raises(Rewind):
         checkpoint.forget([TopicPartition("in", 0)])
     assert producer.calls[-1] == "abort"

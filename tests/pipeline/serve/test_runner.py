@@ -60,12 +60,18 @@ class RecordingSink:
 
 
 class RecordingCheckpoint:
-    """Records what each finished batch hands over; optionally rolls the first one back."""
+    """Records what each finished batch hands over; optionally rolls the first one back.
+    `closing`: whether each batch prepared in turn closes a stretch (default: every one).
+    """
 
-    def __init__(self, rewind_first=False):
+    def __init__(self, rewind_first=False, closing=()):
         self.sink = RecordingSink()
         self.ended = []
         self._rewind = rewind_first
+        self._closing = list(closing)
+
+    def closing(self):
+        return self._closing.pop(0) if self._closing else True
 
     def begin_batch(self):
         pass
@@ -74,7 +80,9 @@ class RecordingCheckpoint:
         if self._rewind:
             self._rewind = False
             raise Rewind("aborted")
-        states = {c.key.decode(): UserState.from_bytes(c.value) for c in changes}
+        states = None
+        if changes is not None:
+            states = {c.key.decode(): UserState.from_bytes(c.value) for c in changes}
         self.ended.append((offsets, states))
 
 
@@ -99,8 +107,9 @@ def test_batches_in_flight_finish_in_order_each_with_the_state_it_left(depth):
     try:
         # Both are prepared before either finishes: the second's features already moved
         # the user on, yet the first hands over the state as it left it.
-        runner._in_flight.append(runner._prepare([event_message(0)]))
-        runner._in_flight.append(runner._prepare([event_message(1), event_message(2, "u2")]))
+        runner._in_flight.append(runner._prepare([event_message(0)], checkpoint))
+        second = [event_message(1), event_message(2, "u2")]
+        runner._in_flight.append(runner._prepare(second, checkpoint))
         runner._drain(checkpoint)
     finally:
         runner.close()
@@ -115,12 +124,31 @@ def test_batches_in_flight_finish_in_order_each_with_the_state_it_left(depth):
     assert runner.stats.scored == 3 and runner.stats.batches == 2
 
 
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_only_a_closing_batch_carries_changes_of_every_user_its_stretch_changed(depth):
+    runner = pipeline(depth)
+    checkpoint = RecordingCheckpoint(closing=[False, False, True, False])
+    try:
+        for batch in ([event_message(0)], [event_message(1, "u2")], [event_message(2)]):
+            runner._in_flight.append(runner._prepare(batch, checkpoint))
+        runner._in_flight.append(runner._prepare([event_message(3, "u3")], checkpoint))
+        runner._drain(checkpoint)
+    finally:
+        runner.close()
+    first, second, closing, after = (states for _, states in checkpoint.ended)
+    assert first is None and second is None and after is None  # theirs stay in the state
+    assert set(closing) == {"u1", "u2"}  # each once, as the closing batch left them
+    assert closing["u1"].ints[OFFSET] == 2 and closing["u1"].ints[SESSION_EVENTS] == 2
+    assert closing["u2"].ints[OFFSET] == 1
+    assert [change.key for change in runner.store.take_changes()] == [b"u3"]  # still pending
+
+
 def test_a_rollback_in_a_rebalance_drops_the_batches_in_flight_and_is_left_to_the_loop():
     runner = pipeline(depth=2)
     checkpoint = RecordingCheckpoint(rewind_first=True)
     try:
-        runner._in_flight.append(runner._prepare([event_message(0)]))
-        runner._in_flight.append(runner._prepare([event_message(1)]))
+        runner._in_flight.append(runner._prepare([event_message(0)], checkpoint))
+        runner._in_flight.append(runner._prepare([event_message(1)], checkpoint))
         reason = runner._settle(checkpoint)  # what on_revoke and on_lost do first
     finally:
         runner.close()
