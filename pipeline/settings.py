@@ -239,7 +239,7 @@ class TopicSettings(_Frozen):
 
 
 class ConsumerSettings(_Frozen):
-    """The consumer group and how micro-batches close."""
+    """The consumer group and how micro-batches are taken."""
 
     group_id: str = "streamscore"
     instance_id: str | None = Field(
@@ -247,8 +247,15 @@ class ConsumerSettings(_Frozen):
         description="Static membership (`group.instance.id`): a restart within the session "
         "timeout keeps its partitions without a rebalance.",
     )
-    max_batch: PositiveInt = 500
-    max_wait_ms: PositiveInt = 5
+    max_batch: PositiveInt = Field(
+        default=500, description="A micro-batch takes at most this many fetched events."
+    )
+    max_wait_ms: PositiveInt = Field(
+        default=5,
+        description="With nothing fetched, how long the loop waits for a first event (a "
+        "batch never waits to fill: `consume.take_batch`); also the broker's "
+        "fetch.wait.max.ms.",
+    )
     fetch_min_bytes: PositiveInt = Field(
         default=65_536,
         description="The broker holds a fetch until this many bytes arrived or max_wait_ms "

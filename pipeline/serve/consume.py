@@ -52,6 +52,25 @@ def open_consumer(settings: Settings, on_stats: Callable[[str], None]) -> Consum
     )
 
 
+def take_batch(consumer: Consumer, max_batch: int, wait_s: float) -> list[Message]:
+    """The next micro-batch: what the consumer has fetched already, up to `max_batch`; with
+    nothing fetched, the first message within `wait_s` and what came with it.
+
+    A batch never waits to fill. `consume(n, timeout)` returns early only with n messages,
+    so a batch of a live stream used to sit until its window closed (up to `wait_s` with
+    its first events already there). Fetches arrive whole (librdkafka queues a fetched
+    partition's messages at once), so a batch is about one fetch at moderate load and
+    `max_batch` under a backlog.
+    """
+    messages = consumer.consume(max_batch, 0)
+    if messages or wait_s <= 0:
+        return messages
+    first = consumer.poll(wait_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_batch - 1, 0)] if max_batch > 1 else [first]
+
+
 class Backpressure:
     """Pauses fetching while too many outputs await acknowledgement (resuming at half), and
     while the input is held for an unavailable dependency (`hold` until `release`).

@@ -63,6 +63,7 @@ from pipeline.serve.consume import (
     on_client_error,
     open_consumer,
     raise_if_fatal,
+    take_batch,
 )
 from pipeline.serve.counts import RunStats, count_batch
 from pipeline.serve.decode import OK, BatchDecoder
@@ -201,7 +202,7 @@ class Pipeline:
                 # With a batch in inference, take only what is already fetched: waiting for
                 # more would hold that batch's outputs back.
                 consumed_at = time.perf_counter()
-                messages = consumer.consume(batch_size, 0 if in_flight else wait_s)
+                messages = take_batch(consumer, batch_size, 0 if in_flight else wait_s)
                 self.stats.consume_s += time.perf_counter() - consumed_at
                 try:
                     # A rollback met in a rebalance callback is handled here, before any

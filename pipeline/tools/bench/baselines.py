@@ -29,6 +29,7 @@ from engines.registry import resolve
 from engines.torch import build_module
 from pipeline.kafka.clients import consumer_config, producer_config
 from pipeline.kafka.messages import position
+from pipeline.serve.consume import take_batch
 from pipeline.serve.events import ClickEvent
 from pipeline.serve.features import FeatureStore, FeatureUpdater, Pseudonyms
 from pipeline.settings import Settings, load_settings
@@ -50,10 +51,11 @@ def ceiling(settings: Settings, stop: threading.Event) -> None:
     # nothing to commit and, synchronous, raise _NO_OFFSET.
     mirrored: dict[tuple[str, int], int] = {}
     next_commit = time.monotonic() + 1.0
-    wait_s = settings.consumer.max_wait_ms / 1000.0  # a batch closes as streamscore's do
+    wait_s = settings.consumer.max_wait_ms / 1000.0
     try:
         while not stop.is_set():
-            for message in consumer.consume(settings.consumer.max_batch, wait_s):
+            # Batches are taken as streamscore takes them.
+            for message in take_batch(consumer, settings.consumer.max_batch, wait_s):
                 if message.error() is None:
                     produce_one(
                         producer, out, message.key(), message.value(), message.timestamp()[1]

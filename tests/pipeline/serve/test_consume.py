@@ -2,7 +2,9 @@
 covered end to end).
 """
 
-from pipeline.serve.consume import Backpressure, RegistryHold
+import pytest
+
+from pipeline.serve.consume import Backpressure, RegistryHold, take_batch
 
 
 class FakeConsumer:
@@ -17,6 +19,49 @@ class FakeConsumer:
 
     def resume(self, partitions):
         self.calls.append(("resume", partitions))
+
+
+class QueueConsumer:
+    """A local queue of fetched messages; `arriving` land when a wait begins (poll)."""
+
+    def __init__(self, fetched=(), arriving=()):
+        self.queue = list(fetched)
+        self.arriving = list(arriving)
+        self.calls = []
+
+    def consume(self, num_messages, timeout):
+        self.calls.append(("consume", num_messages, timeout))
+        taken, self.queue = self.queue[:num_messages], self.queue[num_messages:]
+        return taken
+
+    def poll(self, timeout):
+        self.calls.append(("poll", timeout))
+        self.queue += self.arriving
+        self.arriving = []
+        return self.queue.pop(0) if self.queue else None
+
+
+def test_a_batch_takes_what_is_fetched_without_waiting_to_fill():
+    consumer = QueueConsumer(fetched=["m0", "m1", "m2"])
+    assert take_batch(consumer, 2, 0.005) == ["m0", "m1"]
+    assert take_batch(consumer, 2, 0.005) == ["m2"]
+    assert consumer.calls == [("consume", 2, 0), ("consume", 2, 0)]  # no wait
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 500])
+def test_with_nothing_fetched_a_batch_waits_only_for_its_first_message(max_batch):
+    consumer = QueueConsumer(arriving=["m0", "m1", "m2"])
+    batch = take_batch(consumer, max_batch, 0.005)
+    assert batch == ["m0", "m1", "m2"][:max_batch]
+    assert consumer.calls[:2] == [("consume", max_batch, 0), ("poll", 0.005)]
+    assert all(timeout == 0 for *_, timeout in consumer.calls[2:])
+    assert take_batch(QueueConsumer(), max_batch, 0.005) == []  # nothing within the wait
+
+
+def test_a_batch_behind_one_in_flight_never_waits():
+    consumer = QueueConsumer(arriving=["m0"])
+    assert take_batch(consumer, 500, 0) == []
+    assert consumer.calls == [("consume", 500, 0)]
 
 
 def test_pauses_above_the_limit_and_resumes_at_half():
