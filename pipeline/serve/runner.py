@@ -78,7 +78,8 @@ from pipeline.serve.forget import Forgetter, ensure_forget_topic
 from pipeline.serve.histograms import InputHistograms
 from pipeline.serve.produce import Sink, dead_letter, debug_headers
 from pipeline.serve.records import DeadLetter, EventColumns, Scored
-from pipeline.serve.score import Inference, InferenceThread, Request, Scorer, top_reasons
+from pipeline.serve.score import Inference, InferenceThread, Request, Scorer
+from pipeline.serve.score import warm_kernels as warm_scoring
 from pipeline.settings import LimitSettings, Settings
 from pipeline.telemetry import Telemetry
 from schemas.catalog import Catalog, RegistryUnavailable
@@ -624,7 +625,7 @@ def warm_kernels() -> float:
         item_count=np.ones(1, np.int64), ranking_model=("m", "1"), scored_time=0,
     )  # fmt: skip
     OutputEncoder().encode(columns, scored)
-    top_reasons(np.zeros((1, 1), dtype=np.float32), 1)
+    warm_scoring()
     return time.perf_counter() - started
 
 

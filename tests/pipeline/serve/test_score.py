@@ -10,8 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engines.base import EngineError
+from engines.vocabulary import PAD, map_item_ids
 from pipeline.serve.features.spec import FRAUD_NUMERIC, feature_hash
-from pipeline.serve.score import REASON_NAMES, InferenceThread, Scorer, infer, top_reasons
+from pipeline.serve.score import (
+    REASON_NAMES,
+    InferenceThread,
+    Scorer,
+    _ranking_inputs,
+    _top_items,
+    infer,
+    top_reasons,
+)
 from pipeline.settings import DecisionSettings, RankingSettings
 from tests.pipeline.columnar import featurised, fraud_records, recommendation_records
 from tests.pipeline.sample import click_record
@@ -247,3 +256,99 @@ def test_top_reasons_selects_what_a_stable_descending_sort_keeps(
     np.testing.assert_array_equal(top, expected)
     np.testing.assert_array_equal(values, np.take_along_axis(contributions, expected, axis=1))
     np.testing.assert_array_equal(count, (values > 0).sum(axis=1))
+
+
+# --- the ranking kernels against the numpy code they replaced ------------------------------
+
+
+def ranking_inputs_oracle(starts, rows, candidates, history, categories, slots, vocab, cats):
+    """The numpy version `_ranking_inputs` replaced (Scorer.prepare before 2026-11-27)."""
+    counts = starts[rows + 1] - starts[rows]
+    ranked = np.flatnonzero(counts > 0)
+    chunks = (counts[ranked] + slots - 1) // slots
+    owners = np.repeat(np.arange(len(ranked)), chunks)
+    index_in_event = np.arange(len(owners)) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    first = starts[rows[ranked]][owners] + index_in_event * slots
+    last = (starts[rows[ranked] + 1])[owners]
+    positions = first[:, None] + np.arange(slots)[None, :]
+    filled = positions < last[:, None]
+    padded = np.full((len(owners), slots), PAD, dtype=np.int64)
+    padded[filled] = map_item_ids(candidates[positions[filled]], vocab)
+    history_rows = ranked[owners]
+    mapped_items = map_item_ids(history[history_rows], vocab)
+    mapped_categories = map_item_ids(categories[history_rows], cats)
+    return ranked, chunks, owners, first, mapped_items, mapped_categories, padded
+
+
+def top_items_oracle(starts, rows, ranked, owners, first, scores, candidates, k):
+    """Each ranked event's list scored from its ranking rows, then a stable descending sort
+    of it (NaN last), its first k kept; zeros past the count.
+    """
+    items = np.zeros((len(ranked), k), dtype=np.int64)
+    item_scores = np.zeros((len(ranked), k), dtype=np.float32)
+    count = np.zeros(len(ranked), dtype=np.int64)
+    for e, row in enumerate(ranked):
+        lo, hi = starts[rows[row]], starts[rows[row] + 1]
+        listed = np.empty(hi - lo, dtype=np.float32)
+        for r in np.flatnonzero(owners == e):
+            for s in range(scores.shape[1]):
+                if first[r] + s < hi:
+                    listed[first[r] + s - lo] = scores[r, s]
+        order = np.argsort(-listed.astype(np.float64), kind="stable")[:k]
+        count[e] = len(order)
+        items[e, : len(order)] = candidates[lo + order]
+        item_scores[e, : len(order)] = listed[order]
+    return items, item_scores, count
+
+
+ids = st.sampled_from([-2, -1, 0, 1, 2, 7, 99, 100, 10**12])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lists=st.lists(st.lists(ids, max_size=9), max_size=7),
+    scored=st.lists(st.booleans(), max_size=7),
+    slots=st.integers(1, 4),
+    k=st.integers(1, 5),
+    length=st.integers(1, 3),
+    values=st.lists(st.sampled_from([0.0, 0.5, 0.5, 1.0, -3.0, float("nan")]), min_size=1),
+)
+def test_the_ranking_kernels_equal_the_numpy_code_they_replaced(
+    lists, scored, slots, k, length, values
+):
+    # Unknown, padding-like and huge ids; lists longer than the slots; rows not scored
+    # (replays); tied and NaN scores.
+    starts = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum([len(c) for c in lists], out=starts[1:])
+    candidates = np.array([i for c in lists for i in c], dtype=np.int64)
+    rows = np.array([i for i in range(len(lists)) if i < len(scored) and scored[i]], np.int64)
+    history = np.tile(np.array([-1, 5, 150][:length], dtype=np.int64), (len(rows), 1))
+    categories = np.full((len(rows), length), 3, dtype=np.int64)
+    categories[:, 0] = -1
+    vocab, cats = 100, 4
+    ranked, chunks, owners, first, *expected = ranking_inputs_oracle(
+        starts, rows, candidates, history, categories, slots, vocab, cats
+    )
+    total = int(chunks.sum())
+    got_owners, got_first = np.empty(total, np.int64), np.empty(total, np.int64)
+    got = [np.empty((total, length), np.int64) for _ in range(2)]
+    got.append(np.empty((total, slots), np.int64))
+    _ranking_inputs(
+        starts, rows, ranked, chunks, candidates, history, categories, vocab, cats,
+        got_owners, got_first, *got,
+    )  # fmt: skip
+    np.testing.assert_array_equal(got_owners, owners)
+    np.testing.assert_array_equal(got_first, first)
+    for got_array, expected_array in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(got_array, expected_array)
+
+    scores = np.resize(np.array(values, dtype=np.float32), (total, slots))
+    items, item_scores, count = (
+        np.zeros((len(ranked), k), np.int64),
+        np.zeros((len(ranked), k), np.float32),
+        np.zeros(len(ranked), np.int64),
+    )
+    _top_items(starts, rows, ranked, owners, first, scores, candidates, items, item_scores, count)
+    want = top_items_oracle(starts, rows, ranked, owners, first, scores, candidates, k)
+    for got_array, expected_array in zip((items, item_scores, count), want, strict=True):
+        np.testing.assert_array_equal(got_array, expected_array)
