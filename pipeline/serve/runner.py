@@ -47,7 +47,7 @@ from engines.base import Engine, EngineError
 from engines.drift import Profile
 from engines.factory import load_engine
 from engines.reload import ModelWatcher
-from pipeline.kafka.admin import create_topics
+from pipeline.kafka.admin import create_topics, topic_partitions
 from pipeline.kafka.clients import (
     connect_catalog,
     pipeline_outputs,
@@ -76,7 +76,7 @@ from pipeline.serve.features.state import StateChange
 from pipeline.serve.features.table import UserTable
 from pipeline.serve.forget import Forgetter, ensure_forget_topic
 from pipeline.serve.histograms import InputHistograms
-from pipeline.serve.produce import Sink, dead_letter, debug_headers
+from pipeline.serve.produce import AT_LEAST_ONCE_PRODUCER, Sink, dead_letter, debug_headers
 from pipeline.serve.records import DeadLetter, EventColumns, Scored
 from pipeline.serve.score import Inference, InferenceThread, Request, Scorer
 from pipeline.serve.score import warm_kernels as warm_scoring
@@ -355,10 +355,15 @@ class Pipeline:
 
         def make_producer(transactional_id: str | None = None) -> Producer:
             config = producer_config(settings, transactional_id)
+            if transactional_id is None:
+                config |= AT_LEAST_ONCE_PRODUCER
             return Producer(config | {"error_cb": on_client_error})
 
+        # Where scores and recommendations go: their input's partition, modulo these.
+        outputs = (topics.fraud_scores, topics.recommendations, topics.shadow_scores)
+        partitions = {topic: len(topic_partitions(consumer, topic)) for topic in outputs}
         if settings.processing.guarantee == "at_least_once":
-            sink = Sink(make_producer(), topics, changelog, self._dead_letter_id)
+            sink = Sink(make_producer(), topics, changelog, partitions, self._dead_letter_id)
             return AtLeastOnce(
                 consumer, sink, settings.checkpoint.interval_ms, self.store.take_changes
             )
@@ -370,7 +375,9 @@ class Pipeline:
             consumer,
             lambda: make_producer(transactional_id),
             # Untracked: the transaction's commit fails if any record in it failed.
-            lambda producer: Sink(producer, topics, changelog, self._dead_letter_id, False),
+            lambda producer: Sink(
+                producer, topics, changelog, partitions, self._dead_letter_id, track=False
+            ),
             self.store.take_changes,
             settings.processing.transaction_interval_ms,
         )

@@ -335,7 +335,9 @@ def test_a_transaction_holding_a_record_the_broker_refuses_is_rolled_back(kafka_
     checkpoint = ExactlyOnce(
         consumer=None,  # no offsets: never asked for its group metadata
         make_producer=lambda: Producer(producer_config(kafka_settings, transactional_id)),
-        make_sink=lambda producer: Sink(producer, kafka_settings.topics, "changelog", track=False),
+        make_sink=lambda producer: Sink(
+            producer, kafka_settings.topics, "changelog", {topic: 1}, track=False
+        ),
         take_changes=list,  # no state here
     )
     try:

@@ -109,7 +109,8 @@ class QueueingProducer:
         keep = []
         for record in self.queued:
             if topic is None or record[0] == topic:
-                record[3](error, AckedMessage(record[0]))
+                if record[3] is not None:  # a record that asked for a delivery report
+                    record[3](error, AckedMessage(record[0]))
             else:
                 keep.append(record)
         self.queued = keep
@@ -143,12 +144,13 @@ class CommittingConsumer:
 
 TOPICS = TopicSettings(fraud_scores="scores")
 CHANGELOG = "state"
+PARTITIONS = {TOPICS.fraud_scores: 3, TOPICS.recommendations: 3, TOPICS.shadow_scores: 3}
 
 
 def at_least_once(interval_ms=0):
     """A checkpoint whose every batch closes a stretch (interval 0), and its state."""
     producer, consumer, store = QueueingProducer(), CommittingConsumer(), FeatureStore(5)
-    sink = Sink(producer, TOPICS, CHANGELOG)
+    sink = Sink(producer, TOPICS, CHANGELOG, PARTITIONS)
     checkpoint = AtLeastOnce(consumer, sink, interval_ms, store.take_changes)
     return checkpoint, producer, consumer, store
 
@@ -184,6 +186,31 @@ def test_offsets_wait_for_outputs_then_state_without_blocking():
     assert consumer.commits == [({0: 8}, True)]
 
 
+def test_a_batch_writes_each_output_to_its_inputs_partition_and_one_report_asks_per_partition():
+    producer, consumer = QueueingProducer(), CommittingConsumer()
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list)
+    users = [f"u{i}" for i in range(5)]
+    columns = columns_of(*(click_record(user_id=u, event_id=f"e{i}") for i, u in enumerate(users)))
+    columns.partition[:] = [0, 1, 0, 4, 1]  # the output topics have 3 partitions
+    scored = SimpleNamespace(rows=np.arange(5), ranked=np.array([3]), shadow=None)
+    encoded = Encoded(b"abcde", [0, 1, 2, 3, 4, 5], b"r", [0, 1])
+    checkpoint.begin_batch()
+    checkpoint.sink.publish(columns, scored, encoded, [])
+    scores = [(partition, report is not None) for topic, _, partition, report in producer.queued]
+    # Partition 0's last record is the third, partition 1's the fifth (4 % 3 = 1).
+    assert scores[:5] == [(0, False), (1, False), (0, True), (1, False), (1, True)]
+    assert scores[5:] == [(1, True)]  # the recommendation of u3, alone in its partition
+    checkpoint.end_batch({("in", 0): 5}, [])
+    late = producer.queued.pop(2)  # partition 0's report comes last
+    producer.ack()
+    checkpoint.tick(idle=True)
+    assert consumer.commits == []  # the records it vouches for are not known safe yet
+    producer.queued.append(late)
+    producer.ack()
+    checkpoint.tick(idle=True)
+    assert consumer.commits == [({0: 5}, True)]
+
+
 class FullQueueProducer(QueueingProducer):
     """A local queue of `room` records: produce raises BufferError when it is full, and
     serving with a wait (poll(timeout > 0)) acknowledges what it holds, running the delivery
@@ -207,7 +234,7 @@ class FullQueueProducer(QueueingProducer):
 
 def test_a_full_local_queue_delays_outputs_and_state_without_losing_or_miscounting_them():
     producer, consumer = FullQueueProducer(room=2), CommittingConsumer()
-    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG), 0, list)
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list)
     users = [f"u{i}" for i in range(5)]
     columns = columns_of(*(click_record(user_id=u, event_id=f"e{i}") for i, u in enumerate(users)))
     scored = SimpleNamespace(rows=np.arange(5), ranked=np.array([], dtype=np.int64), shadow=None)
@@ -377,7 +404,7 @@ def test_a_control_record_goes_out_after_the_tombstones_of_its_stretch():
     mark = CONTROL + b"forget-position"
     pending = [StateChange(0, b"u1", None), StateChange(0, mark, b"2")]
     checkpoint = AtLeastOnce(
-        CommittingConsumer(), Sink(producer, TOPICS, CHANGELOG), 10**9, lambda: pending
+        CommittingConsumer(), Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 10**9, lambda: pending
     )
     checkpoint.commit()
     assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1", mark]
