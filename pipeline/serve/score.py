@@ -334,6 +334,29 @@ def _better(a: float, b: float) -> bool:
     return not np.isnan(a) and (np.isnan(b) or a > b)
 
 
+@inline_kernel
+def _keep_best(
+    x: float, label: int, labels: np.ndarray, values: np.ndarray, row: int, kept: int
+) -> int:
+    """Offer (`label`, `x`) to row `row` of `labels` and `values`, which holds the best
+    `kept` offered so far, best first, at most as many as the row is wide: what a stable
+    descending sort of the offers keeps (ties: the earlier first; NaN last). Returns how
+    many it holds now.
+    """
+    k: int = values.shape[1]
+    if kept == k and not _better(x, values[row, k - 1]):
+        return kept  # a later equal value never displaces an earlier one
+    at = min(kept, k - 1)
+    while at > 0 and _better(x, values[row, at - 1]):
+        at -= 1
+    for q in range(min(kept, k - 1), at, -1):
+        labels[row, q] = labels[row, q - 1]
+        values[row, q] = values[row, q - 1]
+    labels[row, at] = label
+    values[row, at] = x
+    return min(kept + 1, k)
+
+
 @njit(cache=True, nogil=True)
 def top_reasons(contributions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the columns of the `k` largest contributions, largest first (ties: the lower
@@ -349,21 +372,9 @@ def top_reasons(contributions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     if k == 0:
         return top, values, count
     for i in range(n):
-        row = contributions[i]
         kept = 0
         for j in range(m):
-            x = row[j]
-            if kept == k and not _better(x, values[i, k - 1]):
-                continue  # a later equal value never displaces an earlier one
-            at = min(kept, k - 1)
-            while at > 0 and _better(x, values[i, at - 1]):
-                at -= 1
-            for q in range(min(kept, k - 1), at, -1):
-                top[i, q] = top[i, q - 1]
-                values[i, q] = values[i, q - 1]
-            top[i, at] = j
-            values[i, at] = x
-            kept = min(kept + 1, k)
+            kept = _keep_best(contributions[i, j], j, top, values, i, kept)
         for r in range(k):
             if values[i, r] > 0:
                 count[i] += 1
@@ -456,7 +467,6 @@ def _top_items(
     ranking rows, best first: what a stable descending sort of each list keeps (NaN last),
     in one pass that keeps the best k, as `top_reasons` does.
     """
-    k = items.shape[1]
     r = 0
     for e in range(len(ranked)):
         last = starts[rows[ranked[e]] + 1]
@@ -466,17 +476,6 @@ def _top_items(
                 position = first[r] + s
                 if position >= last:
                     break
-                x = scores[r, s]
-                if kept == k and not _better(x, item_scores[e, k - 1]):
-                    continue  # a later equal score never displaces an earlier one
-                at = min(kept, k - 1)
-                while at > 0 and _better(x, item_scores[e, at - 1]):
-                    at -= 1
-                for q in range(min(kept, k - 1), at, -1):
-                    items[e, q] = items[e, q - 1]
-                    item_scores[e, q] = item_scores[e, q - 1]
-                items[e, at] = candidates[position]
-                item_scores[e, at] = x
-                kept = min(kept + 1, k)
+                kept = _keep_best(scores[r, s], candidates[position], items, item_scores, e, kept)
             r += 1
         item_count[e] = kept
