@@ -107,6 +107,22 @@ class Checkpoint(Protocol):
         ...
 
 
+class _Interval:
+    """When a stretch or transaction closes: once `interval_ms` has passed since the last."""
+
+    def __init__(self, interval_ms: int) -> None:
+        self._seconds = interval_ms / 1000.0
+        self._last = time.monotonic()
+
+    def passed(self) -> bool:
+        """True, and counting from now, when the interval has passed since the last True."""
+        now = time.monotonic()
+        if now - self._last < self._seconds:
+            return False
+        self._last = now
+        return True
+
+
 @dataclass(slots=True)
 class _Stretch:
     """The batches between two checkpoints."""
@@ -135,20 +151,15 @@ class AtLeastOnce:
         """
         self._consumer = consumer
         self.sink = sink
-        self._interval_s = interval_ms / 1000.0
+        self._interval = _Interval(interval_ms)
         self._take_changes = take_changes
         self._open = _Stretch()
         self._sealed: deque[_Stretch] = deque()
         self._safe: dict[tuple[str, int], int] = {}  # acknowledged offsets of owned partitions
-        self._last = time.monotonic()
 
     def closing(self) -> bool:
         """True once per `interval_ms`: the batch being prepared closes the stretch."""
-        now = time.monotonic()
-        if now - self._last < self._interval_s:
-            return False
-        self._last = now
-        return True
+        return self._interval.passed()
 
     def begin_batch(self) -> None:
         """Nothing to open."""
@@ -275,9 +286,8 @@ class ExactlyOnce:
         self._make_producer = make_producer
         self._make_sink = make_sink
         self._take_changes = take_changes
-        self._interval_s = interval_ms / 1000.0
+        self._interval = _Interval(interval_ms)
         self._open = False
-        self._last = time.monotonic()  # when a batch last closed a transaction
         self._offsets: Offsets = {}  # the open transaction's next offsets, per partition
         self._producer, self.sink = self._start()
 
@@ -285,11 +295,7 @@ class ExactlyOnce:
         """True once per `interval_ms` (every batch at 0): the batch being prepared closes
         the transaction.
         """
-        now = time.monotonic()
-        if now - self._last < self._interval_s:
-            return False
-        self._last = now
-        return True
+        return self._interval.passed()
 
     def begin_batch(self) -> None:
         """Open a transaction unless one is open."""
