@@ -104,8 +104,9 @@ def recommend(
     why.append(batch_why)
     max_wait = max(1, min(5, int(latency_slo_ms / 5)))
     why.append(
-        f"max_wait_ms: {max_wait} = min(5, SLO / 5): waiting for a fuller batch costs at most "
-        "a fifth of the budget at low rates; at high rates batches fill before it."
+        f"max_wait_ms: {max_wait} = min(5, SLO / 5): the broker holds a fetch up to this long "
+        "for fetch_min_bytes, at most a fifth of the budget at low rates (a batch never waits "
+        "to fill); at high rates fetches fill before it."
     )
     lag = max(_MIN_LAG_THRESHOLD, int(per_pod * latency_slo_ms / 1000))
     why.append(
