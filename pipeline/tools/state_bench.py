@@ -28,7 +28,12 @@ from confluent_kafka import Producer
 
 from pipeline.kafka.admin import create_topics
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.features.changelog import ensure_changelog, restore, save_snapshots
+from pipeline.serve.features.changelog import (
+    ensure_changelog,
+    read_through,
+    restore,
+    save_snapshots,
+)
 from pipeline.serve.features.state import FLOAT_SLOTS, INT_SLOTS, UserState
 from pipeline.serve.features.table import UserTable
 from pipeline.settings import Settings
@@ -45,6 +50,7 @@ class StateBench:
     bytes_per_user_live: float
     restore_records_per_s: float
     restore_s: float
+    read_through_records_per_s: float  # the client's ceiling for the restore rate
     snapshot_write_s: float
     snapshot_bytes: int
     snapshot_restore_records_per_s: float
@@ -102,6 +108,10 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
     stats = restore(bench_settings, table, range(partitions))
     if stats.records != users or table.users() != users:
         raise RuntimeError(f"restored {stats.records} records for {users} users")
+    started = time.perf_counter()
+    if (read := read_through(bench_settings, range(partitions))) != users:
+        raise RuntimeError(f"read {read} changelog records for {users} users")
+    read_s = time.perf_counter() - started
 
     with tempfile.TemporaryDirectory(prefix="state-bench-") as directory:
         local = settings.features.model_copy(update={"snapshot_dir": Path(directory)})
@@ -123,6 +133,7 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
         bytes_per_user_live=live / users,
         restore_records_per_s=stats.records_per_s,
         restore_s=stats.seconds,
+        read_through_records_per_s=users / read_s,
         snapshot_write_s=written_s,
         snapshot_bytes=written,
         snapshot_restore_records_per_s=loaded.records_per_s,

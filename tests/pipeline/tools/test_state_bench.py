@@ -13,5 +13,6 @@ def test_state_bench_restores_every_record_and_measures_memory(kafka_settings):
     assert result.record_bytes > 8 * result.history_length  # the history is in it
     assert 0 < result.bytes_per_user_restored == result.bytes_per_user_live  # one form now
     assert result.restore_records_per_s > 0
+    assert result.read_through_records_per_s > 0  # it checks that every record was read
     assert result.snapshot_restore_records_per_s > 0  # it checks that every user came back
     assert result.snapshot_bytes > 2000 * result.record_bytes  # the values, keys and offsets
