@@ -158,6 +158,10 @@ class Latency:
     p95_ms: float
     p99_ms: float
     max_ms: float
+    # Of p99_ms, the part up to the output's own Kafka timestamp (the pipeline's produce
+    # call): the rest is the output's way to a reader. NaN for the ceiling, whose outputs
+    # carry their input's timestamp.
+    p99_to_output_ms: float
     cpu_percent: float  # the configuration's processes while the load was offered
     broker_cpu_percent: float
     bench_cpu_percent: float  # this process: the paced producer and the probe
@@ -324,8 +328,8 @@ class Bench:
                             f"  {config.name} at {fraction:.0%}: {received} of {sent} outputs "
                             f"on {settings.topics.fraud_scores} in {wait_s:.0f} s"
                         )
-                    latencies = probe.latencies_between(started_ms, ended_ms)
-                    point = _latency(fraction, rate, sent, seconds, latencies, meter)
+                    latencies, to_output = probe.split_between(started_ms, ended_ms)
+                    point = _latency(fraction, rate, sent, seconds, latencies, to_output, meter)
                     point.fixed = fixed
                     results.append(point)
                     self.say(
@@ -567,9 +571,9 @@ class Window:
 class Probe:
     """A read_committed consumer of one output topic, assigned every partition from the start.
 
-    Untimed, it counts arrivals; timed, a thread records (read time, input timestamp) pairs,
-    the input timestamp being the FraudScore's `ingest_time` or, for the ceiling's mirrored
-    bytes, the Kafka timestamp it copied.
+    Untimed, it counts arrivals; timed, a thread records (read time, input timestamp,
+    output timestamp) for each, the input timestamp being the FraudScore's `ingest_time` or,
+    for the ceiling's mirrored bytes, the Kafka timestamp it copied.
     """
 
     def __init__(self, settings: Settings, topic: str, timed: bool, ceiling: bool = False):
@@ -593,6 +597,7 @@ class Probe:
         self._decoder = Decoder(schemas.FRAUD_SCORE)
         self._read: list[float] = []
         self._ingest: list[float] = []
+        self._produced: list[float] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -638,19 +643,23 @@ class Probe:
             # consume() returns early only with a full batch: the timeout bounds the error.
             messages = self._consumer.consume(10_000, 0.001)
             now_ms = time.time() * 1000
-            read, ingest = [], []
+            read, ingest, produced = [], [], []
             for message in messages:
                 if message.error() is not None:
                     continue
-                if self._ceiling:
-                    ingest.append(float(message.timestamp()[1]))
+                timestamp = float(message.timestamp()[1])
+                if self._ceiling:  # it copied its input's: when it produced is not known
+                    ingest.append(timestamp)
+                    produced.append(math.nan)
                 else:
                     ingest.append(float(self._decoder.decode(message.value())["ingest_time"]))
+                    produced.append(timestamp)
                 read.append(now_ms)
             if read:
                 with self._lock:
                     self._read.extend(read)
                     self._ingest.extend(ingest)
+                    self._produced.extend(produced)
 
     def wait_for(
         self,
@@ -673,11 +682,18 @@ class Probe:
 
     def latencies_between(self, start_ms: float, end_ms: float) -> np.ndarray:
         """Latency (ms) of outputs whose input was produced in [start_ms, end_ms]."""
+        return self.split_between(start_ms, end_ms)[0]
+
+    def split_between(self, start_ms: float, end_ms: float) -> tuple[np.ndarray, np.ndarray]:
+        """For outputs whose input was produced in [start_ms, end_ms]: their latency (ms),
+        and its part up to the output's own Kafka timestamp.
+        """
         with self._lock:
             read = np.asarray(self._read)
             ingest = np.asarray(self._ingest)
+            produced = np.asarray(self._produced)
         chosen = (ingest >= start_ms) & (ingest <= end_ms)
-        return np.asarray(read[chosen] - ingest[chosen])
+        return read[chosen] - ingest[chosen], produced[chosen] - ingest[chosen]
 
     def close(self) -> None:
         """Stop reading."""
@@ -693,10 +709,11 @@ def _latency(
     sent: int,
     seconds: float,
     latencies: np.ndarray,
+    to_output: np.ndarray,
     meter: CpuMeter,
 ) -> Latency:
-    def pct(q: float) -> float:
-        return round(float(np.percentile(latencies, q)), 2) if len(latencies) else float("nan")
+    def pct(q: float, values: np.ndarray = latencies) -> float:
+        return round(float(np.percentile(values, q)), 2) if len(values) else float("nan")
 
     return Latency(
         fraction=fraction,
@@ -708,6 +725,7 @@ def _latency(
         p95_ms=pct(95),
         p99_ms=pct(99),
         max_ms=round(float(latencies.max()), 2) if len(latencies) else float("nan"),
+        p99_to_output_ms=pct(99, to_output),
         cpu_percent=round(meter.percent(), 1),
         broker_cpu_percent=round(meter.broker_percent(), 1),
         bench_cpu_percent=round(meter.self_percent(), 1),
