@@ -79,6 +79,14 @@ class Config:
     processes: int = 1
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
 
+    @property
+    def stamps_outputs(self) -> bool:
+        """Whether its outputs get their own Kafka timestamp when produced: the ceiling's
+        copy their input's, and Quix Streams gives an output its input's (measured: the
+        split below read 0 ms for it).
+        """
+        return self.kind not in ("ceiling", "peer")
+
 
 CONFIGS = (
     Config("ceiling", "ceiling"),
@@ -159,8 +167,8 @@ class Latency:
     p99_ms: float
     max_ms: float
     # Of p99_ms, the part up to the output's own Kafka timestamp (the pipeline's produce
-    # call): the rest is the output's way to a reader. NaN for the ceiling, whose outputs
-    # carry their input's timestamp.
+    # call): the rest is the output's way to a reader. NaN where outputs carry their
+    # input's timestamp (`Config.stamps_outputs`).
     p99_to_output_ms: float
     cpu_percent: float  # the configuration's processes while the load was offered
     broker_cpu_percent: float
@@ -298,7 +306,11 @@ class Bench:
         with self._processes(config, settings, "latency") as procs:
             self._wait_joined(settings.consumer.group_id, config.processes, procs)
             probe = Probe(
-                settings, settings.topics.fraud_scores, timed=True, ceiling=config.kind == "ceiling"
+                settings,
+                settings.topics.fraud_scores,
+                timed=True,
+                ceiling=config.kind == "ceiling",
+                split=config.stamps_outputs,
             )
             # librdkafka's default linger (5 ms), as a shop's producer would have it: 1 ms
             # sent about five times as many requests, and the broker they wake shares the
@@ -576,8 +588,17 @@ class Probe:
     for the ceiling's mirrored bytes, the Kafka timestamp it copied.
     """
 
-    def __init__(self, settings: Settings, topic: str, timed: bool, ceiling: bool = False):
-        """Read `topic` on the broker of `settings`."""
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        timed: bool,
+        ceiling: bool = False,
+        split: bool = False,
+    ):
+        """Read `topic` on the broker of `settings`; with `split`, the outputs' own Kafka
+        timestamps say when they were produced.
+        """
         self._consumer = Consumer(
             settings.kafka.client_config()
             | {
@@ -594,6 +615,7 @@ class Probe:
         partitions = topic_partitions(self._consumer, topic, timeout_s=30)
         self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         self._ceiling = ceiling
+        self._split = split
         self._decoder = Decoder(schemas.FRAUD_SCORE)
         self._read: list[float] = []
         self._ingest: list[float] = []
@@ -648,12 +670,11 @@ class Probe:
                 if message.error() is not None:
                     continue
                 timestamp = float(message.timestamp()[1])
-                if self._ceiling:  # it copied its input's: when it produced is not known
+                if self._ceiling:  # it copied its input's
                     ingest.append(timestamp)
-                    produced.append(math.nan)
                 else:
                     ingest.append(float(self._decoder.decode(message.value())["ingest_time"]))
-                    produced.append(timestamp)
+                produced.append(timestamp if self._split else math.nan)
                 read.append(now_ms)
             if read:
                 with self._lock:

@@ -240,7 +240,8 @@ def markdown(results: dict[str, Any], run_dir: Path) -> str:
     parts += ["", "## Latency at 25/50/75% of max, and at fixed rates", ""]
     parts += [
         "p99 to output: of the p99, the part up to the output's own Kafka timestamp (the "
-        "pipeline's produce call; the ceiling's outputs copy their input's). The rest is "
+        "pipeline's produce call; nan for the ceiling and Quix Streams, whose outputs carry "
+        "their input's). The rest is "
         "the output's way to the reader: the producer's linger, the broker, and the "
         "reader's fetch wait, or for exactly-once the wait for the transaction's commit.",
         "",
