@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -28,7 +28,7 @@ from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.serve.features import snapshot
-from pipeline.serve.features.table import CONTROL, UserTable
+from pipeline.serve.features.table import CONTROL, UserTable, holds_user_states
 from pipeline.settings import Settings
 
 log = get_logger()
@@ -114,25 +114,36 @@ def restore(
     if not wanted:
         return RestoreStats(wanted, 0, 0.0, controls)
     topic = changelog_topic(settings)
+    directory = settings.features.snapshot_dir
     consumer = _reader(settings)
     records = from_snapshot = 0
     try:
-        marks = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s) for p in wanted
-        }
-        first = {p: low for p, (low, _) in marks.items()}
-        directory = settings.features.snapshot_dir
-        if directory is not None:
-            cluster = consumer.list_topics(topic, timeout=timeout_s).cluster_id or ""
-            sources = [snapshot.Source(cluster, topic, p) for p in wanted]
-            for source, read in _load_snapshots(settings, directory, store, sources, marks):
-                first[source.partition] = read.offset
-                from_snapshot += read.state.users
-                controls.update(((source.partition, k), v) for k, v in read.state.controls.items())
-        consumer.assign([TopicPartition(topic, p, first[p]) for p in wanted])
+        # The local snapshots are read and checked on a thread while the broker is asked
+        # for the changelog's offsets here, and then each while the one before is loaded.
+        with ThreadPoolExecutor(1, thread_name_prefix="snapshot-read") as reader:
+            taken = _take_snapshots(settings, directory, store, reader, topic, wanted)
+            marks = {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s)
+                for p in wanted
+            }
+            first = {p: low for p, (low, _) in marks.items()}
+            if taken:
+                cluster = consumer.list_topics(topic, timeout=timeout_s).cluster_id or ""
+                sources = {p: snapshot.Source(cluster, topic, p) for p in wanted}
+                for source, read in _load_snapshots(store, taken, sources, marks):
+                    first[source.partition] = read.offset
+                    from_snapshot += read.state.users
+                    controls.update(
+                        ((source.partition, k), v) for k, v in read.state.controls.items()
+                    )
+        # A partition whose snapshot reaches the changelog's end (or that is empty) has
+        # nothing to read: waiting for its end-of-partition event would cost a fetch
+        # round trip (20 ms of a 230 ms snapshot restore in the state bench, measured).
+        pending = {p for p in wanted if first[p] < marks[p][1]}
+        if pending:
+            consumer.assign([TopicPartition(topic, p, first[p]) for p in sorted(pending)])
         # At most; compaction drops some.
-        store.expect(sum(high - first[p] for p, (_, high) in marks.items()))
-        pending = set(wanted)
+        store.expect(sum(marks[p][1] - first[p] for p in pending))
         deadline = time.monotonic() + timeout_s
         batch = settings.features.restore_batch
         while pending:
@@ -180,43 +191,65 @@ def restore(
     return RestoreStats(wanted, from_snapshot + records, seconds, controls, from_snapshot)
 
 
-def _load_snapshots(
+def _take_snapshots(
     settings: Settings,
-    directory: Path,
+    directory: Path | None,
     store: UserTable,
-    sources: list[snapshot.Source],
-    marks: dict[int, tuple[int, int]],
-) -> Iterator[tuple[snapshot.Source, snapshot.Snapshot]]:
-    """Load the valid snapshots of `sources` into `store`, yielding each one loaded.
+    reader: ThreadPoolExecutor,
+    topic: str,
+    partitions: tuple[int, ...],
+) -> deque[tuple[int, Future[snapshot.Snapshot | None]]]:
+    """Start reading the local snapshots of `topic`'s `partitions` on `reader`, each file
+    checked (`snapshot.take`) and its values too, in partition order; make room in `store`
+    for their users.
 
-    Each file is read and checked on a thread while the one before it is loaded: its
-    CRC-32 and the restore kernel both release the GIL, so on two cores the two overlap.
+    On the thread, the reads overlap the broker's answers and the loads: the checksum and
+    the checking kernel release the GIL, so on two cores they run beside the restore
+    kernel (the state bench's snapshot restore, 230 -> 180 ms for 200,000 users).
     """
+    if directory is None:
+        return deque()
     max_age_s = settings.features.snapshot_max_age_s
     snapshot.prune(directory, max_age_s)
+    sources = [snapshot.Source("", topic, p) for p in partitions]  # the cluster comes later
     # Room for them all at once: growing the pool as they come copies it each time.
     store.expect(sum(snapshot.users_in(directory, source) for source in sources))
-    with ThreadPoolExecutor(1, thread_name_prefix="snapshot-read") as reader:
-        reads = deque(
-            (
-                source,
-                reader.submit(
-                    snapshot.read, directory, source, *marks[source.partition], max_age_s
-                ),
-            )
-            for source in sources
-        )
-        while reads:
-            source, future = reads.popleft()
-            read = future.result()
-            if read is None:
-                continue
-            try:
-                store.load(source.partition, read.state)
-            except ValueError as refused:
-                snapshot.refuse(source, str(refused))
-                continue
-            yield source, read
+    return deque(
+        (p, reader.submit(_take_checked, directory, topic, p, max_age_s)) for p in partitions
+    )
+
+
+def _take_checked(
+    directory: Path, topic: str, partition: int, max_age_s: float
+) -> snapshot.Snapshot | None:
+    """`snapshot.take`, refusing a snapshot whose values are not user states."""
+    found = snapshot.take(directory, topic, partition, max_age_s)
+    if found is not None and not holds_user_states(found.state):
+        snapshot.refuse(found.source, f"partition {partition}'s values are not user states")
+        return None
+    return found
+
+
+def _load_snapshots(
+    store: UserTable,
+    taken: deque[tuple[int, Future[snapshot.Snapshot | None]]],
+    sources: dict[int, snapshot.Source],
+    marks: dict[int, tuple[int, int]],
+) -> Iterator[tuple[snapshot.Source, snapshot.Snapshot]]:
+    """Load each snapshot `_take_snapshots` read that fits its changelog partition (its
+    `sources`, the offsets in `marks`) into `store`, yielding each one loaded.
+    """
+    while taken:
+        partition, future = taken.popleft()
+        found, source = future.result(), sources[partition]
+        if found is None or not snapshot.fits(found, source, *marks[partition]):
+            continue
+        try:
+            store.load(partition, found.state, checked=True)
+        except ValueError as refused:
+            snapshot.refuse(source, str(refused))
+            continue
+        yield source, found
 
 
 def save_snapshots(settings: Settings, store: UserTable, partitions: list[int]) -> None:

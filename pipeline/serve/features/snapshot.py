@@ -86,6 +86,7 @@ class Snapshot:
 
     offset: int
     state: PartitionState
+    source: Source  # as its header names it
 
 
 def path_of(directory: Path, source: Source) -> Path:
@@ -142,6 +143,17 @@ def read(directory: Path, source: Source, low: int, high: int, max_age_s: float)
     offsets [low, high]; the file is deleted either way. Its arrays map the file (the
     restore kernel reads the values from the page cache in place) for as long as they live.
     """
+    found = take(directory, source.topic, source.partition, max_age_s)
+    return found if found is not None and fits(found, source, low, high) else None
+
+
+def take(directory: Path, topic: str, partition: int, max_age_s: float) -> Snapshot | None:
+    """`read` up to what needs the broker: the file of `topic`'s `partition`, its format,
+    parts, checksum and age checked, whatever cluster and offset it names (`fits` checks
+    those). The file is deleted either way. A restore reads the files on a thread while
+    it asks the broker for the changelog's offsets.
+    """
+    source = Source("", topic, partition)  # the cluster is not known yet
     path = path_of(directory, source)
     if not path.exists():
         return None
@@ -149,12 +161,25 @@ def read(directory: Path, source: Source, low: int, high: int, max_age_s: float)
         with path.open("rb") as file:
             header, at = _header(file)
         data = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))  # a plain array
-        return _parse(data, header, at, source, low, high, max_age_s)
+        return _parse(data, header, at, source, max_age_s)
     except (SnapshotRefused, ValueError, OSError) as refused:
         refuse(source, str(refused))
         return None
     finally:
         path.unlink(missing_ok=True)
+
+
+def fits(found: Snapshot, source: Source, low: int, high: int) -> bool:
+    """Whether a snapshot `take` read belongs to `source`'s cluster and names an offset
+    within the changelog's [low, high]; logs why not.
+    """
+    if found.source != source:
+        refuse(source, f"written for {found.source}")
+    elif not low <= found.offset <= high:
+        refuse(source, f"offset {found.offset} is outside the changelog's [{low}, {high}]")
+    else:
+        return True
+    return False
 
 
 def users_in(directory: Path, source: Source) -> int:
@@ -194,19 +219,15 @@ def _parse(
     header: dict[str, Any],
     at: int,
     source: Source,
-    low: int,
-    high: int,
     max_age_s: float,
 ) -> Snapshot:
     try:
         if header["version"] != VERSION:
             raise SnapshotRefused(f"format version {header['version']}, not {VERSION}")
         named = Source(header["cluster"], header["topic"], header["partition"])
-        if named != source:
+        if (named.topic, named.partition) != (source.topic, source.partition):
             raise SnapshotRefused(f"written for {named}")
         offset, users = int(header["offset"]), int(header["users"])
-        if not low <= offset <= high:
-            raise SnapshotRefused(f"offset {offset} is outside the changelog's [{low}, {high}]")
         age_s = time.time() - header["written_ms"] / 1000
         if age_s > max_age_s:
             raise SnapshotRefused(f"{age_s:.0f} s old, past features.snapshot_max_age_s")
@@ -233,7 +254,7 @@ def _parse(
         raise SnapshotRefused("its offsets do not match its parts")
     if (np.diff(key_starts) < 0).any() or key_starts[0] != 0:
         raise SnapshotRefused("its key offsets are not in order")
-    return Snapshot(offset, PartitionState(parts[1], key_starts, parts[3], starts, controls))
+    return Snapshot(offset, PartitionState(parts[1], key_starts, parts[3], starts, controls), named)
 
 
 def prune(directory: Path, max_age_s: float, max_bytes: int | None = None) -> int:
