@@ -100,7 +100,18 @@ class QueueingProducer:
         self.queued = []  # (topic, key, partition, callback)
         self.produced = []
 
-    def produce(self, topic, value=None, key=None, headers=None, partition=-1, on_delivery=None):
+    def produce(
+        self,
+        topic,
+        value=None,
+        key=None,
+        partition=-1,
+        callback=None,
+        on_delivery=None,
+        timestamp=0,
+        headers=None,
+    ):  # confluent-kafka's order of arguments: the sink passes some by position
+        on_delivery = callback if callback is not None else on_delivery  # an alias
         self.queued.append((topic, key, partition, on_delivery))
         self.produced.append((topic, key))
 
@@ -221,10 +232,10 @@ class FullQueueProducer(QueueingProducer):
         super().__init__()
         self.room = room
 
-    def produce(self, topic, value=None, key=None, headers=None, partition=-1, on_delivery=None):
+    def produce(self, topic, value=None, key=None, partition=-1, callback=None, **named):
         if len(self.queued) >= self.room:
             raise BufferError("queue full")
-        super().produce(topic, value, key, headers, partition, on_delivery)
+        super().produce(topic, value, key, partition, callback, **named)
 
     def poll(self, timeout=0):
         if timeout > 0:
