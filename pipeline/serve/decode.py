@@ -304,7 +304,7 @@ class BatchDecoder:
 
 
 @inline_kernel
-def _varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
+def varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
     if pos >= end:
         return 0, -TRUNCATED
     first = np.int64(buf[pos])
@@ -384,7 +384,7 @@ def _string(
     """Read a string into span `field` of `spans` (one row's); its code points go to
     `chars[field]`.
     """
-    length, pos = _varint(buf, pos, end)
+    length, pos = varint(buf, pos, end)
     if pos < 0:
         return pos
     if length < 0:
@@ -403,7 +403,7 @@ def _string(
 @inline_kernel
 def _branch(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
     """A ["null", T] union's branch: 0 null, 1 the value."""
-    index, pos = _varint(buf, pos, end)
+    index, pos = varint(buf, pos, end)
     if pos < 0:
         return 0, pos
     if index < 0 or index > 1:
@@ -512,11 +512,11 @@ def _row(
         pos = _string(buf, pos, end, spans, field, chars)
         if pos < 0:
             return pos
-    value, pos = _varint(buf, pos, end)
+    value, pos = varint(buf, pos, end)
     if pos < 0:
         return pos
     longs[TIME] = value
-    value, pos = _varint(buf, pos, end)
+    value, pos = varint(buf, pos, end)
     if pos < 0:
         return pos
     if value < 0 or value >= _EVENT_TYPES:
@@ -528,7 +528,7 @@ def _row(
         if pos < 0:
             return pos
         if branch == 1:
-            value, pos = _varint(buf, pos, end)
+            value, pos = varint(buf, pos, end)
             if pos < 0:
                 return pos
             longs[column] = value
@@ -546,7 +546,7 @@ def _row(
     if pos < 0:
         return pos
     if branch == 1:
-        value, pos = _varint(buf, pos, end)
+        value, pos = varint(buf, pos, end)
         if pos < 0:
             return pos
         longs[QUANTITY] = value
@@ -576,7 +576,7 @@ def _row(
     if pos < 0:
         return pos
     if branch == 1:
-        value, pos = _varint(buf, pos, end)
+        value, pos = varint(buf, pos, end)
         if pos < 0:
             return pos
         if value < 0 or value >= _PAYMENT_METHODS:
@@ -591,7 +591,7 @@ def _row(
             if pos < 0:
                 return pos
     while True:  # candidates: array of long, in blocks
-        count, pos = _varint(buf, pos, end)
+        count, pos = varint(buf, pos, end)
         if pos < 0:
             return pos
         if count == 0:
@@ -601,7 +601,7 @@ def _row(
         if count > end - pos:
             return -TRUNCATED  # each item takes at least one byte
         for _ in range(count):
-            value, pos = _varint(buf, pos, end)
+            value, pos = varint(buf, pos, end)
             if pos < 0:
                 return pos
             candidates[n_candidates] = value

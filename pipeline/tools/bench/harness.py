@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import psutil
@@ -49,6 +49,8 @@ import schemas
 from pipeline.kafka.admin import admin_client, create_topics, delete_topics, topic_partitions
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.codec import Decoder, Encoder
+from pipeline.serve.decode import join, varint
+from pipeline.serve.kernel import kernel
 from pipeline.settings import Settings, settings_env, with_local_key
 from pipeline.tools.loadgen import produce_one
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
@@ -580,6 +582,73 @@ class Window:
         return (hi - lo) / seconds if seconds > 0 else 0.0
 
 
+def ingest_times(values: list[bytes], decoder: Decoder) -> list[float]:
+    """The `ingest_time` of each framed FraudScore in `values`: walked to by a kernel, or
+    decoded (`decoder`) where the walk fails. fastavro took 10 µs a record, which at half
+    the bench's maximum rate was a third of a core of the two the measured pipeline and
+    the broker share; the walk and the join are under 1 µs.
+    """
+    buffer, starts, _ = join(values)
+    found = np.empty(len(values), dtype=np.int64)
+    walked = np.empty(len(values), dtype=np.bool_)
+    _ingest_times(buffer, starts, found, walked)
+    times = found.astype(np.float64)
+    for i in np.flatnonzero(~walked).tolist():
+        times[i] = float(decoder.decode(values[i])["ingest_time"])
+    return times.tolist()
+
+
+@kernel
+def _skip_string(buf: np.ndarray, pos: int, end: int) -> int:
+    """The position after the string at `pos`, or a negative one."""
+    length, pos = varint(buf, pos, end)
+    if pos < 0 or length < 0 or pos + length > end:
+        return -1
+    return int(pos + length)
+
+
+@kernel
+def _ingest_times(buf: np.ndarray, starts: np.ndarray, out: np.ndarray, ok: np.ndarray) -> None:
+    """Into `out`, each record's `ingest_time`; `ok` is False where it is not a FraudScore
+    of the schema the pipeline writes (schemas/fraud_score.avsc): event_id, user_id (strings),
+    event_time (long), score (double), decision (enum), reasons (array of {string, double}),
+    model_name, model_version (strings), then ingest_time (long).
+    """
+    for i in range(len(starts) - 1):
+        ok[i] = False
+        pos, end = starts[i] + 5, starts[i + 1]  # after the magic byte and the schema id
+        if pos > end or buf[starts[i]] != 0:
+            continue
+        pos = _skip_string(buf, pos, end)
+        if pos >= 0:
+            pos = _skip_string(buf, pos, end)
+        if pos >= 0:
+            _, pos = varint(buf, pos, end)  # event_time
+        if pos >= 0:
+            pos = pos + 8 if pos + 8 <= end else -1  # score
+        if pos >= 0:
+            _, pos = varint(buf, pos, end)  # decision
+        while pos >= 0:  # reasons: blocks of items, ended by a zero count
+            count, pos = varint(buf, pos, end)
+            if pos < 0 or count == 0:
+                break
+            if count < 0:  # a negative count is followed by the block's size in bytes
+                count = -count
+                _, pos = varint(buf, pos, end)
+            for _ in range(count):
+                if pos >= 0:
+                    pos = _skip_string(buf, pos, end)
+                if pos >= 0:
+                    pos = pos + 8 if pos + 8 <= end else -1
+        if pos >= 0:
+            pos = _skip_string(buf, pos, end)
+        if pos >= 0:
+            pos = _skip_string(buf, pos, end)
+        if pos >= 0:
+            out[i], pos = varint(buf, pos, end)
+            ok[i] = pos >= 0
+
+
 class Probe:
     """A read_committed consumer of one output topic, assigned every partition from the start.
 
@@ -665,17 +734,15 @@ class Probe:
             # consume() returns early only with a full batch: the timeout bounds the error.
             messages = self._consumer.consume(10_000, 0.001)
             now_ms = time.time() * 1000
-            read, ingest, produced = [], [], []
-            for message in messages:
-                if message.error() is not None:
-                    continue
-                timestamp = float(message.timestamp()[1])
-                if self._ceiling:  # it copied its input's
-                    ingest.append(timestamp)
-                else:
-                    ingest.append(float(self._decoder.decode(message.value())["ingest_time"]))
-                produced.append(timestamp if self._split else math.nan)
-                read.append(now_ms)
+            messages = [message for message in messages if message.error() is None]
+            timestamps = [float(message.timestamp()[1]) for message in messages]
+            if self._ceiling:  # it copied its input's
+                ingest = timestamps
+            else:
+                values = [cast(bytes, message.value()) for message in messages]
+                ingest = ingest_times(values, self._decoder)
+            produced = timestamps if self._split else [math.nan] * len(messages)
+            read = [now_ms] * len(messages)
             if read:
                 with self._lock:
                     self._read.extend(read)
