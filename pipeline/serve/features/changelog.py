@@ -127,10 +127,10 @@ def restore(
                 for p in wanted
             }
             first = {p: low for p, (low, _) in marks.items()}
-            if taken:
+            if directory is not None:
                 cluster = consumer.list_topics(topic, timeout=timeout_s).cluster_id or ""
                 sources = {p: snapshot.Source(cluster, topic, p) for p in wanted}
-                for source, read in _load_snapshots(store, taken, sources, marks):
+                for source, read in _load_snapshots(directory, store, taken, sources, marks):
                     first[source.partition] = read.offset
                     from_snapshot += read.state.users
                     controls.update(
@@ -205,7 +205,9 @@ def _take_snapshots(
 
     On the thread, the reads overlap the broker's answers and the loads: the checksum and
     the checking kernel release the GIL, so on two cores they run beside the restore
-    kernel (the state bench's snapshot restore, 230 -> 180 ms for 200,000 users).
+    kernel (the state bench's snapshot restore of 200,000 users, 220-235 ms before, 170-190
+    ms since). `_load_snapshots` deletes each file it takes up, used or refused; a restore
+    that fails before (the broker does not answer) leaves the rest for the next try.
     """
     if directory is None:
         return deque()
@@ -231,24 +233,30 @@ def _take_checked(
 
 
 def _load_snapshots(
+    directory: Path,
     store: UserTable,
     taken: deque[tuple[int, Future[snapshot.Snapshot | None]]],
     sources: dict[int, snapshot.Source],
     marks: dict[int, tuple[int, int]],
 ) -> Iterator[tuple[snapshot.Source, snapshot.Snapshot]]:
     """Load each snapshot `_take_snapshots` read that fits its changelog partition (its
-    `sources`, the offsets in `marks`) into `store`, yielding each one loaded.
+    `sources`, the offsets in `marks`) into `store`, yielding each one loaded; each file
+    is deleted once taken up (a snapshot is read once).
     """
     while taken:
         partition, future = taken.popleft()
-        found, source = future.result(), sources[partition]
-        if found is None or not snapshot.fits(found, source, *marks[partition]):
-            continue
+        source = sources[partition]
         try:
-            store.load(partition, found.state, checked=True)
-        except ValueError as refused:
-            snapshot.refuse(source, str(refused))
-            continue
+            found = future.result()
+            if found is None or not snapshot.fits(found, source, *marks[partition]):
+                continue
+            try:
+                store.load(partition, found.state, checked=True)
+            except ValueError as refused:
+                snapshot.refuse(source, str(refused))
+                continue
+        finally:
+            snapshot.path_of(directory, source).unlink(missing_ok=True)
         yield source, found
 
 

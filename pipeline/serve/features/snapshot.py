@@ -15,7 +15,8 @@ offset, applied. A process that is assigned the partition on this host (any memb
 group that shares `features.snapshot_dir`) loads it and reads the changelog from that
 offset on: what later owners wrote is applied over it.
 
-A snapshot is read once: it is deleted when read, whether it is used or refused. It is
+A snapshot is read once: it is deleted once the restore has used or refused it (a restore
+that fails before, say because the broker does not answer, leaves it for the next). It is
 refused when:
 - its checksum or format do not hold (files are written under a temporary name and renamed,
   but not synced: a host crash may leave a torn one);
@@ -143,15 +144,20 @@ def read(directory: Path, source: Source, low: int, high: int, max_age_s: float)
     offsets [low, high]; the file is deleted either way. Its arrays map the file (the
     restore kernel reads the values from the page cache in place) for as long as they live.
     """
-    found = take(directory, source.topic, source.partition, max_age_s)
-    return found if found is not None and fits(found, source, low, high) else None
+    try:
+        found = take(directory, source.topic, source.partition, max_age_s)
+        return found if found is not None and fits(found, source, low, high) else None
+    finally:
+        path_of(directory, source).unlink(missing_ok=True)
 
 
 def take(directory: Path, topic: str, partition: int, max_age_s: float) -> Snapshot | None:
     """`read` up to what needs the broker: the file of `topic`'s `partition`, its format,
     parts, checksum and age checked, whatever cluster and offset it names (`fits` checks
-    those). The file is deleted either way. A restore reads the files on a thread while
-    it asks the broker for the changelog's offsets.
+    those). A file refused here is deleted; one returned stays until its reader deletes
+    it, so that a restore which fails before it uses the file (the broker does not answer)
+    leaves it for the next try. A restore reads the files on a thread while it asks the
+    broker for the changelog's offsets.
     """
     source = Source("", topic, partition)  # the cluster is not known yet
     path = path_of(directory, source)
@@ -164,9 +170,8 @@ def take(directory: Path, topic: str, partition: int, max_age_s: float) -> Snaps
         return _parse(data, header, at, source, max_age_s)
     except (SnapshotRefused, ValueError, OSError) as refused:
         refuse(source, str(refused))
-        return None
-    finally:
         path.unlink(missing_ok=True)
+        return None
 
 
 def fits(found: Snapshot, source: Source, low: int, high: int) -> bool:

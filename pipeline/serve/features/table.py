@@ -590,7 +590,7 @@ class UserTable:
     def load(self, partition: int, state: PartitionState, *, checked: bool = False) -> None:
         """Take an export of `partition`, which holds no users here yet. Raises ValueError,
         having loaded nothing, when a value is not a user state (unless `checked`: it
-        passed `check_states`) or a key repeats.
+        passed `holds_user_states`) or a key repeats.
         """
         self._see(np.array([partition], dtype=np.int64))
         if users := self._users_of(partition):

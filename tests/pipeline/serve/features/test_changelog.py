@@ -8,7 +8,7 @@ import random
 
 import pytest
 import structlog
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.features import UserTable, snapshot
@@ -118,3 +118,28 @@ def snapshot_source(settings, partition):
     """The Source of a changelog partition and its end offset, as a revocation names them."""
     cluster, ends = changelog_ends(settings, [partition])
     return snapshot.Source(cluster, changelog_topic(settings), partition), ends[partition]
+
+
+def test_a_restore_the_broker_does_not_answer_leaves_the_snapshots_for_the_next(kafka_settings):
+    settings = kafka_settings
+    history = settings.features.history_length
+    directory = settings.features.snapshot_dir
+    ensure_changelog(settings)
+    produce(settings, [(p, f"user-{p}".encode(), state(p, 3)) for p in range(PARTITIONS)])
+    table = UserTable(history)
+    restore(settings, table, range(PARTITIONS))
+    save_snapshots(settings, table, list(range(PARTITIONS)))
+    files = sorted(directory.iterdir())
+    assert len(files) == PARTITIONS
+
+    unreachable = settings.kafka.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})
+    away = settings.model_copy(update={"kafka": unreachable})
+    with pytest.raises(KafkaException):  # the snapshots were read while it asked
+        restore(away, UserTable(history), range(PARTITIONS), timeout_s=2)
+    assert sorted(directory.iterdir()) == files  # none was taken up: the next try has them
+
+    again = UserTable(history)
+    stats = restore(settings, again, range(PARTITIONS))
+    assert stats.from_snapshot == PARTITIONS and stats.records == PARTITIONS
+    assert held(again) == held(table)
+    assert list(directory.iterdir()) == []
