@@ -214,11 +214,14 @@ def _take_snapshots(
     max_age_s = settings.features.snapshot_max_age_s
     snapshot.prune(directory, max_age_s)
     sources = [snapshot.Source("", topic, p) for p in partitions]  # the cluster comes later
-    # Room for them all at once: growing the pool as they come copies it each time.
-    store.expect(sum(snapshot.users_in(directory, source) for source in sources))
-    return deque(
+    users = sum(snapshot.users_in(directory, source) for source in sources)
+    taken = deque(
         (p, reader.submit(_take_checked, directory, topic, p, max_age_s)) for p in partitions
     )
+    # Room for them all at once: growing the pool as they come copies it each time. After
+    # the reads start: zeroing that room took 7-20 ms here, beside the first file's read.
+    store.expect(users)
+    return taken
 
 
 def _take_checked(
