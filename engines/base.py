@@ -20,7 +20,7 @@ class Engine(Protocol):
     name: str
     version: str
     backend: str
-    on_gpu: bool  # runs on a GPU: inference then overlaps the loop (processing.inference_depth)
+    on_gpu: bool  # runs on a GPU (the device `engines bench` reports)
     max_batch_size: int
     manifest: dict[str, Any]
 

@@ -299,12 +299,11 @@ class ProcessingSettings(_Frozen):
         default=100_000,
         description="Outputs queued but not yet acknowledged before input partitions pause.",
     )
-    inference_depth: Annotated[int, Field(ge=0, le=8)] | None = Field(
-        default=None,
+    inference_depth: Annotated[int, Field(ge=0, le=8)] = Field(
+        default=1,
         description="Batches whose inference runs on the inference thread while the loop "
         "prepares the next (a bounded FIFO; outputs and commits stay in input order); 0 "
-        "runs inference on the loop's thread. Unset: 1 when an engine runs on a GPU, else "
-        "0 (with CPU engines the thread measured slower: it competes for the GIL).",
+        "runs inference on the loop's thread.",
     )
     emit_features: bool = Field(
         default=False,

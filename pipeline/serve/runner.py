@@ -5,9 +5,9 @@ on assignment, and stop cleanly when asked.
 Batches overlap in two steps. `_prepare` decodes a batch, computes its features and starts
 its inference on the inference thread; `_finish` waits for that inference, produces the
 outputs and hands the batch to the checkpoint. Up to `processing.inference_depth` prepared
-batches wait in `_in_flight`, a FIFO: with 1 or more (the default on GPU engines) the
-engines score batch N while the loop prepares batch N+1; with 0 (the default on CPU) each
-batch is finished as soon as it is prepared. Batches are finished, produced and committed
+batches wait in `_in_flight`, a FIFO: with 1 or more (1 is the default) the engines
+score batch N while the loop prepares batch N+1; with 0 each batch is finished as soon as
+it is prepared. Batches are finished, produced and committed
 strictly in order. State
 moves only in `_prepare` (on this one thread). The batch that closes a stretch or
 transaction (`Checkpoint.closing`, asked there) carries the changelog records of the state
@@ -153,7 +153,8 @@ class Pipeline:
             self._describe_engine(role, engine)
         self.telemetry.engines_loaded()
         self._next_state_sample = 0.0
-        self._inference = InferenceThread(_inference_depth(settings, fraud, ranking))
+        self._inference = InferenceThread(settings.processing.inference_depth)
+        log.info("inference_depth", depth=self._inference.depth)
         self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
         self._partitions = Partitions(settings, self.store, self.telemetry, self.stats)
         # Erasures applied since the last batch was prepared: that batch's stretch takes
@@ -579,18 +580,6 @@ def _next_offsets(topic: str, columns: EventColumns) -> Offsets:
         (topic, partition): offset + 1
         for partition, offset in zip(partitions[last].tolist(), offsets[last].tolist(), strict=True)
     }
-
-
-def _inference_depth(settings: Settings, *engines: Engine) -> int:
-    """The configured depth, else 1 when an engine runs on a GPU and 0 on CPU: there the
-    engines are a few percent of a batch, and a thread that must retake the GIL after every
-    call cost more than it hid (README, Performance).
-    """
-    depth = settings.processing.inference_depth
-    if depth is None:
-        depth = 1 if any(engine.on_gpu for engine in engines) else 0
-    log.info("inference_depth", depth=depth, configured=settings.processing.inference_depth)
-    return depth
 
 
 def warm_kernels() -> float:

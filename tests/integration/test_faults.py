@@ -100,7 +100,8 @@ def fault_settings(
 ) -> Settings:
     """Small batches so faults land mid-stream. Static members that stop cleanly do not leave
     the group, so a short session timeout hands their partitions over sooner. Inference runs
-    on its own thread (the GPU default), so rebalances and rollbacks meet batches in flight.
+    on its own thread (the default, set here all the same), so rebalances and rollbacks meet
+    batches in flight.
     """
     return kafka_settings.model_copy(
         update={

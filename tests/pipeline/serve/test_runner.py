@@ -15,7 +15,7 @@ from pipeline.serve.codec import Encoder
 from pipeline.serve.commit import Rewind
 from pipeline.serve.decode import EVENT_ID
 from pipeline.serve.features.state import OFFSET, SESSION_EVENTS, UserState
-from pipeline.serve.runner import Pipeline, _inference_depth, _next_offsets
+from pipeline.serve.runner import Pipeline, _next_offsets
 from pipeline.serve.score import REASON_NAMES
 from pipeline.settings import PrivacySettings, ProcessingSettings, Settings
 from schemas.catalog import StaticCatalog
@@ -158,14 +158,23 @@ def test_a_rollback_in_a_rebalance_drops_the_batches_in_flight_and_is_left_to_th
     assert reason == "aborted"
 
 
-def test_inference_runs_on_its_own_thread_by_default_only_when_an_engine_is_on_a_gpu():
-    cpu, gpu = ConstantFraud([]), FakeRanking()
-    gpu.on_gpu = True
-    unset = Settings()
-    assert _inference_depth(unset, cpu, FakeRanking()) == 0
-    assert _inference_depth(unset, cpu, gpu) == 1
-    explicit = Settings(processing=ProcessingSettings(inference_depth=2))
-    assert _inference_depth(explicit, cpu, FakeRanking()) == 2
+def test_inference_runs_on_its_own_thread_by_default_whatever_the_engines_run_on():
+    runner = Pipeline(
+        Settings(privacy=PrivacySettings(pseudonym_key=SecretStr(secrets.token_urlsafe(32)))),
+        ConstantFraud([]),
+        FakeRanking(),  # on CPU
+        StaticCatalog(),
+    )
+    try:
+        assert runner._inference.depth == 1
+        assert runner._inference._executor is not None
+    finally:
+        runner.close()
+    inline = pipeline(0)
+    try:
+        assert inline._inference._executor is None
+    finally:
+        inline.close()
 
 
 def test_next_offsets_are_each_partitions_highest_plus_one():
