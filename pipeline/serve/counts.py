@@ -39,6 +39,16 @@ class RunStats:
     encode_s: float = 0.0
     produce_s: float = 0.0
     commit_s: float = 0.0
+    # The loop thread's own CPU seconds in each (`time.thread_time`): a stage's wall time
+    # less its CPU time is waiting (for a fetch, the engines) or being descheduled while
+    # the engines' thread, librdkafka's threads and the broker share the cores.
+    consume_cpu_s: float = 0.0
+    decode_cpu_s: float = 0.0
+    features_cpu_s: float = 0.0
+    score_cpu_s: float = 0.0
+    encode_cpu_s: float = 0.0
+    produce_cpu_s: float = 0.0
+    commit_cpu_s: float = 0.0
 
 
 def count_batch(

@@ -107,6 +107,7 @@ class _Batch:
     decode_s: float
     features_s: float
     prepare_s: float  # building the engine inputs and starting inference
+    cpu_s: tuple[float, float, float]  # the loop thread's CPU in those three
 
 
 class Pipeline:
@@ -203,8 +204,11 @@ class Pipeline:
                 telemetry.beat()
                 # With a batch in inference, take only what is already fetched: waiting for
                 # more would hold that batch's outputs back.
-                consumed_at = time.perf_counter()
+                consumed_at, consumed_cpu = time.perf_counter(), time.thread_time()
                 messages = take_batch(consumer, batch_size, 0 if in_flight else wait_s)
+                # Each interval's CPU is read inside its wall time: the clocks' own cost and
+                # what follows (metrics) count in neither.
+                self.stats.consume_cpu_s += time.thread_time() - consumed_cpu
                 self.stats.consume_s += time.perf_counter() - consumed_at
                 try:
                     # A rollback met in a rebalance callback is handled here, before any
@@ -245,13 +249,14 @@ class Pipeline:
                 unacked = checkpoint.sink.in_flight()
                 if backpressure.update(consumer, unacked):
                     self.stats.pauses += 1
-                ticked_at = time.perf_counter()
+                ticked_at, ticked_cpu = time.perf_counter(), time.thread_time()
                 try:
                     # May close a stretch or commit the open transaction.
                     checkpoint.tick(idle=not in_flight)
                 except Rewind as rewind:
                     self._discard()
                     self._partitions.rewind(consumer, str(rewind))
+                self.stats.commit_cpu_s += time.thread_time() - ticked_cpu
                 ticked = time.perf_counter() - ticked_at
                 telemetry.stage_seconds.labels("commit").observe(ticked)
                 self.stats.commit_s += ticked
@@ -458,21 +463,21 @@ class Pipeline:
         """Decode, skip replays, compute features (moving the state on), take the changelog
         records if the batch closes a stretch (`Checkpoint.closing`), and start inference.
         """
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         started_ms = time.time() * 1000
         stage = self.telemetry.stage_seconds
         with stage.labels("decode").time():
             columns, valid, dead = self._decode(messages)
-        decoded_at = time.perf_counter()
+        decoded_cpu, decoded_at = time.thread_time(), time.perf_counter()
         with stage.labels("features").time():
             late_before = self._updater.late
             rows, features = self._updater.process(columns, valid)
             self.store.evict()
             changes = self.store.take_changes() if checkpoint.closing() else None
-        featured_at = time.perf_counter()
+        featured_cpu, featured_at = time.thread_time(), time.perf_counter()
         request = self._scorer.prepare(columns, rows, features)
         inference = self._inference.submit(request)
-        done = time.perf_counter()
+        done_cpu, done = time.thread_time(), time.perf_counter()
         return _Batch(
             messages=messages,
             columns=columns,
@@ -488,11 +493,12 @@ class Pipeline:
             decode_s=decoded_at - started,
             features_s=featured_at - decoded_at,
             prepare_s=done - featured_at,
+            cpu_s=(decoded_cpu - started_cpu, featured_cpu - decoded_cpu, done_cpu - featured_cpu),
         )
 
     def _finish(self, batch: _Batch, checkpoint: Checkpoint) -> None:
         """Wait for the batch's inference, produce its outputs, hand it to the checkpoint."""
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         stage = self.telemetry.stage_seconds
         with stage.labels("inference_wait").time():
             inference = batch.inference.result()
@@ -501,10 +507,10 @@ class Pipeline:
         stage.labels("inference").observe(inference.seconds)
         shaping = time.perf_counter()
         scored = self._scorer.shape(batch.columns, batch.rows, batch.request, inference)
-        encoding = time.perf_counter()
+        encoding_cpu, encoding = time.thread_time(), time.perf_counter()
         stage.labels("score").observe(batch.prepare_s + encoding - shaping)
         encoded = self._encoder.encode(batch.columns, scored)
-        producing = time.perf_counter()
+        producing_cpu, producing = time.thread_time(), time.perf_counter()
         stage.labels("encode").observe(producing - encoding)
         headers = debug_headers(
             self.settings.processing,
@@ -523,7 +529,7 @@ class Pipeline:
         checkpoint.end_batch(
             _next_offsets(self.settings.topics.input, batch.columns), batch.changes
         )
-        done = time.perf_counter()
+        done_cpu, done = time.thread_time(), time.perf_counter()
         stage.labels("produce").observe(done - producing)
         stats = self.stats
         stats.decode_s += batch.decode_s
@@ -531,6 +537,12 @@ class Pipeline:
         stats.score_s += batch.prepare_s + encoding - started
         stats.encode_s += producing - encoding
         stats.produce_s += done - producing
+        decode_cpu, features_cpu, prepare_cpu = batch.cpu_s
+        stats.decode_cpu_s += decode_cpu
+        stats.features_cpu_s += features_cpu
+        stats.score_cpu_s += prepare_cpu + encoding_cpu - started_cpu
+        stats.encode_cpu_s += producing_cpu - encoding_cpu
+        stats.produce_cpu_s += done_cpu - producing_cpu
         count_batch(
             self.stats,
             self.telemetry,

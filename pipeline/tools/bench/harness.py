@@ -153,6 +153,7 @@ class Throughput:
     bench_cpu_percent: float
     rss_mb: float
     stages_us: dict[str, float] | None = None  # µs per event per stage (streamscore only)
+    stages_cpu_us: dict[str, float] | None = None  # the same, the loop thread's CPU alone
 
 
 @dataclass(slots=True)
@@ -290,6 +291,7 @@ class Bench:
                 probe.close()
         return Throughput(
             stages_us=self.stages(config, tag),
+            stages_cpu_us=self.stages(config, tag, cpu=True),
             throughput_eps=round(window.rate(), 1),
             outputs=window.count,
             window_s=round(window.seconds, 3),
@@ -474,17 +476,19 @@ class Bench:
     def _stats(self, label: str) -> Path:
         return self.run_dir / "stats" / f"{label}.json"
 
-    def stages(self, config: Config, tag: str) -> dict[str, float] | None:
+    def stages(self, config: Config, tag: str, cpu: bool = False) -> dict[str, float] | None:
         """µs per consumed event in each stage, over the processes of one finished phase
-        (their `--stats-file`); None for a configuration that is not streamscore.
+        (their `--stats-file`): wall time, or with `cpu` the loop thread's CPU time; None
+        for a configuration that is not streamscore.
         """
         files = [self._stats(f"{config.name}.{tag}.{i}") for i in range(config.processes)]
         if config.kind != "streamscore" or not all(path.is_file() for path in files):
             return None
         runs = [json.loads(path.read_text()) for path in files]
         consumed = sum(run["consumed"] for run in runs)
+        suffix = "_cpu_s" if cpu else "_s"
         return {
-            stage: round(sum(run[f"{stage}_s"] for run in runs) / max(consumed, 1) * 1e6, 2)
+            stage: round(sum(run[f"{stage}{suffix}"] for run in runs) / max(consumed, 1) * 1e6, 2)
             for stage in STAGES
         }
 

@@ -78,6 +78,7 @@ def _run(bench: Bench, plan: Plan, run_dir: Path, say: Callable[[str], None]) ->
             "window_s": throughput.window_s,
             "throughput_runs_eps": [run.throughput_eps for run in runs],
             "stages_us": throughput.stages_us,
+            "stages_cpu_us": throughput.stages_cpu_us,
             "fixed_rate_p99_ms": {f"{p.offered_eps:.0f}": p.p99_ms for p in fixed},
             "latency": [asdict(point) for point in latency],
         }
@@ -287,19 +288,28 @@ def markdown(results: dict[str, Any], run_dir: Path) -> str:
             f"peak RSS {rss['peak_rss_mb']:,.0f} MB ({rss['rss_mb_after']:,.0f} MB at the end).",
             "",
         ]
-    stages = results["configs"].get(SUBJECT, {}).get("stages_us")
+    subject = results["configs"].get(SUBJECT, {})
+    stages, cpu = subject.get("stages_us"), subject.get("stages_cpu_us")
     if stages:
+        rows = [("wall", stages), *([("loop thread CPU", cpu)] if cpu else [])]
         parts += [
             f"## Stages ({SUBJECT}, µs per event, measured inside the pipeline)",
             "",
-            "| " + " | ".join(stages) + " | total |",
-            "|" + "---:|" * (len(stages) + 1),
-            "| "
-            + " | ".join(f"{v:.2f}" for v in stages.values())
-            + f" | {sum(stages.values()):.2f} |",
+            "| clock | " + " | ".join(stages) + " | total |",
+            "|---|" + "---:|" * (len(stages) + 1),
+            *(
+                f"| {name} | "
+                + " | ".join(f"{values[stage]:.2f}" for stage in stages)
+                + f" | {sum(values.values()):.2f} |"
+                for name, values in rows
+            ),
             "",
             "From the best throughput run's own counters (`streamscore run --stats-file`): "
-            "consume includes waiting for the next fetch, score the engines.",
+            "consume includes waiting for the next fetch, score the engines (inline) or "
+            "waiting for them (on the inference thread). The CPU row is the loop thread's "
+            "own CPU time in each stage (`time.thread_time`); wall less CPU is waiting, or "
+            "being descheduled while the engines' thread, librdkafka's threads and the "
+            "broker share the cores.",
             "",
         ]
     profile = run_dir / PROFILE

@@ -42,6 +42,12 @@ def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_p
             assert set(entry["stages_us"]) == set(STAGES), name
             assert all(value >= 0 for value in entry["stages_us"].values()), name
             assert entry["stages_us"]["decode"] > 0 and entry["stages_us"]["features"] > 0
+            # The loop thread's CPU in each stage: timed too, and never above its wall time
+            # (rounding to 0.01 µs aside).
+            cpu = entry["stages_cpu_us"]
+            assert set(cpu) == set(STAGES), name
+            assert cpu["decode"] > 0 and cpu["features"] > 0 and cpu["produce"] > 0, name
+            assert all(cpu[s] <= entry["stages_us"][s] + 0.02 for s in STAGES), (name, cpu)
             for point in entry["latency"]:
                 assert point["received"] == point["events"], (name, point)
                 assert not math.isnan(point["p99_ms"])
