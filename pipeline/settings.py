@@ -248,7 +248,13 @@ class ConsumerSettings(_Frozen):
         "timeout keeps its partitions without a rebalance.",
     )
     max_batch: PositiveInt = Field(
-        default=500, description="A micro-batch takes at most this many fetched events."
+        default=2000,
+        description="A micro-batch takes at most this many fetched events. It reaches this "
+        "only under a backlog (a batch never waits to fill), where a batch's fixed cost "
+        "(array set-up, engine calls: about 1 ms) spread over more events drains the lag "
+        "faster: 97-116k events/s at 2000 against 73-86k at 500, one process on the 2-core "
+        "bench machine. A full batch takes about 20 ms there; lower it for a tighter "
+        "latency SLO under load.",
     )
     max_wait_ms: PositiveInt = Field(
         default=5,

@@ -118,7 +118,7 @@ class Plan:
     max_phase_s: float = 45.0
     repeats: int = 2  # throughput runs per configuration; the best one counts
     sweep_events: int = 60_000
-    batch_sizes: tuple[int, ...] = (32, 128, 500, 2000)
+    batch_sizes: tuple[int, ...] = (32, 128, 500, 2000, 4000)
     max_waits_ms: tuple[int, ...] = (1, 5, 20, 50)
     rss_users: int = 1_000_000
     extras: bool = True  # the batch/wait sweep, the profile and the memory phase

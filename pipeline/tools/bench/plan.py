@@ -8,6 +8,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from pipeline.settings import ConsumerSettings
+
 # Partition counts that split evenly over many replica counts, so scaling up keeps the
 # load even (a replica owns whole partitions).
 _PARTITIONS = (6, 12, 24, 36, 48, 60, 72, 96, 120, 180, 240, 360, 480, 720)
@@ -138,9 +140,10 @@ def _batch(results: dict[str, Any], latency_slo_ms: float, per_pod: float) -> tu
     sweep = results.get("sweep", {}).get("batch_size") or []
     cap = max(16, int(per_pod * latency_slo_ms / 5000))
     if not sweep:
-        return min(500, cap), (
-            f"max_batch: {min(500, cap)} (no sweep in these results; the default 500, capped "
-            f"at per-pod rate × SLO / 5 = {cap})."
+        default = ConsumerSettings().max_batch
+        return min(default, cap), (
+            f"max_batch: {min(default, cap)} (no sweep in these results; the default "
+            f"{default}, capped at per-pod rate × SLO / 5 = {cap})."
         )
     best = max(point["throughput_eps"] for point in sweep)
     good = [p["value"] for p in sweep if p["throughput_eps"] >= 0.9 * best]

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from pipeline.settings import ConsumerSettings
 from pipeline.tools.bench.plan import PlanError, recommend
 
 
@@ -43,6 +44,13 @@ def test_batch_is_the_smallest_within_90_percent_capped_by_the_slo():
     assert loose.max_batch == 128
     assert loose.max_wait_ms == 5 and advice.max_wait_ms == 5
     assert recommend(results(), 5000, latency_slo_ms=10).max_wait_ms == 2
+
+
+def test_without_a_sweep_the_batch_is_the_default_capped_by_the_slo():
+    loose = recommend(results(), target_eps=5000, latency_slo_ms=10_000)
+    assert loose.max_batch == ConsumerSettings().max_batch == 2000
+    # 5000/s per pod (50% of max met 25 ms) × 25 ms / 5 = 25 events.
+    assert recommend(results(), target_eps=5000, latency_slo_ms=25).max_batch == 25
 
 
 def test_an_unmet_slo_is_said_and_planned_at_the_lowest_load():
