@@ -46,17 +46,32 @@ class ModelArtifact:
 
 
 def versions(model_dir: Path, name: str, role: str | None = CHAMPION) -> list[str]:
-    """Versions of `name` with a manifest and in `role` (None: any), oldest first."""
+    """Versions of `name` with a whole manifest and in `role` (None: any), oldest first."""
     root = model_dir / name
     if not root.is_dir():
         return []
-    found = [
-        child.name
-        for child in root.iterdir()
-        if (child / MANIFEST).is_file()
-        and (role is None or role_of(json.loads((child / MANIFEST).read_text())) == role)
-    ]
+    found = []
+    for child in root.iterdir():
+        manifest = _read_manifest(child)
+        if manifest is not None and (role is None or role_of(manifest) == role):
+            found.append(child.name)
     return sorted(found, key=lambda v: (len(v), v))
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of the version at `path`; None while it has none, or none whole.
+
+    A writer that does not rename it into place (an older `train`, a hand copy) leaves it
+    empty or cut short for a moment: the version does not count until it parses, rather
+    than failing the reader (the reload watcher runs inside the serving loop).
+    """
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def role_of(manifest: dict[str, Any]) -> str:
@@ -75,7 +90,9 @@ def resolve(model_dir: Path, name: str, version: str = "latest") -> ModelArtifac
     if chosen not in versions(model_dir, name, role=None):
         raise EngineError(f"model {name!r} has no version {version!r}; have {available}")
     path = model_dir / name / chosen
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = _read_manifest(path)
+    if manifest is None:  # removed since it was listed
+        raise EngineError(f"model {name!r} version {chosen!r} has no manifest any more")
     return ModelArtifact(name=name, version=chosen, path=path, manifest=manifest)
 
 
@@ -89,8 +106,10 @@ def next_version_dir(model_dir: Path, name: str) -> tuple[str, Path]:
 
 
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest last, so a half-written version is never picked up."""
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    """Write the manifest last, and whole (renamed into place), so a half-written version
+    is never picked up.
+    """
+    write_atomic(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def promote(model_dir: Path, name: str, version: str, record: dict[str, Any]) -> ModelArtifact:
@@ -102,9 +121,7 @@ def promote(model_dir: Path, name: str, version: str, record: dict[str, Any]) ->
     if role_of(artifact.manifest) != CHALLENGER:
         raise EngineError(f"model {name!r} version {version!r} is not a challenger")
     manifest = artifact.manifest | {"role": CHAMPION, "promotion": record}
-    staged = artifact.path / f".{MANIFEST}.promoting"
-    staged.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(staged, artifact.path / MANIFEST)
+    write_manifest(artifact.path, manifest)
     return ModelArtifact(name, version, artifact.path, manifest)
 
 

@@ -59,9 +59,12 @@ class ModelWatcher:
         watching = self._pins or self._settings.shadow
         if interval > 0 and watching and self._clock() >= self._next_check:
             self._next_check = self._clock() + interval
-            self._look()
-            if self._settings.shadow and self._look_shadow():
-                ready.append(("shadow", None))
+            try:
+                self._look()
+                if self._settings.shadow and self._look_shadow():
+                    ready.append(("shadow", None))
+            except OSError as exc:  # the model volume unreadable: serve on, look again later
+                log.warning("model_watch_failed", error=str(exc))
         return ready
 
     def loading(self) -> dict[str, str]:

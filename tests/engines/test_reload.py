@@ -1,10 +1,13 @@
 """ModelWatcher on real model directories: newer versions load off the hot path, once."""
 
+import errno
 import shutil
 import time
 
 import pytest
+from structlog.testing import capture_logs
 
+import engines.reload
 from engines.registry import promote, versions
 from engines.reload import ModelWatcher
 from engines.settings import EngineSettings
@@ -109,6 +112,33 @@ def test_removing_the_newest_version_rolls_back_to_the_one_before(models):
         watcher.poll()
         [(role, engine)] = drain(watcher)
         assert (role, engine.version) == ("fraud", previous)
+        engine.close()
+    finally:
+        watcher.close()
+
+
+def test_a_model_volume_that_cannot_be_read_is_logged_and_looked_at_again(models, monkeypatch):
+    # The watcher runs inside the serving loop: an unreachable model volume must not stop
+    # scoring with the engines already loaded.
+    clock = Clock()
+    serving = {"fraud": versions(models, "fraud")[-1], "ranking": versions(models, "ranking")[-1]}
+    watcher = ModelWatcher(settings_for(models), serving, clock)
+    try:
+        version = publish_copy(models, "fraud")
+
+        def unreachable(*_args, **_kwargs):
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(engines.reload, "versions", unreachable)
+        clock.now = 5.0
+        with capture_logs() as logs:
+            assert watcher.poll() == []
+        assert [e["event"] for e in logs] == ["model_watch_failed"]
+        assert watcher.loading() == {}
+        monkeypatch.undo()
+        clock.now = 10.0
+        [(role, engine)] = drain(watcher)
+        assert (role, engine.version) == ("fraud", version)
         engine.close()
     finally:
         watcher.close()

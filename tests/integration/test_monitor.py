@@ -25,7 +25,7 @@ from pipeline.tools.loadgen import produce_clickstream
 from pipeline.training.generator import GeneratorConfig
 from schemas.catalog import subject
 from tests.engines.publish import publish_copy
-from tests.integration.test_registry import Running as PipelineRunning
+from tests.integration.running import Running as PipelineRunning
 from tests.integration.test_registry import client
 
 pytestmark = pytest.mark.integration

@@ -3,7 +3,6 @@
 import copy
 import io
 import struct
-import threading
 import time
 
 import pytest
@@ -14,9 +13,9 @@ import schemas
 from pipeline.kafka.admin import TopicNotReady, committed_offsets, end_offsets
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.codec import Encoder
-from pipeline.serve.runner import run_pipeline
 from pipeline.tools.demo import read_topic
 from pipeline.training.generator import GeneratorConfig, generate
+from tests.integration.running import Running
 
 pytestmark = pytest.mark.integration
 
@@ -87,12 +86,16 @@ def produce_with_bad_input(settings, events):
     return expected_dead, sent
 
 
-def wait_for_commit(settings, timeout_s=90):
-    """Until the group has committed the end of every input partition."""
+def wait_for_commit(settings, timeout_s=90, running=None):
+    """Until the group has committed the end of every input partition; with `running`, the
+    pipeline's own error as soon as it stops on one.
+    """
     consumer = Consumer(settings.kafka.client_config() | {"group.id": settings.consumer.group_id})
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if running is not None:
+                running.check()
             try:
                 ends = end_offsets(consumer, settings.topics.input)
                 done = committed_offsets(consumer, settings.topics.input, ends)
@@ -111,18 +114,11 @@ def test_bad_input_is_dead_lettered_and_neighbours_are_scored(kafka_settings):
     expected_dead, events = produce_with_bad_input(kafka_settings, list(generate(config)))
     assert {kind for _, _, kind in expected_dead} == {kind for _, _, kind in BAD_INPUTS}
 
-    stop = threading.Event()
-    result = {}
-    worker = threading.Thread(
-        target=lambda: result.update(stats=run_pipeline(kafka_settings, stop))
-    )
-    worker.start()
+    running = Running(kafka_settings)
     try:
-        wait_for_commit(kafka_settings)
+        wait_for_commit(kafka_settings, running=running)
     finally:
-        stop.set()
-        worker.join(60)
-    assert not worker.is_alive()
+        stats = running.close()
 
     topics = kafka_settings.topics
     scores = read_topic(kafka_settings, topics.fraud_scores, schemas.FRAUD_SCORE)
@@ -145,4 +141,4 @@ def test_bad_input_is_dead_lettered_and_neighbours_are_scored(kafka_settings):
         assert scores_desc == sorted(scores_desc, reverse=True)
     decisions = {r["decision"] for r, _ in scores}
     assert decisions <= {"allow", "review", "block"}
-    assert result["stats"].dead_lettered == len(expected_dead)
+    assert stats.dead_lettered == len(expected_dead)

@@ -33,8 +33,8 @@ from pipeline.serve.produce import FEATURES_HEADER, TIMING_HEADER
 from pipeline.tools.local_broker import REPO_ROOT, free_port
 from pipeline.training.generator import GeneratorConfig, generate
 from tests.engines.publish import publish_copy
+from tests.integration.running import Running
 from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit
-from tests.integration.test_registry import Running
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,7 @@ def _forget_two_users_and_check(kafka_settings, entries):
 
     first = Running(settings)
     try:
-        wait_for_commit(settings)
+        wait_for_commit(settings, running=first)
         # Forgotten while the pipeline runs: its owner drops alice between batches.
         request_forget(settings, "alice-erase")
         wait_until(lambda: tombstoned(settings, "alice-erase"), "alice's tombstone")
@@ -239,12 +239,13 @@ def test_no_raw_personal_data_outside_the_input_and_the_dead_letter_topic(
     first, first_port = instance()
     second = None
     try:
-        wait_for_commit(settings)
+        wait_for_commit(settings, running=first)
         publish_copy(models, "fraud")  # a reload while running
         second, second_port = instance()  # a rebalance
         more = GeneratorConfig(events=300, users=30, seed=10).anchored_before(time.time())
         produce_with_bad_input(settings, [(e | PERSONAL, label) for e, label in generate(more)])
-        wait_for_commit(settings, timeout_s=120)
+        wait_for_commit(settings, timeout_s=120, running=first)
+        second.check()
         metrics = [scrape(port) for port in (first_port, second_port)]
     finally:
         if second is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 import time
 import urllib.request
 
@@ -22,11 +21,11 @@ import schemas
 from pipeline.cli import app
 from pipeline.kafka.admin import topic_partitions
 from pipeline.kafka.clients import connect_catalog, pipeline_outputs
-from pipeline.serve.runner import run_pipeline
 from pipeline.tools.demo import read_topic
 from pipeline.tools.local_broker import free_port
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
 from schemas.catalog import IncompatibleSchema, subject
+from tests.integration.running import Running
 from tests.integration.test_pipeline import wait_for_commit
 
 
@@ -102,24 +101,6 @@ def read_with_deserializer(settings, topic):
     return out
 
 
-class Running:
-    """run_pipeline on a thread until `stop`."""
-
-    def __init__(self, settings):
-        self.stop = threading.Event()
-        self.result = {}
-        self.thread = threading.Thread(
-            target=lambda: self.result.update(stats=run_pipeline(settings, self.stop))
-        )
-        self.thread.start()
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(90)
-        assert not self.thread.is_alive()
-        return self.result["stats"]
-
-
 def test_serializer_producers_v1_and_v2_are_scored_and_outputs_read_with_deserializer(
     registry_settings,
 ):
@@ -147,7 +128,7 @@ def test_serializer_producers_v1_and_v2_are_scored_and_outputs_read_with_deseria
 
     running = Running(settings)
     try:
-        wait_for_commit(settings)
+        wait_for_commit(settings, running=running)
     finally:
         stats = running.close()
 
@@ -242,7 +223,8 @@ def test_a_registry_restart_mid_stream_holds_the_input_loses_nothing_and_keeps_i
 
     running = Running(settings)
     try:
-        wait_for_commit(settings)  # the pipeline has looked up v1 and registered its outputs
+        # The pipeline has looked up v1 and registered its outputs.
+        wait_for_commit(settings, running=running)
         ids_before = {
             name: [registry.get_version(name, v).schema_id for v in registry.get_versions(name)]
             for name in subjects + [subject(t) for t in pipeline_outputs(settings)]
@@ -256,7 +238,7 @@ def test_a_registry_restart_mid_stream_holds_the_input_loses_nothing_and_keeps_i
         assert not ready(port)
         assert metric(port, "streamscore_input_held") == 1
         schema_registry.up()
-        wait_for_commit(settings, timeout_s=120)
+        wait_for_commit(settings, timeout_s=120, running=running)
         deadline = time.monotonic() + 30
         while not ready(port):
             assert time.monotonic() < deadline, "not ready again after the registry came back"

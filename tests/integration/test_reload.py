@@ -1,7 +1,6 @@
 """A model version published while the pipeline runs is swapped in without a restart."""
 
 import shutil
-import threading
 import time
 from collections import defaultdict
 
@@ -13,11 +12,11 @@ import schemas
 from engines.registry import resolve
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.codec import Encoder
-from pipeline.serve.runner import run_pipeline
 from pipeline.tools.demo import read_topic
 from pipeline.tools.local_broker import free_port
 from pipeline.training.generator import GeneratorConfig, generate
 from tests.engines.publish import publish_copy
+from tests.integration.running import Running
 from tests.integration.test_pipeline import wait_for_commit
 from tests.pipeline.test_telemetry import status
 
@@ -50,25 +49,21 @@ def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, 
             )
         assert producer.flush(30) == 0
 
-    stop = threading.Event()
-    worker = threading.Thread(target=run_pipeline, args=(settings, stop))
-    worker.start()
+    running = Running(settings)
     try:
         produce(events[:1000])
-        wait_for_commit(settings)
+        wait_for_commit(settings, running=running)
         old_fraud = resolve(models, "fraud").version
         new_fraud = publish_copy(models, "fraud")
         new_ranking = publish_copy(models, "ranking")
         for start in range(1000, 2000, 100):  # the swap may land in here, or after it
             produce(events[start : start + 100])
             time.sleep(0.05)
-        wait_until_serving(port, {"fraud": new_fraud, "ranking": new_ranking})
+        wait_until_serving(port, {"fraud": new_fraud, "ranking": new_ranking}, running)
         produce(events[2000:])  # after the swap, whatever the machine's speed
-        wait_for_commit(settings)
+        wait_for_commit(settings, running=running)
     finally:
-        stop.set()
-        worker.join(60)
-    assert not worker.is_alive()
+        running.close()
 
     scores = [r for r, _ in read_topic(settings, settings.topics.fraud_scores, schemas.FRAUD_SCORE)]
     assert sorted(r["event_id"] for r in scores) == sorted(e["event_id"] for e in events)
@@ -90,10 +85,11 @@ def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, 
     assert len({r["event_id"] for r in recs}) == len(recs)
 
 
-def wait_until_serving(port, versions, timeout_s=60):
+def wait_until_serving(port, versions, running, timeout_s=60):
     """Until the pipeline's engine_info metric shows `versions` (role → version) served."""
     deadline = time.monotonic() + timeout_s
     while True:
+        running.check()
         _, body = status(port, "/metrics")
         serving = {
             sample.labels["role"]: sample.labels["version"]
@@ -135,12 +131,10 @@ def test_a_challenger_is_shadow_scored_beside_the_champion_and_never_decides(
         assert producer.flush(30) == 0
 
     champion = resolve(models, "fraud").version
-    stop = threading.Event()
-    worker = threading.Thread(target=run_pipeline, args=(settings, stop))
-    worker.start()
+    running = Running(settings)
     try:
         produce(events[:500])
-        wait_for_commit(settings)
+        wait_for_commit(settings, running=running)
         challenger = publish_copy(models, "fraud", role="challenger")  # the same weights
         deadline = time.monotonic() + 60
         # Small chunks, one every 0.1 s, until the shadow scores something: all at once, a
@@ -148,6 +142,7 @@ def test_a_challenger_is_shadow_scored_beside_the_champion_and_never_decides(
         # nothing would be left to shadow-score.
         pending = [events[start : start + 10] for start in range(500, 1000, 10)]
         while not produced(port, topics.shadow_scores):
+            running.check()
             assert time.monotonic() < deadline, "nothing shadow-scored after 60 s"
             if pending:
                 produce(pending.pop(0))
@@ -155,11 +150,9 @@ def test_a_challenger_is_shadow_scored_beside_the_champion_and_never_decides(
         for chunk in pending:
             produce(chunk)
         produce(events[1000:])  # all of these after the challenger was loaded
-        wait_for_commit(settings)
+        wait_for_commit(settings, running=running)
     finally:
-        stop.set()
-        worker.join(60)
-    assert not worker.is_alive()
+        running.close()
 
     served = {
         r["event_id"]: r for r, _ in read_topic(settings, topics.fraud_scores, schemas.FRAUD_SCORE)

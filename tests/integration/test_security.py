@@ -4,7 +4,6 @@ out of logs and metrics, and a wrong password failing fast with a clear error.
 
 import secrets
 import subprocess
-import threading
 import time
 import urllib.request
 
@@ -16,11 +15,11 @@ from pipeline.kafka.admin import KafkaConnectionError, create_topics
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.codec import Encoder
 from pipeline.serve.features.changelog import ensure_changelog
-from pipeline.serve.runner import run_pipeline
 from pipeline.settings import load_settings
 from pipeline.tools.demo import read_topic
 from pipeline.tools.local_broker import REPO_ROOT, LocalBroker, SaslSslListener, free_port
 from pipeline.training.generator import GeneratorConfig, generate
+from tests.integration.running import Running
 from tests.integration.test_pipeline import wait_for_commit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -154,17 +153,14 @@ def test_pipeline_runs_through_sasl_ssl_and_never_shows_the_password(
         producer.produce(settings.topics.input, key=event["user_id"], value=encoder.encode(event))
     assert producer.flush(30) == 0
 
-    stop = threading.Event()
-    worker = threading.Thread(target=run_pipeline, args=(settings, stop))
-    worker.start()
+    running = Running(settings)
     try:
-        wait_for_commit(settings, timeout_s=120)
+        wait_for_commit(settings, timeout_s=120, running=running)
         metrics_url = f"http://127.0.0.1:{settings.telemetry.port}/metrics"
         with urllib.request.urlopen(metrics_url, timeout=5) as response:
             metrics = response.read().decode()
     finally:
-        stop.set()
-        worker.join(60)
+        running.close()
     scores = read_topic(settings, settings.topics.fraud_scores, schemas.FRAUD_SCORE)
     assert len(scores) == len(events)
 

@@ -1,7 +1,6 @@
 """A running pipeline's metrics, probes and group lag on the real broker."""
 
 import json
-import threading
 import time
 
 import pytest
@@ -9,9 +8,9 @@ from confluent_kafka import Consumer
 
 from pipeline.kafka.admin import group_lag
 from pipeline.serve.produce import TIMING_HEADER
-from pipeline.serve.runner import run_pipeline
 from pipeline.tools.local_broker import free_port
 from pipeline.training.generator import GeneratorConfig, generate
+from tests.integration.running import Running
 from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit
 from tests.pipeline.test_telemetry import status
 
@@ -32,11 +31,9 @@ def test_metrics_probes_and_lag_while_running(kafka_settings):
     expected_dead, events = produce_with_bad_input(settings, list(generate(config)))
     assert sum(row.lag for row in group_lag(settings)) == len(events) + len(expected_dead)
 
-    stop = threading.Event()
-    worker = threading.Thread(target=run_pipeline, args=(settings, stop))
-    worker.start()
+    running = Running(settings)
     try:
-        wait_for_commit(settings)
+        wait_for_commit(settings, running=running)
         deadline = time.monotonic() + 30
         while status(port, "/readyz")[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -49,8 +46,7 @@ def test_metrics_probes_and_lag_while_running(kafka_settings):
             time.sleep(0.1)
         rows = group_lag(settings)
     finally:
-        stop.set()
-        worker.join(60)
+        running.close()
 
     assert f'streamscore_consumed_total{{topic="{settings.topics.input}"}}' in body
     assert (
