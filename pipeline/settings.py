@@ -257,10 +257,15 @@ class ConsumerSettings(_Frozen):
         "latency SLO under load.",
     )
     max_wait_ms: PositiveInt = Field(
-        default=5,
+        default=20,
         description="With nothing fetched, how long the loop waits for a first event (a "
         "batch never waits to fill: `consume.take_batch`); also the broker's "
-        "fetch.wait.max.ms.",
+        "fetch.wait.max.ms, so at live rates about one batch a max_wait_ms: fewer, larger "
+        "batches, each with its fixed cost, and fewer fetches for the broker. At 10,000 "
+        "events/s on the 2-core bench machine (broker beside it), 20 against 5 took the "
+        "process from 65-67% of a core to 53%, the broker from 77-88% to 67-71%, and p99 "
+        "from 143-230 ms to 75-114 (p50 39-48 ms in both), three pairs back to back. Lower "
+        "it for a tight SLO where the cores are not shared.",
     )
     fetch_min_bytes: PositiveInt = Field(
         default=65_536,

@@ -104,11 +104,12 @@ def recommend(
 
     max_batch, batch_why = _batch(results, latency_slo_ms, per_pod)
     why.append(batch_why)
-    max_wait = max(1, min(5, int(latency_slo_ms / 5)))
+    default_wait = ConsumerSettings().max_wait_ms
+    max_wait = max(1, min(default_wait, int(latency_slo_ms / 5)))
     why.append(
-        f"max_wait_ms: {max_wait} = min(5, SLO / 5): the broker holds a fetch up to this long "
-        "for fetch_min_bytes, at most a fifth of the budget at low rates (a batch never waits "
-        "to fill); at high rates fetches fill before it."
+        f"max_wait_ms: {max_wait} = min({default_wait}, SLO / 5): the broker holds a fetch up "
+        "to this long for fetch_min_bytes, at most a fifth of the budget at low rates (a "
+        "batch never waits to fill); at high rates fetches fill before it."
     )
     lag = max(_MIN_LAG_THRESHOLD, int(per_pod * latency_slo_ms / 1000))
     why.append(
