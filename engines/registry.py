@@ -68,9 +68,9 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
+        return None  # no manifest (yet)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+        return None  # not whole yet, or damaged
     return manifest if isinstance(manifest, dict) else None
 
 
