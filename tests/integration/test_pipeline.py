@@ -15,7 +15,7 @@ from pipeline.kafka.clients import producer_config
 from pipeline.serve.codec import Encoder
 from pipeline.tools.demo import read_topic
 from pipeline.training.generator import GeneratorConfig, generate
-from tests.integration.running import Running
+from tests.integration.running import PipelineStopped, Running
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +142,18 @@ def test_bad_input_is_dead_lettered_and_neighbours_are_scored(kafka_settings):
     decisions = {r["decision"] for r, _ in scores}
     assert decisions <= {"allow", "review", "block"}
     assert stats.dead_lettered == len(expected_dead)
+
+
+def test_a_pipeline_that_stops_on_an_error_raises_it_where_the_test_waits(kafka_settings):
+    # No pseudonym key: run_pipeline fails at once, naming the setting. A wait on the
+    # pipeline raises that error, not its own timeout.
+    settings = kafka_settings.model_copy(
+        update={"privacy": kafka_settings.privacy.model_copy(update={"pseudonym_key": None})}
+    )
+    running = Running(settings)
+    running.thread.join(30)
+    with pytest.raises(PipelineStopped) as stopped:
+        wait_for_commit(settings, timeout_s=5, running=running)
+    assert "privacy.pseudonym_key" in str(stopped.value.__cause__)
+    with pytest.raises(PipelineStopped):
+        running.close()
