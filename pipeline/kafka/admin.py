@@ -182,15 +182,44 @@ def _incomplete(found: TopicMetadata | None, expected: int | None) -> str | None
     return None
 
 
+# A partition whose leadership is still settling: a new topic, a broker restart.
+_LEADER_MOVING = (
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+)
+
+
+def watermarks(
+    consumer: Consumer, topic: str, partition: int, timeout_s: float = 10
+) -> tuple[int, int]:
+    """The (low, high) watermarks of one partition, asked again while its leadership is
+    still settling, until `timeout_s`.
+
+    The metadata can name a leader before that broker answers ListOffsets for it: right
+    after the forget topic was created, `make test` once got NOT_LEADER_FOR_PARTITION here
+    (confluent-kafka marks it not retriable and does not ask again itself).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = max(deadline - time.monotonic(), 0.1)
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=remaining
+            )
+            return int(low), int(high)
+        except KafkaException as exc:
+            if kafka_error(exc).code() not in _LEADER_MOVING or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def end_offsets(consumer: Consumer, topic: str, timeout_s: float = 10) -> dict[int, int]:
     """High watermark of each partition of `topic`."""
-    result = {}
-    for partition in topic_partitions(consumer, topic, timeout_s):
-        _, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=timeout_s
-        )
-        result[partition] = high
-    return result
+    return {
+        partition: watermarks(consumer, topic, partition, timeout_s)[1]
+        for partition in topic_partitions(consumer, topic, timeout_s)
+    }
 
 
 def committed_offsets(

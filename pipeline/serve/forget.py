@@ -41,7 +41,7 @@ from confluent_kafka import (
 )
 from confluent_kafka import TopicPartition as Position
 
-from pipeline.kafka.admin import create_topics
+from pipeline.kafka.admin import create_topics, watermarks
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.serve.features.pseudonym import Pseudonyms
@@ -132,8 +132,7 @@ class Forgetter:
         )
 
     def _end(self) -> int:
-        _, high = self._tail.get_watermark_offsets(Position(self._topic, 0), timeout=30)
-        return int(high)
+        return watermarks(self._tail, self._topic, 0, timeout_s=30)[1]
 
     def assigned(self, partitions: list[int], controls: dict[tuple[int, bytes], bytes]) -> None:
         """After `partitions` were restored (`controls` from their changelog): apply the
@@ -215,7 +214,7 @@ class Forgetter:
                 if batch:
                     last = batch[-1].offset
                 else:  # retention may have removed the rest of the range
-                    low, _ = consumer.get_watermark_offsets(Position(self._topic, 0), timeout=30)
+                    low, _ = watermarks(consumer, self._topic, 0, timeout_s=30)
                     last = max(last, low - 1)
         finally:
             consumer.close()

@@ -23,7 +23,7 @@ from typing import cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
-from pipeline.kafka.admin import connect, topic_partitions
+from pipeline.kafka.admin import connect, topic_partitions, watermarks
 from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
@@ -122,10 +122,7 @@ def restore(
         # for the changelog's offsets here, and then each while the one before is loaded.
         with ThreadPoolExecutor(1, thread_name_prefix="snapshot-read") as reader:
             taken = _take_snapshots(settings, directory, store, reader, topic, wanted)
-            marks = {
-                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s)
-                for p in wanted
-            }
+            marks = {p: watermarks(consumer, topic, p, timeout_s) for p in wanted}
             first = {p: low for p, (low, _) in marks.items()}
             if directory is not None:
                 cluster = consumer.list_topics(topic, timeout=timeout_s).cluster_id or ""
@@ -310,10 +307,7 @@ def read_through(settings: Settings, partitions: Iterable[int], timeout_s: float
         # From the low watermark, as a restore starts: OFFSET_BEGINNING would first wait
         # out an offset lookup (half a second here, measured).
         starts = [
-            TopicPartition(
-                topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s)[0]
-            )
-            for p in pending
+            TopicPartition(topic, p, watermarks(consumer, topic, p, timeout_s)[0]) for p in pending
         ]
         consumer.assign(starts)
         deadline = time.monotonic() + timeout_s
@@ -344,10 +338,7 @@ def changelog_ends(settings: Settings, partitions: Iterable[int]) -> tuple[str, 
     consumer = _reader(settings)
     try:
         cluster = consumer.list_topics(topic, timeout=10).cluster_id or ""
-        ends = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
+        ends = {p: watermarks(consumer, topic, p)[1] for p in partitions}
     finally:
         consumer.close()
     return cluster, ends

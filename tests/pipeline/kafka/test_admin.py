@@ -6,10 +6,16 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource
 
-from pipeline.kafka.admin import TopicNotReady, admin_client, create_topics, topic_partitions
+from pipeline.kafka.admin import (
+    TopicNotReady,
+    admin_client,
+    create_topics,
+    topic_partitions,
+    watermarks,
+)
 
 
 def topic(partitions, error=None, leader=1):
@@ -50,6 +56,40 @@ def test_a_topic_that_never_becomes_whole_fails_with_its_name_and_why():
 
 
 @pytest.mark.integration
+class Watermarks:
+    """A client whose watermark answers come from a list: an error code, or (low, high)."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.asked = 0
+
+    def get_watermark_offsets(self, partition, timeout):
+        answer = self.answers[min(self.asked, len(self.answers) - 1)]
+        self.asked += 1
+        if isinstance(answer, int):
+            raise KafkaException(KafkaError(answer))
+        return answer
+
+
+def test_watermarks_are_asked_again_while_a_leader_settles():
+    settling = Watermarks(
+        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, (3, 42)
+    )
+    assert watermarks(settling, "t", 0, timeout_s=5) == (3, 42)
+    assert settling.asked == 3
+
+
+def test_watermarks_raise_other_errors_and_a_leader_that_never_settles():
+    denied = Watermarks(KafkaError.TOPIC_AUTHORIZATION_FAILED, (0, 1))
+    with pytest.raises(KafkaException):
+        watermarks(denied, "t", 0, timeout_s=5)
+    assert denied.asked == 1
+    never = Watermarks(KafkaError.NOT_LEADER_FOR_PARTITION)
+    with pytest.raises(KafkaException):
+        watermarks(never, "t", 0, timeout_s=0.3)
+    assert never.asked > 1
+
+
 def test_created_topics_are_whole_to_a_fresh_reader_on_a_busy_machine(kafka_settings):
     # One core kept busy: before create_topics waited, most single metadata reads right
     # after creation found the topic unknown (29 of 40 when measured).
