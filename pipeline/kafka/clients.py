@@ -25,6 +25,7 @@ def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
             "auto.offset.reset": consumer.auto_offset_reset,
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": consumer.session_timeout_ms,
+            "heartbeat.interval.ms": consumer.heartbeat_interval_ms,
             "max.poll.interval.ms": consumer.max_poll_interval_ms,
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": consumer.max_wait_ms,

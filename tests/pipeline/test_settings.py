@@ -36,6 +36,7 @@ def test_kafka_bootstrap_servers_names_an_existing_cluster(monkeypatch):
         ({"consumer": {"no_such_setting": 1}}, "consumer.no_such_setting"),
         ({"monitor": {"report_interval_s": 60, "quality_window_s": 30}}, "report_interval_s"),
         ({"monitor": {"join_window_s": 0}}, "monitor.join_window_s"),
+        ({"consumer": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2001}}, "heartbeat"),
     ],
 )
 def test_errors_name_the_setting(overrides, named):
