@@ -114,13 +114,11 @@ class LocalBroker:
         if not (self.data_dir / "meta.properties").is_file():
             self._format(properties)
         self._start(properties)
-        if not self.ready(timeout_s):
+        why = self._not_ready(timeout_s)
+        if why is not None:
             tail = self._log_tail()
             self.down()
-            raise BrokerError(
-                f"broker did not answer on {self.bootstrap} in {timeout_s}s "
-                f"(is the port taken?):\n{tail}"
-            )
+            raise BrokerError(f"broker did not answer on {self.bootstrap}: {why}:\n{tail}")
         return self.bootstrap
 
     def down(self, purge: bool = False, timeout_s: float = 30.0) -> None:
@@ -141,16 +139,25 @@ class LocalBroker:
 
         Checking the cluster id keeps another broker on the same port from passing for ours.
         """
+        return self._not_ready(timeout_s) is None
+
+    def _not_ready(self, timeout_s: float) -> str | None:
+        """`ready`, saying why not: None once it answers. Another cluster answering on our
+        port ends the wait at once: ours cannot listen there.
+        """
         expected = self._cluster_id()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.pid() is None:
-                return False
+                return "its process exited"
             remaining = max(0.5, deadline - time.monotonic())
-            if cluster_id(self.bootstrap, min(remaining, 3.0)) == expected:
-                return True
+            found = cluster_id(self.bootstrap, min(remaining, 3.0))
+            if found == expected:
+                return None
+            if found is not None:
+                return f"another cluster ({found}) answers there: the port is taken"
             time.sleep(0.3)
-        return False
+        return f"no answer in {timeout_s}s"
 
     def _cluster_id(self) -> str | None:
         meta = self.data_dir / "meta.properties"
