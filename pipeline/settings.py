@@ -281,9 +281,9 @@ class ConsumerSettings(_Frozen):
         description="`heartbeat.interval.ms`: members learn of a rebalance at their next "
         "heartbeat, and a cooperative rebalance takes two rounds, so a replica joining "
         "(a KEDA scale-out) gets its partitions after about two intervals: two processes "
-        "starting together held their final assignment 6.5 s after start-up at librdkafka's "
-        "3000, 2.5 s at 1000 (measured). One heartbeat a second per member is little for "
-        "the coordinator. At most a third of session_timeout_ms.",
+        "starting together held their final assignment 6.5 s after their first log line at "
+        "librdkafka's 3000, 2.5 s at 1000 (measured). One heartbeat a second per member is "
+        "little for the coordinator. At most a third of session_timeout_ms.",
     )
     max_poll_interval_ms: PositiveInt = 300_000
 
