@@ -207,8 +207,13 @@ class AtLeastOnce:
             self._safe.pop(key, None)
 
     def close(self) -> None:
-        """Flush what is left (the final commit has normally done it)."""
-        self.sink.flush()
+        """Flush what is left (the final commit has normally done it) and release the
+        producer.
+        """
+        try:
+            self.sink.flush()
+        finally:
+            self.sink.close(timeout_s=0)
 
     def _seal(self, changes: list[StateChange]) -> None:
         stretch, self._open = self._open, _Stretch()
@@ -344,11 +349,13 @@ class ExactlyOnce:
             raise Rewind("partitions lost while a transaction was open")
 
     def close(self) -> None:
-        """Abort a transaction left open and flush."""
-        if self._open:
-            self._producer.abort_transaction()
-            self._open = False
-        self._producer.flush(10)
+        """Abort a transaction left open, flush and release the producer."""
+        try:
+            if self._open:
+                self._producer.abort_transaction()
+                self._open = False
+        finally:
+            self.sink.close()
 
     def _commit_open(self) -> None:
         if self._offsets:
@@ -374,6 +381,7 @@ class ExactlyOnce:
             self._producer.abort_transaction()
         else:
             log.error("transaction_fatal", reason=error.str())
+            self.sink.close(timeout_s=0)  # fenced or failed: its records are never committed
             self._producer, self.sink = self._start()
         self._open = False
         self._offsets = {}

@@ -253,6 +253,16 @@ class Sink:
         if remaining:
             raise DeliveryError(f"{remaining} outputs still unacknowledged after {timeout_s}s")
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Release the producer: wait up to `timeout_s` for what is queued, drop the rest
+        (inputs behind unacknowledged outputs are never committed, so they are read again),
+        then destroy the client so that its threads stop and it stops calling a broker
+        that may be gone. `Producer.close` alone flushes without a timeout.
+        """
+        self._producer.flush(timeout_s)
+        self._producer.purge()
+        self._producer.close()
+
     def raise_failures(self) -> None:
         """Raise DeliveryError if any output failed delivery since the last check."""
         if self._failures:

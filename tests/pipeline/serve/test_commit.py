@@ -60,8 +60,14 @@ class FakeProducer:
 
 
 class FakeSink:
+    def __init__(self, producer):
+        self.producer = producer
+
     def publish_state(self, changes):
         pass
+
+    def close(self, timeout_s=10.0):
+        self.producer.calls.append("close")
 
     def raise_failures(self):
         pass
@@ -338,7 +344,7 @@ def test_revoked_partitions_are_committed_once_then_left_to_their_new_owner():
 
 def checkpoint_with(*producers):
     queue = list(producers)
-    return ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), list)
+    return ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), FakeSink, list)
 
 
 def test_a_retriable_commit_is_retried_until_it_succeeds():
@@ -367,9 +373,12 @@ def test_a_fatal_error_replaces_the_producer_and_rewinds():
     with pytest.raises(Rewind):
         checkpoint.end_batch(next_offsets([FakeMessage()]), [])
     assert "abort" not in first.calls
+    assert first.calls[-1] == "close"  # released, not left running beside the new one
     assert second.calls == ["init"]  # the new producer fences the old transactional id
     checkpoint.begin_batch()
     assert second.calls == ["init", "begin"]
+    checkpoint.close()
+    assert second.calls[-1] == "close"
 
 
 def test_next_offsets_skip_errors_and_keep_each_partitions_highest():
@@ -424,9 +433,7 @@ def test_a_control_record_goes_out_after_the_tombstones_of_its_stretch():
 def test_a_transaction_holds_the_batches_of_its_interval_then_commits_once():
     producer = FakeProducer()
     queue = [producer]
-    checkpoint = ExactlyOnce(
-        FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), list, 60_000
-    )
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), FakeSink, list, 60_000)
     for offset in range(3):
         checkpoint.begin_batch()
         assert not checkpoint.closing()
@@ -441,9 +448,7 @@ def test_a_transaction_holds_the_batches_of_its_interval_then_commits_once():
 def test_partitions_lost_with_a_transaction_open_abort_it_and_rewind():
     producer = FakeProducer()
     queue = [producer]
-    checkpoint = ExactlyOnce(
-        FakeConsumer(), lambda: queue.pop(0), lambda _: FakeSink(), list, 60_000
-    )
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), FakeSink, list, 60_000)
     checkpoint.begin_batch()
     checkpoint.end_batch(next_offsets([FakeMessage(0, 1)]), None)
     with pytest.raises(Rewind):

@@ -1,12 +1,19 @@
-"""Dead-letter records: what they keep, and what the redact mode leaves out."""
+"""Dead-letter records: what they keep, and what the redact mode leaves out; releasing the
+producer.
+"""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
+from confluent_kafka import Producer
+
 from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.produce import dead_letter
+from pipeline.serve.produce import Sink, dead_letter
 from pipeline.serve.records import Rejected
+from pipeline.settings import TopicSettings
+from pipeline.tools.local_broker import free_port
 
 
 @dataclass
@@ -62,3 +69,16 @@ def test_redact_keeps_the_reason_the_position_and_a_keyed_hash_only() -> None:
     assert len(record["payload_hash"]) == 32
     other = Pseudonyms(b"another dead-letter key")
     assert dead_letter(MESSAGE, ERROR, other)["payload_hash"] != record["payload_hash"]  # type: ignore[arg-type]
+
+
+def test_closing_a_sink_whose_broker_is_gone_drops_its_records_and_returns() -> None:
+    # Producer.close() flushes without a timeout: without the purge before it, a sink
+    # whose broker is gone would never return, and its client would go on reconnecting.
+    producer = Producer({"bootstrap.servers": f"127.0.0.1:{free_port()}", "log_level": 0})
+    sink = Sink(producer, TopicSettings(), "changelog", {})
+    sink.publish_records("scores", [(b"user-7", b"score")])
+    assert sink.in_flight() >= 1  # the record (librdkafka counts its own events too)
+    closing = threading.Thread(target=sink.close, kwargs={"timeout_s": 0.2}, daemon=True)
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive(), "Sink.close waited on a broker that is gone"
