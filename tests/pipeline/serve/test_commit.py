@@ -228,6 +228,22 @@ def test_a_batch_writes_each_output_to_its_inputs_partition_and_one_report_asks_
     assert consumer.commits == [({0: 5}, True)]
 
 
+def test_a_stretchs_changelog_records_ask_for_one_report_per_partition_its_last():
+    producer = QueueingProducer()
+    sink = Sink(producer, TOPICS, CHANGELOG, PARTITIONS)
+    changes = [StateChange(p, f"u{i}".encode(), b"state") for i, p in enumerate([2, 0, 2, 1, 0])]
+    unacked = sink.publish_state(changes)
+    reports = [(partition, report is not None) for _, _, partition, report in producer.queued]
+    assert reports == [(2, False), (0, False), (2, True), (1, True), (0, True)]
+    assert unacked.count == 3
+    late = producer.queued.pop(4)  # partition 0's last record
+    producer.ack()
+    assert unacked.count == 1  # the records it vouches for are not known safe yet
+    producer.queued.append(late)
+    producer.ack()
+    assert unacked.count == 0
+
+
 class FullQueueProducer(QueueingProducer):
     """A local queue of `room` records: produce raises BufferError when it is full, and
     serving with a wait (poll(timeout > 0)) acknowledges what it holds, running the delivery
