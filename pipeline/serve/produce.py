@@ -15,12 +15,14 @@ at-least-once producer keeps them in order and cannot lose one alone
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 import schemas
 from pipeline.serve.codec import Encoder
@@ -268,11 +270,16 @@ class Sink:
         """Release the producer: wait up to `timeout_s` for what is queued, drop the rest
         (inputs behind unacknowledged outputs are never committed, so they are read again),
         then destroy the client so that its threads stop and it stops calling a broker
-        that may be gone. `Producer.close` alone flushes without a timeout.
+        that may be gone. `Producer.close` alone flushes without a timeout. A producer in
+        a fatal state (fenced) raises from flush and purge: it is closed all the same.
         """
-        self._producer.flush(timeout_s)
-        self._producer.purge()
-        self._producer.close()
+        with contextlib.suppress(KafkaException):
+            self._producer.flush(timeout_s)
+        with contextlib.suppress(KafkaException):
+            self._producer.purge()
+        with warnings.catch_warnings():  # what close() could not flush was dropped on purpose
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self._producer.close()
 
     def raise_failures(self) -> None:
         """Raise DeliveryError if any output failed delivery since the last check."""

@@ -372,3 +372,52 @@ def test_a_transaction_holding_a_record_the_broker_refuses_is_rolled_back(kafka_
         values += [m.value() for m in reader.consume(10, 1.0) if m.error() is None]
     reader.close()
     assert values == [b"small"]
+
+
+def test_a_fenced_transactional_producer_is_released_and_replaced(kafka_settings):
+    # A newer producer with the same transactional id fences this one: its commit fails
+    # fatally. The checkpoint must rewind (not raise the Kafka error), close the fenced
+    # producer, whose flush raises, and commit the next transaction on a new one.
+    topic = kafka_settings.topics.fraud_scores
+    transactional_id = f"{kafka_settings.consumer.group_id}.fenced"
+    made: list[Producer] = []
+    newer = Producer(producer_config(kafka_settings, transactional_id))
+
+    def make_producer() -> Producer:
+        made.append(Producer(producer_config(kafka_settings, transactional_id)))
+        return made[-1]
+
+    checkpoint = ExactlyOnce(
+        consumer=None,  # no offsets: never asked for its group metadata
+        make_producer=make_producer,
+        make_sink=lambda producer: Sink(
+            producer, kafka_settings.topics, "changelog", {topic: 3}, track=False
+        ),
+        take_changes=list,
+    )
+    try:
+        checkpoint.begin_batch()
+        checkpoint.sink.publish_records(topic, [(b"k", b"fenced")])
+        newer.init_transactions(30)  # fences the checkpoint's producer
+        with pytest.raises(Rewind):
+            checkpoint.end_batch({}, [])
+        assert len(made) == 2
+        with pytest.raises(RuntimeError, match="closed"):
+            made[0].flush(0)  # released, not left running beside its successor
+        checkpoint.begin_batch()  # the new producer fenced `newer` in turn
+        checkpoint.sink.publish_records(topic, [(b"k", b"after")])
+        checkpoint.end_batch({}, [])
+    finally:
+        checkpoint.close()
+        Sink(newer, kafka_settings.topics, "changelog", {}).close(timeout_s=0)  # fenced too
+    reader = Consumer(
+        kafka_settings.kafka.client_config()
+        | {"group.id": f"{transactional_id}.reader", "isolation.level": "read_committed"}
+    )
+    reader.assign([TopicPartition(topic, p, 0) for p in range(3)])
+    values = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not values:
+        values += [m.value() for m in reader.consume(10, 1.0) if m.error() is None]
+    reader.close()
+    assert values == [b"after"]
