@@ -361,17 +361,7 @@ def test_a_transaction_holding_a_record_the_broker_refuses_is_rolled_back(kafka_
             pytest.fail("no transaction committed after the refused record's")
     finally:
         checkpoint.close()
-    reader = Consumer(
-        kafka_settings.kafka.client_config()
-        | {"group.id": f"{transactional_id}.reader", "isolation.level": "read_committed"}
-    )
-    reader.assign([TopicPartition(topic, 0, 0)])
-    values = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not values:
-        values += [m.value() for m in reader.consume(10, 1.0) if m.error() is None]
-    reader.close()
-    assert values == [b"small"]
+    assert committed_values(kafka_settings, topic, 1) == [b"small"]
 
 
 def test_a_fenced_transactional_producer_is_released_and_replaced(kafka_settings):
@@ -410,14 +400,19 @@ def test_a_fenced_transactional_producer_is_released_and_replaced(kafka_settings
     finally:
         checkpoint.close()
         Sink(newer, kafka_settings.topics, "changelog", {}).close(timeout_s=0)  # fenced too
+    assert committed_values(kafka_settings, topic, 3) == [b"after"]
+
+
+def committed_values(settings: Settings, topic: str, partitions: int) -> list[bytes | None]:
+    """The values a read_committed reader finds in `topic` (waiting up to 30 s for one)."""
     reader = Consumer(
-        kafka_settings.kafka.client_config()
-        | {"group.id": f"{transactional_id}.reader", "isolation.level": "read_committed"}
+        settings.kafka.client_config()
+        | {"group.id": f"{topic}.reader", "isolation.level": "read_committed"}
     )
-    reader.assign([TopicPartition(topic, p, 0) for p in range(3)])
-    values = []
+    reader.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    values: list[bytes | None] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not values:
         values += [m.value() for m in reader.consume(10, 1.0) if m.error() is None]
     reader.close()
-    assert values == [b"after"]
+    return values
