@@ -7,8 +7,9 @@ its inference on the inference thread; `_finish` waits for that inference, produ
 outputs and hands the batch to the checkpoint. Up to `processing.inference_depth` prepared
 batches wait in `_in_flight`, a FIFO: with 1 or more (1 is the default) the engines
 score batch N while the loop prepares batch N+1; with 0 each batch is finished as soon as
-it is prepared. Batches are finished, produced and committed
-strictly in order. State
+it is prepared. While an exactly-once transaction commits on its helper thread
+(`Checkpoint.committing`), up to `COMMIT_AHEAD` more batches are prepared instead of
+waiting for it. Batches are finished, produced and committed strictly in order. State
 moves only in `_prepare` (on this one thread). The batch that closes a stretch or
 transaction (`Checkpoint.closing`, asked there) carries the changelog records of the state
 it left, for every user changed since the last such batch, so the checkpoint never sees a
@@ -85,6 +86,10 @@ from pipeline.telemetry import Telemetry
 from schemas.catalog import Catalog, RegistryUnavailable
 
 log = get_logger()
+# Batches the loop prepares beyond `inference_depth` while an exactly-once transaction
+# commits on its helper thread: each holds at most `consumer.max_batch` events and their
+# features, and the commit (tens of ms) spans a few batches at a backlog.
+COMMIT_AHEAD = 8
 
 
 @dataclass(slots=True)
@@ -198,7 +203,6 @@ class Pipeline:
             backpressure = self._gate
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
-            depth = self._inference.depth
             in_flight = self._in_flight
             while not stop.is_set():
                 telemetry.beat()
@@ -229,8 +233,9 @@ class Pipeline:
                         log.info("input_released", reason="retrying the schema registry")
                     # The overlap invariant: batches leave `in_flight` oldest first, so
                     # outputs, changelog and offsets go out in input order; at most `depth`
-                    # wait, and none once the input is idle.
-                    while len(in_flight) > depth or (in_flight and not messages):
+                    # wait (`COMMIT_AHEAD` more while a transaction commits: the next
+                    # batch's outputs would wait for it), and none once the input is idle.
+                    while in_flight and (not messages or len(in_flight) > self._ahead(checkpoint)):
                         self._finish(in_flight.popleft(), checkpoint)
                     if self._unsent_erasures and not in_flight:  # no batch to carry them
                         checkpoint.begin_batch()
@@ -277,6 +282,11 @@ class Pipeline:
                 log.warning("stopped_after_rollback", reason=str(rewind))
             log.info("pipeline_stopped", **asdict(self.stats))
         return self.stats
+
+    def _ahead(self, checkpoint: Checkpoint) -> int:
+        """How many prepared batches may wait to be finished now."""
+        depth = self._inference.depth
+        return depth + COMMIT_AHEAD if checkpoint.committing() else depth
 
     def _drain(self, checkpoint: Checkpoint) -> None:
         """Finish every batch in flight, oldest first; may raise Rewind."""

@@ -344,16 +344,18 @@ def test_a_transaction_holding_a_record_the_broker_refuses_is_rolled_back(kafka_
     try:
         checkpoint.begin_batch()
         checkpoint.sink.publish_records(topic, [(b"k", os.urandom(5000))])  # lz4 cannot shrink it
+        checkpoint.end_batch({}, [])  # interval 0: the commit starts
         with pytest.raises(Rewind):
-            checkpoint.end_batch({}, [])  # interval 0: commits now
+            checkpoint.commit()  # waits for it
         # As the pipeline does after a Rewind: the batch again, in a new transaction. The
         # first may fail too (the refused record took a sequence number: librdkafka bumps
         # the producer epoch after that abort); nothing of an aborted one is read.
         for _ in range(3):
             checkpoint.begin_batch()
             checkpoint.sink.publish_records(topic, [(b"k", b"small")])
+            checkpoint.end_batch({}, [])
             try:
-                checkpoint.end_batch({}, [])
+                checkpoint.commit()
                 break
             except Rewind:
                 continue
@@ -389,14 +391,16 @@ def test_a_fenced_transactional_producer_is_released_and_replaced(kafka_settings
         checkpoint.begin_batch()
         checkpoint.sink.publish_records(topic, [(b"k", b"fenced")])
         newer.init_transactions(30)  # fences the checkpoint's producer
+        checkpoint.end_batch({}, [])
         with pytest.raises(Rewind):
-            checkpoint.end_batch({}, [])
+            checkpoint.commit()
         assert len(made) == 2
         with pytest.raises(RuntimeError, match="closed"):
             made[0].flush(0)  # released, not left running beside its successor
         checkpoint.begin_batch()  # the new producer fenced `newer` in turn
         checkpoint.sink.publish_records(topic, [(b"k", b"after")])
         checkpoint.end_batch({}, [])
+        checkpoint.commit()
     finally:
         checkpoint.close()
         Sink(newer, kafka_settings.topics, "changelog", {}).close(timeout_s=0)  # fenced too

@@ -2,6 +2,7 @@
 offsets; ExactlyOnce's handling of each transactional error class.
 """
 
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -368,6 +369,7 @@ def test_a_retriable_commit_is_retried_until_it_succeeds():
     checkpoint = checkpoint_with(producer)
     checkpoint.begin_batch()
     checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    checkpoint.tick(idle=True)  # collects the commit
     assert producer.calls == ["init", "begin", "offsets", "commit", "commit"]
 
 
@@ -375,8 +377,9 @@ def test_an_abortable_error_aborts_and_rewinds():
     producer = FakeProducer([error(abortable=True)])
     checkpoint = checkpoint_with(producer)
     checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])  # the commit starts
     with pytest.raises(Rewind):
-        checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+        checkpoint.begin_batch()  # the next batch learns that it failed
     assert producer.calls[-1] == "abort"
     checkpoint.begin_batch()  # the next batch opens a new transaction on the same producer
     assert producer.calls[-1] == "begin"
@@ -386,8 +389,9 @@ def test_a_fatal_error_replaces_the_producer_and_rewinds():
     first, second = FakeProducer([error(fatal=True)]), FakeProducer()
     checkpoint = checkpoint_with(first, second)
     checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
     with pytest.raises(Rewind):
-        checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+        checkpoint.tick(idle=True)  # between batches, as soon as the commit has failed
     assert "abort" not in first.calls
     assert first.calls[-1] == "close"  # released, not left running beside the new one
     assert second.calls == ["init"]  # the new producer fences the old transactional id
@@ -395,6 +399,84 @@ def test_a_fatal_error_replaces_the_producer_and_rewinds():
     assert second.calls == ["init", "begin"]
     checkpoint.close()
     assert second.calls[-1] == "close"
+
+
+class BlockingProducer(FakeProducer):
+    """Its commit waits until the test releases it, like a broker writing markers."""
+
+    def __init__(self, commit_errors=()):
+        super().__init__(commit_errors)
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def commit_transaction(self):
+        self.started.set()
+        assert self.release.wait(10)
+        super().commit_transaction()
+
+
+def blocked_commit(commit_errors=()):
+    """A checkpoint whose first transaction is committing, and its producer."""
+    producer = BlockingProducer(commit_errors)
+    checkpoint = checkpoint_with(producer)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    assert producer.started.wait(10)
+    return checkpoint, producer
+
+
+def in_thread(call):
+    """Start `call` on a thread; the thread and a list that gets its exception, if any."""
+    raised = []
+
+    def run():
+        try:
+            call()
+        except Exception as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, raised
+
+
+def test_a_commit_runs_beside_the_loop_and_the_next_batch_waits_for_it():
+    checkpoint, producer = blocked_commit()
+    assert checkpoint.committing()  # end_batch returned while the broker commits
+    checkpoint.tick(idle=False)  # not done: the loop goes on
+    thread, raised = in_thread(checkpoint.begin_batch)
+    thread.join(0.2)
+    assert thread.is_alive()  # the next batch's outputs wait for the commit
+    assert producer.calls == ["init", "begin", "offsets"]
+    producer.release.set()
+    thread.join(10)
+    assert not raised
+    assert producer.calls == ["init", "begin", "offsets", "commit", "begin"]
+    assert not checkpoint.committing()
+
+
+@pytest.mark.parametrize("call", ["commit", "forget", "close"])
+def test_a_commit_under_way_is_waited_for_before_a_commit_a_loss_or_the_close(call):
+    checkpoint, producer = blocked_commit()
+    thread, raised = in_thread(
+        lambda: getattr(checkpoint, call)(
+            *([[TopicPartition("in", 0)]] if call == "forget" else [])
+        )
+    )
+    thread.join(0.2)
+    assert thread.is_alive()
+    producer.release.set()
+    thread.join(10)
+    assert not raised  # committed: nothing to abort or rewind
+    assert producer.calls[:4] == ["init", "begin", "offsets", "commit"]
+    assert "abort" not in producer.calls
+
+
+def test_a_failed_commit_is_aborted_at_the_close():
+    checkpoint, producer = blocked_commit([error(abortable=True)])
+    producer.release.set()
+    checkpoint.close()
+    assert producer.calls[-2:] == ["abort", "close"]
 
 
 def test_next_offsets_skip_errors_and_keep_each_partitions_highest():

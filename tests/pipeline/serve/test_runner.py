@@ -16,7 +16,7 @@ from pipeline.serve.codec import Encoder
 from pipeline.serve.commit import Rewind
 from pipeline.serve.decode import EVENT_ID
 from pipeline.serve.features.state import OFFSET, SESSION_EVENTS, UserState
-from pipeline.serve.runner import Pipeline, _next_offsets
+from pipeline.serve.runner import COMMIT_AHEAD, Pipeline, _next_offsets
 from pipeline.serve.score import REASON_NAMES
 from pipeline.settings import PrivacySettings, ProcessingSettings, Settings
 from schemas.catalog import StaticCatalog
@@ -70,9 +70,13 @@ class RecordingCheckpoint:
         self.ended = []
         self._rewind = rewind_first
         self._closing = list(closing)
+        self.commit_under_way = False
 
     def closing(self):
         return self._closing.pop(0) if self._closing else True
+
+    def committing(self):
+        return self.commit_under_way
 
     def begin_batch(self):
         pass
@@ -180,6 +184,18 @@ def test_inference_runs_on_its_own_thread_by_default_whatever_the_engines_run_on
         assert inline._inference._executor is None
     finally:
         inline.close()
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_while_a_transaction_commits_the_loop_prepares_further_batches(depth):
+    runner = pipeline(depth)
+    checkpoint = RecordingCheckpoint()
+    try:
+        assert runner._ahead(checkpoint) == depth
+        checkpoint.commit_under_way = True  # the next batch's outputs would wait for it
+        assert runner._ahead(checkpoint) == depth + COMMIT_AHEAD
+    finally:
+        runner.close()
 
 
 def test_next_offsets_are_each_partitions_highest_plus_one():
