@@ -12,6 +12,14 @@ from pipeline.settings import Settings
 from schemas.catalog import Catalog, RegistryUnavailable, StaticCatalog
 from schemas.registry import RegistryCatalog
 
+# `fetch.queue.backoff.ms` of every consumer that reads a backlog: once more is fetched
+# than consumed (queued.max.messages.kbytes, 64 MB), librdkafka postpones the partitions'
+# next fetch by this much, 1 s by default, so the reader drained its queue and waited. A
+# bare consumer of 1,000,000 bench events read 158k events/s at the default, 1.49M at 10
+# ms (132k against 276-280k with 3 µs of work an event, at 10-100 ms); the changelog
+# restore, 139k against 215k records/s in the state bench.
+FETCH_QUEUE_BACKOFF_MS = 10
+
 
 def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
     """At-least-once consumer: offsets are committed by the checkpoint, never automatically."""
@@ -30,13 +38,7 @@ def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": consumer.max_wait_ms,
             "fetch.min.bytes": consumer.fetch_min_bytes,
-            # Once more is fetched than consumed (64 MB, queued.max.messages.kbytes),
-            # librdkafka postpones the partitions' next fetch by this much, 1 s by default:
-            # under a backlog the loop then drained the queue and waited. A bare consumer
-            # of 1,000,000 bench events read 158k events/s at the default, 1.49M at 10 ms
-            # (and 132k against 276-280k with 3 µs of work an event, at 10-100 ms). As the
-            # changelog restore found (`changelog._reader`).
-            "fetch.queue.backoff.ms": 10,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
             "enable.partition.eof": False,
         }
         | ({"group.instance.id": consumer.instance_id} if consumer.instance_id else {})
