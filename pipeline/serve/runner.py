@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for
 from contextlib import ExitStack
@@ -104,7 +105,7 @@ class _Batch:
     features: FeatureBatch
     # A batch closing a stretch (or transaction): the changelog records of every user
     # changed since the last one, as this batch left them. None: they stay in the state.
-    changes: list[StateChange] | None
+    changes: Sequence[StateChange] | None
     late: int
     request: Request
     inference: Future[Inference]

@@ -44,6 +44,7 @@ from pipeline.serve.features.state import (
     NEVER,
     SEEN_KINDS,
     StateChange,
+    StateChanges,
 )
 from pipeline.serve.kernel import inline_kernel, kernel
 
@@ -443,40 +444,39 @@ class UserTable:
         """Remember control records a restore read ((partition, key) -> value)."""
         self._latest_controls.update(controls)
 
-    def take_changes(self) -> list[StateChange]:
-        """Pending changelog records of every partition: state bytes or a tombstone, then
-        the control records.
+    def take_changes(self) -> StateChanges:
+        """Pending changelog records of every partition: tombstones, the changed users'
+        state bytes (encoded now, made into records when read: `StateChanges`), then the
+        control records.
         """
-        changes: list[StateChange] = []
+        tombstones: list[StateChange] = []
         for partition, keys in self._tombstones.items():
             slots = self._lookup(partition, keys).tolist()  # a key may be back since
-            changes.extend(
+            tombstones.extend(
                 StateChange(partition, key, None)
                 for key, slot in zip(keys, slots, strict=True)
                 if slot == NO_SLOT
             )
         self._tombstones.clear()
-        if self._changed:
-            slots = np.asarray(self._changed, dtype=np.int64)
-            self._changed.clear()
-            c = self.columns
-            slots = slots[c.changed[slots]]  # a slot flagged twice, or since freed
-            slots = np.unique(slots)
-            c.changed[slots] = False
-            buffer, starts = self.encode(slots)
-            data = buffer.tobytes()
-            bounds = starts.tolist()
-            changes.extend(
-                map(
-                    StateChange,
-                    c.partition[slots].tolist(),
-                    self._index.keys(slots, c),
-                    [data[a:b] for a, b in pairwise(bounds)],
-                )
-            )
-        changes.extend(StateChange(p, key, value) for (p, key), value in self._controls.items())
+        slots = np.asarray(self._changed, dtype=np.int64)
+        self._changed.clear()
+        c = self.columns
+        slots = slots[c.changed[slots]]  # a slot flagged twice, or since freed
+        slots = np.unique(slots)
+        c.changed[slots] = False
+        buffer, starts = self.encode(slots)
+        joined_keys, key_starts = self._index.gather(slots, c)
+        controls = [StateChange(p, key, value) for (p, key), value in self._controls.items()]
         self._controls.clear()
-        return changes
+        return StateChanges(
+            tombstones,
+            c.partition[slots].tolist(),
+            joined_keys.tobytes(),
+            key_starts.tolist(),
+            buffer.tobytes(),
+            starts.tolist(),
+            controls,
+        )
 
     def encode(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The changelog bytes of `slots`, joined, and their offsets (len + 1)."""

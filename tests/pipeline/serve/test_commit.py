@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from pipeline.serve import commit
 from pipeline.serve.commit import AtLeastOnce, ExactlyOnce, Rewind, next_offsets
 from pipeline.serve.encode import Encoded
 from pipeline.serve.features import FeatureStore
@@ -289,6 +290,71 @@ def test_a_full_local_queue_delays_outputs_and_state_without_losing_or_miscounti
     producer.ack()
     checkpoint.tick(idle=True)
     assert consumer.commits == [({0: 5}, True)]
+
+
+def close_stretch(partitions, offset=5):
+    """An at-least-once checkpoint whose one batch (outputs acknowledged) closed a stretch
+    that changed a user on each of `partitions`.
+    """
+    producer, consumer = QueueingProducer(), CommittingConsumer()
+    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list)
+    checkpoint.begin_batch()
+    states = [StateChange(p, f"u{i}".encode(), b"state") for i, p in enumerate(partitions)]
+    checkpoint.end_batch({("in", 0): offset}, states)
+    return checkpoint, producer, consumer
+
+
+def changelog_keys(producer):
+    return [key for topic, key in producer.produced if topic == CHANGELOG]
+
+
+def test_a_stretchs_changelog_records_go_out_a_chunk_a_tick_and_it_commits_after_the_last(
+    monkeypatch,
+):
+    monkeypatch.setattr(commit, "STATE_CHUNK", 2)
+    checkpoint, producer, consumer = close_stretch([0] * 5)
+    checkpoint.tick(idle=True)
+    assert changelog_keys(producer) == [b"u0", b"u1"]
+    producer.ack()  # all that is queued is acknowledged, but not all is queued
+    checkpoint.tick(idle=True)
+    assert changelog_keys(producer) == [b"u0", b"u1", b"u2", b"u3"]
+    assert consumer.commits == []
+    producer.ack()
+    checkpoint.tick(idle=True)
+    assert changelog_keys(producer) == [b"u0", b"u1", b"u2", b"u3", b"u4"]
+    assert consumer.commits == []  # the last chunk is queued, not acknowledged
+    producer.ack()
+    checkpoint.tick(idle=True)
+    assert consumer.commits == [({0: 5}, True)]
+    assert changelog_keys(producer) == [b"u0", b"u1", b"u2", b"u3", b"u4"]  # each once
+
+
+def test_a_stretch_sealed_behind_an_unfinished_one_sends_the_rest_at_once(monkeypatch):
+    monkeypatch.setattr(commit, "STATE_CHUNK", 2)
+    checkpoint, producer, consumer = close_stretch([0] * 5)
+    checkpoint.tick(idle=True)
+    assert len(changelog_keys(producer)) == 2
+    checkpoint.begin_batch()
+    checkpoint.end_batch({("in", 0): 9}, [StateChange(0, b"v", b"state")])  # a second stretch
+    checkpoint.tick(idle=True)
+    assert changelog_keys(producer) == [b"u0", b"u1", b"u2", b"u3", b"u4"]
+    producer.ack()
+    checkpoint.tick(idle=True)
+    checkpoint.tick(idle=True)  # the second stretch's record, then its acknowledgement
+    producer.ack()
+    checkpoint.tick(idle=True)
+    assert [offsets for offsets, _ in consumer.commits] == [{0: 5}, {0: 9}]
+    assert changelog_keys(producer)[-1] == b"v"
+
+
+def test_a_lost_partitions_records_not_yet_queued_are_dropped_and_the_queued_kept(monkeypatch):
+    monkeypatch.setattr(commit, "STATE_CHUNK", 2)
+    checkpoint, producer, consumer = close_stretch([0, 1, 0, 1, 0])
+    checkpoint.tick(idle=True)  # u0 (partition 0) and u1 (partition 1) are queued
+    checkpoint.forget([TopicPartition("in", 1)])
+    checkpoint.commit()
+    assert changelog_keys(producer) == [b"u0", b"u1", b"u2", b"u4"]
+    assert consumer.commits == [({0: 5}, False)]
 
 
 def test_a_later_stretch_acknowledged_first_commits_nothing_before_the_earlier_one():

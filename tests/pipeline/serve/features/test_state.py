@@ -3,13 +3,14 @@
 import dataclasses
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.serve.events import ClickEvent
 from pipeline.serve.features import FeatureStore, FeatureUpdater, UserState, compute_features
 from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.features.state import LAST_TIME, OFFSET
+from pipeline.serve.features.state import LAST_TIME, OFFSET, StateChange, StateChanges
 from pipeline.training.generator import GeneratorConfig, generate
 from tests.pipeline.sample import NOW_MS, click_record
 
@@ -157,3 +158,44 @@ def test_features_do_not_depend_on_how_partitions_move():
             store.restore(partition, user_id, value)
         updater = FeatureUpdater(store, PSEUDONYMS, 1800)
     assert np.array_equal(np.concatenate(rows), reference)
+
+
+def state_changes(before, middle, after):
+    """`middle` (partition, key, value) joined as `UserTable.take_changes` joins them."""
+    keys, data = [b""], [b""]
+    key_bounds, bounds = [0], [0]
+    for _, key, value in middle:
+        keys.append(key)
+        data.append(value)
+        key_bounds.append(key_bounds[-1] + len(key))
+        bounds.append(bounds[-1] + len(value))
+    partitions = [p for p, _, _ in middle]
+    return StateChanges(
+        before, partitions, b"".join(keys), key_bounds, b"".join(data), bounds, after
+    )
+
+
+changes_strategy = st.lists(
+    st.builds(StateChange, st.integers(0, 11), st.binary(max_size=6), st.binary(max_size=9))
+)
+
+
+@given(
+    before=st.lists(st.builds(StateChange, st.integers(0, 11), st.binary(max_size=4), st.none())),
+    middle=changes_strategy,
+    after=changes_strategy,
+    start=st.integers(-12, 12) | st.none(),
+    stop=st.integers(-12, 12) | st.none(),
+    step=st.sampled_from([None, 1, 2, -1, 3]),
+)
+def test_state_changes_read_as_the_list_of_their_records(before, middle, after, start, stop, step):
+    want = before + [StateChange(*record) for record in middle] + after
+    got = state_changes(before, middle, after)
+    assert len(got) == len(want)
+    assert list(got) == want and got == want and want == got
+    assert got[start:stop:step] == want[start:stop:step]
+    for i in range(-len(want), len(want)):
+        assert got[i] == want[i]
+    with pytest.raises(IndexError):
+        got[len(want)]
+    assert got != [*want, StateChange(0, b"x", None)]
