@@ -238,10 +238,12 @@ class Sink:
         unacked = Unacked(self._failures) if to is None else to
         produce, topic = self._producer.produce, self._changelog
         delivered = unacked.delivered if self._track else None
-        partitions = np.fromiter((change[0] for change in changes), np.int64, len(changes))
+        # Walked twice: a `StateChanges` makes its records on each read, so once here.
+        records = changes if isinstance(changes, list) else list(changes)
+        partitions = np.fromiter((change[0] for change in records), np.int64, len(records))
         reports = last_of_each(partitions)
         queued = 0
-        for (partition, key, value), report in zip(changes, reports, strict=True):
+        for (partition, key, value), report in zip(records, reports, strict=True):
             try:  # as `_produce_all`
                 if report:
                     produce(topic, value, key, partition, delivered)
