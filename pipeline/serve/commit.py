@@ -221,9 +221,10 @@ class AtLeastOnce:
         for stretch in (*self._sealed, self._open):
             for key in lost:
                 stretch.offsets.pop(key, None)
-            if stretch.queued < len(stretch.changes):  # the part not queued yet
-                rest = [c for c in stretch.changes[stretch.queued :] if c.partition not in numbers]
-                stretch.changes = [*stretch.changes[: stretch.queued], *rest]
+            if stretch.queued < len(stretch.changes):  # what is not queued yet goes on
+                rest = stretch.changes[stretch.queued :]
+                stretch.changes = [c for c in rest if c.partition not in numbers]
+                stretch.queued = 0
         for key in lost:
             self._safe.pop(key, None)
 
