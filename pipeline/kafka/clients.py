@@ -19,6 +19,10 @@ from schemas.registry import RegistryCatalog
 # ms (132k against 276-280k with 3 µs of work an event, at 10-100 ms); the changelog
 # restore, 139k against 215k records/s in the state bench.
 FETCH_QUEUE_BACKOFF_MS = 10
+# The pipeline producer's `linger.ms`: under load, a batch's records and the next batch's
+# share requests. With the input idle, at-least-once sends at once instead (`Sink.send_now`):
+# a micro-batch's records are queued together, so waiting adds latency and saves nothing.
+LINGER_MS = 2
 
 
 def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
@@ -54,7 +58,7 @@ def producer_config(
     config = settings.kafka.client_config() | {
         "enable.idempotence": True,
         "compression.type": "lz4",
-        "linger.ms": 2,
+        "linger.ms": LINGER_MS,
         "batch.size": 262_144,
         "queue.buffering.max.messages": 500_000,
     }

@@ -39,6 +39,7 @@ from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
+from pipeline.kafka.clients import LINGER_MS
 from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
@@ -51,6 +52,13 @@ RETRY_FOR_S = 60.0  # retriable transactional errors are retried this long
 # events/s (the bench's events, one process) a stretch's 7,643 went out over eight loop
 # iterations, 0.7-3.8 ms each, where one iteration had spent 4-11 ms on them all.
 STATE_CHUNK = 1000
+# With the input idle (no batch in flight), at-least-once sends what is queued at once and
+# waits this long at most for its acknowledgement, instead of letting it linger LINGER_MS: a
+# batch's outputs are queued together, so the linger only delays them, and the loop has
+# nothing else to do meanwhile (input fetched during the wait waits in librdkafka). At
+# 10,000 events/s (the bench's latency phase alone, one process, two alternating pairs) it
+# took p50 from 25.3 to 23.2 ms and p99 from 39.8 to 37.2-38.0, at the same 21% of a core.
+IDLE_SEND_S = LINGER_MS / 1000
 
 
 class Rewind(Exception):
@@ -196,11 +204,16 @@ class AtLeastOnce:
     def tick(self, idle: bool) -> None:
         """Close a due stretch when no batch is in flight (the input is idle, or each batch
         is finished before the next is prepared); commit the sealed stretches whose outputs
-        and state are acknowledged, in order, without waiting.
+        and state are acknowledged, in order, without waiting for the broker, except that
+        with the input idle what is queued is sent at once and its acknowledgement awaited
+        up to `IDLE_SEND_S` (readers see outputs once they are acknowledged).
         """
         if idle and self.closing():
             self._seal(self._take_changes())
-        self.sink.serve()
+        if idle and self.sink.in_flight():
+            self.sink.send_now(IDLE_SEND_S)
+        else:
+            self.sink.serve()
         self._advance(wait=False)
 
     def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:

@@ -267,6 +267,13 @@ class Sink:
         """Run the delivery callbacks of records acknowledged since the last call."""
         self._producer.poll(0)
 
+    def send_now(self, timeout_s: float) -> None:
+        """Send what is queued without waiting out `linger.ms`, and run the delivery
+        callbacks of what is acknowledged within `timeout_s` (librdkafka sends at once only
+        while a flush is under way, so this is a flush that may time out).
+        """
+        self._producer.flush(timeout_s)
+
     def in_flight(self) -> int:
         """Records queued or in transit, not yet acknowledged."""
         return len(self._producer)

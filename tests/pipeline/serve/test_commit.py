@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from pipeline.kafka.clients import LINGER_MS
 from pipeline.serve import commit
 from pipeline.serve.commit import AtLeastOnce, ExactlyOnce, Rewind, next_offsets
 from pipeline.serve.encode import Encoded
@@ -107,6 +108,7 @@ class QueueingProducer:
     def __init__(self):
         self.queued = []  # (topic, key, partition, callback)
         self.produced = []
+        self.flushes = []  # each flush's timeout
 
     def produce(
         self,
@@ -138,6 +140,10 @@ class QueueingProducer:
         return 0
 
     def flush(self, timeout=None):
+        """A long wait sees everything acknowledged; a short one, nothing (it is slow)."""
+        self.flushes.append(timeout)
+        if timeout is not None and timeout < 1:
+            return len(self.queued)
         self.ack()
         return 0
 
@@ -203,6 +209,19 @@ def test_offsets_wait_for_outputs_then_state_without_blocking():
     producer.ack(CHANGELOG)
     checkpoint.tick(idle=True)
     assert consumer.commits == [({0: 8}, True)]
+
+
+def test_with_the_input_idle_what_is_queued_is_sent_at_once_not_after_the_linger():
+    checkpoint, producer, consumer, store = at_least_once(interval_ms=60_000)
+    checkpoint.tick(idle=True)
+    assert producer.flushes == []  # nothing queued: nothing to wait for
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    checkpoint.tick(idle=False)  # a batch in flight: its outputs and the next share requests
+    assert producer.flushes == []
+    checkpoint.tick(idle=True)
+    assert producer.flushes == [commit.IDLE_SEND_S]  # librdkafka skips linger.ms in a flush
+    assert commit.IDLE_SEND_S <= LINGER_MS / 1000  # never longer than the linger it saves
+    assert consumer.commits == []  # a send that timed out commits nothing
 
 
 def test_a_batch_writes_each_output_to_its_inputs_partition_and_one_report_asks_per_partition():
