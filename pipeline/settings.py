@@ -257,17 +257,18 @@ class ConsumerSettings(_Frozen):
         "latency SLO under load.",
     )
     max_wait_ms: PositiveInt = Field(
-        default=20,
+        default=5,
         description="With nothing fetched, how long the loop waits for a first event (a "
         "batch never waits to fill: `consume.take_batch`); also the broker's "
-        "fetch.wait.max.ms, so at live rates about one batch a max_wait_ms: fewer, larger "
-        "batches, each with its fixed cost, and fewer fetches for the broker. At 10,000 "
-        "events/s on the 2-core bench machine (broker beside it), 20 against 5 took the "
-        "process from 65-67% of a core to 53%, the broker from 77-88% to 67-71%, and p99 "
-        "from 143-230 ms to 75-114 (p50 39-48 ms in both), three pairs back to back. On a "
-        "faster 2-core machine 5 bought a p99 of 25 ms against 39 at 20 (33 at 10) for 36% "
-        "of a core against 20% and the broker's 45% against 28%. Lower it for a tight SLO "
-        "where the cores are not shared.",
+        "fetch.wait.max.ms, so at live rates about one batch a max_wait_ms, and below "
+        "fetch_min_bytes a max_wait_ms the event waits for its fetch: the largest part of "
+        "the latency at low rates. Under load fetches fill first and it does not matter. At "
+        "10,000 events/s on the 2-core bench machine (AMD EPYC, broker beside it), 5, 10 "
+        "and 20 gave p99 21.8-25.2, 28.3 and 37.2-38.0 ms, for the process 38-44%, 31% and "
+        "21% of a core and the broker 48-52%, 39% and 31% (more, smaller batches, each "
+        "with its fixed cost, and more fetches). Raise it to trade latency for CPU at low "
+        "rates; on a machine 3-4x slower, whose two cores the broker saturated, 5 made p99 "
+        "worse than 20 (docs/operations.md).",
     )
     fetch_min_bytes: PositiveInt = Field(
         default=65_536,

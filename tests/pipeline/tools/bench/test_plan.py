@@ -42,8 +42,8 @@ def test_batch_is_the_smallest_within_90_percent_capped_by_the_slo():
     assert advice.max_batch == 30
     loose = recommend(results(sweep=sweep), target_eps=5000, latency_slo_ms=1000)
     assert loose.max_batch == 128
-    # A fifth of the SLO, capped at the default.
-    assert loose.max_wait_ms == ConsumerSettings().max_wait_ms and advice.max_wait_ms == 6
+    # A fifth of the SLO, capped at 20 (the default is 5: a 25 ms SLO's).
+    assert loose.max_wait_ms == 20 and advice.max_wait_ms == 6
     assert recommend(results(), 5000, latency_slo_ms=10).max_wait_ms == 2
 
 
