@@ -144,7 +144,11 @@ def bench(
     run_dir = out / results["run"]
     console.print(table(results))
     for row in results["targets"]:
-        console.print(f"{row['target']}: {row['measured']} (goal {row['goal']}, met {row['met']})")
+        bound = row.get("ceiling_at_same_rate")
+        beside = "" if bound is None else f"; the ceiling at the same rate: {bound}"
+        console.print(
+            f"{row['target']}: {row['measured']} (goal {row['goal']}, met {row['met']}{beside})"
+        )
     console.print(f"written to {run_dir}")
     if publish is not None:
         for path in publish_report(run_dir, publish):

@@ -311,8 +311,16 @@ class Bench:
             rss_mb=round(rss, 1),
         )
 
-    def latency(self, config: Config, max_eps: float, workload: Workload) -> list[Latency]:
-        """Offer events at each fraction of `max_eps` on a fresh topic and time the outputs."""
+    def latency(
+        self,
+        config: Config,
+        max_eps: float,
+        workload: Workload,
+        rates: Sequence[float] | None = None,
+    ) -> list[Latency]:
+        """Offer events at each fraction of `max_eps` and each fixed rate of the plan (or at
+        `rates` alone, as fixed rates) on a fresh topic and time the outputs.
+        """
         live_topic = f"bench.{self.run_id}.{config.name}.live"
         create_topics(self.base, [live_topic])
         settings = self._settings(config, "latency", live_topic)
@@ -340,8 +348,10 @@ class Bench:
                 warmed = probe.wait_for(warm_ms, math.ceil(time.time() * 1000), warm, 30.0, procs)
                 if warmed < warm:
                     self.say(f"  {config.name}: {warmed} of {warm} warm-up outputs in 30 s")
-                points = [(f, max(max_eps * f, 1.0), False) for f in self.plan.rate_fractions]
-                points += [(r / max_eps, r, True) for r in self.plan.fixed_rates if r < max_eps]
+                fractions = self.plan.rate_fractions if rates is None else ()
+                points = [(f, max(max_eps * f, 1.0), False) for f in fractions]
+                fixed_rates = self.plan.fixed_rates if rates is None else rates
+                points += [(r / max_eps, r, True) for r in fixed_rates if r < max_eps]
                 for fraction, rate, fixed in points:
                     meter = CpuMeter([proc.pid for proc in procs], self._broker)
                     started_ms = math.floor(time.time() * 1000)  # Kafka: whole ms

@@ -31,7 +31,11 @@ def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_p
             assert isinstance(entry[key], int | float), (name, key)
         assert [p["fraction"] for p in entry["latency"] if not p["fixed"]] == [0.25, 0.5, 0.75]
         fixed = [p["offered_eps"] for p in entry["latency"] if p["fixed"]]
-        assert fixed == ([300.0] if entry["throughput_eps"] > 300 else []), name
+        expected = [300.0] if entry["throughput_eps"] > 300 else []
+        if name == "ceiling":  # and at the rate of the subject's 50% point, after it
+            subject_rate = written["configs"]["streamscore_alo_1p"]["latency_eps"]
+            expected += [subject_rate] if entry["throughput_eps"] > subject_rate else []
+        assert fixed == expected, name
         assert entry["rss_mb"] > 0, name
         if name.startswith("streamscore"):
             # Each of these processed the whole backlog, and a read_committed consumer read
@@ -59,6 +63,12 @@ def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_p
     assert machine["cores"] >= 1 and machine["cpu_model"]
     assert {"confluent-kafka", "librdkafka", "quixstreams", "kafka"} <= set(machine["versions"])
     assert {row["target"] for row in written["targets"]} >= {"alo_1p / ceiling", "eos_1p / alo_1p"}
+    # Beside the subject's p99s, the ceiling's at the same offered rates.
+    rows = {row["target"]: row for row in written["targets"]}
+    bounds = written["configs"]["ceiling"]["fixed_rate_p99_ms"]
+    subject_rate = f"{written['configs']['streamscore_alo_1p']['latency_eps']:.0f}"
+    assert rows["alo_1p p99 ms at 50% of max"]["ceiling_at_same_rate"] == bounds.get(subject_rate)
+    assert rows["alo_1p / ceiling"]["ceiling_at_same_rate"] is None
     assert written["rss"]["users"] == Plan.smoke().rss_users
     assert written["rss"]["outputs"] == Plan.smoke().rss_users
     assert len(written["sweep"]["batch_size"]) == len(Plan.smoke().batch_sizes)
