@@ -223,7 +223,7 @@ class Pipeline:
                     if forgetter.poll():  # erasure requests apply between batches
                         self._unsent_erasures = True
                     if messages:
-                        in_flight.append(self._prepare(messages, checkpoint))
+                        self._admit(messages, checkpoint)
                         self._unsent_erasures = False
                         if self._registry_hold.succeeded():  # the registry answers again
                             telemetry.held(None)
@@ -283,6 +283,16 @@ class Pipeline:
                 log.warning("stopped_after_rollback", reason=str(rewind))
             log.info("pipeline_stopped", **asdict(self.stats))
         return self.stats
+
+    def _admit(self, messages: list[Message], checkpoint: Checkpoint) -> None:
+        """Prepare a batch of `messages`, first finishing the batches in flight whose
+        inference is done: their outputs would wait out its preparation for nothing. Not
+        while a transaction commits: they would wait for that, and the loop with them.
+        """
+        in_flight = self._in_flight
+        while in_flight and in_flight[0].inference.done() and not checkpoint.committing():
+            self._finish(in_flight.popleft(), checkpoint)
+        in_flight.append(self._prepare(messages, checkpoint))
 
     def _ahead(self, checkpoint: Checkpoint) -> int:
         """How many prepared batches may wait to be finished now."""

@@ -187,6 +187,28 @@ def test_inference_runs_on_its_own_thread_by_default_whatever_the_engines_run_on
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_batch_whose_inference_is_done_goes_out_before_the_next_is_prepared(depth):
+    runner = pipeline(depth)
+    checkpoint = RecordingCheckpoint()
+    try:
+        runner._admit([event_message(0)], checkpoint)
+        runner._in_flight[0].inference.result()  # done
+        runner._admit([event_message(1)], checkpoint)
+        assert checkpoint.sink.published == [["e0"]]
+        assert [batch.messages[0].offset() for batch in runner._in_flight] == [1]
+        # While a transaction commits, the done batch stays: its outputs would wait for it.
+        runner._in_flight[0].inference.result()
+        checkpoint.commit_under_way = True
+        runner._admit([event_message(2)], checkpoint)
+        assert checkpoint.sink.published == [["e0"]]
+        assert [batch.messages[0].offset() for batch in runner._in_flight] == [1, 2]
+        runner._drain(checkpoint)
+    finally:
+        runner.close()
+    assert checkpoint.sink.published == [["e0"], ["e1"], ["e2"]]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
 def test_while_a_transaction_commits_the_loop_prepares_further_batches(depth):
     runner = pipeline(depth)
     checkpoint = RecordingCheckpoint()
