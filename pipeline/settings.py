@@ -266,7 +266,8 @@ class ConsumerSettings(_Frozen):
         "10,000 events/s on the 2-core bench machine (AMD EPYC, broker beside it), 5, 10 "
         "and 20 gave p99 21.8-25.2, 28.3 and 37.2-38.0 ms, for the process 38-44%, 31% and "
         "21% of a core and the broker 48-52%, 39% and 31% (more, smaller batches, each "
-        "with its fixed cost, and more fetches). Raise it to trade latency for CPU at low "
+        "with its fixed cost, and more fetches: an idle consumer asks each broker for one "
+        "1000 / max_wait_ms times a second). Raise it to trade latency for CPU at low "
         "rates; on a machine 3-4x slower, whose two cores the broker saturated, 5 made p99 "
         "worse than 20 (docs/operations.md).",
     )
