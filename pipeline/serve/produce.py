@@ -270,7 +270,9 @@ class Sink:
     def send_now(self, timeout_s: float) -> None:
         """Send what is queued without waiting out `linger.ms`, and run the delivery
         callbacks of what is acknowledged within `timeout_s` (librdkafka sends at once only
-        while a flush is under way, so this is a flush that may time out).
+        while a flush is under way, so this is a flush that may time out). The client takes
+        whole milliseconds: below 1 ms the flush is over before its broker thread wakes, and
+        nothing is sent early (rd_kafka_flush).
         """
         self._producer.flush(timeout_s)
 
