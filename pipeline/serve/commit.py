@@ -37,7 +37,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from pipeline.kafka.clients import LINGER_MS
 from pipeline.kafka.errors import kafka_error
@@ -59,6 +66,31 @@ STATE_CHUNK = 1000
 # 10,000 events/s (the bench's latency phase alone, one process, two alternating pairs) it
 # took p50 from 25.3 to 23.2 ms and p99 from 39.8 to 37.2-38.0, at the same 21% of a core.
 IDLE_SEND_S = LINGER_MS / 1000
+
+
+class CommitReports:
+    """The consumer's `on_commit` callback: logs a failed offset commit and remembers it
+    until at-least-once commits again (`AtLeastOnce` clears `failed` as it does).
+
+    Every commit carries each owned partition's safe offset, so the next stretch's commit
+    makes a failed one good; a failure with no input after it (a commit refused during a
+    rebalance, then an idle input) is made good by committing again every interval.
+    """
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def __call__(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if error is not None and error.code() == KafkaError._NO_OFFSET:
+            return  # nothing to commit is not a failure
+        failed = [tp.partition for tp in partitions if tp.error is not None]
+        if error is not None or failed:
+            self.failed = True
+            log.warning(
+                "commit_failed",
+                reason=error.str() if error is not None else "partition errors",
+                partitions=failed,
+            )
 
 
 class Rewind(Exception):
@@ -168,12 +200,14 @@ class AtLeastOnce:
         sink: Sink,
         interval_ms: int,
         take_changes: Callable[[], Sequence[StateChange]],
+        reports: CommitReports,
     ) -> None:
         """Commit `consumer`'s progress after `sink` acknowledged outputs and state;
         `take_changes` takes the state's pending changelog records (`UserTable`), for a
-        stretch closed with no batch in flight.
+        stretch closed with no batch in flight; `reports` is `consumer`'s `on_commit`.
         """
         self._consumer = consumer
+        self._reports = reports
         self.sink = sink
         self._interval = _Interval(interval_ms)
         self._take_changes = take_changes
@@ -254,7 +288,10 @@ class AtLeastOnce:
         stretch, self._open = self._open, _Stretch()
         stretch.changes = changes
         stretch.outputs = self.sink.take_outputs()
-        if stretch.offsets or stretch.changes:
+        # An empty stretch still commits after a failed commit: with the input idle nothing
+        # else would, and the group would keep the failed commit's offsets (found by the
+        # privacy test: a commit refused in a rebalance, the two kept partitions idle).
+        if stretch.offsets or stretch.changes or self._reports.failed:
             self._sealed.append(stretch)
 
     def _advance(self, wait: bool) -> None:
@@ -302,6 +339,7 @@ class AtLeastOnce:
         # Every owned partition's safe offset goes in each commit, so one that failed (e.g.
         # the broker was restarting) is made good by the next.
         self._safe.update(offsets)
+        self._reports.failed = False  # this commit makes good any before it
         if not self._safe:
             return
         safe = [TopicPartition(t, p, o) for (t, p), o in self._safe.items()]
@@ -314,6 +352,7 @@ class AtLeastOnce:
             # The outputs are safe; only the progress marker failed. A crash before the next
             # commit replays this stretch, as at-least-once allows.
             error = kafka_error(exc)
+            self._reports.failed = True
             log.warning("commit_failed", reason=error.str(), retriable=error.retriable())
             if error.fatal():
                 raise

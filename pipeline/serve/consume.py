@@ -26,7 +26,7 @@ from confluent_kafka import (
 
 from pipeline.kafka.clients import consumer_config
 from pipeline.logging import get_logger
-from pipeline.serve.commit import Checkpoint, Rewind
+from pipeline.serve.commit import Checkpoint, CommitReports, Rewind
 from pipeline.serve.counts import RunStats
 from pipeline.serve.features.changelog import restore, save_snapshots
 from pipeline.serve.features.table import UserTable
@@ -37,9 +37,11 @@ from pipeline.telemetry import Telemetry
 log = get_logger()
 
 
-def open_consumer(settings: Settings, on_stats: Callable[[str], None]) -> Consumer:
+def open_consumer(
+    settings: Settings, on_stats: Callable[[str], None], on_commit: CommitReports
+) -> Consumer:
     """The pipeline's consumer, not yet subscribed; librdkafka's statistics go to `on_stats`
-    every `telemetry.statistics_interval_ms`.
+    every `telemetry.statistics_interval_ms`, the results of offset commits to `on_commit`.
     """
     return Consumer(
         consumer_config(settings)
@@ -161,21 +163,6 @@ def raise_if_fatal(error: KafkaError, message: Message) -> None:
     )
     if error.fatal():
         raise KafkaException(error)
-
-
-def on_commit(error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-    """Result of an asynchronous offset commit: a failure is only logged, since every later
-    commit carries each owned partition's safe offset again.
-    """
-    if error is not None and error.code() == KafkaError._NO_OFFSET:
-        return  # nothing to commit is not a failure
-    failed = [tp.partition for tp in partitions if tp.error is not None]
-    if error is not None or failed:
-        log.warning(
-            "commit_failed",
-            reason=error.str() if error is not None else "partition errors",
-            partitions=failed,
-        )
 
 
 def on_client_error(error: KafkaError) -> None:

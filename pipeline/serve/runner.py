@@ -57,7 +57,14 @@ from pipeline.kafka.clients import (
 )
 from pipeline.logging import get_logger
 from pipeline.serve.codec import Encoder
-from pipeline.serve.commit import AtLeastOnce, Checkpoint, ExactlyOnce, Offsets, Rewind
+from pipeline.serve.commit import (
+    AtLeastOnce,
+    Checkpoint,
+    CommitReports,
+    ExactlyOnce,
+    Offsets,
+    Rewind,
+)
 from pipeline.serve.consume import (
     Backpressure,
     Partitions,
@@ -194,9 +201,10 @@ class Pipeline:
                 self.settings, self.store, self._pseudonyms, telemetry.forgotten.inc
             )
             stack.callback(forgetter.close)
-            consumer = open_consumer(self.settings, telemetry.on_stats)
+            reports = CommitReports()
+            consumer = open_consumer(self.settings, telemetry.on_stats, reports)
             stack.callback(consumer.close)
-            checkpoint = self._checkpoint(consumer, changelog)
+            checkpoint = self._checkpoint(consumer, changelog, reports)
             stack.callback(checkpoint.close)
             self._partitions.subscribe(
                 consumer, checkpoint, self._gate, lambda: self._settle(checkpoint)
@@ -376,7 +384,7 @@ class Pipeline:
         for engine in self._retired_shadow:
             engine.close()
 
-    def _checkpoint(self, consumer: Consumer, changelog: str) -> Checkpoint:
+    def _checkpoint(self, consumer: Consumer, changelog: str, reports: CommitReports) -> Checkpoint:
         settings = self.settings
         topics = settings.topics
 
@@ -392,7 +400,7 @@ class Pipeline:
         if settings.processing.guarantee == "at_least_once":
             sink = Sink(make_producer(), topics, changelog, partitions, self._dead_letter_id)
             return AtLeastOnce(
-                consumer, sink, settings.checkpoint.interval_ms, self.store.take_changes
+                consumer, sink, settings.checkpoint.interval_ms, self.store.take_changes, reports
             )
         # One id per process instance: stable under static membership, fresh otherwise
         # (fencing across restarts comes from the group generation, KIP-447).

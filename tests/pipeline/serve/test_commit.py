@@ -11,7 +11,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from pipeline.kafka.clients import LINGER_MS
 from pipeline.serve import commit
-from pipeline.serve.commit import AtLeastOnce, ExactlyOnce, Rewind, next_offsets
+from pipeline.serve.commit import AtLeastOnce, CommitReports, ExactlyOnce, Rewind, next_offsets
 from pipeline.serve.encode import Encoded
 from pipeline.serve.features import FeatureStore
 from pipeline.serve.features.state import StateChange
@@ -160,11 +160,14 @@ class AckedMessage:
 
 
 class CommittingConsumer:
-    def __init__(self):
+    def __init__(self, errors=()):
         self.commits = []  # (offsets as {partition: offset}, asynchronous)
+        self.errors = list(errors)  # what the next commits raise
 
     def commit(self, offsets, asynchronous):
         self.commits.append(({tp.partition: tp.offset for tp in offsets}, asynchronous))
+        if self.errors:
+            raise self.errors.pop(0)
 
 
 TOPICS = TopicSettings(fraud_scores="scores")
@@ -172,11 +175,14 @@ CHANGELOG = "state"
 PARTITIONS = {TOPICS.fraud_scores: 3, TOPICS.recommendations: 3, TOPICS.shadow_scores: 3}
 
 
-def at_least_once(interval_ms=0):
+def at_least_once(interval_ms=0, consumer=None, reports=None):
     """A checkpoint whose every batch closes a stretch (interval 0), and its state."""
-    producer, consumer, store = QueueingProducer(), CommittingConsumer(), FeatureStore(5)
+    producer, store = QueueingProducer(), FeatureStore(5)
+    consumer = consumer or CommittingConsumer()
     sink = Sink(producer, TOPICS, CHANGELOG, PARTITIONS)
-    checkpoint = AtLeastOnce(consumer, sink, interval_ms, store.take_changes)
+    checkpoint = AtLeastOnce(
+        consumer, sink, interval_ms, store.take_changes, reports or CommitReports()
+    )
     return checkpoint, producer, consumer, store
 
 
@@ -226,9 +232,62 @@ def test_with_the_input_idle_what_is_queued_is_sent_at_once_not_after_the_linger
     assert consumer.commits == []  # a send that timed out commits nothing
 
 
+def commit_one_batch(checkpoint, producer, store):
+    """Run a batch (partition 0, offset 7) and tick until its stretch is committed."""
+    run_batch(checkpoint, store, partition=0, offset=7, user="u1")
+    checkpoint.tick(idle=True)
+    producer.ack("scores")
+    checkpoint.tick(idle=True)
+    producer.ack(CHANGELOG)
+    checkpoint.tick(idle=True)
+
+
+def test_a_commit_refused_with_the_input_idle_is_made_good_at_the_next_interval():
+    """The privacy test's failure: an asynchronous commit refused in a rebalance, then no
+    input on the partitions kept; they stayed uncommitted until the next event.
+    """
+    reports = CommitReports()
+    checkpoint, producer, consumer, store = at_least_once(reports=reports)
+    commit_one_batch(checkpoint, producer, store)
+    assert consumer.commits == [({0: 8}, True)]
+    checkpoint.tick(idle=True)
+    assert consumer.commits == [({0: 8}, True)]  # nothing new, nothing failed: no commit
+
+    # librdkafka reports the result while the loop polls.
+    refused = KafkaError(KafkaError.ILLEGAL_GENERATION, "generation id is not valid")
+    reports(refused, [TopicPartition("in", 0, 8)])
+    checkpoint.tick(idle=True)
+    assert consumer.commits[1:] == [({0: 8}, True)]  # committed again, with nothing new
+    checkpoint.tick(idle=True)
+    assert len(consumer.commits) == 2  # once: that commit is not reported failed
+
+    partition_error = SimpleNamespace(topic="in", partition=0, offset=8, error=refused)
+    reports(None, [partition_error])  # a partition's own error (TopicPartition.error)
+    checkpoint.commit()  # a revocation or the stop commits what failed, synchronously
+    assert consumer.commits[2:] == [({0: 8}, False)]
+
+
+def test_a_commit_that_raises_is_made_good_at_the_next_interval():
+    consumer = CommittingConsumer(errors=[error(retriable=True)])
+    checkpoint, producer, _, store = at_least_once(consumer=consumer)
+    commit_one_batch(checkpoint, producer, store)
+    checkpoint.tick(idle=True)
+    checkpoint.tick(idle=True)
+    assert consumer.commits == [({0: 8}, True)] * 2  # raised, then committed again once
+
+
+def test_nothing_to_commit_is_not_a_failed_commit():
+    reports = CommitReports()
+    reports(KafkaError(KafkaError._NO_OFFSET), [])
+    reports(None, [TopicPartition("in", 0, 8)])
+    assert not reports.failed
+
+
 def test_a_batch_writes_each_output_to_its_inputs_partition_and_one_report_asks_per_partition():
     producer, consumer = QueueingProducer(), CommittingConsumer()
-    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list)
+    checkpoint = AtLeastOnce(
+        consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list, CommitReports()
+    )
     users = [f"u{i}" for i in range(5)]
     columns = columns_of(*(click_record(user_id=u, event_id=f"e{i}") for i, u in enumerate(users)))
     columns.partition[:] = [0, 1, 0, 4, 1]  # the output topics have 3 partitions
@@ -290,7 +349,9 @@ class FullQueueProducer(QueueingProducer):
 
 def test_a_full_local_queue_delays_outputs_and_state_without_losing_or_miscounting_them():
     producer, consumer = FullQueueProducer(room=2), CommittingConsumer()
-    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list)
+    checkpoint = AtLeastOnce(
+        consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list, CommitReports()
+    )
     users = [f"u{i}" for i in range(5)]
     columns = columns_of(*(click_record(user_id=u, event_id=f"e{i}") for i, u in enumerate(users)))
     scored = SimpleNamespace(rows=np.arange(5), ranked=np.array([], dtype=np.int64), shadow=None)
@@ -318,7 +379,9 @@ def close_stretch(partitions, offset=5):
     that changed a user on each of `partitions`.
     """
     producer, consumer = QueueingProducer(), CommittingConsumer()
-    checkpoint = AtLeastOnce(consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list)
+    checkpoint = AtLeastOnce(
+        consumer, Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 0, list, CommitReports()
+    )
     checkpoint.begin_batch()
     states = [StateChange(p, f"u{i}".encode(), b"state") for i, p in enumerate(partitions)]
     checkpoint.end_batch({("in", 0): offset}, states)
@@ -609,7 +672,11 @@ def test_a_control_record_goes_out_after_the_tombstones_of_its_stretch():
     mark = CONTROL + b"forget-position"
     pending = [StateChange(0, b"u1", None), StateChange(0, mark, b"2")]
     checkpoint = AtLeastOnce(
-        CommittingConsumer(), Sink(producer, TOPICS, CHANGELOG, PARTITIONS), 10**9, lambda: pending
+        CommittingConsumer(),
+        Sink(producer, TOPICS, CHANGELOG, PARTITIONS),
+        10**9,
+        lambda: pending,
+        CommitReports(),
     )
     checkpoint.commit()
     assert [key for topic, key in producer.produced if topic == CHANGELOG] == [b"u1", mark]
