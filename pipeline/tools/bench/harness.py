@@ -528,13 +528,14 @@ class Bench:
         procs: Sequence[subprocess.Popen[bytes]],
         timeout_s: float = 30.0,
     ) -> None:
-        """Until the group of `settings` has committed everything offered on `topic`, so that
-        a point starts after the one before has checkpointed: its outputs are read already,
-        but a streamscore checkpoint then writes the changelog records of every user the
-        last stretch changed (up to the whole live pool after a fast point), through the
-        producer and the broker the point's outputs use. Measured at 10,000 events/s after
-        a 40,000 events/s warm-up: two of five runs had their first outputs wait 0.5 s
-        behind those records (p99 285 and 297 ms); four of four were not, waiting first.
+        """Until the group of `settings` has committed everything offered on `topic`: a
+        point starts once the one before (or the warm-up) has checkpointed, not while its
+        last checkpoint (for streamscore, the changelog records of every user its last
+        stretch changed) still shares the producer and the broker with the point's outputs.
+        Measured with one process at 10,000 events/s just after the warm-up, leaving out
+        each first run after a broker start (a cold broker): without this wait, 3 of 13 runs
+        had the window's first outputs wait up to 0.55 s between the pipeline's produce call
+        and the read (p99 247-297 ms); with it, none of 13 (p99 20.7-24.5 ms).
         """
         consumer = Consumer(
             self.base.kafka.client_config() | {"group.id": settings.consumer.group_id}
