@@ -417,7 +417,9 @@ class ExactlyOnce:
             self._open = True
 
     def end_batch(self, offsets: Offsets, changes: Sequence[StateChange] | None) -> None:
-        """Add the offsets; a closing batch adds `changes` and starts the commit."""
+        """Add the offsets; a closing batch adds `changes` and starts the commit. May raise
+        Rewind: a fatal error (a fence) can surface here, from the sink's poll.
+        """
         try:
             self._offsets.update(offsets)
             if changes is not None:
