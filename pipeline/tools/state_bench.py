@@ -4,12 +4,16 @@ Users are synthetic but full: L items of history, a session of 10 items, two dev
 IPs, a country and a card, so the figures are for the largest state a user normally has.
 Memory is measured with tracemalloc over a user table sized for the users, as the runner
 sizes its table for `features.max_users` (its columns, the user ids and the index). A
-restored user and a live one take the same slot, so the two figures are one since the
-table replaced per-user objects. The restore rate is end to end: records written to a fresh
-compacted changelog on the broker, then read back into an empty table by the same code a
-rebalance runs. Then the restored table leaves a local snapshot of each partition, as a
-clean revocation does, and a second empty table restores from those (the files just written,
-so from the page cache, as on a restart on the same host) and the changelog's empty tail.
+restored user and a live one take the same slot and pool row; the two figures differ in the
+pool's size. A restore knows its record count and sizes the pool once (`UserTable.expect`,
+as `changelog.restore` calls it); users that arrive live grow it by doubling, and tracemalloc
+counts the rows reserved and not yet used, which calloc leaves untouched and so out of RSS.
+Both are measured after a small fill has imported what a fill imports. The restore rate is
+end to end: records written to a fresh compacted changelog on the broker, then read back
+into an empty table by the same code a rebalance runs. Then the restored table leaves a
+local snapshot of each partition, as a clean revocation does, and a second empty table
+restores from those (the files just written, so from the page cache, as on a restart on the
+same host) and the changelog's empty tail.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class StateBench:
     record_bytes: float
     bytes_per_user_restored: float
     bytes_per_user_live: float
+    live_unused_pool_bytes_per_user: float  # of the live figure: pool rows reserved, unused
     restore_records_per_s: float
     restore_s: float
     read_through_records_per_s: float  # the client's ceiling for the restore rate
@@ -84,7 +89,11 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
     records = [(f"user-{i:09d}", full_user(rng, now, length).to_bytes()) for i in range(users)]
     partitions = settings.topics.partitions
 
-    restored = live = _measure(lambda table: _fill(table, records, partitions), length, users)
+    _measure(lambda table: _fill(table, records[:100], partitions), length, 100)  # imports
+    restored, _ = _measure(
+        lambda table: _fill(table, records, partitions, sized=True), length, users
+    )
+    live, unused = _measure(lambda table: _fill(table, records, partitions), length, users)
 
     run = uuid.uuid4().hex[:10]
     topics = settings.topics.model_copy(update={"input": f"state-bench-{run}.in"})
@@ -135,6 +144,7 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
         record_bytes=sum(len(v) for _, v in records) / users,
         bytes_per_user_restored=restored / users,
         bytes_per_user_live=live / users,
+        live_unused_pool_bytes_per_user=unused / users,
         restore_records_per_s=stats.records_per_s,
         restore_s=stats.seconds,
         read_through_records_per_s=users / read_s,
@@ -145,8 +155,16 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
     )
 
 
-def _fill(table: UserTable, records: list[tuple[str, bytes]], partitions: int) -> None:
+def _fill(
+    table: UserTable, records: list[tuple[str, bytes]], partitions: int, sized: bool = False
+) -> None:
+    """Add the users one fetched batch at a time; `sized`: the pool made room for all of them
+    first, as a restore makes it, else it grows as the users come (by doubling, as live users
+    grow it).
+    """
     # Fresh copies of key and value, as a consumer hands them over, so tracemalloc counts them.
+    if sized:
+        table.expect(len(records))
     step = 10_000  # as restore applies them: one fetched batch at a time
     for first in range(0, len(records), step):
         chunk = range(first, min(first + step, len(records)))
@@ -157,8 +175,10 @@ def _fill(table: UserTable, records: list[tuple[str, bytes]], partitions: int) -
         )
 
 
-def _measure(fill: Any, history_length: int, users: int) -> int:
-    """Bytes still allocated by a table after `fill` (the records list excluded)."""
+def _measure(fill: Any, history_length: int, users: int) -> tuple[int, int]:
+    """Bytes still allocated by a table after `fill` (the records list excluded), and of
+    them the bytes of its pool's free rows (none was used: nothing is evicted here).
+    """
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -167,5 +187,6 @@ def _measure(fill: Any, history_length: int, users: int) -> int:
         after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
+    unused = int(table.pool.top[0]) * table.pool.row_bytes()
     del table
-    return after - before
+    return after - before, unused
