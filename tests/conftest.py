@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.kafka.admin import create_topics
 from pipeline.settings import Settings, load_settings
-from pipeline.tools.local_broker import REPO_ROOT, LocalBroker, free_port
+from pipeline.tools.local_broker import REPO_ROOT, LocalBroker, LocalCluster, free_port
 from pipeline.tools.local_registry import LocalRegistry
 from pipeline.training.train import TrainConfig, train_all
 
@@ -59,9 +59,42 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path, tmp_path: Path) -> Set
     """Settings on fresh, uuid-named topics and group, with the topics created; partitions
     given up cleanly leave snapshots in the test's own directory.
     """
+    settings = fresh_settings(kafka_bootstrap, model_dir, tmp_path)
+    create_topics(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Three local KRaft nodes replicating each other (RF 3, min ISR 2), started only for
+    the tests that fault brokers. Always local: such a test stops and kills its nodes.
+    """
+    cluster = LocalCluster(
+        home=tmp_path_factory.mktemp("cluster"),
+        libs=REPO_ROOT / "var" / "kafka" / "libs",
+        ports=tuple(free_port() for _ in range(3)),
+        controller_ports=tuple(free_port() for _ in range(3)),
+    )
+    cluster.up()
+    yield cluster
+    cluster.down(purge=True)
+
+
+@pytest.fixture
+def cluster_settings(kafka_cluster: LocalCluster, model_dir: Path, tmp_path: Path) -> Settings:
+    """`kafka_settings` on the 3-node cluster: fresh topics with replication factor 3."""
+    settings = fresh_settings(kafka_cluster.bootstrap, model_dir, tmp_path, replication=3)
+    create_topics(settings)
+    return settings
+
+
+def fresh_settings(
+    bootstrap: str, model_dir: Path, tmp_path: Path, replication: int = 1
+) -> Settings:
+    """Settings on fresh, uuid-named topics and group (not created)."""
     run = uuid.uuid4().hex[:10]
-    settings = load_settings(
-        kafka={"bootstrap_servers": kafka_bootstrap},
+    return load_settings(
+        kafka={"bootstrap_servers": bootstrap},
         topics={
             "input": f"t-{run}.in",
             "fraud_scores": f"t-{run}.fraud",
@@ -73,6 +106,7 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path, tmp_path: Path) -> Set
             "input_histograms": f"t-{run}.input-histograms",
             "model_quality": f"t-{run}.quality",
             "partitions": 3,
+            "replication_factor": replication,
         },
         consumer={"group_id": f"g-{run}"},
         monitor={"group_id": f"m-{run}"},
@@ -83,8 +117,6 @@ def kafka_settings(kafka_bootstrap: str, model_dir: Path, tmp_path: Path) -> Set
         schema_registry={"url": ""},  # static ids; the registry's tests use registry_settings
         privacy={"pseudonym_key": secrets.token_urlsafe(32)},  # generated, as in the demo
     )
-    create_topics(settings)
-    return settings
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,11 @@
 """A real Apache Kafka broker on loopback, resolved from Maven Central and run in KRaft mode.
 
-`streamscore kafka up|down|status` and the test fixture both use LocalBroker: jars come from
+`streamscore kafka up|down|status` and the test fixtures use LocalBroker: jars come from
 `deploy/kafka/pom.xml` into a cached folder, storage is formatted once, and one combined
-broker+controller listens on 127.0.0.1.
+broker+controller listens on 127.0.0.1. `LocalCluster` runs several such nodes as one
+replicated cluster (`kafka up --brokers 3`): a static controller quorum of all of them,
+storage formatted with one cluster id, internal topics with replication factor 3 and
+`min.insync.replicas` 2.
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ class LocalBroker:
     port: int = 9092
     controller_port: int = 9093
     sasl_ssl: SaslSslListener | None = None
+    node_id: int = 1
+    # A cluster's static quorum, `id@host:port,...` (`controller.quorum.voters`); None: this
+    # node is a standalone controller.
+    voters: str | None = None
+    replication: int = 1  # of the internal topics, and the cluster's default for new ones
 
     @property
     def bootstrap(self) -> str:
@@ -109,17 +117,33 @@ class LocalBroker:
         if self.pid() is not None and self.ready(timeout_s=5):
             return self.bootstrap
         resolve_jars(self.libs)
-        self.home.mkdir(parents=True, exist_ok=True)
-        properties = self._write_properties()
-        if not (self.data_dir / "meta.properties").is_file():
-            self._format(properties)
-        self._start(properties)
+        self.start()
         why = self._not_ready(timeout_s)
         if why is not None:
             tail = self._log_tail()
             self.down()
             raise BrokerError(f"broker did not answer on {self.bootstrap}: {why}:\n{tail}")
         return self.bootstrap
+
+    def start(self, cluster: str | None = None) -> None:
+        """Write its properties, format its storage if new (with the cluster id `cluster`,
+        or a new one), and start its process without waiting for it.
+        """
+        self.home.mkdir(parents=True, exist_ok=True)
+        properties = self._write_properties()
+        if not (self.data_dir / "meta.properties").is_file():
+            self._format(properties, cluster)
+        self._start(properties)
+
+    def signal(self, signum: int) -> bool:
+        """Send `signum` to its process (a fault test's kill -9, SIGSTOP, SIGCONT); whether
+        it was running.
+        """
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signum)
+        return True
 
     def down(self, purge: bool = False, timeout_s: float = 30.0) -> None:
         """Stop the broker (SIGTERM, then SIGKILL); `purge` also deletes its data."""
@@ -187,10 +211,17 @@ class LocalBroker:
                 "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
                 "listener.name.sasl_ssl.ssl.keystore.location": str(listener.keystore_pem),
             }
+        quorum = (
+            {"controller.quorum.voters": self.voters}
+            if self.voters is not None
+            else {"controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}"}
+        )
+        replicas = str(self.replication)
+        min_isr = str(min(2, self.replication))  # one replica may be down, none lost
         properties = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            **quorum,
             "listeners": listeners,
             "advertised.listeners": listeners,
             "controller.listener.names": "CONTROLLER",
@@ -198,13 +229,15 @@ class LocalBroker:
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "4",
-            "offsets.topic.replication.factor": "1",
+            "default.replication.factor": replicas,
+            "min.insync.replicas": min_isr,
+            "offsets.topic.replication.factor": replicas,
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": "4",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
         } | secure
@@ -226,22 +259,15 @@ class LocalBroker:
             *args,
         ]
 
-    def _format(self, properties: Path) -> None:
-        cluster_id = (
-            subprocess.run(
-                self._java("kafka.tools.StorageTool", "random-uuid"),
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
+    def _format(self, properties: Path, cluster: str | None = None) -> None:
+        cluster_id = cluster or new_cluster_id(self.libs)
+        # A static quorum (`controller.quorum.voters`) is formatted without --standalone.
+        standalone = ["--standalone"] if self.voters is None else []
         result = subprocess.run(
             self._java(
                 "kafka.tools.StorageTool",
                 "format",
-                "--standalone",
+                *standalone,
                 "-t",
                 cluster_id,
                 "-c",
@@ -282,6 +308,90 @@ class LocalBroker:
             if path.is_file():
                 return "\n".join(path.read_text(errors="replace").splitlines()[-30:])
         return "(no broker log)"
+
+
+def new_cluster_id(libs: Path) -> str:
+    """A fresh KRaft cluster id from Kafka's own StorageTool."""
+    result = subprocess.run(
+        ["java", "-cp", f"{libs}/*", "kafka.tools.StorageTool", "random-uuid"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCluster:
+    """Combined broker+controller nodes on loopback forming one replicated cluster: node
+    `i` (from 1) lives under `home`/node-`i` on `ports[i-1]`, its controller on
+    `controller_ports[i-1]`. With three nodes, internal topics have replication factor 3
+    and min ISR 2, and so do new topics by default.
+    """
+
+    home: Path
+    libs: Path
+    ports: tuple[int, ...]
+    controller_ports: tuple[int, ...]
+
+    @property
+    def nodes(self) -> list[LocalBroker]:
+        """Every node, by node id (from 1)."""
+        voters = ",".join(
+            f"{i}@127.0.0.1:{port}" for i, port in enumerate(self.controller_ports, start=1)
+        )
+        return [
+            LocalBroker(
+                self.home / f"node-{i}",
+                self.libs,
+                port=port,
+                controller_port=controller,
+                node_id=i,
+                voters=voters,
+                replication=min(3, len(self.ports)),
+            )
+            for i, (port, controller) in enumerate(
+                zip(self.ports, self.controller_ports, strict=True), start=1
+            )
+        ]
+
+    def node(self, node_id: int) -> LocalBroker:
+        """The node with this id."""
+        return self.nodes[node_id - 1]
+
+    @property
+    def bootstrap(self) -> str:
+        """Every node's PLAINTEXT address."""
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def up(self, timeout_s: float = 120.0) -> str:
+        """Resolve the jars, format new nodes with one cluster id, start those not
+        running, and wait until each answers; return the bootstrap.
+        """
+        resolve_jars(self.libs)
+        nodes = self.nodes
+        formatted = [n._cluster_id() for n in nodes if n._cluster_id() is not None]
+        cluster = formatted[0] if formatted else new_cluster_id(self.libs)
+        for node in nodes:
+            if node.pid() is None:
+                node.start(cluster)  # all before any wait: a node needs a quorum to serve
+        for node in nodes:
+            why = node._not_ready(timeout_s)
+            if why is not None:
+                tail = node._log_tail()
+                self.down()
+                raise BrokerError(f"node {node.node_id} ({node.bootstrap}): {why}:\n{tail}")
+        return self.bootstrap
+
+    def down(self, purge: bool = False) -> None:
+        """Stop every node; `purge` also deletes their data."""
+        for node in self.nodes:
+            node.signal(signal.SIGCONT)  # a stopped node cannot handle SIGTERM
+            node.down(purge=purge)
+
+    def running(self) -> list[int]:
+        """The ids of the nodes whose process is alive."""
+        return [node.node_id for node in self.nodes if node.pid() is not None]
 
 
 def cluster_id(bootstrap: str, timeout_s: float) -> str | None:
