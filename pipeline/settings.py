@@ -328,6 +328,15 @@ class ProcessingSettings(_Frozen):
         description="A crashed process's open transaction blocks read_committed readers this "
         "long, unless a restart with the same consumer.instance_id aborts it at once.",
     )
+    transaction_call_timeout_ms: PositiveInt = Field(
+        default=30_000,
+        description="exactly_once: the bound on each transactional call with its retries "
+        "(commit, abort, send offsets, a new producer's init). A commit still failing then "
+        "is aborted and its input rewound; an abort that fails replaces the producer; a "
+        "producer that cannot be initialised stops the process (exit code 3) for its "
+        "supervisor to restart. Longer than a broker failover (about 12 s with the "
+        "broker's default session timeout), shorter than telemetry.liveness_timeout_s.",
+    )
     max_in_flight: PositiveInt = Field(
         default=100_000,
         description="Outputs queued but not yet acknowledged before input partitions pause.",

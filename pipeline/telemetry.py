@@ -2,7 +2,8 @@
 
 prometheus-client serves metrics but has no health endpoints, so the small HTTP handler
 here is hand-written: `/metrics` renders the registry, `/healthz` is 200 while the consume
-loop has beaten within `telemetry.liveness_timeout_s`, and `/readyz` is 200 only once the
+loop has beaten within `telemetry.liveness_timeout_s` and its checkpoint has not held
+processed input uncommitted for longer than that, and `/readyz` is 200 only once the
 engines are loaded, the group is joined, no state restore is running and the input is not
 held for an outage of the schema registry.
 
@@ -16,6 +17,7 @@ import gc
 import json
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -53,6 +55,7 @@ class Health:
         self._joined = False
         self._restoring = 0
         self._held = False
+        self._stalled_s: Callable[[], float] = lambda: 0.0
         self._server: ThreadingHTTPServer | None = None
 
     # -- health --------------------------------------------------------------------------
@@ -77,9 +80,17 @@ class Health:
         """The input is held for an unavailable dependency (`cause`), or no longer (None)."""
         self._held = cause is not None
 
+    def watch(self, stalled_s: Callable[[], float]) -> None:
+        """Also count as stalled a loop whose checkpoint has committed nothing for the
+        liveness timeout while processed input waits (`stalled_s`, `commit.Progress`): a
+        loop that beats while every commit fails is not alive either.
+        """
+        self._stalled_s = stalled_s
+
     def alive(self) -> bool:
-        """Whether the loop beat recently."""
-        return time.monotonic() - self._beat <= self._liveness_timeout_s
+        """Whether the loop beat recently, and its checkpoint has not stalled."""
+        timeout = self._liveness_timeout_s
+        return time.monotonic() - self._beat <= timeout and self._stalled_s() <= timeout
 
     def ready(self) -> bool:
         """Engines loaded, group joined, no restore running, input not held, and alive."""
@@ -191,6 +202,14 @@ class Telemetry(Health):
         self.rebalances = Counter(
             "streamscore_rebalances",
             "Assignments, revocations and losses.",
+            ["kind"],
+            registry=registry,
+        )
+        self.transaction_failures = Counter(
+            "streamscore_transaction_failures",
+            "Exactly-once transactions that failed, by what was done: abort (aborted and "
+            "rewound), replace (a new producer after a fatal error or a failed abort), "
+            "stalled (a commit that did not return within the bound, abandoned).",
             ["kind"],
             registry=registry,
         )

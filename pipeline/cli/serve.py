@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pipeline.cli.common import ConfigOption, app, console, require_train, settings_from
+from pipeline.cli.common import ConfigOption, app, console, log, require_train, settings_from
 from pipeline.settings import SettingsError
 
 
@@ -22,7 +22,13 @@ def run(
         Path | None, typer.Option(help="Profile with pyinstrument; write its text report here.")
     ] = None,
 ) -> None:
-    """Run the pipeline until SIGTERM or SIGINT, then finish the batch, flush, commit and exit."""
+    """Run the pipeline until SIGTERM or SIGINT, then finish the batch, flush, commit and exit.
+
+    Exit code 3: exactly-once could not go on (no transactional producer could be
+    initialised within processing.transaction_call_timeout_ms); nothing uncommitted is
+    lost, and a supervisor's restart resumes from the last commit.
+    """
+    from pipeline.serve.commit import TransactionsFailed
     from pipeline.serve.runner import run_pipeline
 
     settings = settings_from(config)
@@ -35,7 +41,12 @@ def run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     if profile is None:
-        run_pipeline(settings, stop, stats_file)
+        try:
+            run_pipeline(settings, stop, stats_file)
+        except TransactionsFailed as exc:
+            log.error("pipeline_exited", reason=str(exc), exit_code=3)
+            console.print(f"streamscore run: {exc}", style="red", markup=False)
+            raise typer.Exit(3) from exc
         return
     require_train("streamscore run --profile")
     from pyinstrument import Profiler

@@ -437,7 +437,7 @@ class Monitor:
         changelog, quality_topic = monitor_changelog(settings), settings.topics.model_quality
         while True:
             try:
-                transactional_call(producer.begin_transaction)
+                transactional_call(producer.begin_transaction, timed=False)
                 for key, value in changes:
                     producer.produce(changelog, value, key)
                     producer.poll(0)
@@ -456,7 +456,8 @@ class Monitor:
                 if not error.txn_requires_abort():
                     raise  # fatal (fenced by a newer monitor): a restart restores
                 log.warning("monitor_transaction_aborted", reason=error.str())
-                producer.abort_transaction()
+                # a failed abort raises (fatal): the monitor stops and a restart restores
+                transactional_call(producer.abort_transaction)
         for role, join in self.joins.items():
             expired = self._expired[role]
             for side, count in join.expired.items():

@@ -25,6 +25,16 @@ the state of every assigned partition, restore it from the changelog's committed
 and seek the consumer back to the committed offsets. A commit runs on a helper thread
 while the loop prepares the next batches; the next batch's outputs, a revoke, a loss and
 the stop wait for it, and its error surfaces there (or at the next `tick`).
+
+No transactional call waits without a bound (`processing.transaction_call_timeout_ms`):
+librdkafka's calls block forever by default, and on a cluster whose coordinator dies
+mid-commit one did (issue #48: an EndTxn timed out, then the instance was silent until
+`max.poll.interval.ms` expelled it). A call still failing at the bound, or an abort that
+fails in turn (fenced after an epoch bump), replaces the producer; a commit thread that
+does not return at all (librdkafka #5456: `send_offsets_to_transaction` can ignore its
+timeout) is abandoned with its producer. A producer that cannot be replaced within the
+bound raises `TransactionsFailed`: the process exits, naming the cause, for its
+supervisor to restart it. After `close` nothing touches the producer again.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,7 +65,11 @@ from pipeline.serve.features.state import StateChange
 from pipeline.serve.produce import Sink, Unacked
 
 log = get_logger()
-RETRY_FOR_S = 60.0  # retriable transactional errors are retried this long
+# A transactional call (with its retries) gives up after this long unless told otherwise:
+# `processing.transaction_call_timeout_ms`'s default.
+CALL_BOUND_S = 30.0
+# How much longer than the bound the loop waits for a commit thread before abandoning it.
+ABANDON_GRACE_S = 5.0
 # At-least-once queues a sealed stretch's changelog records this many a tick: at 133,000
 # events/s (the bench's events, one process) a stretch's 7,643 went out over eight loop
 # iterations, 0.7-3.8 ms each, where one iteration had spent 4-11 ms on them all.
@@ -94,10 +109,47 @@ class CommitReports:
 
 
 class Rewind(Exception):
-    """The batch in hand was rolled back: rewind state and input to the last commit."""
+    """Control flow, not a failure to report: the batch in hand was rolled back, so the
+    loop rewinds state and input to the last commit and goes on.
+    """
+
+
+class TransactionsFailed(Exception):
+    """Exactly-once cannot go on in this process: a producer could not be (re)initialised
+    for its transactional id within the bound. Nothing uncommitted is lost (the partitions'
+    next owner reads it again); the process should exit for its supervisor to restart it.
+    """
 
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> the next offset to consume
+
+
+class Progress:
+    """Whether a checkpoint moves: how long processed input has waited for a commit that
+    has not come. The liveness probe reads it (`Health.watch`): a loop that still beats
+    but commits nothing (rewinding over and over, a commit failing at every try) is not
+    alive either.
+    """
+
+    def __init__(self) -> None:
+        """Nothing waits yet."""
+        self._since = time.monotonic()
+        self._waiting = False
+
+    def waiting(self) -> None:
+        """Processed input now waits for a commit (the clock starts if it was not running)."""
+        if not self._waiting:
+            self._since = time.monotonic()
+            self._waiting = True
+
+    def committed(self, waiting: bool) -> None:
+        """A commit completed; `waiting`: input processed after it still waits."""
+        self._since = time.monotonic()
+        self._waiting = waiting
+
+    def stalled_s(self) -> float:
+        """Seconds since the last commit while input waits for one; 0 when none waits."""
+        return time.monotonic() - self._since if self._waiting else 0.0
 
 
 def next_offsets(messages: list[Message]) -> Offsets:
@@ -114,6 +166,7 @@ class Checkpoint(Protocol):
     """How a delivery guarantee brackets batches and commits progress."""
 
     sink: Sink  # where this batch's outputs go (exactly-once replaces it with the producer)
+    progress: Progress  # for the liveness probe
 
     def closing(self) -> bool:
         """Whether the batch being prepared now closes the open stretch (or transaction):
@@ -214,6 +267,7 @@ class AtLeastOnce:
         self._open = _Stretch()
         self._sealed: deque[_Stretch] = deque()
         self._safe: dict[tuple[str, int], int] = {}  # acknowledged offsets of owned partitions
+        self.progress = Progress()
 
     def closing(self) -> bool:
         """True once per `interval_ms`: the batch being prepared closes the stretch."""
@@ -232,6 +286,8 @@ class AtLeastOnce:
         outputs are acknowledged) seals the stretch.
         """
         self._open.offsets.update(offsets)
+        if offsets:
+            self.progress.waiting()
         if changes is not None:
             self._seal(changes)
 
@@ -340,6 +396,7 @@ class AtLeastOnce:
         # the broker was restarting) is made good by the next.
         self._safe.update(offsets)
         self._reports.failed = False  # this commit makes good any before it
+        self.progress.committed(waiting=bool(self._sealed or self._open.offsets))
         if not self._safe:
             return
         safe = [TopicPartition(t, p, o) for (t, p), o in self._safe.items()]
@@ -378,20 +435,28 @@ class ExactlyOnce:
         make_sink: Callable[[Producer], Sink],
         take_changes: Callable[[], Sequence[StateChange]],
         interval_ms: int = 0,
+        call_timeout_s: float = CALL_BOUND_S,
+        on_failure: Callable[[str], None] = lambda _: None,
     ) -> None:
         """Create the transactional producer (fencing any older one with its id);
         `take_changes` takes the state's pending changelog records (`UserTable`), for a
-        transaction committed with no batch in flight.
+        transaction committed with no batch in flight. Each transactional call gives up
+        after `call_timeout_s`; `on_failure` counts each failed transaction by kind
+        (`abort`, `replace`, `stalled`).
         """
         self._consumer = consumer
         self._make_producer = make_producer
         self._make_sink = make_sink
         self._take_changes = take_changes
         self._interval = _Interval(interval_ms)
+        self._bound_s = call_timeout_s
+        self._on_failure = on_failure
         self._open = False
         self._offsets: Offsets = {}  # the open transaction's next offsets, per partition
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self._committer = _committer()
         self._pending: Future[None] | None = None  # the commit under way, if any
+        self._closed = False
+        self.progress = Progress()
         self._producer, self.sink = self._start()
 
     def closing(self) -> bool:
@@ -410,11 +475,13 @@ class ExactlyOnce:
         """
         self._await_commit()
         if not self._open:
+            self._check_open()
             try:
-                transactional_call(self._producer.begin_transaction)
+                transactional_call(self._producer.begin_transaction, timed=False)
             except KafkaException as exc:
                 self._recover(exc)
             self._open = True
+            self.progress.waiting()
 
     def end_batch(self, offsets: Offsets, changes: Sequence[StateChange] | None) -> None:
         """Add the offsets; a closing batch adds `changes` and starts the commit. May raise
@@ -442,6 +509,7 @@ class ExactlyOnce:
         """Commit the open transaction now, with the state's pending changes (before a
         revoke, or at stop; no batch is in flight), and wait for it; may raise Rewind.
         """
+        self._check_open()
         self._await_commit()
         changes = self._take_changes()
         if changes and not self._open:
@@ -455,29 +523,39 @@ class ExactlyOnce:
         the other partitions' too: abort it, and raise Rewind for the partitions kept. A
         commit under way is waited for: it was started before the loss.
         """
+        self._check_open()
         self._await_commit()
         if self._open:
-            self._producer.abort_transaction()
-            self._open = False
-            self._offsets = {}
+            self._abort_or_replace("partitions lost while a transaction was open")
             raise Rewind("partitions lost while a transaction was open")
 
     def close(self) -> None:
         """Abort a transaction left open, or whose commit failed (a commit under way is
-        waited for), and release the producer. Nothing is replaced or rewound here: the
-        partitions' next owner reads again what was not committed.
+        waited for, within the bound), and release the producer. Nothing is replaced or
+        rewound here: the partitions' next owner reads again what was not committed. Once
+        closed, a revoke's `commit` (the consumer closes after this) and `forget` raise
+        Rewind without touching the producer.
         """
+        if self._closed:
+            return
+        self._closed = True
         try:
             pending, self._pending = self._pending, None
-            if pending is not None and pending.exception() is not None:
-                with contextlib.suppress(KafkaException):  # fatal: the producer goes anyway
-                    self._producer.abort_transaction()
-            if self._open:
-                self._producer.abort_transaction()
+            failed = False
+            if pending is not None:
+                try:
+                    failed = pending.exception(self._bound_s + ABANDON_GRACE_S) is not None
+                except FutureTimeout:
+                    log.error("transaction_stalled", call="commit", waited_s=self._bound_s)
+                    return  # its thread still holds the producer: left to the process's exit
+            if failed or self._open:
                 self._open = False
-        finally:
-            self._committer.shutdown(wait=True)
+                # fenced, fatal or unanswered: the broker aborts it at its timeout anyway
+                with contextlib.suppress(KafkaException):
+                    transactional_call(self._producer.abort_transaction, bound_s=self._bound_s)
             self.sink.close()
+        finally:
+            self._committer.shutdown(wait=False)
 
     def _commit_open(self) -> None:
         """Start committing the open transaction on the helper thread; the group metadata
@@ -485,62 +563,144 @@ class ExactlyOnce:
         """
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
         metadata = self._consumer.consumer_group_metadata() if offsets else None
-        self._pending = self._committer.submit(_commit, self._producer, offsets, metadata)
+        self._pending = self._committer.submit(
+            _commit, self._producer, offsets, metadata, self._bound_s
+        )
         self._open = False
         self._offsets = {}
 
     def _await_commit(self) -> None:
-        """Wait for the commit under way, if any; raise Rewind if it failed."""
+        """Wait for the commit under way, if any, up to the bound and a grace; raise Rewind
+        if it failed, or if it did not return (its producer is then abandoned).
+        """
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
         try:
-            pending.result()
+            pending.result(self._bound_s + ABANDON_GRACE_S)
+        except FutureTimeout:
+            self._abandon(pending)
         except KafkaException as exc:
             self._recover(exc)
         self.sink.raise_failures()
+        self.progress.committed(waiting=self._open)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Rewind("the exactly-once checkpoint is closed: nothing more commits")
 
     def _start(self) -> tuple[Producer, Sink]:
+        """A new producer, initialised for the transactional id (fencing the old one and
+        aborting its open transaction); TransactionsFailed if that fails within the bound.
+        """
         producer = self._make_producer()
-        transactional_call(producer.init_transactions)
+        try:
+            transactional_call(producer.init_transactions, bound_s=self._bound_s)
+        except KafkaException as exc:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                producer.close()
+            self._closed = True
+            reason = kafka_error(exc).str()
+            log.error("transactions_failed", reason=reason)
+            raise TransactionsFailed(
+                "no transactional producer could be initialised within "
+                f"{self._bound_s:.0f} s (processing.transaction_call_timeout_ms): {reason}"
+            ) from exc
         return producer, self._make_sink(producer)
 
     def _recover(self, exc: KafkaException) -> None:
+        """Handle a transactional call's failure once, by its class, and raise Rewind: an
+        abortable one (or a retriable one still failing at the bound) aborts; a fatal one,
+        or an abort that fails in turn, replaces the producer.
+        """
         error = kafka_error(exc)
-        if error.txn_requires_abort():
-            log.warning("transaction_aborted", reason=error.str())
-            self._producer.abort_transaction()
-        else:
+        if error.fatal():
+            self._on_failure("replace")
             log.error("transaction_fatal", reason=error.str())
-            self.sink.close(timeout_s=0)  # fenced or failed: its records are never committed
-            self._producer, self.sink = self._start()
-        self._open = False
-        self._offsets = {}
+            self._replace(error.str())
+        else:
+            self._abort_or_replace(error.str())
         raise Rewind(error.str()) from exc
 
+    def _abort_or_replace(self, reason: str) -> None:
+        """Abort the open transaction within the bound; if the abort fails, replace the
+        producer (a new one with the same id aborts the transaction as it fences this one).
+        """
+        self._open = False
+        self._offsets = {}
+        self._on_failure("abort")
+        log.warning("transaction_aborted", reason=reason)
+        try:
+            transactional_call(self._producer.abort_transaction, bound_s=self._bound_s)
+        except KafkaException as exc:
+            failure = kafka_error(exc).str()
+            self._on_failure("replace")
+            log.error("transaction_abort_failed", reason=failure, after=reason)
+            self._replace(failure)
 
-def _commit(producer: Producer, offsets: list[TopicPartition], metadata: object) -> None:
-    """Add the input offsets to the producer's open transaction and commit it (on the
-    commit thread: confluent-kafka releases the GIL while it waits on the broker).
+    def _replace(self, reason: str) -> None:
+        """Release the producer (its records are never committed) and start a new one."""
+        self._open = False
+        self._offsets = {}
+        self.sink.close(timeout_s=0)
+        self._producer, self.sink = self._start()
+        log.warning("transactional_producer_replaced", reason=reason)
+
+    def _abandon(self, pending: Future[None]) -> None:
+        """The commit thread did not return within the bound: leave it its producer (no
+        call may run on a client another thread is inside), start a new producer, whose
+        initialisation fences the old one and aborts its transaction, and rewind.
+        """
+        self._on_failure("stalled")
+        log.error("transaction_stalled", call="commit", waited_s=self._bound_s + ABANDON_GRACE_S)
+        self._committer.shutdown(wait=False)
+        self._committer = _committer()
+        old = self.sink
+        pending.add_done_callback(lambda _: old.close(timeout_s=0))  # once its call returns
+        self._open = False
+        self._offsets = {}
+        self._producer, self.sink = self._start()
+        log.warning("transactional_producer_replaced", reason="a commit did not return")
+        raise Rewind("a transaction's commit did not return within the bound")
+
+
+def _committer() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+
+
+def _commit(
+    producer: Producer, offsets: list[TopicPartition], metadata: object, bound_s: float
+) -> None:
+    """Add the input offsets to the producer's open transaction and commit it, both within
+    `bound_s` (on the commit thread: confluent-kafka releases the GIL while it waits).
     """
+    deadline = time.monotonic() + bound_s
     if offsets:
-        transactional_call(producer.send_offsets_to_transaction, offsets, metadata)
-    transactional_call(producer.commit_transaction)
+        transactional_call(producer.send_offsets_to_transaction, offsets, metadata, bound_s=bound_s)
+    transactional_call(producer.commit_transaction, bound_s=max(1.0, deadline - time.monotonic()))
 
 
-def transactional_call(call: Callable[..., object], *args: object) -> None:
-    """Run a transactional producer call, retrying it for up to RETRY_FOR_S while its error
-    says it is retriable (a broker restarting, a coordinator moving).
+def transactional_call(
+    call: Callable[..., object], *args: object, bound_s: float = CALL_BOUND_S, timed: bool = True
+) -> None:
+    """Run a transactional producer call, retrying it while its error says it is retriable
+    (a broker restarting, a coordinator moving) until `bound_s` has passed; then its last
+    error is raised. A `timed` call (all but `begin_transaction`, which is local) is given
+    what is left of the bound as its own timeout: librdkafka's default is to wait forever.
     """
-    deadline = time.monotonic() + RETRY_FOR_S
+    deadline = time.monotonic() + bound_s
     delay = 0.1
     while True:
+        remaining = max(0.1, deadline - time.monotonic())
         try:
-            call(*args)
+            if timed:
+                call(*args, remaining)
+            else:
+                call(*args)
             return
         except KafkaException as exc:
             error = kafka_error(exc)
-            if not error.retriable() or time.monotonic() > deadline:
+            if not error.retriable() or time.monotonic() + delay > deadline:
                 raise
             log.warning("transaction_call_retried", call=call.__name__, reason=error.str())
             time.sleep(delay)

@@ -28,7 +28,7 @@ from pipeline.kafka.clients import consumer_config
 from pipeline.logging import get_logger
 from pipeline.serve.commit import Checkpoint, CommitReports, Rewind
 from pipeline.serve.counts import RunStats
-from pipeline.serve.features.changelog import restore, save_snapshots
+from pipeline.serve.features.changelog import ChangelogError, restore, save_snapshots
 from pipeline.serve.features.table import UserTable
 from pipeline.serve.forget import Forgetter
 from pipeline.settings import Settings
@@ -300,13 +300,22 @@ class Partitions:
         log.warning("rewinding_to_last_commit", reason=reason, partitions=partitions)
         for partition in partitions:
             self._store.drop_partition(partition)
-        self.restore(partitions)
+        try:
+            self.restore(partitions)
+            committed = consumer.committed(assignment, timeout=30)
+        except (KafkaException, ChangelogError) as exc:
+            # A broker outage (the changelog's or the group coordinator's) is no reason to
+            # stop: the loop rewinds again before it prepares another batch.
+            self.rewind_due = reason
+            log.warning("rewind_retrying", reason=reason, error=str(exc), retry_in_s=1.0)
+            time.sleep(1.0)
+            return
         reset = (
             OFFSET_BEGINNING
             if self._settings.consumer.auto_offset_reset == "earliest"
             else OFFSET_END
         )
-        for tp in consumer.committed(assignment, timeout=30):
+        for tp in committed:
             consumer.seek(
                 TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset)
             )

@@ -206,6 +206,7 @@ class Pipeline:
             stack.callback(consumer.close)
             checkpoint = self._checkpoint(consumer, changelog, reports)
             stack.callback(checkpoint.close)
+            telemetry.watch(checkpoint.progress.stalled_s)
             self._partitions.subscribe(
                 consumer, checkpoint, self._gate, lambda: self._settle(checkpoint)
             )
@@ -415,6 +416,8 @@ class Pipeline:
             ),
             self.store.take_changes,
             settings.processing.transaction_interval_ms,
+            settings.processing.transaction_call_timeout_ms / 1000,
+            lambda kind: self.telemetry.transaction_failures.labels(kind=kind).inc(),
         )
 
     def _swap_reloaded_models(self, checkpoint: Checkpoint) -> None:

@@ -43,6 +43,20 @@ def test_a_stalled_loop_is_not_alive():
     assert not telemetry.alive() and not telemetry.ready()
 
 
+def test_a_loop_that_beats_but_commits_nothing_is_not_alive():
+    # Issue #48: liveness must go bad before max.poll.interval.ms expels a stuck member,
+    # including when the loop still turns but every commit fails.
+    telemetry = Telemetry(liveness_timeout_s=60)
+    stalled = [0.0]
+    telemetry.watch(lambda: stalled[0])
+    telemetry.beat()
+    assert telemetry.alive()
+    stalled[0] = 61.0
+    telemetry.beat()
+    assert not telemetry.alive()
+    assert not telemetry.ready()
+
+
 def test_lag_comes_from_librdkafka_statistics():
     telemetry = Telemetry()
     stats = {

@@ -40,22 +40,22 @@ class FakeProducer:
         self.offsets = []  # each call's offsets, {(topic, partition): offset}
         self.commit_errors = list(commit_errors)
 
-    def init_transactions(self):
+    def init_transactions(self, timeout):
         self.calls.append("init")
 
     def begin_transaction(self):
         self.calls.append("begin")
 
-    def send_offsets_to_transaction(self, offsets, metadata):
+    def send_offsets_to_transaction(self, offsets, metadata, timeout):
         self.calls.append("offsets")
         self.offsets.append({(tp.topic, tp.partition): tp.offset for tp in offsets})
 
-    def commit_transaction(self):
+    def commit_transaction(self, timeout):
         self.calls.append("commit")
         if self.commit_errors:
             raise self.commit_errors.pop(0)
 
-    def abort_transaction(self):
+    def abort_transaction(self, timeout):
         self.calls.append("abort")
 
     def flush(self, timeout):
@@ -559,10 +559,10 @@ class BlockingProducer(FakeProducer):
         self.release = threading.Event()
         self.started = threading.Event()
 
-    def commit_transaction(self):
+    def commit_transaction(self, timeout):
         self.started.set()
         assert self.release.wait(10)
-        super().commit_transaction()
+        super().commit_transaction(timeout)
 
 
 def blocked_commit(commit_errors=()):
@@ -714,3 +714,173 @@ def test_partitions_lost_with_a_transaction_open_abort_it_and_rewind():
 def test_the_transaction_interval_must_fit_in_its_timeout():
     with pytest.raises(SettingsError, match="transaction_interval_ms"):
         load_settings(processing={"transaction_interval_ms": 6000, "transaction_timeout_ms": 10000})
+
+
+# --- exactly once: no call without a bound, each failure handled once (issue #48) ---------
+
+
+class AbortFails(FakeProducer):
+    """Its abort raises, as librdkafka's did on a 3-broker cluster after `message(s) timed
+    out` on a changelog partition (INVALID_TXN_STATE, fatal) or after an epoch bump (FENCED).
+    """
+
+    def abort_transaction(self, timeout):
+        super().abort_transaction(timeout)
+        raise error(fatal=True)
+
+
+def test_an_abort_that_fails_replaces_the_producer_and_rewinds():
+    first, second = AbortFails([error(abortable=True)]), FakeProducer()
+    checkpoint = checkpoint_with(first, second)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    with pytest.raises(Rewind):  # not the abort's KafkaException
+        checkpoint.tick(idle=True)
+    assert first.calls[-2:] == ["abort", "close"]
+    assert second.calls == ["init"]
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage(0, 42)]), [])
+    checkpoint.commit()
+    assert second.offsets == [{("in", 0): 43}]
+
+
+def test_a_loss_whose_abort_fails_replaces_the_producer_and_rewinds():
+    first, second = AbortFails(), FakeProducer()
+    checkpoint = checkpoint_with(first, second)
+    checkpoint.begin_batch()
+    with pytest.raises(Rewind):
+        checkpoint.forget([TopicPartition("in", 0)])
+    assert second.calls == ["init"]
+
+
+def test_after_the_close_a_revoke_neither_raises_from_a_closed_producer_nor_commits():
+    # Issue #48: the loop stopped on an error, the checkpoint closed its producer, then the
+    # consumer's close revoked the partitions and their commit called the closed producer
+    # ("RuntimeError: Producer has been closed").
+    producer = AbortFails()
+    checkpoint = checkpoint_with(producer)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), None)
+    checkpoint.close()  # its abort fails: the close goes on and releases the producer
+    assert producer.calls[-2:] == ["abort", "close"]
+    with pytest.raises(Rewind):
+        checkpoint.commit([TopicPartition("in", 0)])
+    with pytest.raises(Rewind):
+        checkpoint.forget([TopicPartition("in", 0)])
+    checkpoint.close()  # a second close is nothing
+    assert producer.calls[-2:] == ["abort", "close"]
+
+
+class RetriableForever(FakeProducer):
+    """Every commit fails with a retriable error, as when the coordinator does not answer."""
+
+    def commit_transaction(self, timeout):
+        self.calls.append("commit")
+        raise error(retriable=True)
+
+
+def test_a_commit_retriable_until_the_bound_is_aborted_and_rewound(monkeypatch):
+    monkeypatch.setattr(commit.time, "sleep", lambda _: None)
+    producer = RetriableForever()
+    queue = [producer]
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), FakeSink, list, 0, 0.05)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    with pytest.raises(Rewind):
+        checkpoint.tick(idle=True)
+    assert producer.calls.count("commit") >= 1
+    assert producer.calls[-1] == "abort"
+
+
+class Hangs(FakeProducer):
+    """Its commit does not return until released, whatever its timeout (librdkafka #5456)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def commit_transaction(self, timeout):
+        self.calls.append("commit")
+        self.release.wait(30)
+
+
+def test_a_commit_that_never_returns_is_abandoned_with_its_producer(monkeypatch):
+    monkeypatch.setattr(commit, "ABANDON_GRACE_S", 0.1)
+    stuck, second = Hangs(), FakeProducer()
+    failures = []
+    queue = [stuck, second]
+    checkpoint = ExactlyOnce(
+        FakeConsumer(), lambda: queue.pop(0), FakeSink, list, 0, 0.2, failures.append
+    )
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    with pytest.raises(Rewind):
+        checkpoint.begin_batch()  # waits 0.3 s at most, not for ever
+    assert failures == ["stalled"]
+    assert second.calls == ["init"]  # fences the stuck one
+    assert "close" not in stuck.calls  # not while its thread is inside it
+    stuck.release.set()
+    for _ in range(100):  # released once its call returns
+        if "close" in stuck.calls:
+            break
+        threading.Event().wait(0.05)
+    assert stuck.calls[-1] == "close"
+    checkpoint.begin_batch()
+    assert second.calls == ["init", "begin"]
+
+
+class InitFails(FakeProducer):
+    def init_transactions(self, timeout):
+        self.calls.append("init")
+        raise error(retriable=True)
+
+    def close(self):
+        self.calls.append("closed")
+
+
+def test_a_producer_that_cannot_be_initialised_stops_exactly_once(monkeypatch):
+    monkeypatch.setattr(commit.time, "sleep", lambda _: None)
+    first, second = FakeProducer([error(fatal=True)]), InitFails()
+    queue = [first, second]
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: queue.pop(0), FakeSink, list, 0, 0.05)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    with pytest.raises(commit.TransactionsFailed, match="transaction_call_timeout_ms"):
+        checkpoint.tick(idle=True)
+    assert second.calls[-1] == "closed"
+    with pytest.raises(Rewind):  # the revoke of the consumer's close: nothing is called
+        checkpoint.commit()
+    checkpoint.close()
+
+
+def test_progress_stalls_only_while_processed_input_waits_for_a_commit(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(commit.time, "monotonic", lambda: now[0])
+    progress = commit.Progress()
+    now[0] += 500
+    assert progress.stalled_s() == 0  # nothing waits: an idle input is not a stall
+    progress.waiting()
+    now[0] += 30
+    progress.waiting()  # more input: the clock keeps running from the first
+    now[0] += 30
+    assert progress.stalled_s() == 60
+    progress.committed(waiting=True)
+    now[0] += 5
+    assert progress.stalled_s() == 5
+    progress.committed(waiting=False)
+    assert progress.stalled_s() == 0
+
+
+def test_each_checkpoint_reports_progress_at_its_commits():
+    producer = FakeProducer()
+    checkpoint = checkpoint_with(producer)
+    checkpoint.begin_batch()
+    assert checkpoint.progress._waiting
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    checkpoint.tick(idle=True)
+    assert not checkpoint.progress._waiting
+    alo, _, _, store = at_least_once(interval_ms=10**9)
+    run_batch(alo, store, partition=0, offset=7, user="u1")
+    assert alo.progress._waiting
+    alo.commit()
+    assert not alo.progress._waiting

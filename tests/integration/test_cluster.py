@@ -1,0 +1,146 @@
+"""Exactly-once on the local 3-node cluster (issue #48): every topic replicated, no
+transactional call that waits without a bound when its coordinator does not answer, and a
+fenced producer that is closed once, never called again.
+"""
+
+import signal
+import threading
+import time
+
+import pytest
+from confluent_kafka import Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from pipeline.kafka.admin import pipeline_topics
+from pipeline.kafka.clients import producer_config
+from pipeline.serve.commit import ExactlyOnce, Rewind, TransactionsFailed
+from pipeline.serve.features.changelog import ensure_changelog
+from pipeline.serve.produce import Sink
+from pipeline.settings import Settings
+from pipeline.tools.local_broker import LocalCluster
+from tests.integration.test_faults import committed_values
+
+BOUND_S = 3.0  # the tests' transaction_call_timeout: each call gives up after this
+
+
+def test_every_topic_streamscore_creates_is_replicated_three_times(cluster_settings):
+    changelog = ensure_changelog(cluster_settings)
+    admin = AdminClient(cluster_settings.kafka.client_config())
+    names = [*pipeline_topics(cluster_settings), changelog]
+    metadata = admin.list_topics(timeout=30).topics
+    for name in names:
+        assert all(len(p.replicas) == 3 for p in metadata[name].partitions.values()), name
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
+    for resource, future in admin.describe_configs(resources).items():
+        assert future.result()["min.insync.replicas"].value == "2", resource.name
+
+
+def test_a_commit_whose_coordinator_does_not_answer_gives_up_within_the_bound(
+    cluster_settings, kafka_cluster
+):
+    # Issue #48: "Timed out EndTxnRequest in flight", then the instance was silent until
+    # max.poll.interval.ms expelled it. With the transaction coordinator and one more node
+    # stopped (no quorum, no ISR), every call must give up at its bound: the commit, then
+    # the abort, then a new producer's init, which ends exactly-once in this process
+    # (TransactionsFailed: the CLI exits 3 for a supervisor's restart). The restart commits,
+    # and the stuck transaction's record is never read.
+    topic = cluster_settings.topics.fraud_scores
+    transactional_id = f"{cluster_settings.consumer.group_id}.stalled"
+    checkpoint = exactly_once(cluster_settings, transactional_id, topic, BOUND_S)
+    stopped = [coordinator(kafka_cluster, transactional_id)]
+    stopped.append(next(n for n in kafka_cluster.running() if n not in stopped))
+    raised: list[BaseException] = []
+    try:
+        checkpoint.begin_batch()
+        checkpoint.sink.publish_records(topic, [(b"k", b"stuck")])
+        for node in stopped:
+            kafka_cluster.node(node).signal(signal.SIGSTOP)
+        started = time.monotonic()
+        committing = threading.Thread(target=commit_into, args=(checkpoint, raised))
+        committing.start()
+        committing.join(6 * BOUND_S + 15)  # commit, abort, init, each bounded, and grace
+        assert not committing.is_alive(), "a transactional call waited past its bound"
+        assert len(raised) == 1 and isinstance(raised[0], TransactionsFailed), raised
+        elapsed = time.monotonic() - started
+    finally:
+        for node in stopped:
+            kafka_cluster.node(node).signal(signal.SIGCONT)
+    assert elapsed < 6 * BOUND_S + 10
+    checkpoint.close()  # nothing left to touch: returns without raising
+    restarted = exactly_once(cluster_settings, transactional_id, topic, 60)
+    try:
+        restarted.begin_batch()
+        restarted.sink.publish_records(topic, [(b"k", b"after")])
+        restarted.end_batch({}, [])
+        restarted.commit()
+    finally:
+        restarted.close()
+    assert committed_values(cluster_settings, topic, 3) == [b"after"]
+
+
+def test_a_fenced_producer_is_closed_once_and_never_called_again(cluster_settings):
+    # Issue #48: the abort of a fenced producer raised, the loop stopped, the checkpoint
+    # closed the producer, and the consumer's close then revoked the partitions, whose
+    # commit called the closed producer ("RuntimeError: Producer has been closed").
+    topic = cluster_settings.topics.fraud_scores
+    transactional_id = f"{cluster_settings.consumer.group_id}.fenced"
+    checkpoint = exactly_once(cluster_settings, transactional_id, topic, 30)
+    newer = Producer(producer_config(cluster_settings, transactional_id))
+    try:
+        checkpoint.begin_batch()
+        checkpoint.sink.publish_records(topic, [(b"k", b"fenced")])
+        checkpoint.sink.flush(10)  # in the transaction on the broker before the fence
+        newer.init_transactions(30)  # fences the checkpoint's producer
+        checkpoint.close()  # its abort is refused (fenced): the close goes on regardless
+        with pytest.raises(Rewind):  # the revoke in the consumer's close
+            checkpoint.commit([TopicPartition(cluster_settings.topics.input, 0)])
+        with pytest.raises(Rewind):  # a loss
+            checkpoint.forget([TopicPartition(cluster_settings.topics.input, 0)])
+        newer.begin_transaction()
+        newer.produce(topic, b"newer", b"k")
+        newer.commit_transaction(30)
+    finally:
+        Sink(newer, cluster_settings.topics, "changelog", {}).close(timeout_s=5)
+    assert committed_values(cluster_settings, topic, 3) == [b"newer"]
+
+
+def exactly_once(
+    settings: Settings, transactional_id: str, topic: str, bound_s: float
+) -> ExactlyOnce:
+    """A checkpoint with no consumer (no input offsets) writing to `topic`."""
+    return ExactlyOnce(
+        consumer=None,  # type: ignore[arg-type]  # no offsets: never asked for its metadata
+        make_producer=lambda: Producer(producer_config(settings, transactional_id)),
+        make_sink=lambda producer: Sink(
+            producer, settings.topics, "changelog", {topic: 3}, track=False
+        ),
+        take_changes=list,  # no state here
+        call_timeout_s=bound_s,
+    )
+
+
+def commit_into(checkpoint: ExactlyOnce, raised: list[BaseException]) -> None:
+    """End the batch (the commit starts) and wait for the commit; keep what it raised."""
+    try:
+        checkpoint.end_batch({}, [])
+        checkpoint.commit()
+    except BaseException as exc:
+        raised.append(exc)
+
+
+def coordinator(cluster: LocalCluster, transactional_id: str) -> int:
+    """The node coordinating `transactional_id`'s transactions: the leader of its
+    `__transaction_state` partition (Kafka's `abs(id.hashCode()) % partitions`).
+    """
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    partitions = admin.list_topics("__transaction_state", timeout=30).topics
+    state = partitions["__transaction_state"].partitions
+    return int(state[abs(java_hash(transactional_id)) % len(state)].leader)
+
+
+def java_hash(text: str) -> int:
+    """Java's `String.hashCode` (ASCII ids: one UTF-16 unit a character)."""
+    h = 0
+    for char in text:
+        h = (31 * h + ord(char)) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h
