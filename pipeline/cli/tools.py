@@ -258,3 +258,46 @@ def soak(
     summary = run_soak(settings, plan, console)
     if not summary["passed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def chaos(
+    seed: Annotated[int, typer.Option(help="Draws the faults' targets and times; printed.")] = 1,
+    runs: Annotated[int, typer.Option(help="Seeded runs in a row: seed, seed+1, ...")] = 1,
+    events: int = 180_000,
+    rate: Annotated[float, typer.Option(help="Events per second.")] = 1500.0,
+    users: int = 20_000,
+    instances: Annotated[int, typer.Option(help="Pipeline processes.")] = 2,
+    guarantee: Annotated[str, typer.Option(help="exactly_once or at_least_once.")] = "exactly_once",
+    catch_up_s: Annotated[
+        float, typer.Option(help="After the last repair, the bound to score everything.")
+    ] = 240.0,
+    config: ConfigOption = None,
+) -> None:
+    """Pipeline instances on a fresh local 3-node cluster under a seeded schedule of broker
+    and instance faults; every event must be scored (exactly once under exactly_once).
+    """
+    require_train("streamscore chaos")
+    from pipeline.tools.chaos import ChaosPlan, run_chaos
+
+    if guarantee not in ("exactly_once", "at_least_once"):
+        console.print(f"[red]--guarantee: {guarantee!r} is not exactly_once or at_least_once[/]")
+        raise typer.Exit(2)
+    settings = settings_from(config)
+    failed = []
+    for run_seed in range(seed, seed + runs):
+        plan = ChaosPlan(
+            events=events,
+            rate=rate,
+            users=users,
+            instances=instances,
+            guarantee=guarantee,  # type: ignore[arg-type]
+            seed=run_seed,
+            catch_up_s=catch_up_s,
+        )
+        summary = run_chaos(settings, plan, console)
+        if not summary["passed"]:
+            failed.append(run_seed)
+    console.print(f"chaos: {runs - len(failed)} of {runs} runs passed; failed seeds: {failed}")
+    if failed:
+        raise typer.Exit(1)

@@ -141,7 +141,7 @@ class LocalRegistry:
             if self.pid() is None:
                 return False
             health = f"http://127.0.0.1:{self.management_port}/health/ready"
-            if _answers(health) and _answers(f"{self.url}/subjects"):
+            if http_ok(health) and http_ok(f"{self.url}/subjects"):
                 return True
             time.sleep(0.5)
         return False
@@ -175,7 +175,8 @@ class LocalRegistry:
         return "\n".join(path.read_text(errors="replace").splitlines()[-30:])
 
 
-def _answers(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """Whether `url` answers 200 within 2 s (the registry's health, a pipeline's probes)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback URL)
             return int(response.status) == 200
