@@ -14,7 +14,7 @@ from rich.console import Console
 
 from pipeline.logging import configure_logging, get_logger
 from pipeline.settings import DEFAULT_REGISTRY_URL, Settings, SettingsError, load_settings
-from pipeline.tools.local_broker import LocalBroker
+from pipeline.tools.local_broker import LocalBroker, LocalCluster
 from pipeline.tools.local_registry import LocalRegistry
 
 if TYPE_CHECKING:
@@ -62,6 +62,19 @@ def settings_from(config: Path | None) -> Settings:
 def local_broker(port: int) -> LocalBroker:
     """The local broker under var/kafka, on `port` (its controller on port + 1)."""
     return LocalBroker(KAFKA_HOME, KAFKA_HOME / "libs", port=port, controller_port=port + 1)
+
+
+def local_cluster(port: int, brokers: int) -> LocalCluster:
+    """The local replicated cluster under var/kafka/cluster: node i (from 1) on port + 2(i-1),
+    its controller on the port after it.
+    """
+    ports = tuple(port + 2 * i for i in range(brokers))
+    return LocalCluster(
+        KAFKA_HOME / "cluster",
+        KAFKA_HOME / "libs",
+        ports=ports,
+        controller_ports=tuple(p + 1 for p in ports),
+    )
 
 
 def ensure_kafka(settings: Settings, port: int = 9092) -> str:

@@ -271,7 +271,7 @@ def chaos(
     guarantee: Annotated[str, typer.Option(help="exactly_once or at_least_once.")] = "exactly_once",
     catch_up_s: Annotated[
         float, typer.Option(help="After the last repair, the bound to score everything.")
-    ] = 240.0,
+    ] = 60.0,
     config: ConfigOption = None,
 ) -> None:
     """Pipeline instances on a fresh local 3-node cluster under a seeded schedule of broker

@@ -85,7 +85,7 @@ class ChaosPlan:
     partitions: int = 6
     guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
     seed: int = 1
-    catch_up_s: float = 240.0  # after the last repair, for the group to commit the input's end
+    catch_up_s: float = 60.0  # after the last repair, for the group to commit the input's end
     stop_timeout_s: float = 60.0  # for each instance to stop cleanly at the end
 
 

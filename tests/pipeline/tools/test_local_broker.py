@@ -22,3 +22,37 @@ def test_a_broker_that_cannot_start_says_why(tmp_path, kafka_bootstrap):
     with pytest.raises(BrokerError, match=r"did not answer.*the port is taken"):
         broker.up(timeout_s=60)  # at once: the broker there is another cluster
     assert broker.pid() is None
+
+
+def test_cluster_nodes_share_a_static_quorum_and_replicate_internal_topics(tmp_path):
+    from pipeline.tools.local_broker import LocalCluster
+
+    cluster = LocalCluster(tmp_path, tmp_path / "libs", (9100, 9102, 9104), (9101, 9103, 9105))
+    assert cluster.bootstrap == "127.0.0.1:9100,127.0.0.1:9102,127.0.0.1:9104"
+    for node in cluster.nodes:
+        node.home.mkdir(parents=True)
+        properties = dict(
+            line.split("=", 1) for line in node._write_properties().read_text().splitlines()
+        )
+        assert properties["node.id"] == str(node.node_id)
+        assert properties["controller.quorum.voters"] == (
+            "1@127.0.0.1:9101,2@127.0.0.1:9103,3@127.0.0.1:9105"
+        )
+        assert "controller.quorum.bootstrap.servers" not in properties
+        for key in (
+            "default.replication.factor",
+            "offsets.topic.replication.factor",
+            "transaction.state.log.replication.factor",
+        ):
+            assert properties[key] == "3", key
+        assert properties["min.insync.replicas"] == "2"
+        assert properties["transaction.state.log.min.isr"] == "2"
+    assert cluster.node(2).port == 9102
+
+
+def test_a_single_broker_keeps_replication_one(tmp_path):
+    broker = LocalBroker(tmp_path, tmp_path / "libs")
+    properties = broker._write_properties().read_text()
+    assert "offsets.topic.replication.factor=1\n" in properties
+    assert "min.insync.replicas=1\n" in properties
+    assert "controller.quorum.bootstrap.servers=127.0.0.1:9093\n" in properties
