@@ -445,7 +445,7 @@ class FeatureSettings(_Frozen):
         default=None,
         description="Where partitions given up cleanly leave a snapshot of their state, so "
         "that their next owner on this host restores from it and the changelog's tail "
-        "(`pipeline/serve/features/snapshot.py`). Unset: every restore reads the whole "
+        "(`pipeline/serve/state/snapshot.py`). Unset: every restore reads the whole "
         "changelog.",
     )
     snapshot_max_bytes: PositiveInt = Field(

@@ -40,6 +40,47 @@ def test_top_level_packages_import_each_other_one_way_only(package):
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
+# Walls inside `pipeline`: the folder on the left imports nothing under the modules on the
+# right (issue #42). Serving runs without the monitor, the tools and training; the monitor
+# reads the pipeline's topics, not its stages; state knows nothing of the features folded
+# into it; the Kafka layer knows nothing of the application built on it.
+WALLS = {
+    "pipeline/serve": ("pipeline.monitor", "pipeline.tools", "pipeline.training", "pipeline.cli"),
+    "pipeline/monitor": ("pipeline.serve",),
+    "pipeline/serve/state": ("pipeline.serve.features",),
+    "pipeline/kafka": ("pipeline.serve", "pipeline.monitor", "pipeline.tools", "pipeline.cli"),
+}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+@pytest.mark.parametrize("folder", sorted(WALLS))
+def test_walls_inside_the_pipeline_package_hold(folder):
+    walled = WALLS[folder]
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(
+            m for m in _imported_modules(path) if m.startswith(walled)
+        )
+        for path in sorted((ROOT / folder).rglob("*.py"))
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_the_walls_test_sees_a_forbidden_import(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("from pipeline.serve.features import fold\nimport pipeline.monitor.service\n")
+    assert {"pipeline.serve.features", "pipeline.monitor.service"} <= _imported_modules(module)
+
+
 def test_the_serving_path_loads_and_scores_without_the_training_stack(model_dir):
     # A fresh interpreter in which importing any training-only package fails, as in an
     # install without the `train` extra: the CLI, the runner and both engines on the `auto`

@@ -13,7 +13,7 @@ group = typer.Typer(help="Topics of the pipeline.")
 def topics_create(config: ConfigOption = None) -> None:
     """Create the pipeline's topics where missing, and the compacted state changelog."""
     from pipeline.kafka.admin import create_topics
-    from pipeline.serve.features.changelog import ensure_changelog
+    from pipeline.serve.state.changelog import ensure_changelog
 
     settings = settings_from(config)
     created = create_topics(settings)

@@ -53,15 +53,15 @@ from pipeline.kafka.admin import create_topics, monitor_changelog, topic_partiti
 from pipeline.kafka.clients import connect_catalog, monitor_outputs, producer_config
 from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position, read_messages
+from pipeline.kafka.transactions import transactional_call
 from pipeline.logging import get_logger
 from pipeline.monitor import quality
 from pipeline.monitor.join import LABELS, SCORES, Join, Pair
 from pipeline.monitor.quality import Tally, Window, at_thresholds
-from pipeline.serve.codec import DecodeError, Decoder, Encoder
-from pipeline.serve.commit import transactional_call
 from pipeline.settings import Settings
 from pipeline.telemetry import Health
 from schemas.catalog import Catalog, RegistryUnavailable
+from schemas.codec import DecodeError, Decoder, Encoder
 
 log = get_logger()
 INPUTS, SHADOW = "inputs", "shadow"

@@ -60,14 +60,12 @@ from confluent_kafka import (
 from pipeline.kafka.clients import LINGER_MS
 from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
+from pipeline.kafka.transactions import CALL_BOUND_S, transactional_call
 from pipeline.logging import get_logger
-from pipeline.serve.features.state import StateChange
 from pipeline.serve.produce import Sink, Unacked
+from pipeline.serve.state.changes import StateChange
 
 log = get_logger()
-# A transactional call (with its retries) gives up after this long unless told otherwise:
-# `processing.transaction_call_timeout_ms`'s default.
-CALL_BOUND_S = 30.0
 # How much longer than the bound the loop waits for a commit thread before abandoning it.
 ABANDON_GRACE_S = 5.0
 # At-least-once queues a sealed stretch's changelog records this many a tick: at 133,000
@@ -678,30 +676,3 @@ def _commit(
     if offsets:
         transactional_call(producer.send_offsets_to_transaction, offsets, metadata, bound_s=bound_s)
     transactional_call(producer.commit_transaction, bound_s=max(1.0, deadline - time.monotonic()))
-
-
-def transactional_call(
-    call: Callable[..., object], *args: object, bound_s: float = CALL_BOUND_S, timed: bool = True
-) -> None:
-    """Run a transactional producer call, retrying it while its error says it is retriable
-    (a broker restarting, a coordinator moving) until `bound_s` has passed; then its last
-    error is raised. A `timed` call (all but `begin_transaction`, which is local) is given
-    what is left of the bound as its own timeout: librdkafka's default is to wait forever.
-    """
-    deadline = time.monotonic() + bound_s
-    delay = 0.1
-    while True:
-        remaining = max(0.1, deadline - time.monotonic())
-        try:
-            if timed:
-                call(*args, remaining)
-            else:
-                call(*args)
-            return
-        except KafkaException as exc:
-            error = kafka_error(exc)
-            if not error.retriable() or time.monotonic() + delay > deadline:
-                raise
-            log.warning("transaction_call_retried", call=call.__name__, reason=error.str())
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)

@@ -28,9 +28,9 @@ from pipeline.kafka.clients import consumer_config
 from pipeline.logging import get_logger
 from pipeline.serve.commit import Checkpoint, CommitReports, Rewind
 from pipeline.serve.counts import RunStats
-from pipeline.serve.features.changelog import ChangelogError, restore, save_snapshots
-from pipeline.serve.features.table import UserTable
 from pipeline.serve.forget import Forgetter
+from pipeline.serve.state.changelog import ChangelogError, restore, save_snapshots
+from pipeline.serve.state.table import UserTable
 from pipeline.settings import Settings
 from pipeline.telemetry import Telemetry
 

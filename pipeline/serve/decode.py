@@ -20,18 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import itemgetter
-from typing import cast
 
 import numpy as np
 from confluent_kafka import Message
 
 import schemas
-from pipeline.serve.codec import DecodeError, Decoder, Encoder
 from pipeline.serve.events import STRING_FIELDS, validate
 from pipeline.serve.kernel import inline_kernel, kernel
-from pipeline.serve.records import NULL, EventColumns, Rejected
+from pipeline.serve.records import NULL, EventColumns, Rejected, join
 from pipeline.settings import LimitSettings
 from schemas.catalog import Catalog, StaticCatalog
+from schemas.codec import DecodeError, Decoder, Encoder
 
 # The wire id of a row that the reference path resolved and re-encoded in the reader schema,
 # for the kernel's second pass only: the kernel takes it in that pass alone, and every row
@@ -123,20 +122,6 @@ HAS_ITEM, HAS_CATEGORY, HAS_PRICE, HAS_QUANTITY, HAS_AMOUNT = range(5)  # presen
 
 def _rejected(positions: np.ndarray, row: int, kind: str, detail: str) -> Rejected:
     return Rejected(row, int(positions[row, 0]), int(positions[row, 1]), kind, detail)
-
-
-def join(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`values` as one uint8 buffer, an int64 offsets array (n + 1) and a null mask."""
-    if None in values:  # rare (tombstones, keyless messages): the mask costs a pass
-        null = np.fromiter((value is None for value in values), dtype=np.bool_, count=len(values))
-        parts: Sequence[bytes] = [b"" if value is None else value for value in values]
-    else:
-        null = np.zeros(len(values), dtype=np.bool_)
-        parts = cast(Sequence[bytes], values)
-    starts = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=starts[1:])
-    buffer = np.frombuffer(b"".join(parts), dtype=np.uint8)
-    return buffer, starts, null
 
 
 class BatchDecoder:

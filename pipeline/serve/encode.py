@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import schemas
-from pipeline.serve.codec import MAGIC_BYTE
 from pipeline.serve.decode import EVENT_ID, TIME, USER_ID
 from pipeline.serve.kernel import kernel
 from pipeline.serve.records import EventColumns, Scored, ShadowScored
 from pipeline.serve.score import REASON_NAMES
 from schemas.catalog import Catalog, StaticCatalog
+from schemas.codec import MAGIC_BYTE
 
 _VARINT_MAX = 10  # bytes of the longest zig-zag varint
 

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.serve.codec import DecodeError
 from pipeline.settings import LimitSettings
+from schemas.codec import DecodeError
 
 PAYMENT_EVENTS = frozenset({"begin_checkout", "purchase", "add_payment_method"})
 STRING_FIELDS = (

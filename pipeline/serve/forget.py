@@ -44,8 +44,8 @@ from confluent_kafka import TopicPartition as Position
 from pipeline.kafka.admin import create_topics, watermarks
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
-from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.features.table import CONTROL, UserTable
+from pipeline.serve.state.pseudonym import Pseudonyms
+from pipeline.serve.state.table import CONTROL, UserTable
 from pipeline.settings import Settings
 
 log = get_logger()

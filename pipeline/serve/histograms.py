@@ -17,8 +17,8 @@ import numpy as np
 import schemas
 from engines.base import Engine
 from engines.drift import Profile
-from pipeline.serve.codec import Encoder
 from pipeline.serve.features import FeatureBatch
+from schemas.codec import Encoder
 
 
 class InputHistograms:

@@ -25,13 +25,13 @@ import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 import schemas
-from pipeline.serve.codec import Encoder
 from pipeline.serve.encode import Encoded
 from pipeline.serve.features import FeatureBatch, feature_digests
-from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.features.state import StateChange
 from pipeline.serve.records import DeadLetter, EventColumns, Rejected, Scored
+from pipeline.serve.state.changes import StateChange
+from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.settings import ProcessingSettings, TopicSettings
+from schemas.codec import Encoder
 
 # An acknowledged record vouches for the earlier records of its partition only if none of
 # them can fail alone. The idempotent producer keeps a partition's records in order;

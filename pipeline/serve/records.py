@@ -12,8 +12,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import TypedDict, cast
 
 import numpy as np
 
@@ -109,3 +110,17 @@ class Scored:
     ranking_model: tuple[str, str]
     scored_time: int  # epoch milliseconds
     shadow: ShadowScored | None = None
+
+
+def join(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`values` as one uint8 buffer, an int64 offsets array (n + 1) and a null mask."""
+    if None in values:  # rare (tombstones, keyless messages): the mask costs a pass
+        null = np.fromiter((value is None for value in values), dtype=np.bool_, count=len(values))
+        parts: Sequence[bytes] = [b"" if value is None else value for value in values]
+    else:
+        null = np.zeros(len(values), dtype=np.bool_)
+        parts = cast(Sequence[bytes], values)
+    starts = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=starts[1:])
+    buffer = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    return buffer, starts, null

@@ -56,7 +56,6 @@ from pipeline.kafka.clients import (
     producer_config,
 )
 from pipeline.logging import get_logger
-from pipeline.serve.codec import Encoder
 from pipeline.serve.commit import (
     AtLeastOnce,
     Checkpoint,
@@ -78,20 +77,21 @@ from pipeline.serve.counts import RunStats, count_batch
 from pipeline.serve.decode import OK, BatchDecoder
 from pipeline.serve.encode import OutputEncoder
 from pipeline.serve.features import FeatureBatch
-from pipeline.serve.features.changelog import ensure_changelog
 from pipeline.serve.features.fold import Featurizer
-from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.features.state import StateChange
-from pipeline.serve.features.table import UserTable
 from pipeline.serve.forget import Forgetter, ensure_forget_topic
 from pipeline.serve.histograms import InputHistograms
 from pipeline.serve.produce import AT_LEAST_ONCE_PRODUCER, Sink, dead_letter, debug_headers
 from pipeline.serve.records import DeadLetter, EventColumns, Scored
 from pipeline.serve.score import Inference, InferenceThread, Request, Scorer
 from pipeline.serve.score import warm_kernels as warm_scoring
+from pipeline.serve.state.changelog import ensure_changelog
+from pipeline.serve.state.changes import StateChange
+from pipeline.serve.state.pseudonym import Pseudonyms
+from pipeline.serve.state.table import UserTable
 from pipeline.settings import LimitSettings, Settings
 from pipeline.telemetry import Telemetry
 from schemas.catalog import Catalog, RegistryUnavailable
+from schemas.codec import Encoder
 
 log = get_logger()
 # Batches the loop prepares beyond `inference_depth` while an exactly-once transaction

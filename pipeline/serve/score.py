@@ -24,10 +24,10 @@ from numba import njit
 
 from engines.base import Engine, EngineError
 from engines.vocabulary import FIRST_ID, OOV, PAD
-from pipeline.serve.features import FRAUD_CATEGORICAL, FRAUD_NUMERIC, FeatureBatch
-from pipeline.serve.features.spec import feature_hash
+from pipeline.serve.features import FeatureBatch
 from pipeline.serve.kernel import inline_kernel, kernel
 from pipeline.serve.records import EventColumns, Scored, ShadowScored
+from pipeline.serve.spec import FRAUD_CATEGORICAL, FRAUD_NUMERIC, feature_hash
 from pipeline.settings import DecisionSettings, RankingSettings
 
 REASON_NAMES = (*FRAUD_NUMERIC, *FRAUD_CATEGORICAL)

@@ -41,13 +41,13 @@ from rich.console import Console
 import schemas
 from pipeline.kafka.admin import create_topics, group_lag
 from pipeline.kafka.messages import read_messages
-from pipeline.serve.codec import Decoder
 from pipeline.settings import Settings, with_local_key
 from pipeline.tools.demo import RunningPipeline, ensure_models, fresh_topics
 from pipeline.tools.loadgen import ProduceReport, produce_clickstream
 from pipeline.tools.local_broker import REPO_ROOT, LocalCluster, free_port
 from pipeline.tools.local_registry import http_ok
 from pipeline.training.generator import GeneratorConfig
+from schemas.codec import Decoder
 
 CHAOS_DIR = Path("var/chaos")
 JITTER_S = 2.0  # how far the seed shifts each fault's time, either way

@@ -32,12 +32,12 @@ from pipeline.kafka.admin import (
 )
 from pipeline.kafka.clients import reading_catalog
 from pipeline.kafka.messages import read_messages
-from pipeline.serve.codec import Decoder
 from pipeline.settings import Settings, settings_env, with_local_key
 from pipeline.tools.loadgen import produce_clickstream
 from pipeline.training.generator import GeneratorConfig
 from pipeline.training.train import TrainConfig, needs_training, train_all
 from schemas.catalog import subject
+from schemas.codec import Decoder
 from schemas.registry import RegistryCatalog
 
 DEMO_DIR = Path("var/demo")

@@ -46,13 +46,13 @@ from engines.registry import CHAMPION, resolve, versions
 from pipeline.kafka.admin import create_topics
 from pipeline.kafka.clients import connect_catalog, producer_config, producer_outputs
 from pipeline.monitor.service import Monitor, ensure_monitor_topics
-from pipeline.serve.codec import Encoder
 from pipeline.serve.runner import run_pipeline
 from pipeline.settings import Settings, with_local_key
 from pipeline.tools.demo import DEMO_DIR, ensure_models, fresh_topics, read_topic
 from pipeline.training.generator import GeneratorConfig, generate
 from pipeline.training.retrain import labelled_events
 from pipeline.training.train import TrainConfig, retrain_fraud
+from schemas.codec import Encoder
 
 ALERT_RATIO, ALERT_MIN_LABELS, ALERT_REPORTS = 0.8, 200, 3  # the alert rule's, `for` shortened
 

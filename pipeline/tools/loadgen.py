@@ -11,9 +11,9 @@ from confluent_kafka import Producer
 
 import schemas
 from pipeline.kafka.clients import connect_catalog, producer_config, producer_outputs
-from pipeline.serve.codec import Encoder
 from pipeline.settings import ProduceSettings, Settings
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
+from schemas.codec import Encoder
 
 # Bytes a broken producer might send: not Avro, a wrong magic byte, a cut-off record.
 MALFORMED = (b"not avro at all", b"\x07\x00\x00\x00\x01garbage", b"\x00\x00\x00\x00\x01\x02")

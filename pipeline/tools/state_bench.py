@@ -32,15 +32,15 @@ from confluent_kafka import Producer
 
 from pipeline.kafka.admin import admin_client, create_topics, delete_topics
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.features.changelog import (
+from pipeline.serve.state.changelog import (
     changelog_topic,
     ensure_changelog,
     read_through,
     restore,
     save_snapshots,
 )
-from pipeline.serve.features.state import FLOAT_SLOTS, INT_SLOTS, UserState
-from pipeline.serve.features.table import UserTable
+from pipeline.serve.state.reference import FLOAT_SLOTS, INT_SLOTS, UserState
+from pipeline.serve.state.table import UserTable
 from pipeline.settings import Settings
 
 

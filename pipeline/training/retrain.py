@@ -18,9 +18,9 @@ import numpy as np
 import schemas
 from pipeline.kafka.clients import reading_catalog
 from pipeline.kafka.messages import read_messages
-from pipeline.serve.codec import DecodeError, Decoder
 from pipeline.serve.events import ClickEvent
 from pipeline.settings import Settings
+from schemas.codec import DecodeError, Decoder
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,9 @@ from engines.registry import (
     write_manifest,
 )
 from pipeline.monitor import quality
+from pipeline.serve import spec as feature_spec
 from pipeline.serve.events import ClickEvent
 from pipeline.serve.features import FeatureBatch, compute_features
-from pipeline.serve.features import spec as feature_spec
 from pipeline.settings import DecisionSettings
 from pipeline.training.export import OPSET, export_onnx
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig

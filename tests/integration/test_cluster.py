@@ -14,8 +14,8 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from pipeline.kafka.admin import pipeline_topics
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.commit import ExactlyOnce, Rewind, TransactionsFailed
-from pipeline.serve.features.changelog import ensure_changelog
 from pipeline.serve.produce import Sink
+from pipeline.serve.state.changelog import ensure_changelog
 from pipeline.settings import Settings
 from pipeline.tools.local_broker import LocalCluster
 from tests.integration.test_faults import committed_values

@@ -7,8 +7,8 @@ from rich.console import Console
 
 import schemas
 from pipeline.kafka.clients import reading_catalog
-from pipeline.serve.codec import DecodeError, Decoder
 from pipeline.tools import demo
+from schemas.codec import DecodeError, Decoder
 from tests.integration.test_privacy import raw_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

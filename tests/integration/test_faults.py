@@ -26,13 +26,13 @@ from confluent_kafka.admin import AdminClient, NewTopic
 import schemas
 from pipeline.kafka.admin import TopicNotReady, committed_offsets, end_offsets
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.codec import Decoder, Encoder
 from pipeline.serve.commit import ExactlyOnce, Rewind
 from pipeline.serve.events import ClickEvent
 from pipeline.serve.features import compute_features, feature_digests
 from pipeline.serve.produce import FEATURES_HEADER, Sink
 from pipeline.settings import Settings, settings_env
 from pipeline.training.generator import GeneratorConfig, generate
+from schemas.codec import Decoder, Encoder
 from tests.integration.test_pipeline import wait_for_commit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

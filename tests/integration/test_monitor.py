@@ -19,11 +19,11 @@ from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.kafka.messages import read_messages
 from pipeline.monitor.join import LABELS, SCORES
 from pipeline.monitor.service import Monitor
-from pipeline.serve.codec import Encoder
 from pipeline.tools.demo import read_topic
 from pipeline.tools.loadgen import produce_clickstream
 from pipeline.training.generator import GeneratorConfig
 from schemas.catalog import subject
+from schemas.codec import Encoder
 from tests.engines.publish import publish_copy
 from tests.integration.running import Running as PipelineRunning
 from tests.integration.test_registry import client

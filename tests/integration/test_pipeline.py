@@ -12,9 +12,9 @@ from fastavro import parse_schema, schemaless_writer
 import schemas
 from pipeline.kafka.admin import TopicNotReady, committed_offsets, end_offsets
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.codec import Encoder
 from pipeline.tools.demo import read_topic
 from pipeline.training.generator import GeneratorConfig, generate
+from schemas.codec import Encoder
 from tests.integration.running import PipelineStopped, Running
 
 pytestmark = pytest.mark.integration

@@ -22,16 +22,17 @@ import schemas
 from pipeline.kafka.admin import topic_partitions
 from pipeline.kafka.clients import producer_config, reading_catalog
 from pipeline.kafka.messages import read_messages
-from pipeline.serve.codec import Decoder, Encoder
 from pipeline.serve.events import ClickEvent
-from pipeline.serve.features import UserTable, compute_features, feature_digests
-from pipeline.serve.features.changelog import changelog_topic, restore
-from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.features.state import SESSION_EVENTS
+from pipeline.serve.features import compute_features, feature_digests
 from pipeline.serve.forget import FORGET_POSITION, Forgetter, ensure_forget_topic, request_forget
 from pipeline.serve.produce import FEATURES_HEADER, TIMING_HEADER
+from pipeline.serve.state import UserTable
+from pipeline.serve.state.changelog import changelog_topic, restore
+from pipeline.serve.state.pseudonym import Pseudonyms
+from pipeline.serve.state.reference import SESSION_EVENTS
 from pipeline.tools.local_broker import REPO_ROOT, free_port
 from pipeline.training.generator import GeneratorConfig, generate
+from schemas.codec import Decoder, Encoder
 from tests.engines.publish import publish_copy
 from tests.integration.running import Running
 from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit

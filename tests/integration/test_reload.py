@@ -11,10 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 import schemas
 from engines.registry import resolve
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.codec import Encoder
 from pipeline.tools.demo import read_topic
 from pipeline.tools.local_broker import free_port
 from pipeline.training.generator import GeneratorConfig, generate
+from schemas.codec import Encoder
 from tests.engines.publish import publish_copy
 from tests.integration.running import Running
 from tests.integration.test_pipeline import wait_for_commit

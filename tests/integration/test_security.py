@@ -13,12 +13,12 @@ from confluent_kafka import Producer
 import schemas
 from pipeline.kafka.admin import KafkaConnectionError, create_topics
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.codec import Encoder
-from pipeline.serve.features.changelog import ensure_changelog
+from pipeline.serve.state.changelog import ensure_changelog
 from pipeline.settings import load_settings
 from pipeline.tools.demo import read_topic
 from pipeline.tools.local_broker import REPO_ROOT, LocalBroker, SaslSslListener, free_port
 from pipeline.training.generator import GeneratorConfig, generate
+from schemas.codec import Encoder
 from tests.integration.running import Running
 from tests.integration.test_pipeline import wait_for_commit
 

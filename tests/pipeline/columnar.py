@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 
 import schemas
-from pipeline.serve.codec import Encoder
 from pipeline.serve.decode import OK, TIME, BatchDecoder
-from pipeline.serve.features import FeatureBatch, Featurizer, Pseudonyms, UserTable
+from pipeline.serve.features import FeatureBatch, Featurizer
 from pipeline.serve.records import DECISIONS, EventColumns, Scored
 from pipeline.serve.score import REASON_NAMES
+from pipeline.serve.state import Pseudonyms, UserTable
 from pipeline.settings import LimitSettings
+from schemas.codec import Encoder
 from tests.pipeline.sample import NOW_MS
 
 ENCODER = Encoder(schemas.CLICK_EVENT)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 import schemas
-from pipeline.serve.codec import Encoder
+from pipeline.serve import spec
 from pipeline.serve.decode import (
     AMOUNT,
     BILLING_COUNTRY,
@@ -41,9 +41,12 @@ from pipeline.serve.decode import (
     BatchDecoder,
 )
 from pipeline.serve.events import ClickEvent
-from pipeline.serve.features import spec
-from pipeline.serve.features.pseudonym import Pseudonyms, pseudonym
-from pipeline.serve.features.state import (
+from pipeline.serve.features.updater import FeatureBatch, log_columns
+from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.records import EventColumns
+from pipeline.serve.state.layout import KINDS
+from pipeline.serve.state.pseudonym import Pseudonyms, pseudonym
+from pipeline.serve.state.reference import (
     AFFINITY,
     AMOUNT_1H,
     COUNTER_TIME,
@@ -64,22 +67,19 @@ from pipeline.serve.features.state import (
     SESSION_VIEWS,
     WINDOWS,
 )
-from pipeline.serve.features.table import (
-    KINDS,
+from pipeline.serve.state.table import (
     SCRATCH,
     UserTable,
     Var,
-    _touch,
     hashes_of,
     history_of,
     items_of,
     promote,
     times_of,
+    touch,
 )
-from pipeline.serve.features.updater import FeatureBatch, log_columns
-from pipeline.serve.kernel import inline_kernel, kernel
-from pipeline.serve.records import EventColumns
 from pipeline.settings import LimitSettings
+from schemas.codec import Encoder
 
 _LONG_AGO_S = 1e7
 _HOUR_MS = 3_600_000
@@ -510,7 +510,7 @@ def _fold(
         row = rows[r]
         s = slots[r]
         t = longs[row, TIME]
-        if _touch(
+        if touch(
             s, t, ints, floats, history_len, items_len, seen_len, pending, changed, prev, nxt,
             partition, ends, watermark,
         ):  # fmt: skip

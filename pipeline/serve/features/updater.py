@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.serve import spec
 from pipeline.serve.events import PAYMENT_EVENTS, ClickEvent
-from pipeline.serve.features import spec
-from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.features.state import (
+from pipeline.serve.state.pseudonym import Pseudonyms
+from pipeline.serve.state.reference import (
     AFFINITY,
     AMOUNT_1H,
     COUNTER_TIME,

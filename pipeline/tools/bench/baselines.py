@@ -31,7 +31,8 @@ from pipeline.kafka.clients import consumer_config, producer_config
 from pipeline.kafka.messages import position
 from pipeline.serve.consume import take_batch
 from pipeline.serve.events import ClickEvent
-from pipeline.serve.features import FeatureStore, FeatureUpdater, Pseudonyms
+from pipeline.serve.features import FeatureUpdater
+from pipeline.serve.state import FeatureStore, Pseudonyms
 from pipeline.settings import Settings, load_settings
 from pipeline.tools.loadgen import produce_one
 

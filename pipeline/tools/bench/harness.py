@@ -55,12 +55,13 @@ from pipeline.kafka.admin import (
     topic_partitions,
 )
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.codec import Decoder, Encoder
-from pipeline.serve.decode import join, varint
+from pipeline.serve.decode import varint
 from pipeline.serve.kernel import kernel
+from pipeline.serve.records import join
 from pipeline.settings import Settings, settings_env, with_local_key
 from pipeline.tools.loadgen import produce_one
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
+from schemas.codec import Decoder, Encoder
 
 Kind = Literal["ceiling", "naive", "peer", "streamscore"]
 ROOT = Path(__file__).resolve().parents[3]

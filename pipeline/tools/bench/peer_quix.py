@@ -28,7 +28,8 @@ from quixstreams.state.rocksdb import RocksDBOptions
 import schemas
 from engines.registry import resolve
 from pipeline.serve.events import ClickEvent
-from pipeline.serve.features import FeatureStore, FeatureUpdater, Pseudonyms
+from pipeline.serve.features import FeatureUpdater
+from pipeline.serve.state import FeatureStore, Pseudonyms
 from pipeline.settings import load_settings
 
 _HEADER = 5  # magic byte and schema id of the Confluent framing

@@ -13,10 +13,10 @@ from pipeline.kafka.clients import LINGER_MS
 from pipeline.serve import commit
 from pipeline.serve.commit import AtLeastOnce, CommitReports, ExactlyOnce, Rewind, next_offsets
 from pipeline.serve.encode import Encoded
-from pipeline.serve.features import FeatureStore
-from pipeline.serve.features.state import StateChange
-from pipeline.serve.features.table import CONTROL
 from pipeline.serve.produce import DeliveryError, Sink
+from pipeline.serve.state import FeatureStore
+from pipeline.serve.state.changes import StateChange
+from pipeline.serve.state.table import CONTROL
 from pipeline.settings import SettingsError, TopicSettings, load_settings
 from tests.pipeline.columnar import columns_of
 from tests.pipeline.sample import click_record

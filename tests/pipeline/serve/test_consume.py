@@ -155,8 +155,8 @@ def test_a_restore_counts_the_states_from_snapshots_and_from_the_changelog(monke
     from pipeline.serve import consume
     from pipeline.serve.consume import Partitions
     from pipeline.serve.counts import RunStats
-    from pipeline.serve.features.changelog import RestoreStats
-    from pipeline.serve.features.table import UserTable
+    from pipeline.serve.state.changelog import RestoreStats
+    from pipeline.serve.state.table import UserTable
     from pipeline.settings import Settings
     from pipeline.telemetry import Telemetry
 

@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
-from pipeline.serve import decode
-from pipeline.serve.codec import DecodeError, Decoder, Encoder
+from pipeline.serve import decode, spec
 from pipeline.serve.decode import (
     OK,
     OTHER_SCHEMA,
@@ -24,9 +23,9 @@ from pipeline.serve.decode import (
     EventColumns,
 )
 from pipeline.serve.events import validate
-from pipeline.serve.features import spec
 from pipeline.settings import LimitSettings
 from schemas.catalog import RegistryUnavailable, UnknownSchemaId, Writer, canonical
+from schemas.codec import DecodeError, Decoder, Encoder
 from tests.pipeline.sample import NOW_MS, click_record
 
 LIMITS = LimitSettings(max_string_length=40, max_candidates=30)

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
-from pipeline.serve.codec import Encoder
 from pipeline.serve.encode import OutputEncoder
 from pipeline.serve.records import Scored, ShadowScored
 from pipeline.serve.score import REASON_NAMES
+from schemas.codec import Encoder
 from tests.pipeline.columnar import columns_of, fraud_records, recommendation_records
 from tests.pipeline.sample import NOW_MS, click_record
 

@@ -10,9 +10,9 @@ import numpy as np
 
 import schemas
 from engines.drift import Profile
-from pipeline.serve.codec import Decoder
 from pipeline.serve.features import FeatureBatch
 from pipeline.serve.histograms import InputHistograms
+from schemas.codec import Decoder
 
 
 @dataclass

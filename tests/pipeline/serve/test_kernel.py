@@ -10,8 +10,9 @@ from numba import njit
 from numba.core.errors import NumbaError
 
 from pipeline.serve import decode, encode
-from pipeline.serve.features import fold, pseudonym, table
+from pipeline.serve.features import fold
 from pipeline.serve.kernel import kernel
+from pipeline.serve.state import pseudonym, table
 
 # The kernels each batch runs, per stage: their time is what the reference counts cost.
 HOT = [
@@ -21,7 +22,7 @@ HOT = [
     fold._update,
     fold._remember,
     pseudonym.pseudonym,
-    table._touch,
+    table.touch,
     table.promote,
     table._encode,
     table._check,

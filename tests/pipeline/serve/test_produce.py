@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from confluent_kafka import Producer
 
-from pipeline.serve.features.pseudonym import Pseudonyms
 from pipeline.serve.produce import Sink, dead_letter
 from pipeline.serve.records import Rejected
+from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.settings import TopicSettings
 from pipeline.tools.local_broker import free_port
 

@@ -12,14 +12,14 @@ from confluent_kafka import Message
 from pydantic import SecretStr
 
 import schemas
-from pipeline.serve.codec import Encoder
 from pipeline.serve.commit import Rewind
 from pipeline.serve.decode import EVENT_ID
-from pipeline.serve.features.state import OFFSET, SESSION_EVENTS, UserState
 from pipeline.serve.runner import COMMIT_AHEAD, Pipeline, _next_offsets
 from pipeline.serve.score import REASON_NAMES
+from pipeline.serve.state.reference import OFFSET, SESSION_EVENTS, UserState
 from pipeline.settings import PrivacySettings, ProcessingSettings, Settings
 from schemas.catalog import StaticCatalog
+from schemas.codec import Encoder
 from tests.pipeline.columnar import columns_of
 from tests.pipeline.sample import click_record
 from tests.pipeline.serve.test_score import FakeFraud, FakeRanking

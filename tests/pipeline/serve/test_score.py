@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from engines.base import EngineError
 from engines.vocabulary import PAD, map_item_ids
-from pipeline.serve.features.spec import FRAUD_NUMERIC, feature_hash
 from pipeline.serve.score import (
     REASON_NAMES,
     InferenceThread,
@@ -21,6 +20,7 @@ from pipeline.serve.score import (
     infer,
     top_reasons,
 )
+from pipeline.serve.spec import FRAUD_NUMERIC, feature_hash
 from pipeline.settings import DecisionSettings, RankingSettings
 from tests.pipeline.columnar import featurised, fraud_records, recommendation_records
 from tests.pipeline.sample import click_record

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pipeline.kafka.admin import admin_client
-from pipeline.serve.features.table import UserTable
+from pipeline.serve.state.table import UserTable
 from pipeline.tools.state_bench import _fill, _measure, full_user, run_state_bench
 
 

@@ -15,18 +15,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
-from pipeline.serve.codec import Encoder
+from pipeline.serve import spec
 from pipeline.serve.decode import OK, BatchDecoder
 from pipeline.serve.events import ClickEvent
-from pipeline.serve.features import spec
 from pipeline.serve.features.fold import _CRC, Featurizer, crc32
-from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.features.state import FeatureStore, UserState
-from pipeline.serve.features.table import UserTable
 from pipeline.serve.features.updater import FeatureUpdater
+from pipeline.serve.state.pseudonym import Pseudonyms
+from pipeline.serve.state.reference import FeatureStore, UserState
+from pipeline.serve.state.table import UserTable
 from pipeline.settings import LimitSettings
+from schemas.codec import Encoder
 from tests.pipeline.sample import NOW_MS, click_record
-from tests.pipeline.serve.features.test_table import assert_memory_estimate
+from tests.pipeline.serve.state.test_table import assert_memory_estimate
 
 PSEUDONYMS = Pseudonyms.ephemeral()  # one key, shared by the oracle and the kernel
 

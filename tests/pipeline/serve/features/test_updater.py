@@ -3,8 +3,10 @@ import dataclasses
 import numpy as np
 
 from pipeline.serve.events import ClickEvent
-from pipeline.serve.features import FRAUD_NUMERIC, FeatureStore, FeatureUpdater, compute_features
-from pipeline.serve.features.pseudonym import Pseudonyms
+from pipeline.serve.features import FeatureUpdater, compute_features
+from pipeline.serve.spec import FRAUD_NUMERIC
+from pipeline.serve.state import FeatureStore
+from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.training.generator import GeneratorConfig, generate
 from tests.pipeline.sample import NOW_MS, click_record
 

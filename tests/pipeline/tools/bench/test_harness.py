@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import schemas
-from pipeline.serve.codec import DecodeError, Decoder, Encoder
 from pipeline.tools.bench.harness import ingest_times
+from schemas.codec import DecodeError, Decoder, Encoder
 
 LONGS = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 ENCODER = Encoder(schemas.FRAUD_SCORE)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.serve.features.pseudonym import Pseudonyms, pseudonym, siphash, siphash24
+from pipeline.serve.state.pseudonym import Pseudonyms, pseudonym, siphash, siphash24
 
 SECRETS = st.binary(min_size=16, max_size=80)
 # SipHash-2-4 under the key 00 01 .. 0f of the messages 00 01 .. (length - 1), from the

@@ -8,9 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.serve.events import ClickEvent
-from pipeline.serve.features import FeatureStore, FeatureUpdater, UserState, compute_features
-from pipeline.serve.features.pseudonym import Pseudonyms
-from pipeline.serve.features.state import LAST_TIME, OFFSET, StateChange, StateChanges
+from pipeline.serve.features import FeatureUpdater, compute_features
+from pipeline.serve.state import FeatureStore, UserState
+from pipeline.serve.state.changes import StateChange, StateChanges
+from pipeline.serve.state.pseudonym import Pseudonyms
+from pipeline.serve.state.reference import LAST_TIME, OFFSET
 from pipeline.training.generator import GeneratorConfig, generate
 from tests.pipeline.sample import NOW_MS, click_record
 

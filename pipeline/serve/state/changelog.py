@@ -28,8 +28,8 @@ from pipeline.kafka.clients import FETCH_QUEUE_BACKOFF_MS
 from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
-from pipeline.serve.features import snapshot
-from pipeline.serve.features.table import CONTROL, UserTable, holds_user_states
+from pipeline.serve.state import snapshot
+from pipeline.serve.state.table import CONTROL, UserTable, holds_user_states
 from pipeline.settings import Settings
 
 log = get_logger()

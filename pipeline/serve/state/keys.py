@@ -5,7 +5,7 @@ A Python dict keyed by bytes was the one per-user Python object left in the stat
 cost a bytes object and a dict entry (about 100 bytes besides the key), and each event a dict
 lookup in a Python loop. Here a batch's slots come from one kernel call that hashes the user
 id where the decoded event holds it, and a user costs its key's bytes plus the per-slot key
-columns of `table.Columns` (hash, arena position, length, held).
+columns of `layout.Columns` (hash, arena position, length, held).
 
 Hand-written because numba has no hash map of byte strings that a kernel can share with the
 caller across calls (its typed Dict boxes every key): the table is linear probing over
@@ -25,16 +25,13 @@ when there is no slot or arena room left; the caller makes room and calls again 
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.serve.decode import join
-from pipeline.serve.features.pseudonym import siphash
 from pipeline.serve.kernel import inline_kernel, kernel
-
-if TYPE_CHECKING:
-    from pipeline.serve.features.table import Columns
+from pipeline.serve.records import join
+from pipeline.serve.state.layout import Columns
+from pipeline.serve.state.pseudonym import siphash
 
 EMPTY = -1  # a table entry that holds no slot
 # A table entry is a slot (low 32 bits) with the top 31 bits of its key's hash above it, so

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.serve.features.keys import hash_key, table_size
-from pipeline.serve.features.table import UserTable
-from tests.pipeline.serve.features.test_table import assert_memory_estimate
+from pipeline.serve.state.keys import hash_key, table_size
+from pipeline.serve.state.table import UserTable
+from tests.pipeline.serve.state.test_table import assert_memory_estimate
 
 # Few distinct keys, so that adds meet held keys and removals meet keys added back; long
 # ones, so that the arena fills and is compacted; bytes that are not UTF-8, and the empty

@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.serve.features import Featurizer, Pseudonyms, UserTable
-from pipeline.serve.features.state import SESSION_EVENTS, FeatureStore, StateChange, UserState
-from pipeline.serve.features.table import CONTROL
+from pipeline.serve.features import Featurizer
+from pipeline.serve.state import Pseudonyms, UserTable
+from pipeline.serve.state.changes import StateChange
+from pipeline.serve.state.reference import SESSION_EVENTS, FeatureStore, UserState
+from pipeline.serve.state.table import CONTROL
 from pipeline.tools.state_bench import full_user
 from tests.pipeline.columnar import columns_of
 from tests.pipeline.sample import click_record

@@ -18,10 +18,9 @@ import struct
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple, overload
 
-from pipeline.serve.features.spec import AFFINITY_SLOTS, WINDOWS_S
+from pipeline.serve.spec import AFFINITY_SLOTS, WINDOWS_S
+from pipeline.serve.state.changes import StateChange
 
 if sys.byteorder != "little":  # the byte form is the arrays' native layout
     raise ImportError("streamscore's state encoding assumes a little-endian host")
@@ -47,7 +46,8 @@ FLOAT_SLOTS = AFFINITY + 2 * AFFINITY_SLOTS
 SEEN_KINDS = ("device", "ip", "country", "card")
 
 FORMAT_VERSION = 1
-_HEADER = struct.Struct(f"<B{INT_SLOTS}q{FLOAT_SLOTS}d6H")
+# The byte form's fixed header: the format version, the int and float slots, the six counts.
+HEADER = struct.Struct(f"<B{INT_SLOTS}q{FLOAT_SLOTS}d6H")
 
 
 class UserState:
@@ -80,7 +80,7 @@ class UserState:
     def to_bytes(self) -> bytes:
         """The changelog form."""
         seen = self.seen
-        header = _HEADER.pack(
+        header = HEADER.pack(
             FORMAT_VERSION,
             *self.ints,
             *self.floats,
@@ -102,12 +102,12 @@ class UserState:
         """Inverse of `to_bytes`; raises ValueError on bytes it did not write."""
         if not data or data[0] != FORMAT_VERSION:
             raise ValueError("not a version-1 user state")
-        fields = _HEADER.unpack_from(data)
+        fields = HEADER.unpack_from(data)
         state = cls.__new__(cls)
         state.ints = array("q", fields[1 : 1 + INT_SLOTS])
         state.floats = array("d", fields[1 + INT_SLOTS : 1 + INT_SLOTS + FLOAT_SLOTS])
         lengths = fields[1 + INT_SLOTS + FLOAT_SLOTS :]
-        view = memoryview(data)[_HEADER.size :]
+        view = memoryview(data)[HEADER.size :]
         parts = []
         for code, length in zip("ii" + "q" * len(SEEN_KINDS), lengths, strict=True):
             part = array(code)
@@ -119,95 +119,6 @@ class UserState:
             raise ValueError("trailing bytes after a user state")
         state.history, state.session_items, *state.seen = parts
         return state
-
-
-class StateChange(NamedTuple):
-    """One changelog record: a user's new state, or None when the user was evicted. A
-    NamedTuple: one is made per changed user per batch, and a frozen dataclass's `__init__`
-    cost about 1 µs each.
-    """
-
-    partition: int
-    key: bytes  # the user id, UTF-8
-    value: bytes | None
-
-
-class StateChanges(Sequence[StateChange]):
-    """A stretch's changelog records as the encode kernel wrote them: the users' keys and
-    states each joined in one buffer, with their bounds, between a few ready-made records
-    (tombstones before, control records after). A user's `StateChange` is made only when
-    read, and the sink reads a sealed stretch a chunk at a time (`AtLeastOnce`), so the
-    batch that closes a stretch pays for the encoding alone: making the 7,643 records of a
-    stretch at 133,000 events/s took that batch 11-18 ms, and the sink's produce calls for
-    them 4-11 ms more in one go, every second (measured in the live pipeline).
-    """
-
-    __slots__ = ("_after", "_before", "_bounds", "_data", "_key_bounds", "_keys", "_partitions")
-
-    def __init__(
-        self,
-        before: list[StateChange],
-        partitions: list[int],
-        keys: bytes,
-        key_bounds: list[int],
-        data: bytes,
-        bounds: list[int],
-        after: list[StateChange],
-    ) -> None:
-        """Record i of the middle is (partitions[i], keys[key_bounds[i]:key_bounds[i + 1]],
-        data[bounds[i]:bounds[i + 1]]).
-        """
-        self._before, self._after = before, after
-        self._partitions, self._keys, self._key_bounds = partitions, keys, key_bounds
-        self._data, self._bounds = data, bounds
-
-    def __len__(self) -> int:
-        return len(self._before) + len(self._partitions) + len(self._after)
-
-    @overload
-    def __getitem__(self, index: int) -> StateChange: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[StateChange]: ...
-
-    def __getitem__(self, index: int | slice) -> StateChange | list[StateChange]:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step != 1:
-                return [self[i] for i in range(start, stop, step)]
-            return self._range(start, max(start, stop))
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError("StateChanges index out of range")
-        return self._range(index, index + 1)[0]
-
-    def __iter__(self) -> Iterator[StateChange]:
-        return iter(self._range(0, len(self)))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking, as a list
-
-    def __repr__(self) -> str:
-        return f"StateChanges({list(self)!r})"
-
-    def _range(self, start: int, stop: int) -> list[StateChange]:
-        """Records start..stop-1, made now."""
-        first, middle = len(self._before), len(self._partitions)
-        out = self._before[start:stop]
-        lo, hi = max(start - first, 0), min(stop - first, middle)
-        if lo < hi:
-            keys, kb, data, vb = self._keys, self._key_bounds, self._data, self._bounds
-            out += map(
-                StateChange,
-                self._partitions[lo:hi],
-                [keys[kb[i] : kb[i + 1]] for i in range(lo, hi)],
-                [data[vb[i] : vb[i + 1]] for i in range(lo, hi)],
-            )
-        out += self._after[max(start - first - middle, 0) : max(stop - first - middle, 0)]
-        return out
 
 
 class FeatureStore:
@@ -346,6 +257,6 @@ def _size(state: UserState | bytes) -> int:
 
 def _last_time(state: UserState | bytes) -> int:
     if type(state) is bytes:
-        return int(_HEADER.unpack_from(state)[1 + LAST_TIME])
+        return int(HEADER.unpack_from(state)[1 + LAST_TIME])
     assert type(state) is UserState
     return state.ints[LAST_TIME]

@@ -11,17 +11,17 @@ import structlog
 from confluent_kafka import KafkaException, Producer
 
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.features import UserTable, snapshot
-from pipeline.serve.features.changelog import (
+from pipeline.serve.state import UserTable, snapshot
+from pipeline.serve.state.changelog import (
     changelog_ends,
     changelog_topic,
     ensure_changelog,
     restore,
     save_snapshots,
 )
-from pipeline.serve.features.table import CONTROL
+from pipeline.serve.state.table import CONTROL
 from pipeline.tools.state_bench import full_user
-from tests.pipeline.serve.features.test_snapshot import states_of
+from tests.pipeline.serve.state.test_snapshot import states_of
 
 pytestmark = pytest.mark.integration
 

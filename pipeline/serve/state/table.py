@@ -25,7 +25,6 @@ Semantics that differ from the reference: a restored history longer than this bu
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import NamedTuple
@@ -33,27 +32,27 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from pipeline.serve.features.keys import FREE, KeyIndex, find_or_add, lookup, remove, spans
-from pipeline.serve.features.state import (
+from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.state.changes import StateChange, StateChanges
+from pipeline.serve.state.keys import FREE, KeyIndex, find_or_add, lookup, remove, spans
+from pipeline.serve.state.layout import INLINE_EVENTS, KINDS, Columns
+from pipeline.serve.state.reference import (
+    COUNTER_TIME,
+    FIRST_SEEN,
     FLOAT_SLOTS,
     FORMAT_VERSION,
+    HEADER,
     INT_SLOTS,
     LAST_TIME,
     MAX_SEEN,
     MAX_SESSION_ITEMS,
     NEVER,
-    SEEN_KINDS,
-    StateChange,
-    StateChanges,
+    SESSION_EVENTS,
+    SESSION_START,
+    SESSION_VIEWS,
 )
-from pipeline.serve.kernel import inline_kernel, kernel
 
-KINDS = len(SEEN_KINDS)
-INLINE_EVENTS = 8  # history events a slot holds before its user moves to a pool row
-INLINE_ITEMS = 8
-INLINE_SEEN = 2  # values per seen kind
-_HEADER = struct.Struct(f"<B{INT_SLOTS}q{FLOAT_SLOTS}d6H")
-HEADER_BYTES = _HEADER.size
+HEADER_BYTES = HEADER.size
 _COUNTS_BYTES = 12  # the header ends with its six uint16 counts (history, items, seen kinds)
 NO_SLOT = -1
 SCRATCH = 0
@@ -62,71 +61,6 @@ SCRATCH = 0
 # The first byte of a changelog key that is not a user's: user ids are the keys of valid
 # events, which equal the event's UTF-8 user_id, and 0xFF never occurs in UTF-8.
 CONTROL = b"\xff"
-
-
-@dataclass(slots=True)
-class Columns:
-    """The state arrays, slot-major. Kernels take them as arguments."""
-
-    ints: np.ndarray  # int64 (capacity, INT_SLOTS)
-    floats: np.ndarray  # float64 (capacity, FLOAT_SLOTS)
-    history: np.ndarray  # int32 (capacity, inline history entries): item, category, ...
-    history_len: np.ndarray  # int32 (capacity,): entries used (two per event)
-    items: np.ndarray  # int32 (capacity, INLINE_ITEMS)
-    items_len: np.ndarray  # int32 (capacity,)
-    seen_hash: np.ndarray  # uint32 (capacity, KINDS, INLINE_SEEN): CRC-32 of the value
-    seen_time: np.ndarray  # int64 (capacity, KINDS, INLINE_SEEN)
-    seen_len: np.ndarray  # int32 (capacity, KINDS)
-    big: np.ndarray  # int32 (capacity,): the slot's pool row + 1; 0 while inline
-    pending: np.ndarray  # bool (capacity,): allocated, initialised by its first event
-    changed: np.ndarray  # bool (capacity,): a changelog record is due
-    prev: np.ndarray  # int32 (capacity,): LRU links within the slot's partition
-    next: np.ndarray  # int32 (capacity,)
-    partition: np.ndarray  # int32 (capacity,)
-    # The user's key, for `keys.KeyIndex`: its hash, where its bytes are in the index's
-    # arena, and whether the slot holds a user at all.
-    key_hash: np.ndarray  # uint64 (capacity,)
-    key: np.ndarray  # int64 (capacity, 3): arena start, length, partition
-    held: np.ndarray  # bool (capacity,)
-
-    @classmethod
-    def empty(cls, capacity: int, history_width: int) -> Columns:
-        """Zeroed arrays for `capacity` slots with `history_width` inline history entries.
-        Large zeroed arrays are calloc'ed, so memory is taken only as slots are used: a
-        slot's fields are set when it is first used.
-        """
-        return cls(
-            ints=np.zeros((capacity, INT_SLOTS), dtype=np.int64),
-            floats=np.zeros((capacity, FLOAT_SLOTS), dtype=np.float64),
-            history=np.zeros((capacity, history_width), dtype=np.int32),
-            history_len=np.zeros(capacity, dtype=np.int32),
-            items=np.zeros((capacity, min(INLINE_ITEMS, MAX_SESSION_ITEMS)), dtype=np.int32),
-            items_len=np.zeros(capacity, dtype=np.int32),
-            seen_hash=np.zeros((capacity, KINDS, min(INLINE_SEEN, MAX_SEEN)), dtype=np.uint32),
-            seen_time=np.zeros((capacity, KINDS, min(INLINE_SEEN, MAX_SEEN)), dtype=np.int64),
-            seen_len=np.zeros((capacity, KINDS), dtype=np.int32),
-            big=np.zeros(capacity, dtype=np.int32),
-            pending=np.zeros(capacity, dtype=np.bool_),
-            changed=np.zeros(capacity, dtype=np.bool_),
-            prev=np.zeros(capacity, dtype=np.int32),  # set when the slot is first linked
-            next=np.zeros(capacity, dtype=np.int32),
-            partition=np.zeros(capacity, dtype=np.int32),
-            key_hash=np.zeros(capacity, dtype=np.uint64),
-            key=np.zeros((capacity, 3), dtype=np.int64),
-            held=np.zeros(capacity, dtype=np.bool_),
-        )
-
-    def grown(self, capacity: int) -> Columns:
-        """A copy with room for `capacity` slots (its new slots zeroed, as `empty`'s)."""
-        bigger = Columns.empty(capacity, self.history.shape[1])
-        used = len(self.ints)
-        for name in self.__dataclass_fields__:
-            getattr(bigger, name)[:used] = getattr(self, name)
-        return bigger
-
-    def nbytes(self) -> int:
-        """Bytes held by the arrays."""
-        return sum(getattr(self, name).nbytes for name in self.__dataclass_fields__)
 
 
 @dataclass(slots=True)
@@ -804,7 +738,7 @@ def promote(
 
 
 @kernel
-def _touch(
+def touch(
     slot: int,
     now_ms: int,
     ints: np.ndarray,
@@ -820,15 +754,15 @@ def _touch(
     ends: np.ndarray,
     watermark: np.ndarray,
 ) -> bool:
-    """`FeatureStore.get` without the return; True when the slot was newly flagged changed."""
+    """`FeatureStore.get` without the return: a new user's first fields, then the slot moved
+    to its partition's most recent end; True when the slot was newly flagged changed.
+    """
     p = partition[slot]
     if pending[slot]:
         pending[slot] = False
         ints[slot, :] = NEVER
-        ints[slot, 0] = ints[slot, 4] = ints[slot, 6] = (
-            now_ms  # FIRST_SEEN, SESSION_START, COUNTER_TIME
-        )
-        ints[slot, 8] = ints[slot, 9] = 0  # SESSION_EVENTS, SESSION_VIEWS
+        ints[slot, FIRST_SEEN] = ints[slot, SESSION_START] = ints[slot, COUNTER_TIME] = now_ms
+        ints[slot, SESSION_EVENTS] = ints[slot, SESSION_VIEWS] = 0
         floats[slot, :] = 0.0
         history_len[slot] = items_len[slot] = 0
         seen_len[slot, :] = 0

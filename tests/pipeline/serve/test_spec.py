@@ -5,7 +5,7 @@ version.
 import numpy as np
 import pytest
 
-from pipeline.serve.features import spec
+from pipeline.serve import spec
 from tests.pipeline.columnar import featurised
 from tests.pipeline.sample import NOW_MS, click_record
 

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import schemas
-from pipeline.serve.codec import DecodeError, Decoder, Encoder
+from schemas.codec import DecodeError, Decoder, Encoder
 from tests.pipeline.sample import click_record
 
 ENCODER = Encoder(schemas.CLICK_EVENT)

@@ -58,7 +58,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from pipeline.logging import get_logger
-from pipeline.serve.features.table import PartitionState
+from pipeline.serve.state.table import PartitionState
 
 log = get_logger()
 

@@ -14,12 +14,12 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.serve.features import UserTable, snapshot
-from pipeline.serve.features.snapshot import Source
-from pipeline.serve.features.table import CONTROL
+from pipeline.serve.state import UserTable, snapshot
+from pipeline.serve.state.snapshot import Source
+from pipeline.serve.state.table import CONTROL
 from tests.pipeline.columnar import columns_of
 from tests.pipeline.sample import click_record
-from tests.pipeline.serve.features.test_table import (
+from tests.pipeline.serve.state.test_table import (
     HISTORY,
     STATES,
     assert_memory_estimate,
