@@ -27,7 +27,37 @@ from confluent_kafka import Message
 import schemas
 from pipeline.serve.events import STRING_FIELDS, validate
 from pipeline.serve.kernel import inline_kernel, kernel
-from pipeline.serve.records import NULL, EventColumns, Rejected, join
+from pipeline.serve.records import (
+    AMOUNT,
+    BILLING_COUNTRY,
+    CARD_FINGERPRINT,
+    CATEGORY,
+    COUNTRY,
+    CURRENCY,
+    DEVICE_ID,
+    EVENT_ID,
+    EVENT_TYPE_SYMBOLS,
+    HAS_AMOUNT,
+    HAS_CATEGORY,
+    HAS_ITEM,
+    HAS_PRICE,
+    HAS_QUANTITY,
+    IP,
+    ITEM,
+    METHOD,
+    NULL,
+    PAYMENT_METHOD_SYMBOLS,
+    PRICE,
+    QUANTITY,
+    SEARCH_QUERY,
+    TIME,
+    TYPE,
+    USER_AGENT,
+    USER_ID,
+    EventColumns,
+    Rejected,
+    join,
+)
 from pipeline.settings import LimitSettings
 from schemas.catalog import Catalog, StaticCatalog
 from schemas.codec import DecodeError, Decoder, Encoder
@@ -38,20 +68,6 @@ from schemas.codec import DecodeError, Decoder, Encoder
 RESOLVED_ID = 0xFFFFFFFF
 _TIME = itemgetter(1)  # of Message.timestamp(): (type, ms)
 
-# Span columns: the string fields in the order validation checks their length.
-(
-    EVENT_ID,
-    USER_ID,
-    SESSION_ID,
-    CURRENCY,
-    SEARCH_QUERY,
-    DEVICE_ID,
-    IP,
-    COUNTRY,
-    USER_AGENT,
-    CARD_FINGERPRINT,
-    BILLING_COUNTRY,
-) = range(len(STRING_FIELDS))
 
 # Row status. OK rows are decoded; any other code sends the row to the reference path, which
 # decides (its kind is the dead letter's). The names are the error kinds they stand for.
@@ -110,14 +126,8 @@ STATUS_KINDS = (
     TOO_MANY_CANDIDATES,
 ) = range(len(STATUS_KINDS))
 
-_EVENT_TYPES = 12  # symbols of the EventType enum
-_PAYMENT_METHODS = 6
-
-
-# Columns of `EventColumns.longs`, `.reals` and `.present`.
-TIME, TYPE, ITEM, CATEGORY, QUANTITY, METHOD = range(6)  # longs; METHOD is -1 for null
-PRICE, AMOUNT = range(2)  # reals
-HAS_ITEM, HAS_CATEGORY, HAS_PRICE, HAS_QUANTITY, HAS_AMOUNT = range(5)  # present
+_EVENT_TYPES = len(EVENT_TYPE_SYMBOLS)
+_PAYMENT_METHODS = len(PAYMENT_METHOD_SYMBOLS)
 
 
 def _rejected(positions: np.ndarray, row: int, kind: str, detail: str) -> Rejected:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import schemas
-from pipeline.serve.decode import EVENT_ID, TIME, USER_ID
 from pipeline.serve.kernel import kernel
-from pipeline.serve.records import EventColumns, Scored, ShadowScored
+from pipeline.serve.records import EVENT_ID, TIME, USER_ID, EventColumns, Scored, ShadowScored
 from pipeline.serve.score import REASON_NAMES
 from schemas.catalog import Catalog, StaticCatalog
 from schemas.codec import MAGIC_BYTE

@@ -17,7 +17,7 @@ import numpy as np
 import schemas
 from engines.base import Engine
 from engines.drift import Profile
-from pipeline.serve.features import FeatureBatch
+from pipeline.serve.records import FeatureBatch
 from schemas.codec import Encoder
 
 

@@ -26,8 +26,8 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 import schemas
 from pipeline.serve.encode import Encoded
-from pipeline.serve.features import FeatureBatch, feature_digests
-from pipeline.serve.records import DeadLetter, EventColumns, Rejected, Scored
+from pipeline.serve.features import feature_digests
+from pipeline.serve.records import DeadLetter, EventColumns, FeatureBatch, Rejected, Scored
 from pipeline.serve.state.changes import StateChange
 from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.settings import ProcessingSettings, TopicSettings

@@ -1,8 +1,10 @@
 """The records that cross the stages of `pipeline/serve`, in one place.
 
-- `EventColumns`: a consumed batch as columns (decode writes it; features, score, encode
-  and produce read it). Its column layout (which index of `longs` is the event time, ...)
-  is the decode kernel's, in `decode.py`.
+- The batch's layout: `EventColumns`, a consumed batch as columns (decode writes it;
+  features, score, encode and produce read it), with the indices of its span, long, real
+  and presence columns below, the wire indices of the ClickEvent's enums (from the
+  schema), and `join`, which makes a batch's values one buffer.
+- `FeatureBatch`: the engines' inputs, one row per event (features write it).
 - `Rejected`: a message that is not a valid event, with its position and reason; produce
   turns it into a `DeadLetter` record.
 - `Scored` and `ShadowScored`: a batch's scores as columns (score writes them; encode
@@ -18,7 +20,45 @@ from typing import TypedDict, cast
 
 import numpy as np
 
+import schemas
+from pipeline.serve.events import STRING_FIELDS
+
 NULL = -1  # span length of a null string
+
+# Span columns: the string fields in the order validation checks their length.
+(
+    EVENT_ID,
+    USER_ID,
+    SESSION_ID,
+    CURRENCY,
+    SEARCH_QUERY,
+    DEVICE_ID,
+    IP,
+    COUNTRY,
+    USER_AGENT,
+    CARD_FINGERPRINT,
+    BILLING_COUNTRY,
+) = range(len(STRING_FIELDS))
+
+# Columns of `EventColumns.longs`, `.reals` and `.present`.
+TIME, TYPE, ITEM, CATEGORY, QUANTITY, METHOD = range(6)  # longs; METHOD is -1 for null
+PRICE, AMOUNT = range(2)  # reals
+HAS_ITEM, HAS_CATEGORY, HAS_PRICE, HAS_QUANTITY, HAS_AMOUNT = range(5)  # present
+
+
+def _enum_symbols(field: str) -> tuple[str, ...]:
+    """The symbols of the ClickEvent's enum `field` (nullable or not), in wire order."""
+    for spec in schemas.raw(schemas.CLICK_EVENT)["fields"]:
+        if spec["name"] == field:
+            for branch in spec["type"] if isinstance(spec["type"], list) else [spec["type"]]:
+                if isinstance(branch, dict) and branch.get("type") == "enum":
+                    return tuple(branch["symbols"])
+    raise LookupError(f"click_event has no enum field {field!r}")
+
+
+# Wire indices of the enums, from the schema (a symbol's index is its position there).
+EVENT_TYPE_SYMBOLS = _enum_symbols("event_type")
+PAYMENT_METHOD_SYMBOLS = _enum_symbols("payment_method")
 DECISIONS = ("allow", "review", "block")
 
 
@@ -124,3 +164,13 @@ def join(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.nda
     np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=len(parts)), out=starts[1:])
     buffer = np.frombuffer(b"".join(parts), dtype=np.uint8)
     return buffer, starts, null
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureBatch:
+    """Engine inputs for a batch of events, row i belonging to event i."""
+
+    numeric: np.ndarray  # float32 (B, len(FRAUD_NUMERIC))
+    categorical: np.ndarray  # int64 (B, len(FRAUD_CATEGORICAL))
+    history_items: np.ndarray  # int64 (B, L), -1 pads the front of short histories
+    history_categories: np.ndarray  # int64 (B, L)

@@ -76,12 +76,11 @@ from pipeline.serve.consume import (
 from pipeline.serve.counts import RunStats, count_batch
 from pipeline.serve.decode import OK, BatchDecoder
 from pipeline.serve.encode import OutputEncoder
-from pipeline.serve.features import FeatureBatch
 from pipeline.serve.features.fold import Featurizer
 from pipeline.serve.forget import Forgetter, ensure_forget_topic
 from pipeline.serve.histograms import InputHistograms
 from pipeline.serve.produce import AT_LEAST_ONCE_PRODUCER, Sink, dead_letter, debug_headers
-from pipeline.serve.records import DeadLetter, EventColumns, Scored
+from pipeline.serve.records import DeadLetter, EventColumns, FeatureBatch, Scored
 from pipeline.serve.score import Inference, InferenceThread, Request, Scorer
 from pipeline.serve.score import warm_kernels as warm_scoring
 from pipeline.serve.state.changelog import ensure_changelog

@@ -24,9 +24,8 @@ from numba import njit
 
 from engines.base import Engine, EngineError
 from engines.vocabulary import FIRST_ID, OOV, PAD
-from pipeline.serve.features import FeatureBatch
 from pipeline.serve.kernel import inline_kernel, kernel
-from pipeline.serve.records import EventColumns, Scored, ShadowScored
+from pipeline.serve.records import EventColumns, FeatureBatch, Scored, ShadowScored
 from pipeline.serve.spec import FRAUD_CATEGORICAL, FRAUD_NUMERIC, feature_hash
 from pipeline.settings import DecisionSettings, RankingSettings
 

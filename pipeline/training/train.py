@@ -31,7 +31,8 @@ from engines.registry import (
 from pipeline.monitor import quality
 from pipeline.serve import spec as feature_spec
 from pipeline.serve.events import ClickEvent
-from pipeline.serve.features import FeatureBatch, compute_features
+from pipeline.serve.features import compute_features
+from pipeline.serve.records import FeatureBatch
 from pipeline.settings import DecisionSettings
 from pipeline.training.export import OPSET, export_onnx
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 import schemas
-from pipeline.serve.decode import OK, TIME, BatchDecoder
-from pipeline.serve.features import FeatureBatch, Featurizer
-from pipeline.serve.records import DECISIONS, EventColumns, Scored
+from pipeline.serve.decode import OK, BatchDecoder
+from pipeline.serve.features import Featurizer
+from pipeline.serve.records import DECISIONS, TIME, EventColumns, FeatureBatch, Scored
 from pipeline.serve.score import REASON_NAMES
 from pipeline.serve.state import Pseudonyms, UserTable
 from pipeline.settings import LimitSettings

@@ -3,10 +3,9 @@ reference (`updater`). The per-user state they fold into lives in `pipeline.serv
 """
 
 from pipeline.serve.features.fold import Featurizer, compute_features
-from pipeline.serve.features.updater import FeatureBatch, FeatureUpdater, feature_digests
+from pipeline.serve.features.updater import FeatureUpdater, feature_digests
 
 __all__ = [
-    "FeatureBatch",
     "FeatureUpdater",
     "Featurizer",
     "compute_features",

@@ -17,13 +17,18 @@ import numpy as np
 
 import schemas
 from pipeline.serve import spec
-from pipeline.serve.decode import (
+from pipeline.serve.decode import BatchDecoder
+from pipeline.serve.events import ClickEvent
+from pipeline.serve.features.updater import log_columns
+from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.records import (
     AMOUNT,
     BILLING_COUNTRY,
     CARD_FINGERPRINT,
     CATEGORY,
     COUNTRY,
     DEVICE_ID,
+    EVENT_TYPE_SYMBOLS,
     HAS_AMOUNT,
     HAS_CATEGORY,
     HAS_ITEM,
@@ -38,12 +43,9 @@ from pipeline.serve.decode import (
     TYPE,
     USER_AGENT,
     USER_ID,
-    BatchDecoder,
+    EventColumns,
+    FeatureBatch,
 )
-from pipeline.serve.events import ClickEvent
-from pipeline.serve.features.updater import FeatureBatch, log_columns
-from pipeline.serve.kernel import inline_kernel, kernel
-from pipeline.serve.records import EventColumns
 from pipeline.serve.state.layout import KINDS
 from pipeline.serve.state.pseudonym import Pseudonyms, pseudonym
 from pipeline.serve.state.reference import (
@@ -87,8 +89,18 @@ _DECAY_MS = np.array([window * 1000.0 for window in spec.WINDOWS_S])
 _AFFINITY_TAU_MS = spec.AFFINITY_TAU_S * 1000.0
 _AFFINITY_SLOTS = spec.AFFINITY_SLOTS
 _INT32_MAX = 2**31 - 1
-# EventType symbol indexes (schemas/click_event.avsc, spec.EVENT_TYPES).
-_PRODUCT_VIEW, _ADD_TO_CART, _BEGIN_CHECKOUT, _PURCHASE, _LOGIN, _ADD_PAYMENT = 1, 3, 5, 6, 7, 9
+# EventType wire indices, from schemas/click_event.avsc.
+_PRODUCT_VIEW, _ADD_TO_CART, _BEGIN_CHECKOUT, _PURCHASE, _LOGIN, _ADD_PAYMENT = (
+    EVENT_TYPE_SYMBOLS.index(name)
+    for name in (
+        "product_view",
+        "add_to_cart",
+        "begin_checkout",
+        "purchase",
+        "login",
+        "add_payment_method",
+    )
+)
 _N_NUMERIC = len(spec.FRAUD_NUMERIC)
 # What `_update` computes, by name. Each goes to the column `spec` gives that name, through
 # `_COLUMNS` (an argument, not a global: numba's cache is keyed on this file, so a global

@@ -21,12 +21,12 @@ import hashlib
 import math
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.serve import spec
 from pipeline.serve.events import PAYMENT_EVENTS, ClickEvent
+from pipeline.serve.records import FeatureBatch
 from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.serve.state.reference import (
     AFFINITY,
@@ -62,16 +62,6 @@ _LOG_COLUMNS = [i for i, name in enumerate(spec.FRAUD_NUMERIC) if name.endswith(
 _INT32_MAX = 2**31 - 1
 _WINDOW_NAMES = ("1m", "10m", "1h")  # spec.WINDOWS_S
 _KIND_PLURALS = {"device": "devices", "ip": "ips", "country": "countries", "card": "cards"}
-
-
-@dataclass(frozen=True, slots=True)
-class FeatureBatch:
-    """Engine inputs for a batch of events, row i belonging to event i."""
-
-    numeric: np.ndarray  # float32 (B, len(FRAUD_NUMERIC))
-    categorical: np.ndarray  # int64 (B, len(FRAUD_CATEGORICAL))
-    history_items: np.ndarray  # int64 (B, L), -1 pads the front of short histories
-    history_categories: np.ndarray  # int64 (B, L)
 
 
 class FeatureUpdater:

@@ -10,8 +10,8 @@ import numpy as np
 
 import schemas
 from engines.drift import Profile
-from pipeline.serve.features import FeatureBatch
 from pipeline.serve.histograms import InputHistograms
+from pipeline.serve.records import FeatureBatch
 from schemas.codec import Decoder
 
 

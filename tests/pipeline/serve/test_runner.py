@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 import schemas
 from pipeline.serve.commit import Rewind
-from pipeline.serve.decode import EVENT_ID
+from pipeline.serve.records import EVENT_ID
 from pipeline.serve.runner import COMMIT_AHEAD, Pipeline, _next_offsets
 from pipeline.serve.score import REASON_NAMES
 from pipeline.serve.state.reference import OFFSET, SESSION_EVENTS, UserState
