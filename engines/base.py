@@ -7,10 +7,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from schemas.errors import StreamscoreError
+
 Arrays = Mapping[str, np.ndarray]
 
 
-class EngineError(RuntimeError):
+class EngineError(StreamscoreError, RuntimeError):
     """An engine could not be built, loaded or run."""
 
 

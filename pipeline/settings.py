@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from engines.settings import EngineSettings
+from schemas.errors import StreamscoreError
 
 CONFIG_ENV = "STREAMSCORE_CONFIG"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -42,7 +43,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 MIN_SECRET_BYTES = 16  # a pseudonym key: 128 bits at least
 
 
-class SettingsError(ValueError):
+class SettingsError(StreamscoreError, ValueError):
     """A setting is invalid; the message names it."""
 
 

@@ -15,13 +15,14 @@ from typing import Any, Protocol
 from fastavro.schema import to_parsing_canonical_form
 
 from schemas import CATALOG, CURRENT_ID, by_id, raw
+from schemas.errors import StreamscoreError
 
 
-class UnknownSchemaId(LookupError):
+class UnknownSchemaId(StreamscoreError, LookupError):
     """The registry (or the static catalog) has no schema under this id."""
 
 
-class RegistryUnavailable(RuntimeError):
+class RegistryUnavailable(StreamscoreError, RuntimeError):
     """The registry did not answer usefully; `cause` is a short label for metrics. Never a
     verdict on the input: the pipeline holds the input until the registry answers.
     """
@@ -31,7 +32,7 @@ class RegistryUnavailable(RuntimeError):
         self.cause = cause
 
 
-class IncompatibleSchema(ValueError):
+class IncompatibleSchema(StreamscoreError, ValueError):
     """The registry refused a schema under its subject's compatibility rule."""
 
 

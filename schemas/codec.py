@@ -19,12 +19,13 @@ from fastavro.read import SchemaResolutionError
 
 import schemas
 from schemas.catalog import Catalog, StaticCatalog, UnknownSchemaId, canonical
+from schemas.errors import StreamscoreError
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
 
 
-class DecodeError(Exception):
+class DecodeError(StreamscoreError):
     """Why a payload could not be decoded; `kind` is a stable reason code."""
 
     def __init__(self, kind: str, message: str) -> None:

@@ -16,13 +16,14 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from pipeline.kafka.errors import kafka_error
 from pipeline.settings import Settings
+from schemas.errors import StreamscoreError
 
 
-class KafkaConnectionError(ConnectionError):
+class KafkaConnectionError(StreamscoreError, ConnectionError):
     """The cluster cannot be reached or refuses our credentials; the message says which."""
 
 
-class TopicNotReady(TimeoutError):
+class TopicNotReady(StreamscoreError, TimeoutError):
     """A topic's metadata did not show it whole (each partition with a leader) in time."""
 
 

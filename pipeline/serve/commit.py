@@ -64,6 +64,7 @@ from pipeline.kafka.transactions import CALL_BOUND_S, transactional_call
 from pipeline.logging import get_logger
 from pipeline.serve.produce import Sink, Unacked
 from pipeline.serve.state.changes import StateChange
+from schemas.errors import StreamscoreError
 
 log = get_logger()
 # How much longer than the bound the loop waits for a commit thread before abandoning it.
@@ -108,11 +109,12 @@ class CommitReports:
 
 class Rewind(Exception):
     """Control flow, not a failure to report: the batch in hand was rolled back, so the
-    loop rewinds state and input to the last commit and goes on.
+    loop rewinds state and input to the last commit and goes on. Deliberately not a
+    `StreamscoreError`: catching every error must not swallow a rewind.
     """
 
 
-class TransactionsFailed(Exception):
+class TransactionsFailed(StreamscoreError):
     """Exactly-once cannot go on in this process: a producer could not be (re)initialised
     for its transactional id within the bound. Nothing uncommitted is lost (the partitions'
     next owner reads it again); the process should exit for its supervisor to restart it.

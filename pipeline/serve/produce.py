@@ -32,6 +32,7 @@ from pipeline.serve.state.changes import StateChange
 from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.settings import ProcessingSettings, TopicSettings
 from schemas.codec import Encoder
+from schemas.errors import StreamscoreError
 
 # An acknowledged record vouches for the earlier records of its partition only if none of
 # them can fail alone. The idempotent producer keeps a partition's records in order;
@@ -47,7 +48,7 @@ TIMING_HEADER = "streamscore-timing"
 Headers = list[tuple[str, str | bytes | None]]
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(StreamscoreError, RuntimeError):
     """Outputs were not acknowledged; the inputs behind them must not be committed."""
 
 

@@ -22,13 +22,15 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
+from schemas.errors import StreamscoreError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 LOG4J_CONFIG = REPO_ROOT / "deploy" / "kafka" / "log4j2.properties"
 JVM_OPTIONS = ["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"]
 
 
-class BrokerError(RuntimeError):
+class BrokerError(StreamscoreError, RuntimeError):
     """The local broker could not be resolved, started or reached."""
 
 

@@ -31,11 +31,12 @@ from pipeline.logging import get_logger
 from pipeline.serve.state import snapshot
 from pipeline.serve.state.table import CONTROL, UserTable, holds_user_states
 from pipeline.settings import Settings
+from schemas.errors import StreamscoreError
 
 log = get_logger()
 
 
-class ChangelogError(RuntimeError):
+class ChangelogError(StreamscoreError, RuntimeError):
     """The changelog topic does not match the input topic's layout."""
 
 

@@ -59,6 +59,7 @@ import numpy as np
 
 from pipeline.logging import get_logger
 from pipeline.serve.state.table import PartitionState
+from schemas.errors import StreamscoreError
 
 log = get_logger()
 
@@ -68,7 +69,7 @@ _LENGTH = struct.Struct("<I")
 SUFFIX = ".snapshot"
 
 
-class SnapshotRefused(ValueError):
+class SnapshotRefused(StreamscoreError, ValueError):
     """A snapshot file that must not be loaded; the message says why."""
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pipeline.settings import ConsumerSettings
+from schemas.errors import StreamscoreError
 
 # Partition counts that split evenly over many replica counts, so scaling up keeps the
 # load even (a replica owns whole partitions).
@@ -20,7 +21,7 @@ _RELAXED_WAIT_MS = 20
 _SUSTAINED_P99_MS = 1000.0
 
 
-class PlanError(ValueError):
+class PlanError(StreamscoreError, ValueError):
     """The results cannot support a recommendation (e.g. the configuration never ran)."""
 
 
