@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.kafka.admin import create_topics
 from pipeline.settings import Settings, load_settings
 from pipeline.tools.local_broker import REPO_ROOT, LocalBroker, LocalCluster, free_port
 from pipeline.tools.local_registry import LocalRegistry
+from pipeline.topics import create_topics
 from pipeline.training.train import TrainConfig, train_all
 
 TINY_TRAINING = TrainConfig(events=20_000, users=300, max_epochs=2, seed=3)

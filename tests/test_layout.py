@@ -48,7 +48,16 @@ WALLS = {
     "pipeline/serve": ("pipeline.monitor", "pipeline.tools", "pipeline.training", "pipeline.cli"),
     "pipeline/monitor": ("pipeline.serve",),
     "pipeline/serve/state": ("pipeline.serve.features",),
-    "pipeline/kafka": ("pipeline.serve", "pipeline.monitor", "pipeline.tools", "pipeline.cli"),
+    # The Kafka layer takes connection settings and explicit names, never the whole Settings,
+    # and knows nothing of the topic catalogue above it.
+    "pipeline/kafka": (
+        "pipeline.serve",
+        "pipeline.monitor",
+        "pipeline.tools",
+        "pipeline.cli",
+        "pipeline.topics",
+        "pipeline.settings.Settings",
+    ),
 }
 
 

@@ -19,7 +19,7 @@ def schemas_register(config: ConfigOption = None) -> None:
     """Register every topic's schema (.avsc) under its `<topic>-value` subject, with the
     configured compatibility; a refused schema fails with the subject named.
     """
-    from pipeline.kafka.clients import monitor_outputs, pipeline_outputs, producer_outputs
+    from pipeline.topics import monitor_outputs, pipeline_outputs, producer_outputs
     from schemas.catalog import IncompatibleSchema, subject
 
     settings = settings_from(config)

@@ -103,7 +103,7 @@ def lag(config: ConfigOption = None) -> None:
     """Per-partition lag of the pipeline's consumer group, like kafka-consumer-groups."""
     from rich.table import Table
 
-    from pipeline.kafka.admin import group_lag
+    from pipeline.topics import group_lag
 
     settings = settings_from(config)
     rows = group_lag(settings)

@@ -12,8 +12,8 @@ group = typer.Typer(help="Topics of the pipeline.")
 @group.command("create")
 def topics_create(config: ConfigOption = None) -> None:
     """Create the pipeline's topics where missing, and the compacted state changelog."""
-    from pipeline.kafka.admin import create_topics
     from pipeline.serve.state.changelog import ensure_changelog
+    from pipeline.topics import create_topics
 
     settings = settings_from(config)
     created = create_topics(settings)

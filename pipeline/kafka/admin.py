@@ -1,4 +1,7 @@
-"""Topic creation and deletion, and offset look-ups."""
+"""Topic creation and deletion, and offset look-ups, on any cluster: these helpers take the
+connection settings and explicit names, and know nothing of the application's topics
+(`pipeline.topics` does).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from pipeline.kafka.errors import kafka_error
-from pipeline.settings import Settings
+from pipeline.settings import KafkaSettings
 from schemas.errors import StreamscoreError
 
 
@@ -27,12 +30,12 @@ class TopicNotReady(StreamscoreError, TimeoutError):
     """A topic's metadata did not show it whole (each partition with a leader) in time."""
 
 
-def admin_client(settings: Settings) -> AdminClient:
+def admin_client(kafka: KafkaSettings) -> AdminClient:
     """An AdminClient with the shared connection settings."""
-    return AdminClient(settings.kafka.client_config())
+    return AdminClient(kafka.client_config())
 
 
-def connect(settings: Settings, timeout_s: float = 30) -> AdminClient:
+def connect(kafka: KafkaSettings, timeout_s: float = 30) -> AdminClient:
     """An AdminClient that has answered a metadata request; fails fast and says why.
 
     librdkafka retries a refused login forever in the background and a metadata request
@@ -45,9 +48,9 @@ def connect(settings: Settings, timeout_s: float = 30) -> AdminClient:
         if error.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
             refused.append(error.str())
 
-    config: dict[str, Any] = settings.kafka.client_config() | {"error_cb": on_error}
+    config: dict[str, Any] = kafka.client_config() | {"error_cb": on_error}
     admin = AdminClient(config)
-    bootstrap = settings.kafka.bootstrap_servers
+    bootstrap = kafka.bootstrap_servers
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -58,7 +61,7 @@ def connect(settings: Settings, timeout_s: float = 30) -> AdminClient:
             if refused:
                 raise KafkaConnectionError(
                     f"Kafka at {bootstrap} refused the connection "
-                    f"({settings.kafka.security_protocol.value}): {refused[0]}"
+                    f"({kafka.security_protocol.value}): {refused[0]}"
                 ) from exc
             if time.monotonic() > deadline:
                 raise KafkaConnectionError(
@@ -78,55 +81,18 @@ def delete_topics(admin: AdminClient, names: Sequence[str], timeout_s: float = 3
                 raise
 
 
-def pipeline_topics(settings: Settings) -> list[str]:
-    """Every topic the pipeline reads or writes (but the changelog, which it makes)."""
-    topics = settings.topics
-    return [
-        topics.input,
-        topics.fraud_scores,
-        topics.shadow_scores,
-        topics.recommendations,
-        topics.dead_letter,
-        topics.labels,
-        topics.forget,
-        topics.input_histograms,
-    ]
-
-
-def monitor_changelog(settings: Settings) -> str:
-    """The compacted topic of `streamscore monitor`'s waiting records."""
-    return f"{settings.monitor.group_id}.changelog"
-
-
-def new_topic(settings: Settings, name: str) -> NewTopic:
-    """How `name` is created: the configured partitions, but one for the forget topic
-    (its requests are read in one order by every instance) and for the monitor's changelog
-    (one monitor owns it); the dead-letter and forget topics get their retention, and the
-    monitor's changelog is compacted.
-    """
-    topics = settings.topics
-    partitions, config = topics.partitions, {}
-    if name == topics.dead_letter:
-        config = {"retention.ms": str(topics.dead_letter_retention_ms)}
-    elif name == topics.forget:
-        partitions, config = 1, {"retention.ms": str(topics.forget_retention_ms)}
-    elif name == monitor_changelog(settings):
-        partitions, config = 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
-    return NewTopic(name, partitions, topics.replication_factor, config=config)
-
-
-def create_topics(
-    settings: Settings, names: Iterable[str] | None = None, timeout_s: float = 30
+def create_new_topics(
+    kafka: KafkaSettings, specs: Sequence[NewTopic], timeout_s: float = 30
 ) -> list[str]:
-    """Create missing topics with the configured partitions; return those created."""
-    admin = connect(settings, timeout_s)
+    """Create those of `specs` that do not exist yet, and wait until each has all its
+    partitions with a leader; return the names created.
+    """
+    admin = connect(kafka, timeout_s)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
-    wanted = [name for name in (names or pipeline_topics(settings)) if name not in existing]
+    wanted = {spec.topic: spec for spec in specs if spec.topic not in existing}
     if not wanted:
         return []
-    futures = admin.create_topics(
-        [new_topic(settings, name) for name in wanted], operation_timeout=timeout_s
-    )
+    futures = admin.create_topics(list(wanted.values()), operation_timeout=timeout_s)
     for future in futures.values():
         try:
             future.result()
@@ -134,9 +100,8 @@ def create_topics(
             if kafka_error(exc).name() != "TOPIC_ALREADY_EXISTS":
                 raise
     for topic in futures:
-        expected = new_topic(settings, topic).num_partitions
-        topic_partitions(admin, topic, timeout_s, expected=expected)
-    return wanted
+        topic_partitions(admin, topic, timeout_s, expected=wanted[topic].num_partitions)
+    return list(wanted)
 
 
 def topic_partitions(
@@ -252,10 +217,11 @@ class PartitionLag:
         return self.end - (self.committed or 0)
 
 
-def group_lag(settings: Settings, timeout_s: float = 10) -> list[PartitionLag]:
-    """Per-partition committed offset, end offset, lag and owner of the pipeline's group."""
-    topic, group = settings.topics.input, settings.consumer.group_id
-    consumer = Consumer(settings.kafka.client_config() | {"group.id": group})
+def partition_lag(
+    kafka: KafkaSettings, topic: str, group: str, timeout_s: float = 10
+) -> list[PartitionLag]:
+    """Per-partition committed offset, end offset, lag and owner of `group` on `topic`."""
+    consumer = Consumer(kafka.client_config() | {"group.id": group})
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -275,7 +241,7 @@ def group_lag(settings: Settings, timeout_s: float = 10) -> list[PartitionLag]:
     finally:
         consumer.close()
     owners: dict[int, str] = {}
-    admin = admin_client(settings)  # held: a collected client never completes its futures
+    admin = admin_client(kafka)  # held: a collected client never completes its futures
     request = admin.describe_consumer_groups([group], request_timeout=timeout_s)[group]
     described = request.result(timeout=timeout_s)
     for member in described.members:

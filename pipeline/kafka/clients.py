@@ -7,8 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-import schemas
-from pipeline.settings import Settings
+from pipeline.settings import ConsumerSettings, KafkaSettings, SchemaRegistrySettings
 from schemas.catalog import Catalog, RegistryUnavailable, StaticCatalog
 from schemas.registry import RegistryCatalog
 
@@ -25,11 +24,14 @@ FETCH_QUEUE_BACKOFF_MS = 10
 LINGER_MS = 2
 
 
-def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
-    """At-least-once consumer: offsets are committed by the checkpoint, never automatically."""
-    consumer = settings.consumer
+def consumer_config(
+    kafka: KafkaSettings, consumer: ConsumerSettings
+) -> dict[str, str | int | float | bool]:
+    """The pipeline's consumer: offsets are committed by the checkpoint, never
+    automatically; read_committed.
+    """
     return (
-        settings.kafka.client_config()
+        kafka.client_config()
         | {
             "group.id": consumer.group_id,
             "enable.auto.commit": False,
@@ -50,12 +52,15 @@ def consumer_config(settings: Settings) -> dict[str, str | int | float | bool]:
 
 
 def producer_config(
-    settings: Settings, transactional_id: str | None = None
+    kafka: KafkaSettings,
+    transactional_id: str | None = None,
+    transaction_timeout_ms: int | None = None,
 ) -> dict[str, str | int | float | bool]:
     """Idempotent producer (acks=all, no duplicates on retry), lz4, small linger for latency;
-    transactional when given an id (exactly-once).
+    transactional when given an id (exactly-once), with `transaction_timeout_ms` (the
+    broker's default when None).
     """
-    config = settings.kafka.client_config() | {
+    config = kafka.client_config() | {
         "enable.idempotence": True,
         "compression.type": "lz4",
         "linger.ms": LINGER_MS,
@@ -64,34 +69,13 @@ def producer_config(
     }
     if transactional_id is not None:
         config["transactional.id"] = transactional_id
-        config["transaction.timeout.ms"] = settings.processing.transaction_timeout_ms
+        if transaction_timeout_ms is not None:
+            config["transaction.timeout.ms"] = transaction_timeout_ms
     return config
 
 
-def pipeline_outputs(settings: Settings) -> dict[str, str]:
-    """Topic → schema name of every topic the pipeline writes."""
-    topics = settings.topics
-    return {
-        topics.fraud_scores: schemas.FRAUD_SCORE,
-        topics.shadow_scores: schemas.FRAUD_SCORE,
-        topics.recommendations: schemas.RECOMMENDATION,
-        topics.dead_letter: schemas.DEAD_LETTER,
-        topics.input_histograms: schemas.INPUT_HISTOGRAM,
-    }
-
-
-def producer_outputs(settings: Settings) -> dict[str, str]:
-    """Topic → schema name of what a clickstream producer (the generator) writes."""
-    return {settings.topics.input: schemas.CLICK_EVENT, settings.topics.labels: schemas.FRAUD_LABEL}
-
-
-def monitor_outputs(settings: Settings) -> dict[str, str]:
-    """Topic → schema name of what `streamscore monitor` writes."""
-    return {settings.topics.model_quality: schemas.MODEL_QUALITY}
-
-
 def connect_catalog(
-    settings: Settings,
+    registry: SchemaRegistrySettings,
     outputs: Mapping[str, str],
     on_wait: Callable[[RegistryUnavailable], None] = lambda _: None,
 ) -> Catalog:
@@ -100,7 +84,6 @@ def connect_catalog(
     answer is retried with backoff for `schema_registry.startup_timeout_s` (calling
     `on_wait` before each wait); a refused schema (IncompatibleSchema) fails at once.
     """
-    registry = settings.schema_registry
     if not registry.enabled:
         return StaticCatalog()
     catalog = RegistryCatalog(registry.client_config(), outputs, registry.compatibility)
@@ -122,9 +105,8 @@ def connect_catalog(
             backoff = min(2 * backoff, registry.retry_backoff_max_s)
 
 
-def reading_catalog(settings: Settings) -> Catalog:
+def reading_catalog(registry: SchemaRegistrySettings) -> Catalog:
     """A catalog for reading records back (the demo, tests): it registers nothing."""
-    registry = settings.schema_registry
     if not registry.enabled:
         return StaticCatalog()
     return RegistryCatalog(registry.client_config(), {}, registry.compatibility)

@@ -11,7 +11,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka import TopicPartition as Position
 
 from pipeline.kafka.admin import topic_partitions
-from pipeline.settings import Settings
+from pipeline.settings import KafkaSettings
 
 
 def position(message: Message) -> tuple[str, int, int]:
@@ -23,7 +23,7 @@ def position(message: Message) -> tuple[str, int, int]:
 
 
 def read_messages(
-    settings: Settings,
+    kafka: KafkaSettings,
     topic: str,
     timeout_s: float = 60,
     since_ms: int | None = None,
@@ -34,7 +34,7 @@ def read_messages(
     transaction's trailing marker cannot delay; `progress` is called after each fetch.
     """
     consumer = Consumer(
-        settings.kafka.client_config()
+        kafka.client_config()
         | {
             "group.id": f"reader-{time.monotonic_ns()}",
             "enable.auto.commit": False,

@@ -49,8 +49,8 @@ import schemas
 from engines.base import EngineError
 from engines.drift import Profile
 from engines.registry import CHALLENGER, CHAMPION, promote, resolve
-from pipeline.kafka.admin import create_topics, monitor_changelog, topic_partitions
-from pipeline.kafka.clients import connect_catalog, monitor_outputs, producer_config
+from pipeline.kafka.admin import topic_partitions
+from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position, read_messages
 from pipeline.kafka.transactions import transactional_call
@@ -60,6 +60,7 @@ from pipeline.monitor.join import LABELS, SCORES, Join, Pair
 from pipeline.monitor.quality import Tally, Window, at_thresholds
 from pipeline.settings import Settings
 from pipeline.telemetry import Health
+from pipeline.topics import create_topics, monitor_changelog, monitor_outputs
 from schemas.catalog import Catalog, RegistryUnavailable
 from schemas.codec import DecodeError, Decoder, Encoder
 
@@ -187,11 +188,15 @@ class Monitor:
         telemetry = self.telemetry
         if settings.telemetry.port:
             telemetry.serve(settings.telemetry.host, settings.telemetry.port)
-        catalog = connect_catalog(settings, monitor_outputs(settings))
+        catalog = connect_catalog(settings.schema_registry, monitor_outputs(settings))
         ensure_monitor_topics(settings)
         encoder = Encoder(schemas.MODEL_QUALITY, catalog.output_id(schemas.MODEL_QUALITY))
         producer = Producer(
-            producer_config(settings, transactional_id=f"{settings.monitor.group_id}.monitor")
+            producer_config(
+                settings.kafka,
+                f"{settings.monitor.group_id}.monitor",
+                settings.processing.transaction_timeout_ms,
+            )
         )
         transactional_call(producer.init_transactions)  # fences an older monitor
         consumer = Consumer(
@@ -235,7 +240,7 @@ class Monitor:
         records = [
             (key, message.value())
             for message in read_messages(
-                self._settings, topic, timeout_s=600, progress=self.telemetry.beat
+                self._settings.kafka, topic, timeout_s=600, progress=self.telemetry.beat
             )
             if (key := message.key())
         ]

@@ -44,7 +44,7 @@ def open_consumer(
     every `telemetry.statistics_interval_ms`, the results of offset commits to `on_commit`.
     """
     return Consumer(
-        consumer_config(settings)
+        consumer_config(settings.kafka, settings.consumer)
         | {
             "error_cb": on_client_error,
             "on_commit": on_commit,

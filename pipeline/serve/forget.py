@@ -41,12 +41,13 @@ from confluent_kafka import (
 )
 from confluent_kafka import TopicPartition as Position
 
-from pipeline.kafka.admin import create_topics, watermarks
+from pipeline.kafka.admin import watermarks
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.serve.state.table import CONTROL, UserTable
 from pipeline.settings import Settings
+from pipeline.topics import create_topics
 
 log = get_logger()
 

@@ -49,12 +49,8 @@ from engines.base import Engine, EngineError
 from engines.drift import Profile
 from engines.factory import load_engine
 from engines.reload import ModelWatcher
-from pipeline.kafka.admin import create_topics, topic_partitions
-from pipeline.kafka.clients import (
-    connect_catalog,
-    pipeline_outputs,
-    producer_config,
-)
+from pipeline.kafka.admin import topic_partitions
+from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.logging import get_logger
 from pipeline.serve.commit import (
     AtLeastOnce,
@@ -89,6 +85,7 @@ from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.serve.state.table import UserTable
 from pipeline.settings import LimitSettings, Settings
 from pipeline.telemetry import Telemetry
+from pipeline.topics import create_topics, pipeline_outputs
 from schemas.catalog import Catalog, RegistryUnavailable
 from schemas.codec import Encoder
 
@@ -389,7 +386,9 @@ class Pipeline:
         topics = settings.topics
 
         def make_producer(transactional_id: str | None = None) -> Producer:
-            config = producer_config(settings, transactional_id)
+            config = producer_config(
+                settings.kafka, transactional_id, settings.processing.transaction_timeout_ms
+            )
             if transactional_id is None:
                 config |= AT_LEAST_ONCE_PRODUCER
             return Producer(config | {"error_cb": on_client_error})
@@ -677,7 +676,7 @@ def run_pipeline(
     settings.privacy.secret()  # no key: fail now, naming the setting, before any work
     log.info("kernels_warm", seconds=round(warm_kernels(), 3))
     catalog = connect_catalog(
-        settings,
+        settings.schema_registry,
         pipeline_outputs(settings),
         lambda outage: log.warning("schema_registry_waiting", reason=str(outage)),
     )

@@ -39,13 +39,13 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 
 import schemas
-from pipeline.kafka.admin import create_topics, group_lag
 from pipeline.kafka.messages import read_messages
 from pipeline.settings import Settings, with_local_key
 from pipeline.tools.demo import RunningPipeline, ensure_models, fresh_topics
 from pipeline.tools.loadgen import ProduceReport, produce_clickstream
 from pipeline.tools.local_broker import REPO_ROOT, LocalCluster, free_port
 from pipeline.tools.local_registry import http_ok
+from pipeline.topics import create_topics, group_lag
 from pipeline.training.generator import GeneratorConfig
 from schemas.codec import Decoder
 
@@ -330,12 +330,12 @@ def _run(
         for instance in chaos.instances.values():
             if instance.process.poll() is None:
                 instance.kill()
-    inputs = read_messages(settings, settings.topics.input, timeout_s=120)
+    inputs = read_messages(settings.kafka, settings.topics.input, timeout_s=120)
     input_ids = [_event_id(m.value()) for m in inputs]
     decoder = Decoder(schemas.FRAUD_SCORE)
-    scores = read_messages(settings, settings.topics.fraud_scores, timeout_s=120)
+    scores = read_messages(settings.kafka, settings.topics.fraud_scores, timeout_s=120)
     scored_ids = [decoder.decode(m.value())["event_id"] for m in scores]
-    dead = len(read_messages(settings, settings.topics.dead_letter, timeout_s=60))
+    dead = len(read_messages(settings.kafka, settings.topics.dead_letter, timeout_s=60))
     verdict = judge(plan, sent, input_ids, scored_ids, dead, exits, caught_up)
     summary = {
         "seed": plan.seed,

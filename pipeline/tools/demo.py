@@ -24,16 +24,12 @@ from rich.table import Table
 
 import schemas
 from engines import metrics
-from pipeline.kafka.admin import (
-    admin_client,
-    committed_offsets,
-    create_topics,
-    end_offsets,
-)
+from pipeline.kafka.admin import admin_client, committed_offsets, end_offsets
 from pipeline.kafka.clients import reading_catalog
 from pipeline.kafka.messages import read_messages
 from pipeline.settings import Settings, settings_env, with_local_key
 from pipeline.tools.loadgen import produce_clickstream
+from pipeline.topics import create_topics
 from pipeline.training.generator import GeneratorConfig
 from pipeline.training.train import TrainConfig, needs_training, train_all
 from schemas.catalog import subject
@@ -139,7 +135,7 @@ class RunningPipeline:
 
     def wait_until_joined(self, timeout_s: float) -> None:
         """Until the pipeline owns partitions, so production does not race its start-up."""
-        admin = admin_client(self.settings)
+        admin = admin_client(self.settings.kafka)
         group = self.settings.consumer.group_id
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -193,10 +189,10 @@ def read_topic(
     settings: Settings, topic: str, schema_name: str, timeout_s: float = 60
 ) -> list[tuple[dict[str, Any], int]]:
     """Every committed record of `topic`, decoded, with its Kafka timestamp (ms)."""
-    decoder = Decoder(schema_name, reading_catalog(settings))
+    decoder = Decoder(schema_name, reading_catalog(settings.schema_registry))
     return [
         (decoder.decode(message.value()), message.timestamp()[1])
-        for message in read_messages(settings, topic, timeout_s)
+        for message in read_messages(settings.kafka, topic, timeout_s)
     ]
 
 
@@ -236,7 +232,7 @@ def _registry_summary(settings: Settings) -> dict[str, Any]:
     """The registry's URL and, per subject of the demo's topics, its (version, id) pairs;
     or the static mode's ids.
     """
-    catalog = reading_catalog(settings)
+    catalog = reading_catalog(settings.schema_registry)
     if not isinstance(catalog, RegistryCatalog):
         return catalog.describe()
     topics = settings.topics

@@ -43,12 +43,12 @@ from rich.table import Table
 
 import schemas
 from engines.registry import CHAMPION, resolve, versions
-from pipeline.kafka.admin import create_topics
-from pipeline.kafka.clients import connect_catalog, producer_config, producer_outputs
+from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.monitor.service import Monitor, ensure_monitor_topics
 from pipeline.serve.runner import run_pipeline
 from pipeline.settings import Settings, with_local_key
 from pipeline.tools.demo import DEMO_DIR, ensure_models, fresh_topics, read_topic
+from pipeline.topics import create_topics, producer_outputs
 from pipeline.training.generator import GeneratorConfig, generate
 from pipeline.training.retrain import labelled_events
 from pipeline.training.train import TrainConfig, retrain_fraud
@@ -164,10 +164,10 @@ class _Stream:
         ).anchored_before(time.time())
         self._events = generate(config)
         self._settings = settings
-        catalog = connect_catalog(settings, producer_outputs(settings))
+        catalog = connect_catalog(settings.schema_registry, producer_outputs(settings))
         self._event = Encoder(schemas.CLICK_EVENT, catalog.output_id(schemas.CLICK_EVENT))
         self._label = Encoder(schemas.FRAUD_LABEL, catalog.output_id(schemas.FRAUD_LABEL))
-        self._producer = Producer(producer_config(settings))
+        self._producer = Producer(producer_config(settings.kafka))
         self._late: list[list[dict[str, Any]]] = []
         self.produced = 0
         self.labels: dict[str, dict[str, Any]] = {}  # event_id -> label, with its position

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from confluent_kafka import Producer
 
 import schemas
-from pipeline.kafka.clients import connect_catalog, producer_config, producer_outputs
+from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.settings import ProduceSettings, Settings
+from pipeline.topics import producer_outputs
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
 from schemas.codec import Encoder
 
@@ -64,10 +65,10 @@ def produce_clickstream(
     the wall clock as it is produced, by a `LiveClock`, as a shop's live stream is.
     With `malformed_every` = N > 0, a malformed message follows every N-th event.
     """
-    producer = Producer(producer_config(settings))
+    producer = Producer(producer_config(settings.kafka))
     # As a producer with a registry serializer: the schemas are registered under the input's
     # and the labels' subjects, and the ids the registry gives frame the records.
-    catalog = connect_catalog(settings, producer_outputs(settings))
+    catalog = connect_catalog(settings.schema_registry, producer_outputs(settings))
     events = Encoder(schemas.CLICK_EVENT, catalog.output_id(schemas.CLICK_EVENT))
     labels = Encoder(schemas.FRAUD_LABEL, catalog.output_id(schemas.FRAUD_LABEL))
     topics = settings.topics

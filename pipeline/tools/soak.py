@@ -35,17 +35,11 @@ from rich.console import Console
 from rich.table import Table
 
 import schemas
-from pipeline.kafka.admin import (
-    TopicNotReady,
-    admin_client,
-    create_topics,
-    delete_topics,
-    group_lag,
-    pipeline_topics,
-)
+from pipeline.kafka.admin import TopicNotReady, admin_client, delete_topics
 from pipeline.settings import Settings, with_local_key
 from pipeline.tools.demo import RunningPipeline, ensure_models, fresh_topics, read_topic
 from pipeline.tools.loadgen import ProduceReport, produce_clickstream
+from pipeline.topics import create_topics, group_lag, pipeline_topics
 from pipeline.training.generator import GeneratorConfig
 
 matplotlib.use("Agg")
@@ -271,7 +265,7 @@ def _print(summary: dict[str, Any], console: Console, run_dir: Path) -> None:
 
 def _drop(settings: Settings) -> None:
     """Delete the run's topics (a 30-minute soak writes about 9 million records)."""
-    admin = admin_client(settings)
+    admin = admin_client(settings.kafka)
     existing = set(admin.list_topics(timeout=30).topics)
     group = settings.consumer.group_id
     mine = set(pipeline_topics(settings)) | {name for name in existing if name.startswith(group)}

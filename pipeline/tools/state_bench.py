@@ -30,7 +30,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from pipeline.kafka.admin import admin_client, create_topics, delete_topics
+from pipeline.kafka.admin import admin_client, delete_topics
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.state.changelog import (
     changelog_topic,
@@ -42,6 +42,7 @@ from pipeline.serve.state.changelog import (
 from pipeline.serve.state.reference import FLOAT_SLOTS, INT_SLOTS, UserState
 from pipeline.serve.state.table import UserTable
 from pipeline.settings import Settings
+from pipeline.topics import create_topics
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,7 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
     create_topics(bench_settings, [topics.input])
     try:
         changelog = ensure_changelog(bench_settings)
-        producer = Producer(producer_config(bench_settings))
+        producer = Producer(producer_config(bench_settings.kafka))
         for i, (user_id, value) in enumerate(records):
             while True:
                 try:
@@ -137,7 +138,9 @@ def run_state_bench(settings: Settings, users: int) -> StateBench:
         if loaded.from_snapshot != users or again.users() != users:
             raise RuntimeError(f"loaded {loaded.from_snapshot} snapshot states for {users} users")
     finally:  # nothing left on the broker (200,000 users left 160 MB there a run)
-        delete_topics(admin_client(bench_settings), [topics.input, changelog_topic(bench_settings)])
+        delete_topics(
+            admin_client(bench_settings.kafka), [topics.input, changelog_topic(bench_settings)]
+        )
     return StateBench(
         users=users,
         history_length=length,

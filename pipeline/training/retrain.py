@@ -47,11 +47,11 @@ def labelled_events(settings: Settings, window_s: float, timeout_s: float = 300)
     """The input's events since `window_s` ago that have a label on the labels topic."""
     since_ms = int((time.time() - window_s) * 1000)
     topics = settings.topics
-    catalog = reading_catalog(settings)
+    catalog = reading_catalog(settings.schema_registry)
     labels: dict[str, bool] = {}
     unreadable = 0
     label_decoder = Decoder(schemas.FRAUD_LABEL, catalog)
-    for message in read_messages(settings, topics.labels, timeout_s, since_ms):
+    for message in read_messages(settings.kafka, topics.labels, timeout_s, since_ms):
         try:
             record = label_decoder.decode(message.value())
         except DecodeError:
@@ -61,7 +61,7 @@ def labelled_events(settings: Settings, window_s: float, timeout_s: float = 300)
     events: list[ClickEvent] = []
     unlabelled = 0
     event_decoder = Decoder(schemas.CLICK_EVENT, catalog)
-    for message in read_messages(settings, topics.input, timeout_s, since_ms):
+    for message in read_messages(settings.kafka, topics.input, timeout_s, since_ms):
         try:
             record = event_decoder.decode(message.value())
         except DecodeError:

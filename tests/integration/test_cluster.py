@@ -11,13 +11,13 @@ import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from pipeline.kafka.admin import pipeline_topics
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.commit import ExactlyOnce, Rewind, TransactionsFailed
 from pipeline.serve.produce import Sink
 from pipeline.serve.state.changelog import ensure_changelog
 from pipeline.settings import Settings
 from pipeline.tools.local_broker import LocalCluster
+from pipeline.topics import pipeline_topics
 from tests.integration.test_faults import committed_values
 
 BOUND_S = 3.0  # the tests' transaction_call_timeout: each call gives up after this
@@ -85,7 +85,13 @@ def test_a_fenced_producer_is_closed_once_and_never_called_again(cluster_setting
     topic = cluster_settings.topics.fraud_scores
     transactional_id = f"{cluster_settings.consumer.group_id}.fenced"
     checkpoint = exactly_once(cluster_settings, transactional_id, topic, 30)
-    newer = Producer(producer_config(cluster_settings, transactional_id))
+    newer = Producer(
+        producer_config(
+            cluster_settings.kafka,
+            transactional_id,
+            cluster_settings.processing.transaction_timeout_ms,
+        )
+    )
     try:
         checkpoint.begin_batch()
         checkpoint.sink.publish_records(topic, [(b"k", b"fenced")])
@@ -110,7 +116,11 @@ def exactly_once(
     """A checkpoint with no consumer (no input offsets) writing to `topic`."""
     return ExactlyOnce(
         consumer=None,  # type: ignore[arg-type]  # no offsets: never asked for its metadata
-        make_producer=lambda: Producer(producer_config(settings, transactional_id)),
+        make_producer=lambda: Producer(
+            producer_config(
+                settings.kafka, transactional_id, settings.processing.transaction_timeout_ms
+            )
+        ),
         make_sink=lambda producer: Sink(
             producer, settings.topics, "changelog", {topic: 3}, track=False
         ),

@@ -35,7 +35,7 @@ def test_demo_summary_accounts_for_every_event(registry_settings, tmp_path, monk
 
     # The demo's outputs (summary, pipeline log, stats) hold none of the events' personal
     # values; gather them from the input topic as it was produced.
-    decoder = Decoder(schemas.CLICK_EVENT, reading_catalog(registry_settings))
+    decoder = Decoder(schemas.CLICK_EVENT, reading_catalog(registry_settings.schema_registry))
     personal: set[bytes] = set()
     for _, value, _ in raw_records(registry_settings, topics["input"]):
         try:

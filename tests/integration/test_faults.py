@@ -149,7 +149,7 @@ class Producing:
 
     def _run(self) -> None:
         encoder = Encoder(schemas.CLICK_EVENT)
-        producer = Producer(producer_config(self._settings))  # idempotent: keeps the order
+        producer = Producer(producer_config(self._settings.kafka))  # idempotent: keeps the order
         held_from = int(len(self.events) * self.HELD_FROM)
         started = time.monotonic()
         for i, event in enumerate(self.events):
@@ -335,7 +335,13 @@ def test_a_transaction_holding_a_record_the_broker_refuses_is_rolled_back(kafka_
     transactional_id = f"{kafka_settings.consumer.group_id}.refused"
     checkpoint = ExactlyOnce(
         consumer=None,  # no offsets: never asked for its group metadata
-        make_producer=lambda: Producer(producer_config(kafka_settings, transactional_id)),
+        make_producer=lambda: Producer(
+            producer_config(
+                kafka_settings.kafka,
+                transactional_id,
+                kafka_settings.processing.transaction_timeout_ms,
+            )
+        ),
         make_sink=lambda producer: Sink(
             producer, kafka_settings.topics, "changelog", {topic: 1}, track=False
         ),
@@ -375,10 +381,22 @@ def test_a_fenced_transactional_producer_is_released_and_replaced(kafka_settings
     topic = kafka_settings.topics.fraud_scores
     transactional_id = f"{kafka_settings.consumer.group_id}.fenced"
     made: list[Producer] = []
-    newer = Producer(producer_config(kafka_settings, transactional_id))
+    newer = Producer(
+        producer_config(
+            kafka_settings.kafka, transactional_id, kafka_settings.processing.transaction_timeout_ms
+        )
+    )
 
     def make_producer() -> Producer:
-        made.append(Producer(producer_config(kafka_settings, transactional_id)))
+        made.append(
+            Producer(
+                producer_config(
+                    kafka_settings.kafka,
+                    transactional_id,
+                    kafka_settings.processing.transaction_timeout_ms,
+                )
+            )
+        )
         return made[-1]
 
     checkpoint = ExactlyOnce(

@@ -14,13 +14,14 @@ from confluent_kafka import Producer
 
 import schemas
 from engines.registry import CHALLENGER, CHAMPION, resolve, versions
-from pipeline.kafka.admin import admin_client, monitor_changelog, topic_partitions
+from pipeline.kafka.admin import admin_client, topic_partitions
 from pipeline.kafka.clients import connect_catalog, producer_config
 from pipeline.kafka.messages import read_messages
 from pipeline.monitor.join import LABELS, SCORES
 from pipeline.monitor.service import Monitor
 from pipeline.tools.demo import read_topic
 from pipeline.tools.loadgen import produce_clickstream
+from pipeline.topics import monitor_changelog
 from pipeline.training.generator import GeneratorConfig
 from schemas.catalog import subject
 from schemas.codec import Encoder
@@ -48,8 +49,8 @@ def score(event_id, value, scored_ms, version="7"):
 
 def produce(settings, topic, schema, records, key):
     """Records framed with the registry's id, as the pipeline and the generator write."""
-    catalog = connect_catalog(settings, {topic: schema})
-    producer = Producer(producer_config(settings))
+    catalog = connect_catalog(settings.schema_registry, {topic: schema})
+    producer = Producer(producer_config(settings.kafka))
     encoder = Encoder(schema, catalog.output_id(schema))
     for record in records:
         producer.produce(topic, encoder.encode(record), record[key].encode())
@@ -172,7 +173,7 @@ def test_join_survives_a_restart_and_reports_quality(registry_settings):
 
 def waiting_in_changelog(settings):
     latest = {}
-    for message in read_messages(settings, monitor_changelog(settings)):
+    for message in read_messages(settings.kafka, monitor_changelog(settings)):
         latest[message.key()] = message.value()
     return {key for key, value in latest.items() if value is not None}
 
@@ -198,7 +199,7 @@ def test_pipeline_histograms_and_manifest_give_psi_and_baseline(kafka_settings):
     config = GeneratorConfig(events=3_000, users=300, seed=5).anchored_before(time.time())
     produce_clickstream(settings, config)
     pipeline = PipelineRunning(settings)
-    topic_partitions(admin_client(settings), settings.topics.input_histograms, 60)  # made
+    topic_partitions(admin_client(settings.kafka), settings.topics.input_histograms, 60)  # made
     monitor = Running(settings)
     try:
         monitor.wait_joined(3_000, timeout_s=120)

@@ -67,7 +67,7 @@ def produce_with_bad_input(settings, events):
     (valid: they must be scored). Returns the expected dead letters and the events.
     """
     encoder = Encoder(schemas.CLICK_EVENT)
-    producer = Producer(producer_config(settings))  # idempotent: keeps production order
+    producer = Producer(producer_config(settings.kafka))  # idempotent: keeps production order
     expected_dead, sent = [], []
     for i, (event, _) in enumerate(events):
         if i % 50 == 25:

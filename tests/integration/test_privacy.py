@@ -49,7 +49,7 @@ PERSONAL = {"device_id": DEVICE, "ip": IP, "card_fingerprint": CARD, "user_agent
 
 def raw_records(settings, topic):
     """(key, value, headers) of every committed record of `topic`."""
-    return [(m.key(), m.value(), m.headers() or []) for m in read_messages(settings, topic)]
+    return [(m.key(), m.value(), m.headers() or []) for m in read_messages(settings.kafka, topic)]
 
 
 def events_of(users, count, seed):
@@ -61,7 +61,7 @@ def events_of(users, count, seed):
 
 
 def produce_events(settings, events):
-    producer = Producer(producer_config(settings))
+    producer = Producer(producer_config(settings.kafka))
     encoder = Encoder(schemas.CLICK_EVENT)
     for event in events:
         producer.produce(
@@ -154,7 +154,7 @@ def come_back(settings, user, seed):
 
 def features_header(settings, event_id):
     """The feature digest header on the fraud score of `event_id`."""
-    fraud = Decoder(schemas.FRAUD_SCORE, reading_catalog(settings))
+    fraud = Decoder(schemas.FRAUD_SCORE, reading_catalog(settings.schema_registry))
     (headers,) = [
         dict(h)
         for _, value, h in raw_records(settings, settings.topics.fraud_scores)
@@ -264,7 +264,7 @@ def test_no_raw_personal_data_outside_the_input_and_the_dead_letter_topic(
     header_names = {name for _, _, headers in scores for name, _ in headers}
     assert {FEATURES_HEADER, TIMING_HEADER} <= header_names
     dead = raw_records(settings, settings.topics.dead_letter)
-    dead_reader = Decoder(schemas.DEAD_LETTER, reading_catalog(settings))
+    dead_reader = Decoder(schemas.DEAD_LETTER, reading_catalog(settings.schema_registry))
     reasons = {dead_reader.decode(value)["error_kind"] for _, value, _ in dead}
     assert reasons == {kind for _, _, kind in expected_dead}
     changelog = raw_records(settings, changelog_topic(settings))

@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 import schemas
 from pipeline.cli import app
 from pipeline.kafka.admin import topic_partitions
-from pipeline.kafka.clients import connect_catalog, pipeline_outputs
+from pipeline.kafka.clients import connect_catalog
 from pipeline.tools.demo import read_topic
 from pipeline.tools.local_broker import free_port
+from pipeline.topics import pipeline_outputs
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
 from schemas.catalog import IncompatibleSchema, subject
 from tests.integration.running import Running
@@ -184,7 +185,7 @@ def test_an_incompatible_output_schema_fails_start_up_naming_the_subject(registr
 
     client(settings).register_schema(fraud_subject, Schema(json.dumps(older), "AVRO"))
     with pytest.raises(IncompatibleSchema, match=fraud_subject):
-        connect_catalog(settings, pipeline_outputs(settings))
+        connect_catalog(settings.schema_registry, pipeline_outputs(settings))
 
 
 def ready(port):

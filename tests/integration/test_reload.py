@@ -40,7 +40,7 @@ def test_reload_mid_stream_loses_and_repeats_nothing(kafka_settings, model_dir, 
     config = GeneratorConfig(events=3000, users=80, seed=11).anchored_before(time.time())
     events = [event for event, _ in generate(config)]
     encoder = Encoder(schemas.CLICK_EVENT)
-    producer = Producer(producer_config(settings))  # idempotent: keeps production order
+    producer = Producer(producer_config(settings.kafka))  # idempotent: keeps production order
 
     def produce(chunk):
         for event in chunk:
@@ -121,7 +121,7 @@ def test_a_challenger_is_shadow_scored_beside_the_champion_and_never_decides(
     config = GeneratorConfig(events=2000, users=80, seed=12).anchored_before(time.time())
     events = [event for event, _ in generate(config)]
     encoder = Encoder(schemas.CLICK_EVENT)
-    producer = Producer(producer_config(settings))
+    producer = Producer(producer_config(settings.kafka))
 
     def produce(chunk):
         for event in chunk:

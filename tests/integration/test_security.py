@@ -11,12 +11,13 @@ import pytest
 from confluent_kafka import Producer
 
 import schemas
-from pipeline.kafka.admin import KafkaConnectionError, create_topics
+from pipeline.kafka.admin import KafkaConnectionError
 from pipeline.kafka.clients import producer_config
 from pipeline.serve.state.changelog import ensure_changelog
 from pipeline.settings import load_settings
 from pipeline.tools.demo import read_topic
 from pipeline.tools.local_broker import REPO_ROOT, LocalBroker, SaslSslListener, free_port
+from pipeline.topics import create_topics
 from pipeline.training.generator import GeneratorConfig, generate
 from schemas.codec import Encoder
 from tests.integration.running import Running
@@ -147,7 +148,7 @@ def test_pipeline_runs_through_sasl_ssl_and_never_shows_the_password(
     create_topics(settings)
     config = GeneratorConfig(events=400, users=20, seed=4).anchored_before(time.time())
     events = [event for event, _ in generate(config)]
-    producer = Producer(producer_config(settings))
+    producer = Producer(producer_config(settings.kafka))
     encoder = Encoder(schemas.CLICK_EVENT)
     for event in events:
         producer.produce(settings.topics.input, key=event["user_id"], value=encoder.encode(event))

@@ -25,5 +25,5 @@ def test_a_short_soak_accounts_for_every_input_and_cleans_up(kafka_settings, tmp
     run_dir = tmp_path / summary["run"]
     assert json.loads((run_dir / "summary.json").read_text())["passed"]
     assert (run_dir / PLOT).read_bytes().startswith(b"\x89PNG")
-    topics = admin_client(kafka_settings).list_topics(timeout=30).topics
+    topics = admin_client(kafka_settings.kafka).list_topics(timeout=30).topics
     assert [name for name in topics if summary["run"] in name] == []

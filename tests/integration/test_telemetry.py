@@ -6,9 +6,9 @@ import time
 import pytest
 from confluent_kafka import Consumer
 
-from pipeline.kafka.admin import group_lag
 from pipeline.serve.produce import TIMING_HEADER
 from pipeline.tools.local_broker import free_port
+from pipeline.topics import group_lag
 from pipeline.training.generator import GeneratorConfig, generate
 from tests.integration.running import Running
 from tests.integration.test_pipeline import produce_with_bad_input, wait_for_commit

@@ -67,7 +67,7 @@ def ensure_changelog(settings: Settings, timeout_s: float = 30) -> str:
     """Create the compacted changelog with the input's partition count if it is missing;
     refuse one whose partition count differs (its partitions would hold the wrong users).
     """
-    admin = connect(settings, timeout_s)
+    admin = connect(settings.kafka, timeout_s)
     name = changelog_topic(settings)
     topics = admin.list_topics(timeout=timeout_s).topics
     if settings.topics.input not in topics:

@@ -43,8 +43,8 @@ def ceiling(settings: Settings, stop: threading.Event) -> None:
     """Mirror the input topic's bytes to the fraud-scores topic, committing once a second
     after a flush (at least once).
     """
-    consumer = Consumer(consumer_config(settings))
-    producer = Producer(producer_config(settings))
+    consumer = Consumer(consumer_config(settings.kafka, settings.consumer))
+    producer = Producer(producer_config(settings.kafka))
     consumer.subscribe([settings.topics.input])
     out = settings.topics.fraud_scores
     # The next offset to commit per partition, once the outputs before it are flushed. The
@@ -103,8 +103,8 @@ def naive(settings: Settings, stop: threading.Event) -> None:
         features.session_gap_s,
         features.allowed_lateness_s,
     )
-    consumer = Consumer(consumer_config(settings))
-    producer = Producer(producer_config(settings))
+    consumer = Consumer(consumer_config(settings.kafka, settings.consumer))
+    producer = Producer(producer_config(settings.kafka))
     consumer.subscribe([settings.topics.input])
     try:
         while not stop.is_set():

@@ -49,7 +49,6 @@ import schemas
 from pipeline.kafka.admin import (
     admin_client,
     committed_offsets,
-    create_topics,
     delete_topics,
     end_offsets,
     topic_partitions,
@@ -60,6 +59,7 @@ from pipeline.serve.kernel import kernel
 from pipeline.serve.records import join
 from pipeline.settings import Settings, settings_env, with_local_key
 from pipeline.tools.loadgen import produce_one
+from pipeline.topics import create_topics
 from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
 from schemas.codec import Decoder, Encoder
 
@@ -268,7 +268,7 @@ class Bench:
         self.rss_topic = f"bench.{self.run_id}.distinct-users"
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._workload = Workload([], [], 0.0)
-        self._admin: AdminClient = admin_client(self.base)
+        self._admin: AdminClient = admin_client(self.base.kafka)
         self._broker = _broker_process(self.base)
 
     # --- phases -------------------------------------------------------------------------
@@ -346,7 +346,7 @@ class Bench:
             # sent about five times as many requests, and the broker they wake shares the
             # two cores with what is measured (its CPU fell from 87% to 66-74% at
             # 10,000 events/s with this and the probe's fetch below).
-            producer = Producer(producer_config(self.base) | {"linger.ms": 5})
+            producer = Producer(producer_config(self.base.kafka) | {"linger.ms": 5})
             pool = _cycle(workload.live)
             try:
                 # Warm-up, not measured: first batches pay for lazy allocations.
@@ -916,7 +916,7 @@ def produce_all(
     messages: Iterator[tuple[bytes, bytes]] | list[tuple[bytes, bytes]],
 ) -> float:
     """Write `messages` to `topic` as fast as possible; return the seconds it took."""
-    producer = Producer(producer_config(settings) | {"linger.ms": 20})
+    producer = Producer(producer_config(settings.kafka) | {"linger.ms": 20})
     started = time.monotonic()
     for key, value in messages:
         produce_one(producer, topic, key, value)

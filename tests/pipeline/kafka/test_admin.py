@@ -9,13 +9,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource
 
-from pipeline.kafka.admin import (
-    TopicNotReady,
-    admin_client,
-    create_topics,
-    topic_partitions,
-    watermarks,
-)
+from pipeline.kafka.admin import TopicNotReady, admin_client, topic_partitions, watermarks
+from pipeline.topics import create_topics
 
 
 def topic(partitions, error=None, leader=1):
@@ -120,7 +115,7 @@ def test_the_dead_letter_and_forget_topics_get_their_retention_and_layout(kafka_
     topics.dead_letter_retention_ms, the forget topic is one partition with its own.
     """
     topics = kafka_settings.topics
-    admin = admin_client(kafka_settings)
+    admin = admin_client(kafka_settings.kafka)
     resources = [
         ConfigResource(ConfigResource.Type.TOPIC, name)
         for name in (topics.dead_letter, topics.forget)

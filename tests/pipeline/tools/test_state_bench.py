@@ -11,7 +11,7 @@ from pipeline.tools.state_bench import _fill, _measure, full_user, run_state_ben
 
 @pytest.mark.integration
 def test_state_bench_restores_every_record_and_measures_memory(kafka_settings):
-    admin = admin_client(kafka_settings)
+    admin = admin_client(kafka_settings.kafka)
     before = set(admin.list_topics(timeout=30).topics)
     result = run_state_bench(kafka_settings, users=2000)
     # Its input and changelog are gone again (runs used to leave them: 49 runs, 8 GB).

@@ -35,7 +35,7 @@ def state(seed: int, history: int) -> bytes:
 
 def produce(settings, records):
     """(partition, key, value or None) records to the changelog, acknowledged."""
-    producer = Producer(producer_config(settings))
+    producer = Producer(producer_config(settings.kafka))
     for partition, key, value in records:
         producer.produce(changelog_topic(settings), key=key, value=value, partition=partition)
     assert producer.flush(30) == 0

@@ -83,7 +83,7 @@ def test_smoke_run_writes_results_report_plots_and_profile(kafka_settings, tmp_p
     assert "| streamscore_alo_1p |" in report and PLOT_LATENCY in report
     assert "## Stages (streamscore_alo_1p" in report
     # Every phase left the broker as it found it: no topic of this run remains.
-    topics = admin_client(kafka_settings).list_topics(timeout=30).topics
+    topics = admin_client(kafka_settings.kafka).list_topics(timeout=30).topics
     assert [name for name in topics if results["run"] in name] == []
     # The run's outputs (results, report, process logs, profile) hold none of the events'
     # personal values: the generator's IPs, device ids, card fingerprints and user agents.
