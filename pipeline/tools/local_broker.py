@@ -377,13 +377,23 @@ class LocalCluster:
         for node in nodes:
             if node.pid() is None:
                 node.start(cluster)  # all before any wait: a node needs a quorum to serve
+        deadline = time.monotonic() + timeout_s
         for node in nodes:
             why = node._not_ready(timeout_s)
             if why is not None:
                 tail = node._log_tail()
                 self.down()
                 raise BrokerError(f"node {node.node_id} ({node.bootstrap}): {why}:\n{tail}")
-        return self.bootstrap
+        # A node answers before the controller has registered every broker: a topic with
+        # replication factor 3 created then fails (INVALID_REPLICATION_FACTOR).
+        registered = 0
+        while time.monotonic() < deadline:
+            registered = registered_brokers(self.bootstrap, timeout_s=3)
+            if registered == len(nodes):
+                return self.bootstrap
+            time.sleep(0.3)
+        self.down()
+        raise BrokerError(f"{registered} of {len(nodes)} brokers registered in {timeout_s:.0f}s")
 
     def down(self, purge: bool = False) -> None:
         """Stop every node; `purge` also deletes their data."""
@@ -394,6 +404,15 @@ class LocalCluster:
     def running(self) -> list[int]:
         """The ids of the nodes whose process is alive."""
         return [node.node_id for node in self.nodes if node.pid() is not None]
+
+
+def registered_brokers(bootstrap: str, timeout_s: float) -> int:
+    """How many brokers the cluster at `bootstrap` reports (0 when it does not answer)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    try:
+        return len(admin.list_topics(timeout=timeout_s).brokers)
+    except Exception:
+        return 0
 
 
 def cluster_id(bootstrap: str, timeout_s: float) -> str | None:
