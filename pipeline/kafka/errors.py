@@ -1,8 +1,12 @@
-"""The one way to read a confluent-kafka exception's error."""
+"""The one way to read a confluent-kafka exception's error, and the clients' error callback."""
 
 from __future__ import annotations
 
 from confluent_kafka import KafkaError, KafkaException
+
+from pipeline.logging import get_logger
+
+log = get_logger()
 
 
 def kafka_error(exc: KafkaException) -> KafkaError:
@@ -15,3 +19,10 @@ def kafka_error(exc: KafkaException) -> KafkaError:
     if isinstance(error, KafkaError):
         return error
     return KafkaError(KafkaError.UNKNOWN, str(error) if error is not None else "")
+
+
+def on_client_error(error: KafkaError) -> None:
+    """A client's `error_cb`: librdkafka's errors outside any call (a broker down, a
+    coordinator moving), logged; a fatal one also surfaces at the next call.
+    """
+    log.warning("kafka_client_error", code=error.name(), reason=error.str(), fatal=error.fatal())

@@ -10,7 +10,7 @@ them between members: run one monitor per pipeline (`replicas: 1`).
 Each scored role (champion, challenger) has its own join. Every label is offered to both
 while a challenger has been shadowed within the join window, and the labels that join both
 roles' scores of their event feed `contest`: with `monitor.promote`, the challenger is
-promoted when it beats the champion there by the policy's margins (`_policy`), and every
+promoted when it beats the champion there by the policy's margins (`policy.py`), and every
 verdict is logged with its figures.
 
 PSI and the baseline figures the alerts compare with come from each version's manifest in
@@ -55,7 +55,7 @@ from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position, read_messages
 from pipeline.kafka.transactions import transactional_call
 from pipeline.logging import get_logger
-from pipeline.monitor import quality
+from pipeline.monitor import policy, quality
 from pipeline.monitor.join import LABELS, SCORES, Join, Pair
 from pipeline.monitor.quality import Tally, Window, at_thresholds
 from pipeline.settings import Settings
@@ -482,61 +482,31 @@ class Monitor:
         self.last_report, self.last_psi = report, psi
         log.info(
             "model_quality",
-            versions={v: _rounded(f) for v, f in report.items()},
+            versions={v: policy.rounded(f) for v, f in report.items()},
             psi_over_0_2={v: sorted(k for k, x in p.items() if x > 0.2) for v, p in psi.items()},
             roles={v: self._roles.get(v, CHAMPION) for v in report},
             pending={role: join.pending() for role, join in self.joins.items()},
             unjoined={role: join.expired for role, join in self.joins.items()},
             changelog_records=len(changes),
         )
-        self._policy(self.contest.report(now_ms), act=settings.monitor.promote)
+        self.decide(self.contest.report(now_ms), act=settings.monitor.promote)
 
     def role(self, version: str) -> str:
         """The role `version` was last scored in (champion when not seen)."""
         return self._roles.get(version, CHAMPION)
 
-    def _policy(self, contest: dict[str, dict[str, float]], act: bool) -> None:
-        """Promote the challenger when, on the labels both were joined to over the window,
-        it beats the champion by monitor.promote_margin_pr_auc in PR-AUC and by
-        monitor.promote_margin_recall in recall at block, with promote_min_labels labels.
-        Each verdict (once there are the labels for one) is logged with its figures; when
-        not to `act` (monitor.promote off), a win is logged as a recommendation for a
-        person to promote by hand.
+    def decide(self, contest: dict[str, dict[str, float]], act: bool) -> None:
+        """Apply the promotion policy (`policy.verdict`) to this report's `contest`: log
+        each verdict with its figures and, when it may `act` (monitor.promote), promote a
+        challenger that won; otherwise a win is logged as a recommendation for a person to
+        promote by hand.
         """
-        monitor = self._settings.monitor
-        by_role: dict[str, list[str]] = defaultdict(list)
-        for version in contest:
-            by_role[self._roles.get(version, CHAMPION)].append(version)
-        if not by_role[CHAMPION] or not by_role[CHALLENGER]:
+        verdict = policy.verdict(contest, self.role, self._promoted, self._settings.monitor)
+        if verdict is None:
             return
-        champion = max(by_role[CHAMPION], key=_version_order)
-        challenger = max(by_role[CHALLENGER], key=_version_order)
-        if challenger in self._promoted:
-            return  # its shadow scores still in flight name it a challenger
-        old, new = contest[champion], contest[challenger]
-        labelled = int(min(old["labelled"], new["labelled"]))
-        if labelled < monitor.promote_min_labels:
-            return
-        wanted = ("pr_auc", "recall_at_block", "precision_at_block", "ece")
-        verdict: dict[str, Any] = {
-            "champion": champion,
-            "challenger": challenger,
-            "labelled": labelled,
-            "champion_figures": _rounded({k: old[k] for k in wanted}),
-            "challenger_figures": _rounded({k: new[k] for k in wanted}),
-            "margins": {
-                "pr_auc": monitor.promote_margin_pr_auc,
-                "recall_at_block": monitor.promote_margin_recall,
-            },
-        }
-        # NaN (no positives yet) compares False: no promotion on undefined figures.
-        better = bool(
-            new["pr_auc"] >= old["pr_auc"] + monitor.promote_margin_pr_auc
-            and new["recall_at_block"] >= old["recall_at_block"] + monitor.promote_margin_recall
-        )
-        verdict["won"], verdict["promoted"] = better, better and act
+        verdict["promoted"] = verdict["won"] and act
         try:
-            self._act(verdict, challenger, act)
+            self._act(verdict, verdict["challenger"], act)
         finally:
             # Published once final: a reader never sees a promotion not yet made, or one
             # that then failed.
@@ -644,10 +614,6 @@ def _add_pairs(window: Window, pairs: list[Pair]) -> None:
         )
 
 
-def _version_order(version: str) -> tuple[int, str]:
-    return (int(version) if version.isdigit() else -1, version)
-
-
 @dataclass(frozen=True, slots=True)
 class _Reference:
     """What a model version's manifest says of its training: its drift profile (None for
@@ -656,7 +622,3 @@ class _Reference:
 
     profile: Profile | None
     baseline: dict[str, float]
-
-
-def _rounded(figures: dict[str, float]) -> dict[str, float]:
-    return {name: round(value, 4) for name, value in figures.items() if not math.isnan(value)}

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,13 +58,15 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from pipeline.kafka.clients import LINGER_MS
-from pipeline.kafka.errors import kafka_error
+from pipeline.kafka.admin import topic_partitions
+from pipeline.kafka.clients import LINGER_MS, producer_config
+from pipeline.kafka.errors import kafka_error, on_client_error
 from pipeline.kafka.messages import position
 from pipeline.kafka.transactions import CALL_BOUND_S, transactional_call
 from pipeline.logging import get_logger
-from pipeline.serve.produce import Sink, Unacked
+from pipeline.serve.produce import AT_LEAST_ONCE_PRODUCER, Sink, Unacked
 from pipeline.serve.state.changes import StateChange
+from pipeline.settings import Settings
 from schemas.errors import StreamscoreError
 
 log = get_logger()
@@ -678,3 +681,48 @@ def _commit(
     if offsets:
         transactional_call(producer.send_offsets_to_transaction, offsets, metadata, bound_s=bound_s)
     transactional_call(producer.commit_transaction, bound_s=max(1.0, deadline - time.monotonic()))
+
+
+def open_checkpoint(
+    settings: Settings,
+    consumer: Consumer,
+    changelog: str,
+    reports: CommitReports,
+    take_changes: Callable[[], Sequence[StateChange]],
+    dead_letter_id: int,
+    on_failure: Callable[[str], None],
+) -> Checkpoint:
+    """The checkpoint of `processing.guarantee`, with its producer and sink: outputs go to
+    their input's partition modulo each output topic's partition count, read now;
+    `take_changes` takes the state's pending changelog records; `on_failure` counts
+    exactly-once's failed transactions by kind.
+    """
+    topics, processing = settings.topics, settings.processing
+
+    def make_producer(transactional_id: str | None = None) -> Producer:
+        config = producer_config(
+            settings.kafka, transactional_id, processing.transaction_timeout_ms
+        )
+        if transactional_id is None:
+            config |= AT_LEAST_ONCE_PRODUCER
+        return Producer(config | {"error_cb": on_client_error})
+
+    outputs = (topics.fraud_scores, topics.recommendations, topics.shadow_scores)
+    partitions = {topic: len(topic_partitions(consumer, topic)) for topic in outputs}
+    if processing.guarantee == "at_least_once":
+        sink = Sink(make_producer(), topics, changelog, partitions, dead_letter_id)
+        return AtLeastOnce(consumer, sink, settings.checkpoint.interval_ms, take_changes, reports)
+    # One id per process instance: stable under static membership, fresh otherwise
+    # (fencing across restarts comes from the group generation, KIP-447).
+    instance = settings.consumer.instance_id or uuid.uuid4().hex[:12]
+    transactional_id = f"{settings.consumer.group_id}.{topics.input}.{instance}"
+    return ExactlyOnce(
+        consumer,
+        lambda: make_producer(transactional_id),
+        # Untracked: the transaction's commit fails if any record in it failed.
+        lambda producer: Sink(producer, topics, changelog, partitions, dead_letter_id, track=False),
+        take_changes,
+        processing.transaction_interval_ms,
+        processing.transaction_call_timeout_ms / 1000,
+        on_failure,
+    )

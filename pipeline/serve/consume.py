@@ -25,6 +25,7 @@ from confluent_kafka import (
 )
 
 from pipeline.kafka.clients import consumer_config
+from pipeline.kafka.errors import on_client_error
 from pipeline.logging import get_logger
 from pipeline.serve.commit import Checkpoint, CommitReports, Rewind
 from pipeline.serve.counts import RunStats
@@ -163,10 +164,6 @@ def raise_if_fatal(error: KafkaError, message: Message) -> None:
     )
     if error.fatal():
         raise KafkaException(error)
-
-
-def on_client_error(error: KafkaError) -> None:
-    log.warning("kafka_client_error", code=error.name(), reason=error.str(), fatal=error.fatal())
 
 
 class Partitions:

@@ -2,22 +2,22 @@
 score → produce → commit (per the delivery guarantee), restoring state from the changelog
 on assignment, and stop cleanly when asked.
 
-Batches overlap in two steps. `_prepare` decodes a batch, computes its features and starts
-its inference on the inference thread; `_finish` waits for that inference, produces the
-outputs and hands the batch to the checkpoint. Up to `processing.inference_depth` prepared
-batches wait in `_in_flight`, a FIFO: with 1 or more (1 is the default) the engines
-score batch N while the loop prepares batch N+1; with 0 each batch is finished as soon as
-it is prepared. While an exactly-once transaction commits on its helper thread
-(`Checkpoint.committing`), up to `COMMIT_AHEAD` more batches are prepared instead of
-waiting for it. Batches are finished, produced and committed strictly in order. State
-moves only in `_prepare` (on this one thread). The batch that closes a stretch or
-transaction (`Checkpoint.closing`, asked there) carries the changelog records of the state
-it left, for every user changed since the last such batch, so the checkpoint never sees a
-later batch's state early; with no batch in flight the checkpoint takes them itself.
+Batches overlap in two steps. `prepare` decodes a batch, computes its features and starts
+its inference on the inference thread; `finish` waits for that inference, produces the
+outputs and hands the batch to the checkpoint. Prepared batches wait in `batches`
+(`inflight.InFlight`, a FIFO with the rules for how many may wait): with
+`processing.inference_depth` 1 or more (1 is the default) the engines score batch N while
+the loop prepares batch N+1; with 0 each batch is finished as soon as it is prepared.
+Batches are finished, produced and committed strictly in order. State moves only in
+`prepare` (on this one thread). The batch that closes a stretch or transaction
+(`Checkpoint.closing`, asked there) carries the changelog records of the state it left,
+for every user changed since the last such batch, so the checkpoint never sees a later
+batch's state early; with no batch in flight the checkpoint takes them itself.
 Rebalances, model swaps and the stop finish the batches in flight first.
 
-Beside the loop: `consume.Partitions` (rebalances and each partition's state),
-`counts.count_batch` (run counts and metrics) and `produce.debug_headers`.
+Beside the loop: `inflight.InFlight` (the batches in flight), `consume.Partitions`
+(rebalances and each partition's state), `counts.count_batch` (run counts and metrics) and
+`produce.debug_headers`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ import gc
 import json
 import threading
 import time
-import uuid
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_for
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,31 +37,27 @@ import numpy as np
 from confluent_kafka import (
     Consumer,
     Message,
-    Producer,
     TopicPartition,
 )
 
 import schemas
-from engines.base import Engine, EngineError
+from engines.base import Engine
 from engines.drift import Profile
 from engines.factory import load_engine
 from engines.reload import ModelWatcher
-from pipeline.kafka.admin import topic_partitions
-from pipeline.kafka.clients import connect_catalog, producer_config
+from pipeline.kafka.clients import connect_catalog
 from pipeline.logging import get_logger
 from pipeline.serve.commit import (
-    AtLeastOnce,
     Checkpoint,
     CommitReports,
-    ExactlyOnce,
     Offsets,
     Rewind,
+    open_checkpoint,
 )
 from pipeline.serve.consume import (
     Backpressure,
     Partitions,
     RegistryHold,
-    on_client_error,
     open_consumer,
     raise_if_fatal,
     take_batch,
@@ -75,7 +68,8 @@ from pipeline.serve.encode import OutputEncoder
 from pipeline.serve.features.fold import Featurizer
 from pipeline.serve.forget import Forgetter, ensure_forget_topic
 from pipeline.serve.histograms import InputHistograms
-from pipeline.serve.produce import AT_LEAST_ONCE_PRODUCER, Sink, dead_letter, debug_headers
+from pipeline.serve.inflight import InFlight
+from pipeline.serve.produce import dead_letter, debug_headers
 from pipeline.serve.records import DeadLetter, EventColumns, FeatureBatch, Scored
 from pipeline.serve.score import Inference, InferenceThread, Request, Scorer
 from pipeline.serve.score import warm_kernels as warm_scoring
@@ -83,6 +77,7 @@ from pipeline.serve.state.changelog import ensure_changelog
 from pipeline.serve.state.changes import StateChange
 from pipeline.serve.state.pseudonym import Pseudonyms
 from pipeline.serve.state.table import UserTable
+from pipeline.serve.swap import ModelSwaps
 from pipeline.settings import LimitSettings, Settings
 from pipeline.telemetry import Telemetry
 from pipeline.topics import create_topics, pipeline_outputs
@@ -90,10 +85,6 @@ from schemas.catalog import Catalog, RegistryUnavailable
 from schemas.codec import Encoder
 
 log = get_logger()
-# Batches the loop prepares beyond `inference_depth` while an exactly-once transaction
-# commits on its helper thread: each holds at most `consumer.max_batch` events and their
-# features, and the commit (tens of ms) spans a few batches at a backlog.
-COMMIT_AHEAD = 8
 
 
 @dataclass(slots=True)
@@ -155,23 +146,24 @@ class Pipeline:
             settings.monitor.histogram_interval_s, catalog.output_id(schemas.INPUT_HISTOGRAM)
         )
         self._scorer = Scorer(fraud, ranking, settings.decision, settings.ranking)
-        self._watcher = ModelWatcher(
-            settings.engine, {"fraud": fraud.version, "ranking": ranking.version}
-        )
         self.telemetry = Telemetry(settings.telemetry.liveness_timeout_s)
+        self.models = ModelSwaps(
+            self._scorer,
+            ModelWatcher(settings.engine, {"fraud": fraud.version, "ranking": ranking.version}),
+            self.telemetry,
+        )
         for role, engine in (("fraud", fraud), ("ranking", ranking)):
-            self._describe_engine(role, engine)
+            self.models.describe(role, engine)
         self.telemetry.engines_loaded()
         self._next_state_sample = 0.0
-        self._inference = InferenceThread(settings.processing.inference_depth)
-        log.info("inference_depth", depth=self._inference.depth)
-        self._in_flight: deque[_Batch] = deque()  # prepared, not yet finished; oldest first
+        self.inference = InferenceThread(settings.processing.inference_depth)
+        log.info("inference_depth", depth=self.inference.depth)
+        # prepared, not yet finished; oldest first
+        self.batches = InFlight(self.prepare, self.finish, self.inference.depth)
         self._partitions = Partitions(settings, self.store, self.telemetry, self.stats)
         # Erasures applied since the last batch was prepared: that batch's stretch takes
         # their tombstones when it closes; with none in flight, a stretch closes for them.
         self._unsent_erasures = False
-        # Challengers that failed mid-batch: closed at the end, when no batch can hold them.
-        self._retired_shadow: list[Engine] = []
 
     def run(self, stop: threading.Event) -> RunStats:
         """Consume until `stop` is set; finish the batch in hand, commit, close."""
@@ -200,16 +192,24 @@ class Pipeline:
             reports = CommitReports()
             consumer = open_consumer(self.settings, telemetry.on_stats, reports)
             stack.callback(consumer.close)
-            checkpoint = self._checkpoint(consumer, changelog, reports)
+            checkpoint = open_checkpoint(
+                self.settings,
+                consumer,
+                changelog,
+                reports,
+                self.store.take_changes,
+                self._dead_letter_id,
+                lambda kind: telemetry.transaction_failures.labels(kind=kind).inc(),
+            )
             stack.callback(checkpoint.close)
             telemetry.watch(checkpoint.progress.stalled_s)
             self._partitions.subscribe(
-                consumer, checkpoint, self._gate, lambda: self._settle(checkpoint)
+                consumer, checkpoint, self._gate, lambda: self.batches.settle(checkpoint)
             )
             backpressure = self._gate
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
-            in_flight = self._in_flight
+            in_flight = self.batches
             while not stop.is_set():
                 telemetry.beat()
                 # With a batch in inference, take only what is already fetched: waiting for
@@ -228,7 +228,7 @@ class Pipeline:
                     if forgetter.poll():  # erasure requests apply between batches
                         self._unsent_erasures = True
                     if messages:
-                        self._admit(messages, checkpoint)
+                        in_flight.admit(messages, checkpoint)
                         self._unsent_erasures = False
                         if self._registry_hold.succeeded():  # the registry answers again
                             telemetry.held(None)
@@ -237,12 +237,9 @@ class Pipeline:
                         # until a batch decodes: a retry is no sign the registry is back.
                         backpressure.release(consumer)
                         log.info("input_released", reason="retrying the schema registry")
-                    # The overlap invariant: batches leave `in_flight` oldest first, so
-                    # outputs, changelog and offsets go out in input order; at most `depth`
-                    # wait (`COMMIT_AHEAD` more while a transaction commits: the next
-                    # batch's outputs would wait for it), and none once the input is idle.
-                    while in_flight and (not messages or len(in_flight) > self._ahead(checkpoint)):
-                        self._finish(in_flight.popleft(), checkpoint)
+                    # The overlap invariant (`InFlight`): oldest first, in input order; none
+                    # waits once the input is idle.
+                    in_flight.finish_due(checkpoint, idle=not messages)
                     if self._unsent_erasures and not in_flight:  # no batch to carry them
                         checkpoint.begin_batch()
                         checkpoint.end_batch({}, self.store.take_changes())
@@ -251,9 +248,9 @@ class Pipeline:
                         checkpoint.begin_batch()  # an idle input: histograms go out alone
                         self._publish_histograms(checkpoint)
                         checkpoint.end_batch({}, None)
-                    self._swap_reloaded_models(checkpoint)
+                    self.models.poll(lambda: self._settle_for_swap(checkpoint))
                 except Rewind as rewind:
-                    self._discard()
+                    in_flight.discard()
                     self._partitions.rewind(consumer, str(rewind))
                 except RegistryUnavailable as outage:
                     self._hold_input(consumer, messages, outage)
@@ -265,7 +262,7 @@ class Pipeline:
                     # May close a stretch or commit the open transaction.
                     checkpoint.tick(idle=not in_flight)
                 except Rewind as rewind:
-                    self._discard()
+                    in_flight.discard()
                     self._partitions.rewind(consumer, str(rewind))
                 self.stats.commit_cpu_s += time.thread_time() - ticked_cpu
                 ticked = time.perf_counter() - ticked_at
@@ -273,7 +270,7 @@ class Pipeline:
                 self.stats.commit_s += ticked
                 self._sample_state(unacked)
             try:
-                self._drain(checkpoint)
+                in_flight.drain(checkpoint)
                 if self._histograms.counted:
                     checkpoint.begin_batch()
                     self._publish_histograms(checkpoint)
@@ -283,38 +280,11 @@ class Pipeline:
                 # Rolled back: the partitions' next owner reads it again from the last commit.
                 # The state here still holds the rolled-back batches: no snapshot of it when
                 # the consumer's close revokes the partitions.
-                self._discard()
+                in_flight.discard()
                 self._partitions.rewind_due = str(rewind)
                 log.warning("stopped_after_rollback", reason=str(rewind))
             log.info("pipeline_stopped", **asdict(self.stats))
         return self.stats
-
-    def _admit(self, messages: list[Message], checkpoint: Checkpoint) -> None:
-        """Prepare a batch of `messages`, first finishing the batches in flight whose
-        inference is done: their outputs would wait out its preparation for nothing. Not
-        while a transaction commits: they would wait for that, and the loop with them.
-        """
-        in_flight = self._in_flight
-        while in_flight and in_flight[0].inference.done() and not checkpoint.committing():
-            self._finish(in_flight.popleft(), checkpoint)
-        in_flight.append(self._prepare(messages, checkpoint))
-
-    def _ahead(self, checkpoint: Checkpoint) -> int:
-        """How many prepared batches may wait to be finished now."""
-        depth = self._inference.depth
-        return depth + COMMIT_AHEAD if checkpoint.committing() else depth
-
-    def _drain(self, checkpoint: Checkpoint) -> None:
-        """Finish every batch in flight, oldest first; may raise Rewind."""
-        while self._in_flight:
-            self._finish(self._in_flight.popleft(), checkpoint)
-
-    def _discard(self) -> None:
-        """Drop the batches in flight after a rollback (their state is restored anew), once
-        the inference thread is done with them.
-        """
-        wait_for([batch.inference for batch in self._in_flight])
-        self._in_flight.clear()
 
     def _hold_input(
         self, consumer: Consumer, messages: list[Message], outage: RegistryUnavailable
@@ -344,23 +314,6 @@ class Pipeline:
             partitions=sorted(partition for _, partition in first),
         )
 
-    def _settle(self, checkpoint: Checkpoint) -> str | None:
-        """In a rebalance callback: finish the batches in flight while their partitions are
-        still owned. A rollback met here drops the rest and is returned, for the loop to
-        rewind outside the callback.
-        """
-        try:
-            self._drain(checkpoint)
-        except Rewind as rewind:
-            self._discard()
-            return str(rewind)
-        return None
-
-    def _describe_engine(self, role: str, engine: Engine) -> None:
-        self.telemetry.engine.labels(role=role).info(
-            {"model": engine.name, "version": engine.version, "backend": engine.backend}
-        )
-
     def _sample_state(self, in_flight: int) -> None:
         telemetry = self.telemetry
         telemetry.in_flight.set(in_flight)
@@ -371,125 +324,20 @@ class Pipeline:
             telemetry.state_bytes.set(self.store.estimate_bytes())
 
     def close(self) -> None:
-        """Stop watching for models, stop the inference thread, close the engines in use."""
-        self._watcher.close()
-        self._inference.close()
-        self._scorer.fraud.close()
-        self._scorer.ranking.close()
-        if self._scorer.shadow is not None:
-            self._scorer.shadow.close()
-        for engine in self._retired_shadow:
-            engine.close()
+        """Stop the inference thread, then watching for models, and close the engines."""
+        self.inference.close()
+        self.models.close()
 
-    def _checkpoint(self, consumer: Consumer, changelog: str, reports: CommitReports) -> Checkpoint:
-        settings = self.settings
-        topics = settings.topics
-
-        def make_producer(transactional_id: str | None = None) -> Producer:
-            config = producer_config(
-                settings.kafka, transactional_id, settings.processing.transaction_timeout_ms
-            )
-            if transactional_id is None:
-                config |= AT_LEAST_ONCE_PRODUCER
-            return Producer(config | {"error_cb": on_client_error})
-
-        # Where scores and recommendations go: their input's partition, modulo these.
-        outputs = (topics.fraud_scores, topics.recommendations, topics.shadow_scores)
-        partitions = {topic: len(topic_partitions(consumer, topic)) for topic in outputs}
-        if settings.processing.guarantee == "at_least_once":
-            sink = Sink(make_producer(), topics, changelog, partitions, self._dead_letter_id)
-            return AtLeastOnce(
-                consumer, sink, settings.checkpoint.interval_ms, self.store.take_changes, reports
-            )
-        # One id per process instance: stable under static membership, fresh otherwise
-        # (fencing across restarts comes from the group generation, KIP-447).
-        instance = settings.consumer.instance_id or uuid.uuid4().hex[:12]
-        transactional_id = f"{settings.consumer.group_id}.{topics.input}.{instance}"
-        return ExactlyOnce(
-            consumer,
-            lambda: make_producer(transactional_id),
-            # Untracked: the transaction's commit fails if any record in it failed.
-            lambda producer: Sink(
-                producer, topics, changelog, partitions, self._dead_letter_id, track=False
-            ),
-            self.store.take_changes,
-            settings.processing.transaction_interval_ms,
-            settings.processing.transaction_call_timeout_ms / 1000,
-            lambda kind: self.telemetry.transaction_failures.labels(kind=kind).inc(),
-        )
-
-    def _swap_reloaded_models(self, checkpoint: Checkpoint) -> None:
-        """Between batches, serve any newer model version the watcher has loaded. Batches in
-        flight keep the engines they were prepared with, so the old ones close only after
-        those are finished.
+    def _settle_for_swap(self, checkpoint: Checkpoint) -> None:
+        """Before swapped-out engines close: finish the batches in flight (after a rollback,
+        wait until inference let go of them).
         """
-        retired: list[Engine] = []
-        for role, engine in self._watcher.poll():
-            if role == "shadow":
-                retired.extend(self._swap_shadow(engine))
-                continue
-            assert engine is not None  # only the shadow role is ever offered None
-            try:
-                old = self._scorer.swap(role, engine)
-            except EngineError as exc:
-                log.warning(
-                    "model_reload_rejected", role=role, version=engine.version, error=str(exc)
-                )
-                self._watcher.refuse(role, engine.version)
-                engine.close()
-                continue
-            self._watcher.swapped(role, engine.version)
-            self._describe_engine(role, engine)
-            log.info(
-                "model_swapped",
-                role=role,
-                model=engine.name,
-                old_version=old.version,
-                new_version=engine.version,
-                backend=engine.backend,
-            )
-            retired.append(old)
-        if retired:
-            try:
-                self._drain(checkpoint)
-            finally:
-                self._discard()  # after a rollback, waits until inference let go of them
-                for old in retired:
-                    old.close()
-
-    def _swap_shadow(self, engine: Engine | None) -> list[Engine]:
-        """Shadow-score with `engine` (None: stop) from the next batch; what it retires."""
         try:
-            old = self._scorer.swap_shadow(engine)
-        except EngineError as exc:
-            assert engine is not None
-            log.warning("model_shadow_rejected", version=engine.version, error=str(exc))
-            self._watcher.refuse("shadow", engine.version)
-            engine.close()
-            return []
-        version = None if engine is None else engine.version
-        self._watcher.swapped("shadow", version)
-        log.info(
-            "model_shadow_swapped",
-            old_version=None if old is None else old.version,
-            new_version=version,
-        )
-        return [] if old is None else [old]
+            self.batches.drain(checkpoint)
+        finally:
+            self.batches.discard()
 
-    def _stop_failed_shadow(self, request: Request, error: str) -> None:
-        """A challenger that failed to score a batch is shadowed no longer (the batch's own
-        scores are whole); it is not loaded again.
-        """
-        shadow = request.shadow
-        if shadow is None or self._scorer.shadow is not shadow:
-            return  # already replaced
-        log.warning("model_shadow_failed", version=shadow.version, error=error)
-        self._scorer.swap_shadow(None)
-        self._watcher.refuse("shadow", shadow.version)
-        self._watcher.swapped("shadow", None)
-        self._retired_shadow.append(shadow)
-
-    def _prepare(self, messages: list[Message], checkpoint: Checkpoint) -> _Batch:
+    def prepare(self, messages: list[Message], checkpoint: Checkpoint) -> _Batch:
         """Decode, skip replays, compute features (moving the state on), take the changelog
         records if the batch closes a stretch (`Checkpoint.closing`), and start inference.
         """
@@ -506,7 +354,7 @@ class Pipeline:
             changes = self.store.take_changes() if checkpoint.closing() else None
         featured_cpu, featured_at = time.thread_time(), time.perf_counter()
         request = self._scorer.prepare(columns, rows, features)
-        inference = self._inference.submit(request)
+        inference = self.inference.submit(request)
         done_cpu, done = time.thread_time(), time.perf_counter()
         return _Batch(
             messages=messages,
@@ -526,14 +374,14 @@ class Pipeline:
             cpu_s=(decoded_cpu - started_cpu, featured_cpu - decoded_cpu, done_cpu - featured_cpu),
         )
 
-    def _finish(self, batch: _Batch, checkpoint: Checkpoint) -> None:
+    def finish(self, batch: _Batch, checkpoint: Checkpoint) -> None:
         """Wait for the batch's inference, produce its outputs, hand it to the checkpoint."""
         started, started_cpu = time.perf_counter(), time.thread_time()
         stage = self.telemetry.stage_seconds
         with stage.labels("inference_wait").time():
             inference = batch.inference.result()
         if inference.shadow_error is not None:
-            self._stop_failed_shadow(batch.request, inference.shadow_error)
+            self.models.stop_failed_shadow(batch.request, inference.shadow_error)
         stage.labels("inference").observe(inference.seconds)
         shaping = time.perf_counter()
         scored = self._scorer.shape(batch.columns, batch.rows, batch.request, inference)

@@ -285,6 +285,11 @@ class InferenceThread:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") if depth else None
         )
 
+    @property
+    def inline(self) -> bool:
+        """Whether inference runs on the caller's thread (`depth` 0)."""
+        return self._executor is None
+
     def submit(self, request: Request) -> Future[Inference]:
         """Start `request`; its future holds the Inference or the engine's exception."""
         if self._executor is not None:

@@ -43,7 +43,7 @@ def monitor(tmp_path):
 def test_no_verdict_or_a_refusal_unless_both_margins_hold_on_enough_labels(
     monitor, challenger, why
 ):
-    monitor._policy({"4": figures(0.8, 0.7), "5": challenger}, act=True)
+    monitor.decide({"4": figures(0.8, 0.7), "5": challenger}, act=True)
     if challenger["labelled"] < 1000:
         assert list(monitor.verdicts) == [], why
     else:
@@ -53,7 +53,7 @@ def test_no_verdict_or_a_refusal_unless_both_margins_hold_on_enough_labels(
 
 
 def test_with_promotion_off_a_win_is_recommended_not_promoted(monitor):
-    monitor._policy({"4": figures(0.8, 0.7), "5": figures(0.9, 0.9)}, act=False)
+    monitor.decide({"4": figures(0.8, 0.7), "5": figures(0.9, 0.9)}, act=False)
     (verdict,) = monitor.verdicts
     assert (verdict["champion"], verdict["challenger"]) == ("4", "5")
     assert verdict["won"] and not verdict["promoted"]  # logged model_promotion_recommended

@@ -13,8 +13,9 @@ from pydantic import SecretStr
 
 import schemas
 from pipeline.serve.commit import Rewind
+from pipeline.serve.inflight import COMMIT_AHEAD
 from pipeline.serve.records import EVENT_ID
-from pipeline.serve.runner import COMMIT_AHEAD, Pipeline, _next_offsets
+from pipeline.serve.runner import Pipeline, _next_offsets
 from pipeline.serve.score import REASON_NAMES
 from pipeline.serve.state.reference import OFFSET, SESSION_EVENTS, UserState
 from pipeline.settings import PrivacySettings, ProcessingSettings, Settings
@@ -112,10 +113,10 @@ def test_batches_in_flight_finish_in_order_each_with_the_state_it_left(depth):
     try:
         # Both are prepared before either finishes: the second's features already moved
         # the user on, yet the first hands over the state as it left it.
-        runner._in_flight.append(runner._prepare([event_message(0)], checkpoint))
+        runner.batches.add([event_message(0)], checkpoint)
         second = [event_message(1), event_message(2, "u2")]
-        runner._in_flight.append(runner._prepare(second, checkpoint))
-        runner._drain(checkpoint)
+        runner.batches.add(second, checkpoint)
+        runner.batches.drain(checkpoint)
     finally:
         runner.close()
     assert checkpoint.sink.published == [["e0"], ["e1", "e2"]]
@@ -139,9 +140,9 @@ def test_only_a_closing_batch_carries_changes_of_every_user_its_stretch_changed(
     checkpoint = RecordingCheckpoint(closing=[False, False, True, False])
     try:
         for batch in ([event_message(0)], [event_message(1, "u2")], [event_message(2)]):
-            runner._in_flight.append(runner._prepare(batch, checkpoint))
-        runner._in_flight.append(runner._prepare([event_message(3, "u3")], checkpoint))
-        runner._drain(checkpoint)
+            runner.batches.add(batch, checkpoint)
+        runner.batches.add([event_message(3, "u3")], checkpoint)
+        runner.batches.drain(checkpoint)
     finally:
         runner.close()
     first, second, closing, after = (states for _, states in checkpoint.ended)
@@ -156,12 +157,12 @@ def test_a_rollback_in_a_rebalance_drops_the_batches_in_flight_and_is_left_to_th
     runner = pipeline(depth=2)
     checkpoint = RecordingCheckpoint(rewind_first=True)
     try:
-        runner._in_flight.append(runner._prepare([event_message(0)], checkpoint))
-        runner._in_flight.append(runner._prepare([event_message(1)], checkpoint))
-        reason = runner._settle(checkpoint)  # what on_revoke and on_lost do first
+        runner.batches.add([event_message(0)], checkpoint)
+        runner.batches.add([event_message(1)], checkpoint)
+        reason = runner.batches.settle(checkpoint)  # what on_revoke and on_lost do first
     finally:
         runner.close()
-    assert not runner._in_flight
+    assert not runner.batches
     assert checkpoint.ended == []  # the second batch is not finished after the rollback
     assert checkpoint.sink.published == [["e0"]]
     assert reason == "aborted"
@@ -175,13 +176,13 @@ def test_inference_runs_on_its_own_thread_by_default_whatever_the_engines_run_on
         StaticCatalog(),
     )
     try:
-        assert runner._inference.depth == 1
-        assert runner._inference._executor is not None
+        assert runner.inference.depth == 1
+        assert not runner.inference.inline
     finally:
         runner.close()
     inline = pipeline(0)
     try:
-        assert inline._inference._executor is None
+        assert inline.inference.inline
     finally:
         inline.close()
 
@@ -191,18 +192,18 @@ def test_a_batch_whose_inference_is_done_goes_out_before_the_next_is_prepared(de
     runner = pipeline(depth)
     checkpoint = RecordingCheckpoint()
     try:
-        runner._admit([event_message(0)], checkpoint)
-        runner._in_flight[0].inference.result()  # done
-        runner._admit([event_message(1)], checkpoint)
+        runner.batches.admit([event_message(0)], checkpoint)
+        next(iter(runner.batches)).inference.result()  # done
+        runner.batches.admit([event_message(1)], checkpoint)
         assert checkpoint.sink.published == [["e0"]]
-        assert [batch.messages[0].offset() for batch in runner._in_flight] == [1]
+        assert [batch.messages[0].offset() for batch in runner.batches] == [1]
         # While a transaction commits, the done batch stays: its outputs would wait for it.
-        runner._in_flight[0].inference.result()
+        next(iter(runner.batches)).inference.result()
         checkpoint.commit_under_way = True
-        runner._admit([event_message(2)], checkpoint)
+        runner.batches.admit([event_message(2)], checkpoint)
         assert checkpoint.sink.published == [["e0"]]
-        assert [batch.messages[0].offset() for batch in runner._in_flight] == [1, 2]
-        runner._drain(checkpoint)
+        assert [batch.messages[0].offset() for batch in runner.batches] == [1, 2]
+        runner.batches.drain(checkpoint)
     finally:
         runner.close()
     assert checkpoint.sink.published == [["e0"], ["e1"], ["e2"]]
@@ -213,9 +214,9 @@ def test_while_a_transaction_commits_the_loop_prepares_further_batches(depth):
     runner = pipeline(depth)
     checkpoint = RecordingCheckpoint()
     try:
-        assert runner._ahead(checkpoint) == depth
+        assert runner.batches.ahead(checkpoint) == depth
         checkpoint.commit_under_way = True  # the next batch's outputs would wait for it
-        assert runner._ahead(checkpoint) == depth + COMMIT_AHEAD
+        assert runner.batches.ahead(checkpoint) == depth + COMMIT_AHEAD
     finally:
         runner.close()
 
