@@ -46,8 +46,17 @@ from pipeline.serve.records import (
     EventColumns,
     FeatureBatch,
 )
-from pipeline.serve.state.layout import KINDS
+from pipeline.serve.state.layout import (
+    KINDS,
+    Var,
+    hashes_of,
+    history_of,
+    items_of,
+    promote,
+    times_of,
+)
 from pipeline.serve.state.pseudonym import Pseudonyms, pseudonym
+from pipeline.serve.state.recency import touch
 from pipeline.serve.state.reference import (
     AFFINITY,
     AMOUNT_1H,
@@ -69,17 +78,7 @@ from pipeline.serve.state.reference import (
     SESSION_VIEWS,
     WINDOWS,
 )
-from pipeline.serve.state.table import (
-    SCRATCH,
-    UserTable,
-    Var,
-    hashes_of,
-    history_of,
-    items_of,
-    promote,
-    times_of,
-    touch,
-)
+from pipeline.serve.state.table import SCRATCH, UserTable
 from pipeline.settings import LimitSettings
 from schemas.codec import Encoder
 

@@ -29,7 +29,8 @@ from pipeline.kafka.errors import kafka_error
 from pipeline.kafka.messages import position
 from pipeline.logging import get_logger
 from pipeline.serve.state import snapshot
-from pipeline.serve.state.table import CONTROL, UserTable, holds_user_states
+from pipeline.serve.state.byteform import holds_user_states
+from pipeline.serve.state.table import CONTROL, UserTable
 from pipeline.settings import Settings
 from schemas.errors import StreamscoreError
 

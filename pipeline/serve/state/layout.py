@@ -1,17 +1,21 @@
-"""The user table's slot layout: the state arrays kernels take, one row per slot, and how
-many history events, items and seen values a slot holds inline before its user moves to a
-pool row (`table.UserTable`). The key index (`keys`) reads the key columns; nothing here
-depends on either.
+"""The user table's layout: the slot columns kernels take (one row per slot), how many
+history events, items and seen values a slot holds inline before its user moves to a pool
+row, the pool, `Var` (every slot's variable parts, inline and pooled, as kernels take them)
+and its accessors. The key index (`keys`) reads the key columns; nothing here depends on the
+table or the index.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.serve.kernel import inline_kernel, kernel
 from pipeline.serve.state.reference import (
     FLOAT_SLOTS,
+    HEADER,
     INT_SLOTS,
     MAX_SEEN,
     MAX_SESSION_ITEMS,
@@ -19,6 +23,9 @@ from pipeline.serve.state.reference import (
 )
 
 KINDS = len(SEEN_KINDS)
+HEADER_BYTES = HEADER.size
+COUNTS_BYTES = 12  # the header ends with its six uint16 counts (history, items, seen kinds)
+NO_SLOT = -1
 INLINE_EVENTS = 8  # history events a slot holds before its user moves to a pool row
 INLINE_ITEMS = 8
 INLINE_SEEN = 2  # values per seen kind
@@ -87,3 +94,139 @@ class Columns:
     def nbytes(self) -> int:
         """Bytes held by the arrays."""
         return sum(getattr(self, name).nbytes for name in self.__dataclass_fields__)
+
+
+@dataclass(slots=True)
+class Pool:
+    """Full-size rows for the variable parts of users who outgrew their slot's inline room.
+    Row 0 belongs to the scratch slot; the free rows are a stack, `free[:top[0]]`, which
+    kernels pop (`promote`), so `reserve` must leave enough before each kernel.
+    """
+
+    history: np.ndarray  # int32 (rows, 2 * history_length)
+    items: np.ndarray  # int32 (rows, MAX_SESSION_ITEMS)
+    seen_hash: np.ndarray  # uint32 (rows, KINDS, MAX_SEEN)
+    seen_time: np.ndarray  # int64 (rows, KINDS, MAX_SEEN)
+    free: np.ndarray  # int32 (rows,): free rows, the next one to take last
+    top: np.ndarray  # int64 (1,): how many of `free` are free
+
+    @classmethod
+    def empty(cls, rows: int, history_length: int) -> Pool:
+        """`rows` zeroed rows (calloc'ed, as the slots), all but row 0 free."""
+        return cls(
+            history=np.zeros((rows, 2 * history_length), dtype=np.int32),
+            items=np.zeros((rows, MAX_SESSION_ITEMS), dtype=np.int32),
+            seen_hash=np.zeros((rows, KINDS, MAX_SEEN), dtype=np.uint32),
+            seen_time=np.zeros((rows, KINDS, MAX_SEEN), dtype=np.int64),
+            free=np.arange(rows - 1, -1, -1, dtype=np.int32),
+            top=np.array([rows - 1], dtype=np.int64),
+        )
+
+    def reserve(self, rows: int) -> None:
+        """Make sure `rows` rows are free, doubling the pool when they are not."""
+        free = int(self.top[0])
+        if free >= rows:
+            return
+        old = len(self.free)
+        size = max(2 * old, old + rows - free)
+        for name in ("history", "items", "seen_hash", "seen_time"):
+            array = getattr(self, name)
+            grown = np.zeros((size, *array.shape[1:]), dtype=array.dtype)
+            grown[:old] = array
+            setattr(self, name, grown)
+        stack = np.empty(size, dtype=np.int32)
+        stack[:free] = self.free[:free]
+        stack[free : free + size - old] = np.arange(size - 1, old - 1, -1, dtype=np.int32)
+        self.free = stack
+        self.top[0] = free + size - old
+
+    def release(self, rows: np.ndarray) -> None:
+        """Return `rows` to the free stack."""
+        top = int(self.top[0])
+        self.free[top : top + len(rows)] = rows
+        self.top[0] = top + len(rows)
+
+    def used(self) -> int:
+        """Rows in use (the scratch slot's included)."""
+        return len(self.free) - int(self.top[0])
+
+    def row_bytes(self) -> int:
+        """Bytes of one row."""
+        arrays = (self.history, self.items, self.seen_hash, self.seen_time, self.free)
+        return sum(a.nbytes // len(a) for a in arrays)
+
+
+class Var(NamedTuple):
+    """The variable parts of every slot, inline and pooled, as kernels take them (numba
+    reads a NamedTuple's fields as typed arguments).
+    """
+
+    history: np.ndarray
+    items: np.ndarray
+    seen_hash: np.ndarray
+    seen_time: np.ndarray
+    big: np.ndarray
+    pool_history: np.ndarray
+    pool_items: np.ndarray
+    pool_hash: np.ndarray
+    pool_time: np.ndarray
+    free: np.ndarray
+    top: np.ndarray
+
+
+@inline_kernel
+def history_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s history entries: inline, or its pool row's."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_history[b - 1] if b else v.history[s]
+    return found
+
+
+@inline_kernel
+def items_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s session items."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_items[b - 1] if b else v.items[s]
+    return found
+
+
+@inline_kernel
+def hashes_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s seen hashes, (KINDS, room)."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_hash[b - 1] if b else v.seen_hash[s]
+    return found
+
+
+@inline_kernel
+def times_of(s: int, v: Var) -> np.ndarray:
+    """Slot `s`'s seen times, (KINDS, room)."""
+    b = v.big[s]
+    found: np.ndarray = v.pool_time[b - 1] if b else v.seen_time[s]
+    return found
+
+
+@kernel
+def promote(
+    s: int, v: Var, history_len: np.ndarray, items_len: np.ndarray, seen_len: np.ndarray
+) -> None:
+    """Move slot `s`'s variable parts to a free pool row (one of them outgrew its room).
+    The copies are clamped to the inline room: a reused slot may still carry the lengths of
+    its previous user until they are set.
+    """
+    if v.big[s]:
+        return
+    top = v.top[0]
+    if top == 0:
+        raise RuntimeError("user state pool exhausted: reserve rows before the kernel")
+    row = v.free[top - 1]
+    v.top[0] = top - 1
+    v.big[s] = row + 1
+    for k in range(min(history_len[s], v.history.shape[1])):
+        v.pool_history[row, k] = v.history[s, k]
+    for k in range(min(items_len[s], v.items.shape[1])):
+        v.pool_items[row, k] = v.items[s, k]
+    for kind in range(KINDS):
+        for k in range(min(seen_len[s, kind], v.seen_hash.shape[2])):
+            v.pool_hash[row, kind, k] = v.seen_hash[s, kind, k]
+            v.pool_time[row, kind, k] = v.seen_time[s, kind, k]

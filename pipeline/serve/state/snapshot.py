@@ -58,7 +58,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from pipeline.logging import get_logger
-from pipeline.serve.state.table import PartitionState
+from pipeline.serve.state.byteform import PartitionState
 from schemas.errors import StreamscoreError
 
 log = get_logger()

@@ -25,142 +25,39 @@ Semantics that differ from the reference: a restored history longer than this bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import pairwise
-from typing import NamedTuple
 
 import numpy as np
-from numba import njit
 
-from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.state.byteform import (
+    PartitionState,
+    check_values,
+    encode_users,
+    holds_user_states,
+    restore_users,
+)
 from pipeline.serve.state.changes import StateChange, StateChanges
 from pipeline.serve.state.keys import FREE, KeyIndex, find_or_add, lookup, remove, spans
-from pipeline.serve.state.layout import INLINE_EVENTS, KINDS, Columns
+from pipeline.serve.state.layout import (
+    HEADER_BYTES,
+    INLINE_EVENTS,
+    KINDS,
+    NO_SLOT,
+    Columns,
+    Pool,
+    Var,
+)
+from pipeline.serve.state.recency import chain, linked, pick_evictions, unlink
 from pipeline.serve.state.reference import (
-    COUNTER_TIME,
-    FIRST_SEEN,
-    FLOAT_SLOTS,
-    FORMAT_VERSION,
-    HEADER,
-    INT_SLOTS,
-    LAST_TIME,
-    MAX_SEEN,
-    MAX_SESSION_ITEMS,
     NEVER,
-    SESSION_EVENTS,
-    SESSION_START,
-    SESSION_VIEWS,
 )
 
-HEADER_BYTES = HEADER.size
-_COUNTS_BYTES = 12  # the header ends with its six uint16 counts (history, items, seen kinds)
-NO_SLOT = -1
 SCRATCH = 0
 
 
 # The first byte of a changelog key that is not a user's: user ids are the keys of valid
 # events, which equal the event's UTF-8 user_id, and 0xFF never occurs in UTF-8.
 CONTROL = b"\xff"
-
-
-@dataclass(slots=True)
-class Pool:
-    """Full-size rows for the variable parts of users who outgrew their slot's inline room.
-    Row 0 belongs to the scratch slot; the free rows are a stack, `free[:top[0]]`, which
-    kernels pop (`promote`), so `reserve` must leave enough before each kernel.
-    """
-
-    history: np.ndarray  # int32 (rows, 2 * history_length)
-    items: np.ndarray  # int32 (rows, MAX_SESSION_ITEMS)
-    seen_hash: np.ndarray  # uint32 (rows, KINDS, MAX_SEEN)
-    seen_time: np.ndarray  # int64 (rows, KINDS, MAX_SEEN)
-    free: np.ndarray  # int32 (rows,): free rows, the next one to take last
-    top: np.ndarray  # int64 (1,): how many of `free` are free
-
-    @classmethod
-    def empty(cls, rows: int, history_length: int) -> Pool:
-        """`rows` zeroed rows (calloc'ed, as the slots), all but row 0 free."""
-        return cls(
-            history=np.zeros((rows, 2 * history_length), dtype=np.int32),
-            items=np.zeros((rows, MAX_SESSION_ITEMS), dtype=np.int32),
-            seen_hash=np.zeros((rows, KINDS, MAX_SEEN), dtype=np.uint32),
-            seen_time=np.zeros((rows, KINDS, MAX_SEEN), dtype=np.int64),
-            free=np.arange(rows - 1, -1, -1, dtype=np.int32),
-            top=np.array([rows - 1], dtype=np.int64),
-        )
-
-    def reserve(self, rows: int) -> None:
-        """Make sure `rows` rows are free, doubling the pool when they are not."""
-        free = int(self.top[0])
-        if free >= rows:
-            return
-        old = len(self.free)
-        size = max(2 * old, old + rows - free)
-        for name in ("history", "items", "seen_hash", "seen_time"):
-            array = getattr(self, name)
-            grown = np.zeros((size, *array.shape[1:]), dtype=array.dtype)
-            grown[:old] = array
-            setattr(self, name, grown)
-        stack = np.empty(size, dtype=np.int32)
-        stack[:free] = self.free[:free]
-        stack[free : free + size - old] = np.arange(size - 1, old - 1, -1, dtype=np.int32)
-        self.free = stack
-        self.top[0] = free + size - old
-
-    def release(self, rows: np.ndarray) -> None:
-        """Return `rows` to the free stack."""
-        top = int(self.top[0])
-        self.free[top : top + len(rows)] = rows
-        self.top[0] = top + len(rows)
-
-    def used(self) -> int:
-        """Rows in use (the scratch slot's included)."""
-        return len(self.free) - int(self.top[0])
-
-    def row_bytes(self) -> int:
-        """Bytes of one row."""
-        arrays = (self.history, self.items, self.seen_hash, self.seen_time, self.free)
-        return sum(a.nbytes // len(a) for a in arrays)
-
-
-class Var(NamedTuple):
-    """The variable parts of every slot, inline and pooled, as kernels take them (numba
-    reads a NamedTuple's fields as typed arguments).
-    """
-
-    history: np.ndarray
-    items: np.ndarray
-    seen_hash: np.ndarray
-    seen_time: np.ndarray
-    big: np.ndarray
-    pool_history: np.ndarray
-    pool_items: np.ndarray
-    pool_hash: np.ndarray
-    pool_time: np.ndarray
-    free: np.ndarray
-    top: np.ndarray
-
-
-class PartitionState(NamedTuple):
-    """A partition's users as changelog values, least recently updated first, with its
-    latest control records: what `UserTable.export` gives and `UserTable.load` takes.
-    """
-
-    key_bytes: np.ndarray  # uint8: the keys joined
-    key_starts: np.ndarray  # int64 (users + 1): key i is key_bytes[key_starts[i]:...[i + 1]]
-    values: np.ndarray  # uint8: the values joined
-    starts: np.ndarray  # int64 (users + 1): value i is values[starts[i]:starts[i + 1]]
-    controls: dict[bytes, bytes]
-
-    @property
-    def users(self) -> int:
-        """How many users it holds."""
-        return len(self.starts) - 1
-
-    def keys(self) -> list[bytes]:
-        """The keys, as bytes (tests, and the rare reader that needs objects)."""
-        blob, bounds = self.key_bytes.tobytes(), self.key_starts.tolist()
-        return [blob[a:b] for a, b in pairwise(bounds)]
 
 
 class UserTable:
@@ -344,7 +241,7 @@ class UserTable:
         order = np.fromiter(self._partitions, dtype=np.int64, count=len(self._partitions))
         counts = self._index.counts[order]
         c = self.columns
-        evicted = _evict(
+        evicted = pick_evictions(
             order, counts, self._ttl_ms, float(self.max_users), c.ints, c.changed, c.prev,
             c.next, self._ends, self._watermark,
         )  # fmt: skip
@@ -360,8 +257,8 @@ class UserTable:
         if slot == NO_SLOT:
             return False
         c = self.columns
-        if _linked(slot, c.prev, self._ends, partition):
-            _unlink(slot, c.prev, c.next, self._ends, partition)
+        if linked(slot, c.prev, self._ends, partition):
+            unlink(slot, c.prev, c.next, self._ends, partition)
         c.changed[slot] = c.pending[slot] = False
         self._release(np.array([slot], dtype=np.int64), tombstones=True)
         return True
@@ -424,7 +321,7 @@ class UserTable:
         starts = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(sizes, out=starts[1:])
         buffer = np.empty(int(starts[-1]), dtype=np.uint8)
-        _encode(
+        encode_users(
             slots, starts, buffer, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
             self.var(),
         )  # fmt: skip
@@ -452,7 +349,7 @@ class UserTable:
         np.cumsum(lengths, out=starts[1:])
         buffer = np.frombuffer(b"".join(present), dtype=np.uint8)
         has_value = np.fromiter((v is not None for v in values), np.bool_, len(values))
-        bad = _check(buffer, starts)
+        bad = check_values(buffer, starts)
         if bad >= 0:
             record = int(np.flatnonzero(has_value)[bad])
             raise ValueError(f"changelog record {record} of the batch is not a user state")
@@ -488,7 +385,7 @@ class UserTable:
         which = (np.cumsum(has_value) - 1)[np.concatenate(applied)]  # its value's index
         c = self.columns
         self.pool.reserve(len(op))
-        _restore(
+        restore_users(
             op, which, buffer, starts, self.history_length, c.ints, c.floats, c.history_len,
             c.items_len, c.seen_len, self.var(), c.pending, c.changed, c.prev, c.next,
             c.partition, self._ends, np.empty(KINDS, dtype=np.int64),
@@ -507,7 +404,7 @@ class UserTable:
         users = self._users_of(partition)
         slots = np.empty(users, dtype=np.int64)
         head = int(self._ends[partition, 0]) if users else NO_SLOT
-        if _chain(head, self.columns.next, slots) != users:
+        if chain(head, self.columns.next, slots) != users:
             return None  # a user allocated but not yet folded in (not linked yet)
         if self.columns.changed[slots].any():
             return None
@@ -545,7 +442,7 @@ class UserTable:
             raise refused
         c = self.columns
         self.pool.reserve(len(slots))
-        _restore(
+        restore_users(
             slots, np.arange(len(slots)), state.values, state.starts, self.history_length,
             c.ints, c.floats, c.history_len, c.items_len, c.seen_len, self.var(), c.pending,
             c.changed, c.prev, c.next, c.partition, self._ends, np.empty(KINDS, dtype=np.int64),
@@ -631,366 +528,3 @@ def _runs(partitions: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 # --- kernels --------------------------------------------------------------------------------
-
-
-@kernel
-def _unlink(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
-    before, after = prev[slot], nxt[slot]
-    if before == NO_SLOT:
-        ends[p, 0] = after
-    else:
-        nxt[before] = after
-    if after == NO_SLOT:
-        ends[p, 1] = before
-    else:
-        prev[after] = before
-    prev[slot] = nxt[slot] = NO_SLOT
-
-
-@kernel
-def _append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
-    tail = ends[p, 1]
-    prev[slot] = tail
-    nxt[slot] = NO_SLOT
-    if tail == NO_SLOT:
-        ends[p, 0] = slot
-    else:
-        nxt[tail] = slot
-    ends[p, 1] = slot
-
-
-@kernel
-def _linked(slot: int, prev: np.ndarray, ends: np.ndarray, p: int) -> bool:
-    return bool(prev[slot] != NO_SLOT or ends[p, 0] == slot)
-
-
-@kernel
-def _chain(head: int, nxt: np.ndarray, out: np.ndarray) -> int:
-    """The slots of a partition's recency list from `head`, into `out`: how many, or -1
-    when the list is longer than `out`.
-    """
-    slot, n = head, 0
-    while slot != NO_SLOT:
-        if n == len(out):
-            return -1
-        out[n] = slot
-        n += 1
-        slot = nxt[slot]
-    return n
-
-
-@inline_kernel
-def history_of(s: int, v: Var) -> np.ndarray:
-    """Slot `s`'s history entries: inline, or its pool row's."""
-    b = v.big[s]
-    found: np.ndarray = v.pool_history[b - 1] if b else v.history[s]
-    return found
-
-
-@inline_kernel
-def items_of(s: int, v: Var) -> np.ndarray:
-    """Slot `s`'s session items."""
-    b = v.big[s]
-    found: np.ndarray = v.pool_items[b - 1] if b else v.items[s]
-    return found
-
-
-@inline_kernel
-def hashes_of(s: int, v: Var) -> np.ndarray:
-    """Slot `s`'s seen hashes, (KINDS, room)."""
-    b = v.big[s]
-    found: np.ndarray = v.pool_hash[b - 1] if b else v.seen_hash[s]
-    return found
-
-
-@inline_kernel
-def times_of(s: int, v: Var) -> np.ndarray:
-    """Slot `s`'s seen times, (KINDS, room)."""
-    b = v.big[s]
-    found: np.ndarray = v.pool_time[b - 1] if b else v.seen_time[s]
-    return found
-
-
-@kernel
-def promote(
-    s: int, v: Var, history_len: np.ndarray, items_len: np.ndarray, seen_len: np.ndarray
-) -> None:
-    """Move slot `s`'s variable parts to a free pool row (one of them outgrew its room).
-    The copies are clamped to the inline room: a reused slot may still carry the lengths of
-    its previous user until they are set.
-    """
-    if v.big[s]:
-        return
-    top = v.top[0]
-    if top == 0:
-        raise RuntimeError("user state pool exhausted: reserve rows before the kernel")
-    row = v.free[top - 1]
-    v.top[0] = top - 1
-    v.big[s] = row + 1
-    for k in range(min(history_len[s], v.history.shape[1])):
-        v.pool_history[row, k] = v.history[s, k]
-    for k in range(min(items_len[s], v.items.shape[1])):
-        v.pool_items[row, k] = v.items[s, k]
-    for kind in range(KINDS):
-        for k in range(min(seen_len[s, kind], v.seen_hash.shape[2])):
-            v.pool_hash[row, kind, k] = v.seen_hash[s, kind, k]
-            v.pool_time[row, kind, k] = v.seen_time[s, kind, k]
-
-
-@kernel
-def touch(
-    slot: int,
-    now_ms: int,
-    ints: np.ndarray,
-    floats: np.ndarray,
-    history_len: np.ndarray,
-    items_len: np.ndarray,
-    seen_len: np.ndarray,
-    pending: np.ndarray,
-    changed: np.ndarray,
-    prev: np.ndarray,
-    nxt: np.ndarray,
-    partition: np.ndarray,
-    ends: np.ndarray,
-    watermark: np.ndarray,
-) -> bool:
-    """`FeatureStore.get` without the return: a new user's first fields, then the slot moved
-    to its partition's most recent end; True when the slot was newly flagged changed.
-    """
-    p = partition[slot]
-    if pending[slot]:
-        pending[slot] = False
-        ints[slot, :] = NEVER
-        ints[slot, FIRST_SEEN] = ints[slot, SESSION_START] = ints[slot, COUNTER_TIME] = now_ms
-        ints[slot, SESSION_EVENTS] = ints[slot, SESSION_VIEWS] = 0
-        floats[slot, :] = 0.0
-        history_len[slot] = items_len[slot] = 0
-        seen_len[slot, :] = 0
-    elif _linked(slot, prev, ends, p):
-        _unlink(slot, prev, nxt, ends, p)
-    _append(slot, prev, nxt, ends, p)
-    if now_ms > watermark[p]:
-        watermark[p] = now_ms
-    if changed[slot]:
-        return False
-    changed[slot] = True
-    return True
-
-
-@njit(cache=True, nogil=True)
-def _evict(
-    order: np.ndarray,
-    counts: np.ndarray,
-    ttl_ms: float,
-    max_users: float,
-    ints: np.ndarray,
-    changed: np.ndarray,
-    prev: np.ndarray,
-    nxt: np.ndarray,
-    ends: np.ndarray,
-    watermark: np.ndarray,
-) -> np.ndarray:
-    """Unlink the users to evict; their slots, in eviction order."""
-    out = []
-    for k in range(len(order)):
-        p = order[k]
-        horizon = watermark[p] - ttl_ms
-        while ends[p, 0] != NO_SLOT and ints[ends[p, 0], LAST_TIME] < horizon:
-            slot = ends[p, 0]
-            _unlink(slot, prev, nxt, ends, p)
-            changed[slot] = False
-            counts[k] -= 1
-            out.append(slot)
-    total = counts.sum()
-    while total > max_users:
-        largest = 0
-        for k in range(1, len(order)):
-            if counts[k] > counts[largest]:
-                largest = k
-        p = order[largest]
-        slot = ends[p, 0]
-        _unlink(slot, prev, nxt, ends, p)
-        changed[slot] = False
-        counts[largest] -= 1
-        total -= 1
-        out.append(slot)
-    result = np.empty(len(out), dtype=np.int64)
-    for i in range(len(out)):
-        result[i] = out[i]
-    return result
-
-
-@inline_kernel
-def _get(buffer: np.ndarray, at: int, width: int) -> int:
-    value = 0
-    for k in range(width):
-        value |= int(np.int64(buffer[at + k]) << (8 * k))
-    if width == 4 and value >= 2**31:
-        value -= 2**32
-    return value
-
-
-@kernel
-def _encode(
-    slots: np.ndarray,
-    starts: np.ndarray,
-    buffer: np.ndarray,
-    ints: np.ndarray,
-    floats: np.ndarray,
-    history_len: np.ndarray,
-    items_len: np.ndarray,
-    seen_len: np.ndarray,
-    v: Var,
-) -> None:
-    """`UserState.to_bytes` of each slot, at `starts`. The parts are written through typed
-    views of the output's bytes (unaligned, which numba and x86-64 and ARM64 allow): a
-    value written a byte at a time cost about 1 ns a byte, 1.3 µs a full-history record.
-    """
-    for i in range(len(slots)):
-        s = slots[i]
-        at = starts[i]
-        buffer[at] = FORMAT_VERSION
-        at += 1
-        out = buffer[at : at + 8 * INT_SLOTS].view(np.int64)
-        for k in range(INT_SLOTS):
-            out[k] = ints[s, k]
-        at += 8 * INT_SLOTS
-        out_floats = buffer[at : at + 8 * FLOAT_SLOTS].view(np.float64)
-        for k in range(FLOAT_SLOTS):
-            out_floats[k] = floats[s, k]
-        at += 8 * FLOAT_SLOTS
-        counts = buffer[at : at + _COUNTS_BYTES].view(np.uint16)
-        n_history, n_items = history_len[s], items_len[s]
-        counts[0], counts[1] = n_history, n_items
-        for kind in range(KINDS):
-            counts[2 + kind] = 2 * seen_len[s, kind]
-        at += _COUNTS_BYTES
-        history, items = history_of(s, v), items_of(s, v)
-        out_ints = buffer[at : at + 4 * n_history].view(np.int32)
-        for k in range(n_history):
-            out_ints[k] = history[k]
-        at += 4 * n_history
-        out_ints = buffer[at : at + 4 * n_items].view(np.int32)
-        for k in range(n_items):
-            out_ints[k] = items[k]
-        at += 4 * n_items
-        seen_hash, seen_time = hashes_of(s, v), times_of(s, v)
-        for kind in range(KINDS):
-            pairs = seen_len[s, kind]
-            out = buffer[at : at + 16 * pairs].view(np.int64)
-            for k in range(pairs):
-                out[2 * k] = seen_hash[kind, k]
-                out[2 * k + 1] = seen_time[kind, k]
-            at += 16 * pairs
-
-
-def holds_user_states(state: PartitionState) -> bool:
-    """Whether every value of an export is a user state this build reads (no table needed:
-    a restore checks a snapshot on the thread that reads it).
-    """
-    return bool(_check(state.values, state.starts) < 0)
-
-
-@kernel
-def _check(buffer: np.ndarray, starts: np.ndarray) -> int:
-    """-1 when every value is a user state this build reads, else the first one's index."""
-    for j in range(len(starts) - 1):
-        at, end = starts[j], starts[j + 1]
-        if end - at < HEADER_BYTES or buffer[at] != FORMAT_VERSION:
-            return j
-        at += HEADER_BYTES - _COUNTS_BYTES
-        n_history = _get(buffer, at, 2)
-        n_items = _get(buffer, at + 2, 2)
-        total = 4 * (n_history + n_items)
-        for kind in range(KINDS):
-            n_seen = _get(buffer, at + 4 + 2 * kind, 2)
-            total += 8 * n_seen
-            if n_seen % 2 or n_seen > 2 * MAX_SEEN:
-                return j
-        if end - at - _COUNTS_BYTES != total or n_history % 2 or n_items > MAX_SESSION_ITEMS:
-            return j
-    return -1
-
-
-@kernel
-def _restore(
-    ops: np.ndarray,
-    which: np.ndarray,
-    buffer: np.ndarray,
-    starts: np.ndarray,
-    history_length: int,
-    ints: np.ndarray,
-    floats: np.ndarray,
-    history_len: np.ndarray,
-    items_len: np.ndarray,
-    seen_len: np.ndarray,
-    v: Var,
-    pending: np.ndarray,
-    changed: np.ndarray,
-    prev: np.ndarray,
-    nxt: np.ndarray,
-    partition: np.ndarray,
-    ends: np.ndarray,
-    n_seen: np.ndarray,
-) -> None:
-    """Apply restore `ops` in order, a put taking the state in value `which[i]` (values
-    `_check` passed); `n_seen` (KINDS) is its working space.
-    """
-    capacity = 2 * history_length
-    for i in range(len(ops)):
-        op = ops[i]
-        if op < 0:
-            slot = -op - 1
-            _unlink(slot, prev, nxt, ends, partition[slot])
-            changed[slot] = pending[slot] = False
-            continue
-        slot = op
-        at = starts[which[i]] + 1  # read through typed views of the bytes, as `_encode`
-        values = buffer[at : at + 8 * INT_SLOTS].view(np.int64)
-        for k in range(INT_SLOTS):
-            ints[slot, k] = values[k]
-        at += 8 * INT_SLOTS
-        doubles = buffer[at : at + 8 * FLOAT_SLOTS].view(np.float64)
-        for k in range(FLOAT_SLOTS):
-            floats[slot, k] = doubles[k]
-        at += 8 * FLOAT_SLOTS
-        counts = buffer[at : at + _COUNTS_BYTES].view(np.uint16)
-        n_history, n_items = int(counts[0]), int(counts[1])
-        most_seen = 0
-        for kind in range(KINDS):
-            n_seen[kind] = counts[2 + kind]
-            most_seen = max(most_seen, n_seen[kind])
-        at += _COUNTS_BYTES
-        skip = max(0, n_history - capacity)  # a longer history than this build keeps
-        fits = (
-            n_history - skip <= v.history.shape[1]
-            and n_items <= v.items.shape[1]
-            and most_seen // 2 <= v.seen_hash.shape[2]
-        )
-        if not fits:
-            promote(slot, v, history_len, items_len, seen_len)
-        history, items = history_of(slot, v), items_of(slot, v)
-        seen_hash, seen_time = hashes_of(slot, v), times_of(slot, v)
-        entries = buffer[at : at + 4 * n_history].view(np.int32)
-        for k in range(n_history - skip):
-            history[k] = entries[skip + k]
-        history_len[slot] = n_history - skip
-        at += 4 * n_history
-        entries = buffer[at : at + 4 * n_items].view(np.int32)
-        for k in range(n_items):
-            items[k] = entries[k]
-        items_len[slot] = n_items
-        at += 4 * n_items
-        for kind in range(KINDS):
-            pairs = n_seen[kind] // 2
-            values = buffer[at : at + 16 * pairs].view(np.int64)
-            for k in range(pairs):
-                seen_hash[kind, k] = values[2 * k]
-                seen_time[kind, k] = values[2 * k + 1]
-            at += 16 * pairs
-            seen_len[slot, kind] = pairs
-        pending[slot] = False
-        p = partition[slot]
-        if _linked(slot, prev, ends, p):
-            _unlink(slot, prev, nxt, ends, p)
-        _append(slot, prev, nxt, ends, p)

@@ -12,7 +12,7 @@ from numba.core.errors import NumbaError
 from pipeline.serve import decode, encode
 from pipeline.serve.features import fold
 from pipeline.serve.kernel import kernel
-from pipeline.serve.state import pseudonym, table
+from pipeline.serve.state import byteform, layout, pseudonym, recency
 
 # The kernels each batch runs, per stage: their time is what the reference counts cost.
 HOT = [
@@ -22,11 +22,11 @@ HOT = [
     fold._update,
     fold._remember,
     pseudonym.pseudonym,
-    table.touch,
-    table.promote,
-    table._encode,
-    table._check,
-    table._restore,
+    recency.touch,
+    layout.promote,
+    byteform.encode_users,
+    byteform.check_values,
+    byteform.restore_users,
     encode._fraud_scores,
     encode._recommendations,
 ]

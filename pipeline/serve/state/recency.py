@@ -1,0 +1,152 @@
+"""Recency: each partition's users in a doubly linked list through the slots, least recently
+updated first, so eviction walks from the old end. `touch` moves a slot to the recent end
+(initialising a new user's first fields), `evict` picks the slots past the TTL or the cap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from pipeline.serve.kernel import kernel
+from pipeline.serve.state.layout import (
+    NO_SLOT,
+)
+from pipeline.serve.state.reference import (
+    COUNTER_TIME,
+    FIRST_SEEN,
+    LAST_TIME,
+    NEVER,
+    SESSION_EVENTS,
+    SESSION_START,
+    SESSION_VIEWS,
+)
+
+
+@kernel
+def unlink(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
+    before, after = prev[slot], nxt[slot]
+    if before == NO_SLOT:
+        ends[p, 0] = after
+    else:
+        nxt[before] = after
+    if after == NO_SLOT:
+        ends[p, 1] = before
+    else:
+        prev[after] = before
+    prev[slot] = nxt[slot] = NO_SLOT
+
+
+@kernel
+def append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
+    tail = ends[p, 1]
+    prev[slot] = tail
+    nxt[slot] = NO_SLOT
+    if tail == NO_SLOT:
+        ends[p, 0] = slot
+    else:
+        nxt[tail] = slot
+    ends[p, 1] = slot
+
+
+@kernel
+def linked(slot: int, prev: np.ndarray, ends: np.ndarray, p: int) -> bool:
+    return bool(prev[slot] != NO_SLOT or ends[p, 0] == slot)
+
+
+@kernel
+def chain(head: int, nxt: np.ndarray, out: np.ndarray) -> int:
+    """The slots of a partition's recency list from `head`, into `out`: how many, or -1
+    when the list is longer than `out`.
+    """
+    slot, n = head, 0
+    while slot != NO_SLOT:
+        if n == len(out):
+            return -1
+        out[n] = slot
+        n += 1
+        slot = nxt[slot]
+    return n
+
+
+@kernel
+def touch(
+    slot: int,
+    now_ms: int,
+    ints: np.ndarray,
+    floats: np.ndarray,
+    history_len: np.ndarray,
+    items_len: np.ndarray,
+    seen_len: np.ndarray,
+    pending: np.ndarray,
+    changed: np.ndarray,
+    prev: np.ndarray,
+    nxt: np.ndarray,
+    partition: np.ndarray,
+    ends: np.ndarray,
+    watermark: np.ndarray,
+) -> bool:
+    """`FeatureStore.get` without the return: a new user's first fields, then the slot moved
+    to its partition's most recent end; True when the slot was newly flagged changed.
+    """
+    p = partition[slot]
+    if pending[slot]:
+        pending[slot] = False
+        ints[slot, :] = NEVER
+        ints[slot, FIRST_SEEN] = ints[slot, SESSION_START] = ints[slot, COUNTER_TIME] = now_ms
+        ints[slot, SESSION_EVENTS] = ints[slot, SESSION_VIEWS] = 0
+        floats[slot, :] = 0.0
+        history_len[slot] = items_len[slot] = 0
+        seen_len[slot, :] = 0
+    elif linked(slot, prev, ends, p):
+        unlink(slot, prev, nxt, ends, p)
+    append(slot, prev, nxt, ends, p)
+    if now_ms > watermark[p]:
+        watermark[p] = now_ms
+    if changed[slot]:
+        return False
+    changed[slot] = True
+    return True
+
+
+@njit(cache=True, nogil=True)
+def pick_evictions(
+    order: np.ndarray,
+    counts: np.ndarray,
+    ttl_ms: float,
+    max_users: float,
+    ints: np.ndarray,
+    changed: np.ndarray,
+    prev: np.ndarray,
+    nxt: np.ndarray,
+    ends: np.ndarray,
+    watermark: np.ndarray,
+) -> np.ndarray:
+    """Unlink the users to evict; their slots, in eviction order."""
+    out = []
+    for k in range(len(order)):
+        p = order[k]
+        horizon = watermark[p] - ttl_ms
+        while ends[p, 0] != NO_SLOT and ints[ends[p, 0], LAST_TIME] < horizon:
+            slot = ends[p, 0]
+            unlink(slot, prev, nxt, ends, p)
+            changed[slot] = False
+            counts[k] -= 1
+            out.append(slot)
+    total = counts.sum()
+    while total > max_users:
+        largest = 0
+        for k in range(1, len(order)):
+            if counts[k] > counts[largest]:
+                largest = k
+        p = order[largest]
+        slot = ends[p, 0]
+        unlink(slot, prev, nxt, ends, p)
+        changed[slot] = False
+        counts[largest] -= 1
+        total -= 1
+        out.append(slot)
+    result = np.empty(len(out), dtype=np.int64)
+    for i in range(len(out)):
+        result[i] = out[i]
+    return result
