@@ -6,12 +6,14 @@ fenced producer that is closed once, never called again.
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
-from confluent_kafka import Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from pipeline.kafka.clients import producer_config
+from pipeline.kafka.errors import kafka_error
 from pipeline.serve.commit import ExactlyOnce, Rewind, TransactionsFailed
 from pipeline.serve.produce import Sink
 from pipeline.serve.state.changelog import ensure_changelog
@@ -27,12 +29,40 @@ def test_every_topic_streamscore_creates_is_replicated_three_times(cluster_setti
     changelog = ensure_changelog(cluster_settings)
     admin = AdminClient(cluster_settings.kafka.client_config())
     names = [*pipeline_topics(cluster_settings), changelog]
-    metadata = admin.list_topics(timeout=30).topics
     for name in names:
-        assert all(len(p.replicas) == 3 for p in metadata[name].partitions.values()), name
-    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
-    for resource, future in admin.describe_configs(resources).items():
-        assert future.result()["min.insync.replicas"].value == "2", resource.name
+        assert replication_of(admin, name) == {3}, name
+    for name in names:
+        assert topic_config(admin, name)["min.insync.replicas"].value == "2", name
+
+
+def replication_of(admin: AdminClient, topic: str, timeout_s: float = 30) -> set[int]:
+    """The replica counts of `topic`'s partitions, once the answering broker knows it (a
+    broker's metadata learns of a new topic a moment after the one that created it).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = admin.list_topics(topic, timeout=10).topics.get(topic)
+        if found is not None and found.error is None and found.partitions:
+            return {len(p.replicas) for p in found.partitions.values()}
+        assert time.monotonic() < deadline, f"{topic} unknown after {timeout_s:.0f} s"
+        time.sleep(0.2)
+
+
+def topic_config(admin: AdminClient, topic: str, timeout_s: float = 30) -> dict[str, Any]:
+    """`topic`'s configuration. A broker's metadata learns of a new topic a moment after the
+    one that created it: until then it answers UNKNOWN_TOPIC_OR_PART.
+    """
+    deadline = time.monotonic() + timeout_s
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    while True:
+        try:
+            config: dict[str, Any] = admin.describe_configs([resource])[resource].result()
+            return config
+        except KafkaException as exc:
+            unknown = kafka_error(exc).code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            if not unknown or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_a_commit_whose_coordinator_does_not_answer_gives_up_within_the_bound(
