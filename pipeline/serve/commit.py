@@ -40,11 +40,12 @@ supervisor to restart it. After `close` nothing touches the producer again.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -456,7 +457,6 @@ class ExactlyOnce:
         self._on_failure = on_failure
         self._open = False
         self._offsets: Offsets = {}  # the open transaction's next offsets, per partition
-        self._committer = _committer()
         self._pending: Future[None] | None = None  # the commit under way, if any
         self._closed = False
         self.progress = Progress()
@@ -542,23 +542,25 @@ class ExactlyOnce:
         if self._closed:
             return
         self._closed = True
+        pending, self._pending = self._pending, None
+        failed = False
+        if pending is not None:
+            try:
+                failed = pending.exception(self._bound_s + ABANDON_GRACE_S) is not None
+            except FutureTimeout:
+                # Its thread is inside the producer, so nothing may call it; the thread is
+                # a daemon and does not keep the process alive. The broker aborts the
+                # transaction at its timeout.
+                log.error("transaction_stalled", call="commit", waited_s=self._bound_s)
+                return
         try:
-            pending, self._pending = self._pending, None
-            failed = False
-            if pending is not None:
-                try:
-                    failed = pending.exception(self._bound_s + ABANDON_GRACE_S) is not None
-                except FutureTimeout:
-                    log.error("transaction_stalled", call="commit", waited_s=self._bound_s)
-                    return  # its thread still holds the producer: left to the process's exit
             if failed or self._open:
                 self._open = False
                 # fenced, fatal or unanswered: the broker aborts it at its timeout anyway
                 with contextlib.suppress(KafkaException):
                     transactional_call(self._producer.abort_transaction, bound_s=self._bound_s)
-            self.sink.close()
         finally:
-            self._committer.shutdown(wait=False)
+            self.sink.close()
 
     def _commit_open(self) -> None:
         """Start committing the open transaction on the helper thread; the group metadata
@@ -566,9 +568,7 @@ class ExactlyOnce:
         """
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
         metadata = self._consumer.consumer_group_metadata() if offsets else None
-        self._pending = self._committer.submit(
-            _commit, self._producer, offsets, metadata, self._bound_s
-        )
+        self._pending = _in_thread(_commit, self._producer, offsets, metadata, self._bound_s)
         self._open = False
         self._offsets = {}
 
@@ -656,8 +656,6 @@ class ExactlyOnce:
         """
         self._on_failure("stalled")
         log.error("transaction_stalled", call="commit", waited_s=self._bound_s + ABANDON_GRACE_S)
-        self._committer.shutdown(wait=False)
-        self._committer = _committer()
         old = self.sink
         pending.add_done_callback(lambda _: old.close(timeout_s=0))  # once its call returns
         self._open = False
@@ -667,8 +665,25 @@ class ExactlyOnce:
         raise Rewind("a transaction's commit did not return within the bound")
 
 
-def _committer() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+def _in_thread(call: Callable[..., None], *args: object) -> Future[None]:
+    """Run `call` on a new daemon thread; its future. A thread per commit (ten a second at
+    the default interval costs nothing measurable) rather than a pool: concurrent.futures
+    joins its workers at interpreter exit, so a commit stuck inside librdkafka would keep
+    the process from ever exiting, the stall this module exists to end.
+    """
+    future: Future[None] = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            call(*args)
+        except BaseException as exc:  # handed to whoever awaits the commit
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=run, name="commit", daemon=True).start()
+    return future
 
 
 def _commit(

@@ -3,6 +3,7 @@ offsets; ExactlyOnce's handling of each transactional error class.
 """
 
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -884,3 +885,19 @@ def test_each_checkpoint_reports_progress_at_its_commits():
     assert alo.progress._waiting
     alo.commit()
     assert not alo.progress._waiting
+
+
+def test_a_close_during_a_commit_that_never_returns_leaves_its_producer_alone(monkeypatch):
+    monkeypatch.setattr(commit, "ABANDON_GRACE_S", 0.1)
+    stuck = Hangs()
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: stuck, FakeSink, list, 0, 0.2)
+    checkpoint.begin_batch()
+    checkpoint.end_batch(next_offsets([FakeMessage()]), [])
+    started = time.monotonic()
+    checkpoint.close()  # the stop: bounded, not waiting for ever
+    assert time.monotonic() - started < 5
+    assert "close" not in stuck.calls and "abort" not in stuck.calls
+    # The stuck thread is a daemon: it cannot keep the process from exiting.
+    committing = [t for t in threading.enumerate() if t.name.startswith("commit")]
+    assert committing and all(t.daemon for t in committing)
+    stuck.release.set()
