@@ -36,6 +36,7 @@ from pipeline.settings import Settings
 from pipeline.telemetry import Telemetry
 
 log = get_logger()
+REWIND_LOOKUP_S = 5.0  # each try of a rewind's committed-offsets lookup; then it tries again
 
 
 def open_consumer(
@@ -298,8 +299,11 @@ class Partitions:
         for partition in partitions:
             self._store.drop_partition(partition)
         try:
+            # The committed offsets first, each try short: a restore is only worth reading
+            # once they answer. A chaos run on the 3-node cluster waited 30 s in one lookup
+            # while the group coordinator restarted.
+            committed = consumer.committed(assignment, timeout=REWIND_LOOKUP_S)
             self.restore(partitions)
-            committed = consumer.committed(assignment, timeout=30)
         except (KafkaException, ChangelogError) as exc:
             # A broker outage (the changelog's or the group coordinator's) is no reason to
             # stop: the loop rewinds again before it prepares another batch.

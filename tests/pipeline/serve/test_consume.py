@@ -168,3 +168,48 @@ def test_a_restore_counts_the_states_from_snapshots_and_from_the_changelog(monke
     assert sample("streamscore_restored_records_total", {"source": "snapshot"}) == 7
     assert sample("streamscore_restored_records_total", {"source": "changelog"}) == 3
     assert counts.restored == 10
+
+
+class RewindingConsumer:
+    """Its committed offsets fail `failures` times (a group coordinator restarting)."""
+
+    def __init__(self, failures):
+        self.failures = failures
+        self.seeks = []
+
+    def assignment(self):
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("in", 0), TopicPartition("in", 1)]
+
+    def committed(self, partitions, timeout):
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+        assert timeout <= 5  # a short try, repeated, rather than one long wait
+        if self.failures:
+            self.failures -= 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "coordinator restarting"))
+        return [TopicPartition("in", 0, 7), TopicPartition("in", 1, -1001)]
+
+    def seek(self, tp):
+        self.seeks.append((tp.partition, tp.offset))
+
+
+def test_a_rewind_whose_offsets_do_not_answer_retries_without_restoring_first(monkeypatch):
+    from pipeline.serve import consume
+    from pipeline.serve.consume import Partitions
+    from pipeline.serve.counts import RunStats
+    from pipeline.settings import Settings
+
+    monkeypatch.setattr(consume.time, "sleep", lambda _: None)
+    calls = []
+    partitions = Partitions(Settings(), RecordingStore(calls), None, RunStats())
+    partitions.restore = lambda numbers: calls.append(("restore", numbers))
+    consumer = RewindingConsumer(failures=1)
+    partitions.rewind(consumer, "aborted")
+    assert partitions.rewind_due == "aborted"  # the loop tries again
+    assert ("restore", [0, 1]) not in calls and consumer.seeks == []
+    partitions.rewind(consumer, "aborted")
+    assert partitions.rewind_due is None
+    assert calls.count(("restore", [0, 1])) == 1
+    assert consumer.seeks == [(0, 7), (1, consume.OFFSET_BEGINNING)]
