@@ -178,7 +178,7 @@ class Chaos:
     def __init__(
         self, settings: Settings, cluster: LocalCluster, plan: ChaosPlan, run_dir: Path
     ) -> None:
-        """Instances are started by `run`."""
+        """Nothing runs yet: `start_instance` starts each instance, `apply` each fault."""
         self.settings = settings
         self.cluster = cluster
         self.plan = plan
