@@ -22,9 +22,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+import numpy as np
+import numpy.typing as npt
 from numba import njit
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The arrays kernels take, by dtype: a signature says what each argument holds, and mypy
+# checks it where the arrays are made. Their shapes go in the field's comment.
+Bools = npt.NDArray[np.bool_]
+Bytes = npt.NDArray[np.uint8]
+Int8s = npt.NDArray[np.int8]
+Int32s = npt.NDArray[np.int32]
+Int64s = npt.NDArray[np.int64]
+UInt32s = npt.NDArray[np.uint32]
+UInt64s = npt.NDArray[np.uint64]
+Float32s = npt.NDArray[np.float32]
+Float64s = npt.NDArray[np.float64]
 # numba's type stubs do not list `_nrt`, so the options go as a mapping.
 _OPTIONS: dict[str, Any] = {"cache": True, "nogil": True, "_nrt": False}
 

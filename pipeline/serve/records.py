@@ -3,7 +3,8 @@
 - The batch's layout: `EventColumns`, a consumed batch as columns (decode writes it;
   features, score, encode and produce read it), with the indices of its span, long, real
   and presence columns below, the wire indices of the ClickEvent's enums (from the
-  schema), and `join`, which makes a batch's values one buffer.
+  schema), and `join`, which makes a batch's values one buffer. `EventArrays` is its
+  arrays as one kernel argument.
 - `FeatureBatch`: the engines' inputs, one row per event (features write it).
 - `Rejected`: a message that is not a valid event, with its position and reason; produce
   turns it into a `DeadLetter` record.
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict, cast
+from typing import NamedTuple, TypedDict, cast
 
 import numpy as np
 
 import schemas
 from pipeline.serve.events import STRING_FIELDS
+from pipeline.serve.kernel import Bools, Bytes, Float32s, Float64s, Int8s, Int32s, Int64s
 
 NULL = -1  # span length of a null string
 
@@ -69,21 +71,28 @@ class EventColumns:
     them as three arguments; the properties name their columns.
     """
 
-    buffer: np.ndarray  # uint8, every value joined
-    status: np.ndarray  # int8 (n,), a STATUS_KINDS index
-    spans: np.ndarray  # int64 (n, len(STRING_FIELDS), 2): start in buffer, length or NULL
-    longs: np.ndarray  # int64 (n, 6): TIME, TYPE, ITEM, CATEGORY, QUANTITY, METHOD
-    reals: np.ndarray  # float64 (n, 2): PRICE, AMOUNT
-    present: np.ndarray  # bool (n, 5): HAS_ITEM ... HAS_AMOUNT
-    candidates: np.ndarray  # int64, every row's candidates in row order
-    candidate_start: np.ndarray  # int64 (n + 1,): row i's are candidates[start[i]:start[i+1]]
-    partition: np.ndarray  # int32 (n,)
-    offset: np.ndarray  # int64 (n,)
-    ingest_time: np.ndarray  # int64 (n,), the message's Kafka timestamp
+    buffer: Bytes  # every value joined
+    status: Int8s  # (n,), a STATUS_KINDS index
+    spans: Int64s  # (n, len(STRING_FIELDS), 2): start in buffer, length or NULL
+    longs: Int64s  # (n, 6): TIME, TYPE, ITEM, CATEGORY, QUANTITY, METHOD
+    reals: Float64s  # (n, 2): PRICE, AMOUNT
+    present: Bools  # (n, 5): HAS_ITEM ... HAS_AMOUNT
+    candidates: Int64s  # every row's candidates in row order
+    candidate_start: Int64s  # (n + 1,): row i's are candidates[start[i]:start[i+1]]
+    partition: Int32s  # (n,)
+    offset: Int64s  # (n,)
+    ingest_time: Int64s  # (n,), the message's Kafka timestamp
     keys: list[bytes | None]  # the message keys, as the consumer returned them
 
     def __len__(self) -> int:
         return len(self.status)
+
+    def arrays(self) -> EventArrays:
+        """The columns a kernel reads, as one argument."""
+        return EventArrays(
+            self.buffer, self.spans, self.longs, self.reals, self.present,
+            self.candidate_start, self.offset, self.ingest_time,
+        )  # fmt: skip
 
     def text(self, row: int, field: int) -> str | None:
         """String field `field` of `row` (tests, debugging; not used on the hot path)."""
@@ -91,6 +100,21 @@ class EventColumns:
         if length == NULL:
             return None
         return bytes(self.buffer[start : start + length]).decode()
+
+
+class EventArrays(NamedTuple):
+    """`EventColumns`' arrays as a kernel takes them (numba reads a NamedTuple's fields as
+    typed arguments; the dataclass also holds Python objects, which a kernel cannot take).
+    """
+
+    buffer: Bytes
+    spans: Int64s
+    longs: Int64s
+    reals: Float64s
+    present: Bools
+    candidate_start: Int64s
+    offset: Int64s
+    ingest_time: Int64s
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,11 +190,12 @@ def join(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.nda
     return buffer, starts, null
 
 
-@dataclass(frozen=True, slots=True)
-class FeatureBatch:
-    """Engine inputs for a batch of events, row i belonging to event i."""
+class FeatureBatch(NamedTuple):
+    """Engine inputs for a batch of events, row i belonging to event i (a NamedTuple: the
+    features kernel writes it as one argument).
+    """
 
-    numeric: np.ndarray  # float32 (B, len(FRAUD_NUMERIC))
-    categorical: np.ndarray  # int64 (B, len(FRAUD_CATEGORICAL))
-    history_items: np.ndarray  # int64 (B, L), -1 pads the front of short histories
-    history_categories: np.ndarray  # int64 (B, L)
+    numeric: Float32s  # (B, len(FRAUD_NUMERIC))
+    categorical: Int64s  # (B, len(FRAUD_CATEGORICAL))
+    history_items: Int64s  # (B, L), -1 pads the front of short histories
+    history_categories: Int64s  # (B, L)

@@ -119,7 +119,7 @@ class Scorer:
         each candidate's score depends only on it and the history, so chunks are exact.
         """
         step = self.fraud.max_batch_size
-        fraud_chunks = [
+        fraud_chunks: list[dict[str, np.ndarray]] = [
             {
                 "numeric": features.numeric[start : start + step],
                 "categorical": features.categorical[start : start + step],

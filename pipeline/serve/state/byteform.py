@@ -10,19 +10,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.kernel import Bytes, Int64s, inline_kernel, kernel
 from pipeline.serve.state.layout import (
     COUNTS_BYTES,
     HEADER_BYTES,
     KINDS,
-    Var,
+    Slots,
     hashes_of,
     history_of,
     items_of,
     promote,
     times_of,
 )
-from pipeline.serve.state.recency import append, linked, unlink
+from pipeline.serve.state.recency import Recency, append, linked, unlink
 from pipeline.serve.state.reference import (
     FLOAT_SLOTS,
     FORMAT_VERSION,
@@ -33,7 +33,7 @@ from pipeline.serve.state.reference import (
 
 
 @inline_kernel
-def _count(buffer: np.ndarray, at: int, width: int) -> int:
+def _count(buffer: Bytes, at: int, width: int) -> int:
     value = 0
     for k in range(width):
         value |= int(np.int64(buffer[at + k]) << (8 * k))
@@ -43,21 +43,13 @@ def _count(buffer: np.ndarray, at: int, width: int) -> int:
 
 
 @kernel
-def encode_users(
-    slots: np.ndarray,
-    starts: np.ndarray,
-    buffer: np.ndarray,
-    ints: np.ndarray,
-    floats: np.ndarray,
-    history_len: np.ndarray,
-    items_len: np.ndarray,
-    seen_len: np.ndarray,
-    v: Var,
-) -> None:
+def encode_users(slots: Int64s, starts: Int64s, buffer: Bytes, table: Slots) -> None:
     """`UserState.to_bytes` of each slot, at `starts`. The parts are written through typed
     views of the output's bytes (unaligned, which numba and x86-64 and ARM64 allow): a
     value written a byte at a time cost about 1 ns a byte, 1.3 µs a full-history record.
     """
+    ints, floats, v = table.ints, table.floats, table.var
+    history_len, items_len, seen_len = table.history_len, table.items_len, table.seen_len
     for i in range(len(slots)):
         s = slots[i]
         at = starts[i]
@@ -101,10 +93,10 @@ class PartitionState(NamedTuple):
     latest control records: what `UserTable.export` gives and `UserTable.load` takes.
     """
 
-    key_bytes: np.ndarray  # uint8: the keys joined
-    key_starts: np.ndarray  # int64 (users + 1): key i is key_bytes[key_starts[i]:...[i + 1]]
-    values: np.ndarray  # uint8: the values joined
-    starts: np.ndarray  # int64 (users + 1): value i is values[starts[i]:starts[i + 1]]
+    key_bytes: Bytes  # the keys joined
+    key_starts: Int64s  # (users + 1,): key i is key_bytes[key_starts[i]:key_starts[i + 1]]
+    values: Bytes  # the values joined
+    starts: Int64s  # (users + 1,): value i is values[starts[i]:starts[i + 1]]
     controls: dict[bytes, bytes]
 
     @property
@@ -126,7 +118,7 @@ def holds_user_states(state: PartitionState) -> bool:
 
 
 @kernel
-def check_values(buffer: np.ndarray, starts: np.ndarray) -> int:
+def check_values(buffer: Bytes, starts: Int64s) -> int:
     """-1 when every value is a user state this build reads, else the first one's index."""
     for j in range(len(starts) - 1):
         at, end = starts[j], starts[j + 1]
@@ -148,28 +140,23 @@ def check_values(buffer: np.ndarray, starts: np.ndarray) -> int:
 
 @kernel
 def restore_users(
-    ops: np.ndarray,
-    which: np.ndarray,
-    buffer: np.ndarray,
-    starts: np.ndarray,
+    ops: Int64s,
+    which: Int64s,
+    buffer: Bytes,
+    starts: Int64s,
     history_length: int,
-    ints: np.ndarray,
-    floats: np.ndarray,
-    history_len: np.ndarray,
-    items_len: np.ndarray,
-    seen_len: np.ndarray,
-    v: Var,
-    pending: np.ndarray,
-    changed: np.ndarray,
-    prev: np.ndarray,
-    nxt: np.ndarray,
-    partition: np.ndarray,
-    ends: np.ndarray,
-    n_seen: np.ndarray,
+    table: Slots,
+    r: Recency,
+    n_seen: Int64s,
 ) -> None:
     """Apply restore `ops` in order, a put taking the state in value `which[i]` (values
-    `_check` passed); `n_seen` (KINDS) is its working space.
+    `check_values` passed); `n_seen` (KINDS) is its working space.
     """
+    ints, floats, v = table.ints, table.floats, table.var
+    history_len, items_len, seen_len = table.history_len, table.items_len, table.seen_len
+    pending, changed, prev, nxt, partition, ends = (
+        r.pending, r.changed, r.prev, r.next, r.partition, r.ends,
+    )  # fmt: skip
     capacity = 2 * history_length
     for i in range(len(ops)):
         op = ops[i]
@@ -202,7 +189,7 @@ def restore_users(
             and most_seen // 2 <= v.seen_hash.shape[2]
         )
         if not fits:
-            promote(slot, v, history_len, items_len, seen_len)
+            promote(slot, table)
         history, items = history_of(slot, v), items_of(slot, v)
         seen_hash, seen_time = hashes_of(slot, v), times_of(slot, v)
         entries = buffer[at : at + 4 * n_history].view(np.int32)

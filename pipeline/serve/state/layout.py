@@ -1,18 +1,29 @@
-"""The user table's layout: the slot columns kernels take (one row per slot), how many
-history events, items and seen values a slot holds inline before its user moves to a pool
-row, the pool, `Var` (every slot's variable parts, inline and pooled, as kernels take them)
-and its accessors. The key index (`keys`) reads the key columns; nothing here depends on the
-table or the index.
+"""The user table's layout: the slot columns (one row per slot), how many history events,
+items and seen values a slot holds inline before its user moves to a pool row, the pool,
+and what kernels take of them: `Slots` (each slot's fixed parts and lengths) with its
+`Var` (every slot's variable parts, inline and pooled) and the accessors of those parts.
+The key index (`keys`) reads the key columns; nothing here depends on the table or the
+index.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
-from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.kernel import (
+    Bools,
+    Float64s,
+    Int32s,
+    Int64s,
+    UInt32s,
+    UInt64s,
+    inline_kernel,
+    kernel,
+)
 from pipeline.serve.state.reference import (
     FLOAT_SLOTS,
     HEADER,
@@ -29,32 +40,33 @@ NO_SLOT = -1
 INLINE_EVENTS = 8  # history events a slot holds before its user moves to a pool row
 INLINE_ITEMS = 8
 INLINE_SEEN = 2  # values per seen kind
+Array = TypeVar("Array", bound=npt.NDArray[Any])
 
 
 @dataclass(slots=True)
 class Columns:
     """The state arrays, slot-major. Kernels take them as arguments."""
 
-    ints: np.ndarray  # int64 (capacity, INT_SLOTS)
-    floats: np.ndarray  # float64 (capacity, FLOAT_SLOTS)
-    history: np.ndarray  # int32 (capacity, inline history entries): item, category, ...
-    history_len: np.ndarray  # int32 (capacity,): entries used (two per event)
-    items: np.ndarray  # int32 (capacity, INLINE_ITEMS)
-    items_len: np.ndarray  # int32 (capacity,)
-    seen_hash: np.ndarray  # uint32 (capacity, KINDS, INLINE_SEEN): CRC-32 of the value
-    seen_time: np.ndarray  # int64 (capacity, KINDS, INLINE_SEEN)
-    seen_len: np.ndarray  # int32 (capacity, KINDS)
-    big: np.ndarray  # int32 (capacity,): the slot's pool row + 1; 0 while inline
-    pending: np.ndarray  # bool (capacity,): allocated, initialised by its first event
-    changed: np.ndarray  # bool (capacity,): a changelog record is due
-    prev: np.ndarray  # int32 (capacity,): LRU links within the slot's partition
-    next: np.ndarray  # int32 (capacity,)
-    partition: np.ndarray  # int32 (capacity,)
+    ints: Int64s  # int64 (capacity, INT_SLOTS)
+    floats: Float64s  # float64 (capacity, FLOAT_SLOTS)
+    history: Int32s  # int32 (capacity, inline history entries): item, category, ...
+    history_len: Int32s  # int32 (capacity,): entries used (two per event)
+    items: Int32s  # int32 (capacity, INLINE_ITEMS)
+    items_len: Int32s  # int32 (capacity,)
+    seen_hash: UInt32s  # uint32 (capacity, KINDS, INLINE_SEEN): CRC-32 of the value
+    seen_time: Int64s  # int64 (capacity, KINDS, INLINE_SEEN)
+    seen_len: Int32s  # int32 (capacity, KINDS)
+    big: Int32s  # int32 (capacity,): the slot's pool row + 1; 0 while inline
+    pending: Bools  # bool (capacity,): allocated, initialised by its first event
+    changed: Bools  # bool (capacity,): a changelog record is due
+    prev: Int32s  # int32 (capacity,): LRU links within the slot's partition
+    next: Int32s  # int32 (capacity,)
+    partition: Int32s  # int32 (capacity,)
     # The user's key, for `keys.KeyIndex`: its hash, where its bytes are in the index's
     # arena, and whether the slot holds a user at all.
-    key_hash: np.ndarray  # uint64 (capacity,)
-    key: np.ndarray  # int64 (capacity, 3): arena start, length, partition
-    held: np.ndarray  # bool (capacity,)
+    key_hash: UInt64s  # uint64 (capacity,)
+    key: Int64s  # int64 (capacity, 3): arena start, length, partition
+    held: Bools  # bool (capacity,)
 
     @classmethod
     def empty(cls, capacity: int, history_width: int) -> Columns:
@@ -103,12 +115,12 @@ class Pool:
     kernels pop (`promote`), so `reserve` must leave enough before each kernel.
     """
 
-    history: np.ndarray  # int32 (rows, 2 * history_length)
-    items: np.ndarray  # int32 (rows, MAX_SESSION_ITEMS)
-    seen_hash: np.ndarray  # uint32 (rows, KINDS, MAX_SEEN)
-    seen_time: np.ndarray  # int64 (rows, KINDS, MAX_SEEN)
-    free: np.ndarray  # int32 (rows,): free rows, the next one to take last
-    top: np.ndarray  # int64 (1,): how many of `free` are free
+    history: Int32s  # int32 (rows, 2 * history_length)
+    items: Int32s  # int32 (rows, MAX_SESSION_ITEMS)
+    seen_hash: UInt32s  # uint32 (rows, KINDS, MAX_SEEN)
+    seen_time: Int64s  # int64 (rows, KINDS, MAX_SEEN)
+    free: Int32s  # int32 (rows,): free rows, the next one to take last
+    top: Int64s  # int64 (1,): how many of `free` are free
 
     @classmethod
     def empty(cls, rows: int, history_length: int) -> Pool:
@@ -140,7 +152,7 @@ class Pool:
         self.free = stack
         self.top[0] = free + size - old
 
-    def release(self, rows: np.ndarray) -> None:
+    def release(self, rows: Int64s) -> None:
         """Return `rows` to the free stack."""
         top = int(self.top[0])
         self.free[top : top + len(rows)] = rows
@@ -161,59 +173,71 @@ class Var(NamedTuple):
     reads a NamedTuple's fields as typed arguments).
     """
 
-    history: np.ndarray
-    items: np.ndarray
-    seen_hash: np.ndarray
-    seen_time: np.ndarray
-    big: np.ndarray
-    pool_history: np.ndarray
-    pool_items: np.ndarray
-    pool_hash: np.ndarray
-    pool_time: np.ndarray
-    free: np.ndarray
-    top: np.ndarray
+    history: Int32s  # Columns.history
+    items: Int32s
+    seen_hash: UInt32s
+    seen_time: Int64s
+    big: Int32s
+    pool_history: Int32s  # Pool.history
+    pool_items: Int32s
+    pool_hash: UInt32s
+    pool_time: Int64s
+    free: Int32s
+    top: Int64s
+
+
+class Slots(NamedTuple):
+    """Every slot's state as kernels take it: the fixed parts, the lengths of the variable
+    parts, and those parts (`Var`). `UserTable.slots_view` makes one.
+    """
+
+    ints: Int64s  # Columns.ints
+    floats: Float64s
+    history_len: Int32s
+    items_len: Int32s
+    seen_len: Int32s
+    var: Var
 
 
 @inline_kernel
-def history_of(s: int, v: Var) -> np.ndarray:
+def _part(s: int, big: Int32s, pooled: Array, inline: Array) -> Array:
+    """Slot `s`'s row of one variable part: its pool row's while it has one (`big`)."""
+    b = big[s]
+    found: Array = pooled[b - 1] if b else inline[s]
+    return found
+
+
+@inline_kernel
+def history_of(s: int, v: Var) -> Int32s:
     """Slot `s`'s history entries: inline, or its pool row's."""
-    b = v.big[s]
-    found: np.ndarray = v.pool_history[b - 1] if b else v.history[s]
-    return found
+    return _part(s, v.big, v.pool_history, v.history)
 
 
 @inline_kernel
-def items_of(s: int, v: Var) -> np.ndarray:
+def items_of(s: int, v: Var) -> Int32s:
     """Slot `s`'s session items."""
-    b = v.big[s]
-    found: np.ndarray = v.pool_items[b - 1] if b else v.items[s]
-    return found
+    return _part(s, v.big, v.pool_items, v.items)
 
 
 @inline_kernel
-def hashes_of(s: int, v: Var) -> np.ndarray:
+def hashes_of(s: int, v: Var) -> UInt32s:
     """Slot `s`'s seen hashes, (KINDS, room)."""
-    b = v.big[s]
-    found: np.ndarray = v.pool_hash[b - 1] if b else v.seen_hash[s]
-    return found
+    return _part(s, v.big, v.pool_hash, v.seen_hash)
 
 
 @inline_kernel
-def times_of(s: int, v: Var) -> np.ndarray:
+def times_of(s: int, v: Var) -> Int64s:
     """Slot `s`'s seen times, (KINDS, room)."""
-    b = v.big[s]
-    found: np.ndarray = v.pool_time[b - 1] if b else v.seen_time[s]
-    return found
+    return _part(s, v.big, v.pool_time, v.seen_time)
 
 
 @kernel
-def promote(
-    s: int, v: Var, history_len: np.ndarray, items_len: np.ndarray, seen_len: np.ndarray
-) -> None:
+def promote(s: int, table: Slots) -> None:
     """Move slot `s`'s variable parts to a free pool row (one of them outgrew its room).
     The copies are clamped to the inline room: a reused slot may still carry the lengths of
     its previous user until they are set.
     """
+    v = table.var
     if v.big[s]:
         return
     top = v.top[0]
@@ -222,11 +246,11 @@ def promote(
     row = v.free[top - 1]
     v.top[0] = top - 1
     v.big[s] = row + 1
-    for k in range(min(history_len[s], v.history.shape[1])):
+    for k in range(min(table.history_len[s], v.history.shape[1])):
         v.pool_history[row, k] = v.history[s, k]
-    for k in range(min(items_len[s], v.items.shape[1])):
+    for k in range(min(table.items_len[s], v.items.shape[1])):
         v.pool_items[row, k] = v.items[s, k]
     for kind in range(KINDS):
-        for k in range(min(seen_len[s, kind], v.seen_hash.shape[2])):
+        for k in range(min(table.seen_len[s, kind], v.seen_hash.shape[2])):
             v.pool_hash[row, kind, k] = v.seen_hash[s, kind, k]
             v.pool_time[row, kind, k] = v.seen_time[s, kind, k]

@@ -5,13 +5,13 @@ updated first, so eviction walks from the old end. `touch` moves a slot to the r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
-from pipeline.serve.kernel import kernel
-from pipeline.serve.state.layout import (
-    NO_SLOT,
-)
+from pipeline.serve.kernel import Bools, Int32s, Int64s, kernel
+from pipeline.serve.state.layout import NO_SLOT, Slots
 from pipeline.serve.state.reference import (
     COUNTER_TIME,
     FIRST_SEEN,
@@ -24,7 +24,7 @@ from pipeline.serve.state.reference import (
 
 
 @kernel
-def unlink(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
+def unlink(slot: int, prev: Int32s, nxt: Int32s, ends: Int32s, p: int) -> None:
     before, after = prev[slot], nxt[slot]
     if before == NO_SLOT:
         ends[p, 0] = after
@@ -38,7 +38,7 @@ def unlink(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: in
 
 
 @kernel
-def append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: int) -> None:
+def append(slot: int, prev: Int32s, nxt: Int32s, ends: Int32s, p: int) -> None:
     tail = ends[p, 1]
     prev[slot] = tail
     nxt[slot] = NO_SLOT
@@ -50,12 +50,12 @@ def append(slot: int, prev: np.ndarray, nxt: np.ndarray, ends: np.ndarray, p: in
 
 
 @kernel
-def linked(slot: int, prev: np.ndarray, ends: np.ndarray, p: int) -> bool:
+def linked(slot: int, prev: Int32s, ends: Int32s, p: int) -> bool:
     return bool(prev[slot] != NO_SLOT or ends[p, 0] == slot)
 
 
 @kernel
-def chain(head: int, nxt: np.ndarray, out: np.ndarray) -> int:
+def chain(head: int, nxt: Int32s, out: Int64s) -> int:
     """The slots of a partition's recency list from `head`, into `out`: how many, or -1
     when the list is longer than `out`.
     """
@@ -69,60 +69,54 @@ def chain(head: int, nxt: np.ndarray, out: np.ndarray) -> int:
     return n
 
 
+class Recency(NamedTuple):
+    """The recency lists as kernels take them: per slot its links and flags, per partition
+    its list's ends and newest event time. `UserTable.recency_view` makes one.
+    """
+
+    pending: Bools  # (capacity,): allocated, initialised by its first event
+    changed: Bools  # (capacity,): a changelog record is due
+    prev: Int32s  # (capacity,)
+    next: Int32s  # (capacity,)
+    partition: Int32s  # (capacity,)
+    ends: Int32s  # (partitions, 2): the list's head and tail slots
+    watermark: Int64s  # (partitions,): the newest event time
+
+
 @kernel
-def touch(
-    slot: int,
-    now_ms: int,
-    ints: np.ndarray,
-    floats: np.ndarray,
-    history_len: np.ndarray,
-    items_len: np.ndarray,
-    seen_len: np.ndarray,
-    pending: np.ndarray,
-    changed: np.ndarray,
-    prev: np.ndarray,
-    nxt: np.ndarray,
-    partition: np.ndarray,
-    ends: np.ndarray,
-    watermark: np.ndarray,
-) -> bool:
+def touch(slot: int, now_ms: int, table: Slots, r: Recency) -> bool:
     """`FeatureStore.get` without the return: a new user's first fields, then the slot moved
     to its partition's most recent end; True when the slot was newly flagged changed.
     """
-    p = partition[slot]
-    if pending[slot]:
-        pending[slot] = False
+    p = r.partition[slot]
+    if r.pending[slot]:
+        r.pending[slot] = False
+        ints = table.ints
         ints[slot, :] = NEVER
         ints[slot, FIRST_SEEN] = ints[slot, SESSION_START] = ints[slot, COUNTER_TIME] = now_ms
         ints[slot, SESSION_EVENTS] = ints[slot, SESSION_VIEWS] = 0
-        floats[slot, :] = 0.0
-        history_len[slot] = items_len[slot] = 0
-        seen_len[slot, :] = 0
-    elif linked(slot, prev, ends, p):
-        unlink(slot, prev, nxt, ends, p)
-    append(slot, prev, nxt, ends, p)
-    if now_ms > watermark[p]:
-        watermark[p] = now_ms
-    if changed[slot]:
+        table.floats[slot, :] = 0.0
+        table.history_len[slot] = table.items_len[slot] = 0
+        table.seen_len[slot, :] = 0
+    elif linked(slot, r.prev, r.ends, p):
+        unlink(slot, r.prev, r.next, r.ends, p)
+    append(slot, r.prev, r.next, r.ends, p)
+    if now_ms > r.watermark[p]:
+        r.watermark[p] = now_ms
+    if r.changed[slot]:
         return False
-    changed[slot] = True
+    r.changed[slot] = True
     return True
 
 
 @njit(cache=True, nogil=True)
 def pick_evictions(
-    order: np.ndarray,
-    counts: np.ndarray,
-    ttl_ms: float,
-    max_users: float,
-    ints: np.ndarray,
-    changed: np.ndarray,
-    prev: np.ndarray,
-    nxt: np.ndarray,
-    ends: np.ndarray,
-    watermark: np.ndarray,
-) -> np.ndarray:
-    """Unlink the users to evict; their slots, in eviction order."""
+    order: Int64s, counts: Int64s, ttl_ms: float, max_users: float, ints: Int64s, r: Recency
+) -> Int64s:
+    """Unlink the users to evict; their slots, in eviction order. Compiled with reference
+    counting (not a `kernel`): it returns an array it allocates.
+    """
+    changed, prev, nxt, ends, watermark = r.changed, r.prev, r.next, r.ends, r.watermark
     out = []
     for k in range(len(order)):
         p = order[k]

@@ -45,9 +45,10 @@ from pipeline.serve.state.layout import (
     NO_SLOT,
     Columns,
     Pool,
+    Slots,
     Var,
 )
-from pipeline.serve.state.recency import chain, linked, pick_evictions, unlink
+from pipeline.serve.state.recency import Recency, chain, linked, pick_evictions, unlink
 from pipeline.serve.state.reference import (
     NEVER,
 )
@@ -206,6 +207,20 @@ class UserTable:
             p.seen_hash, p.seen_time, p.free, p.top,
         )  # fmt: skip
 
+    def slots_view(self) -> Slots:
+        """Every slot's state, for a kernel (after `pool.reserve` when it may promote).
+        Take it again after anything that may grow the columns (`slots`, `restore`).
+        """
+        c = self.columns
+        return Slots(c.ints, c.floats, c.history_len, c.items_len, c.seen_len, self.var())
+
+    def recency_view(self) -> Recency:
+        """The recency lists, for a kernel (taken again, as `slots_view`, after growth)."""
+        c = self.columns
+        return Recency(
+            c.pending, c.changed, c.prev, c.next, c.partition, self._ends, self._watermark
+        )
+
     def _unpool(self, slots: np.ndarray) -> None:
         """Return the pool rows of `slots` (users gone) and mark the slots inline."""
         big = self.columns.big[slots]
@@ -242,9 +257,8 @@ class UserTable:
         counts = self._index.counts[order]
         c = self.columns
         evicted = pick_evictions(
-            order, counts, self._ttl_ms, float(self.max_users), c.ints, c.changed, c.prev,
-            c.next, self._ends, self._watermark,
-        )  # fmt: skip
+            order, counts, self._ttl_ms, float(self.max_users), c.ints, self.recency_view()
+        )
         if len(evicted):
             self.evicted += len(evicted)
             self._release(evicted, tombstones=True)
@@ -321,10 +335,7 @@ class UserTable:
         starts = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(sizes, out=starts[1:])
         buffer = np.empty(int(starts[-1]), dtype=np.uint8)
-        encode_users(
-            slots, starts, buffer, c.ints, c.floats, c.history_len, c.items_len, c.seen_len,
-            self.var(),
-        )  # fmt: skip
+        encode_users(slots, starts, buffer, self.slots_view())
         return buffer, starts
 
     def expect(self, users: int) -> None:
@@ -383,12 +394,10 @@ class UserTable:
             return
         op = np.concatenate(ops)
         which = (np.cumsum(has_value) - 1)[np.concatenate(applied)]  # its value's index
-        c = self.columns
         self.pool.reserve(len(op))
         restore_users(
-            op, which, buffer, starts, self.history_length, c.ints, c.floats, c.history_len,
-            c.items_len, c.seen_len, self.var(), c.pending, c.changed, c.prev, c.next,
-            c.partition, self._ends, np.empty(KINDS, dtype=np.int64),
+            op, which, buffer, starts, self.history_length, self.slots_view(),
+            self.recency_view(), np.empty(KINDS, dtype=np.int64),
         )  # fmt: skip
         freed = np.array(deleted, dtype=np.int64)
         self._unpool(freed)
@@ -440,12 +449,10 @@ class UserTable:
             self._remove(added)
             self._index.release(added)
             raise refused
-        c = self.columns
         self.pool.reserve(len(slots))
         restore_users(
             slots, np.arange(len(slots)), state.values, state.starts, self.history_length,
-            c.ints, c.floats, c.history_len, c.items_len, c.seen_len, self.var(), c.pending,
-            c.changed, c.prev, c.next, c.partition, self._ends, np.empty(KINDS, dtype=np.int64),
+            self.slots_view(), self.recency_view(), np.empty(KINDS, dtype=np.int64),
         )  # fmt: skip
         self._latest_controls.update(((partition, k), v) for k, v in state.controls.items())
 
