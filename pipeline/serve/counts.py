@@ -5,13 +5,59 @@ divides its times by `consumed`), and the Prometheus series of each finished bat
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from pipeline.serve.records import DeadLetter, Scored
 from pipeline.settings import TopicSettings
 from pipeline.telemetry import Telemetry, observe_many
+
+# The loop's stages, in its order (the bench's stage table has a column for each).
+STAGES = ("consume", "decode", "features", "score", "encode", "produce", "commit")
+Mark = tuple[float, float]  # `StageClock.start`: the wall clock, then the thread's CPU clock
+
+
+def _zeroes() -> dict[str, float]:
+    return dict.fromkeys(STAGES, 0.0)
+
+
+@dataclass(slots=True)
+class StageClock:
+    """Seconds in each stage of the loop: wall time, and the loop thread's own CPU time
+    (`time.thread_time`). A stage's wall time less its CPU time is waiting (for a fetch, the
+    engines) or being descheduled while the engines' thread, librdkafka's threads and the
+    broker share the cores.
+    """
+
+    wall: dict[str, float] = field(default_factory=_zeroes)
+    cpu: dict[str, float] = field(default_factory=_zeroes)
+
+    @staticmethod
+    def start() -> Mark:
+        """The clocks now, for `stop`."""
+        return time.perf_counter(), time.thread_time()
+
+    def stop(self, stage: str, mark: Mark) -> float:
+        """Add the time since `mark` to `stage`; its wall seconds. The CPU clock is read
+        inside the wall interval: the clocks' own cost and what follows count in neither.
+        """
+        cpu = time.thread_time() - mark[1]
+        wall = time.perf_counter() - mark[0]
+        self.add(stage, wall, cpu)
+        return wall
+
+    def add(self, stage: str, wall_s: float, cpu_s: float) -> None:
+        """Add an interval measured elsewhere (a batch's stages, summed when it finishes)."""
+        self.wall[stage] += wall_s
+        self.cpu[stage] += cpu_s
+
+    def fields(self) -> dict[str, float]:
+        """`<stage>_s` and `<stage>_cpu_s` of every stage: the stats file's names."""
+        return {
+            **{f"{stage}_s": seconds for stage, seconds in self.wall.items()},
+            **{f"{stage}_cpu_s": seconds for stage, seconds in self.cpu.items()},
+        }
 
 
 @dataclass(slots=True)
@@ -31,24 +77,15 @@ class RunStats:
     restore_s: float = 0.0
     rewinds: int = 0
     pauses: int = 0
-    # Seconds in each stage of the loop (the bench's stage table divides them by `consumed`).
-    consume_s: float = 0.0
-    decode_s: float = 0.0
-    features_s: float = 0.0
-    score_s: float = 0.0  # engine inputs, the engines (inline or waited for), shaping
-    encode_s: float = 0.0
-    produce_s: float = 0.0
-    commit_s: float = 0.0
-    # The loop thread's own CPU seconds in each (`time.thread_time`): a stage's wall time
-    # less its CPU time is waiting (for a fetch, the engines) or being descheduled while
-    # the engines' thread, librdkafka's threads and the broker share the cores.
-    consume_cpu_s: float = 0.0
-    decode_cpu_s: float = 0.0
-    features_cpu_s: float = 0.0
-    score_cpu_s: float = 0.0
-    encode_cpu_s: float = 0.0
-    produce_cpu_s: float = 0.0
-    commit_cpu_s: float = 0.0
+    # Seconds in each stage (the bench's stage table divides them by `consumed`).
+    stages: StageClock = field(default_factory=StageClock)
+
+    def report(self) -> dict[str, int | float]:
+        """The counts and each stage's times by name, as the stats file and the last log
+        line give them.
+        """
+        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stages"}
+        return {**counts, **self.stages.fields()}
 
 
 def count_batch(

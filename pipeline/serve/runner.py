@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,16 +210,14 @@ class Pipeline:
             batch_size = self.settings.consumer.max_batch
             wait_s = self.settings.consumer.max_wait_ms / 1000.0
             in_flight = self.batches
+            clock = self.stats.stages
             while not stop.is_set():
                 telemetry.beat()
                 # With a batch in inference, take only what is already fetched: waiting for
                 # more would hold that batch's outputs back.
-                consumed_at, consumed_cpu = time.perf_counter(), time.thread_time()
+                mark = clock.start()
                 messages = take_batch(consumer, batch_size, 0 if in_flight else wait_s)
-                # Each interval's CPU is read inside its wall time: the clocks' own cost and
-                # what follows (metrics) count in neither.
-                self.stats.consume_cpu_s += time.thread_time() - consumed_cpu
-                self.stats.consume_s += time.perf_counter() - consumed_at
+                clock.stop("consume", mark)
                 try:
                     # A rollback met in a rebalance callback is handled here, before any
                     # batch is prepared from these messages (they are read again).
@@ -257,17 +255,14 @@ class Pipeline:
                 unacked = checkpoint.sink.in_flight()
                 if backpressure.update(consumer, unacked):
                     self.stats.pauses += 1
-                ticked_at, ticked_cpu = time.perf_counter(), time.thread_time()
+                mark = clock.start()
                 try:
                     # May close a stretch or commit the open transaction.
                     checkpoint.tick(idle=not in_flight)
                 except Rewind as rewind:
                     in_flight.discard()
                     self._partitions.rewind(consumer, str(rewind))
-                self.stats.commit_cpu_s += time.thread_time() - ticked_cpu
-                ticked = time.perf_counter() - ticked_at
-                telemetry.stage_seconds.labels("commit").observe(ticked)
-                self.stats.commit_s += ticked
+                telemetry.stage_seconds.labels("commit").observe(clock.stop("commit", mark))
                 self._sample_state(unacked)
             try:
                 in_flight.drain(checkpoint)
@@ -283,7 +278,7 @@ class Pipeline:
                 in_flight.discard()
                 self._partitions.rewind_due = str(rewind)
                 log.warning("stopped_after_rollback", reason=str(rewind))
-            log.info("pipeline_stopped", **asdict(self.stats))
+            log.info("pipeline_stopped", **self.stats.report())
         return self.stats
 
     def _hold_input(
@@ -409,18 +404,15 @@ class Pipeline:
         )
         done_cpu, done = time.thread_time(), time.perf_counter()
         stage.labels("produce").observe(done - producing)
-        stats = self.stats
-        stats.decode_s += batch.decode_s
-        stats.features_s += batch.features_s
-        stats.score_s += batch.prepare_s + encoding - started
-        stats.encode_s += producing - encoding
-        stats.produce_s += done - producing
+        clock = self.stats.stages
         decode_cpu, features_cpu, prepare_cpu = batch.cpu_s
-        stats.decode_cpu_s += decode_cpu
-        stats.features_cpu_s += features_cpu
-        stats.score_cpu_s += prepare_cpu + encoding_cpu - started_cpu
-        stats.encode_cpu_s += producing_cpu - encoding_cpu
-        stats.produce_cpu_s += done_cpu - producing_cpu
+        clock.add("decode", batch.decode_s, decode_cpu)
+        clock.add("features", batch.features_s, features_cpu)
+        clock.add(
+            "score", batch.prepare_s + encoding - started, prepare_cpu + encoding_cpu - started_cpu
+        )
+        clock.add("encode", producing - encoding, producing_cpu - encoding_cpu)
+        clock.add("produce", done - producing, done_cpu - producing_cpu)
         count_batch(
             self.stats,
             self.telemetry,
@@ -544,5 +536,5 @@ def run_pipeline(
         pipeline.close()
     if stats_file is not None:
         stats_file.parent.mkdir(parents=True, exist_ok=True)
-        stats_file.write_text(json.dumps(asdict(stats)))
+        stats_file.write_text(json.dumps(stats.report()))
     return stats
