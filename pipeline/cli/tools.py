@@ -119,9 +119,9 @@ def bench(
     require_train("streamscore bench")
     from dataclasses import replace
 
-    from pipeline.tools.bench.harness import BY_NAME, Plan
     from pipeline.tools.bench.report import publish as publish_report
     from pipeline.tools.bench.report import run_bench, table
+    from pipeline.tools.bench.workload import BY_NAME, Plan
     from pipeline.tools.demo import ensure_models
 
     settings = settings_from(config)

@@ -7,7 +7,7 @@ ONNX Runtime, and the FraudScore goes out through `to_topic`. At least once, Qui
 otherwise.
 
 Quix Streams pins confluent-kafka 2.12, which conflicts with ours, so this module runs in its
-own virtualenv (`harness.ensure_peer_venv`) with the repository on PYTHONPATH:
+own virtualenv (`phases.ensure_peer_venv`) with the repository on PYTHONPATH:
 `<peer-venv>/bin/python -m pipeline.tools.bench.peer_quix`.
 """
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +19,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import psutil
 
 from pipeline.settings import Settings
-from pipeline.tools.bench.harness import BY_NAME, Bench, Plan, generate, machine
+from pipeline.tools.bench.phases import PEER_REQUIREMENTS, ROOT, Bench
+from pipeline.tools.bench.workload import BY_NAME, Plan, generate
 
 RESULTS = "results.json"
 PLOT_LATENCY = "throughput_vs_p99.png"
@@ -398,3 +403,32 @@ def _plot_sweep(sweep: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    """Where the run happened: cores, CPU model, memory and versions."""
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import confluent_kafka
+
+    versions = {
+        name: metadata.version(name)
+        for name in ("confluent-kafka", "fastavro", "onnxruntime", "torch", "numpy")
+    }
+    versions["librdkafka"] = confluent_kafka.libversion()[0]
+    versions["quixstreams"] = PEER_REQUIREMENTS[0].split("==")[1]
+    kafka_jar = next((ROOT / "var" / "kafka" / "libs").glob("kafka_*.jar"), None)
+    versions["kafka"] = kafka_jar.stem.split("-", 1)[1] if kafka_jar else "unknown"
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import schemas
-from pipeline.tools.bench.harness import ingest_times
+from pipeline.tools.bench.probe import ingest_times
 from schemas.codec import DecodeError, Decoder, Encoder
 
 LONGS = st.integers(min_value=-(2**63), max_value=2**63 - 1)

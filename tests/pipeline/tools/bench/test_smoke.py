@@ -10,8 +10,9 @@ import re
 import pytest
 
 from pipeline.kafka.admin import admin_client
-from pipeline.tools.bench.harness import CONFIGS, STAGES, Plan
+from pipeline.serve.counts import STAGES
 from pipeline.tools.bench.report import PLOT_LATENCY, PLOT_SWEEP, PROFILE, latest, run_bench
+from pipeline.tools.bench.workload import CONFIGS, Plan
 from pipeline.training.generator import USER_AGENTS, GeneratorConfig, generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

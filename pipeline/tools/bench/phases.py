@@ -1,4 +1,4 @@
-"""Runs every bench configuration against the local broker and measures it from outside.
+"""The bench's phases: each configuration against the local broker, measured from outside.
 
 One run generates its events once (one seed): a backlog written once to a shared topic, and
 a pool of later events for the live phases. Each configuration then runs as its own
@@ -20,55 +20,48 @@ and the broker; its CPU share is reported beside theirs.
 from __future__ import annotations
 
 import contextlib
-import gc
-import hashlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
-import numpy as np
 import psutil
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-import schemas
 from pipeline.kafka.admin import (
     admin_client,
     committed_offsets,
     delete_topics,
     end_offsets,
-    topic_partitions,
 )
 from pipeline.kafka.clients import producer_config
-from pipeline.serve.decode import varint
-from pipeline.serve.kernel import kernel
-from pipeline.serve.records import join
+from pipeline.serve.counts import STAGES
 from pipeline.settings import Settings, settings_env, with_local_key
+from pipeline.tools.bench.probe import CpuMeter, Latency, Probe, check_alive, latency_of
+from pipeline.tools.bench.workload import (
+    BY_NAME,
+    Config,
+    Plan,
+    Workload,
+    distinct_users,
+)
 from pipeline.tools.loadgen import produce_one
 from pipeline.topics import create_topics
-from pipeline.training.generator import ClickstreamGenerator, GeneratorConfig
-from schemas.codec import Decoder, Encoder
 
-Kind = Literal["ceiling", "naive", "peer", "streamscore"]
 ROOT = Path(__file__).resolve().parents[3]
 PEER_VENV = ROOT / "var" / "bench" / "peer-venv"
 # The peer's own environment: Quix Streams pins confluent-kafka 2.12, ours is newer.
-# The loop's stages as `RunStats` times them (`<stage>_s`).
-STAGES = ("consume", "decode", "features", "score", "encode", "produce", "commit")
 PEER_REQUIREMENTS = (
     "quixstreams==3.28.1",
     "onnxruntime==1.32.0",
@@ -78,85 +71,6 @@ PEER_REQUIREMENTS = (
     "pydantic-settings>=2.7,<3",
     "structlog>=25.1",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """One configuration under test."""
-
-    name: str
-    kind: Kind
-    processes: int = 1
-    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
-
-    @property
-    def stamps_outputs(self) -> bool:
-        """Whether its outputs get their own Kafka timestamp when produced: the ceiling's
-        copy their input's, and Quix Streams gives an output its input's (measured: the
-        split below read 0 ms for it).
-        """
-        return self.kind not in ("ceiling", "peer")
-
-
-CONFIGS = (
-    Config("ceiling", "ceiling"),
-    Config("naive", "naive"),
-    Config("peer_quix", "peer"),
-    Config("streamscore_alo_1p", "streamscore"),
-    Config("streamscore_alo_2p", "streamscore", processes=2),
-    Config("streamscore_eos_1p", "streamscore", guarantee="exactly_once"),
-    Config("streamscore_eos_2p", "streamscore", processes=2, guarantee="exactly_once"),
-)
-BY_NAME = {config.name: config for config in CONFIGS}
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """How much to run. `smoke()` is the tiny run `make test` does."""
-
-    # A backlog that takes seconds to drain on a fast machine: 200,000 events drained in
-    # 0.14-0.76 s on an AMD EPYC (20261127-235218), a window too short to time (two
-    # processes read 1.19M events/s there, the ceiling 0.55-0.66M).
-    events: int = 1_000_000
-    users: int = 100_000  # ten events a user, as before
-    seed: int = 7
-    partitions: int = 12
-    live_pool: int = 100_000
-    live_s: float = 8.0
-    rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
-    # Offered rates that do not move with max (events/s; skipped where above a max).
-    fixed_rates: tuple[float, ...] = (10_000.0,)
-    max_phase_s: float = 45.0
-    repeats: int = 2  # throughput runs per configuration; the best one counts
-    sweep_events: int = 300_000
-    batch_sizes: tuple[int, ...] = (32, 128, 500, 2000, 4000)
-    max_waits_ms: tuple[int, ...] = (1, 5, 20, 50)
-    rss_users: int = 1_000_000
-    # Once the group holds every partition, before events are offered: the last restore
-    # and the first fetches settle.
-    settle_s: float = 1.0
-    extras: bool = True  # the batch/wait sweep, the profile and the memory phase
-    configs: tuple[str, ...] = tuple(config.name for config in CONFIGS)
-
-    @classmethod
-    def smoke(cls) -> Plan:
-        """Every configuration and phase, on a few thousand events."""
-        return cls(
-            events=3000,
-            users=300,
-            live_pool=3000,
-            live_s=0.5,
-            # The naive baseline would take about 27 s for the 3,000 events; streamscore's
-            # take under 1 (the smoke test checks that they measured every one).
-            max_phase_s=5.0,
-            sweep_events=1500,
-            batch_sizes=(64, 500),
-            max_waits_ms=(5,),
-            rss_users=3000,
-            repeats=1,
-            settle_s=0.2,
-            fixed_rates=(300.0,),
-        )
 
 
 @dataclass(slots=True)
@@ -172,76 +86,6 @@ class Throughput:
     rss_mb: float
     stages_us: dict[str, float] | None = None  # µs per event per stage (streamscore only)
     stages_cpu_us: dict[str, float] | None = None  # the same, the loop thread's CPU alone
-
-
-@dataclass(slots=True)
-class Latency:
-    """Latency at one offered rate."""
-
-    fraction: float
-    offered_eps: float
-    achieved_eps: float
-    events: int
-    received: int
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    max_ms: float
-    # Of p99_ms, the part up to the output's own Kafka timestamp (the pipeline's produce
-    # call): the rest is the output's way to a reader. NaN where outputs carry their
-    # input's timestamp (`Config.stamps_outputs`).
-    p99_to_output_ms: float
-    cpu_percent: float  # the configuration's processes while the load was offered
-    broker_cpu_percent: float
-    bench_cpu_percent: float  # this process: the paced producer and the probe
-    fixed: bool = False  # offered at one of `Plan.fixed_rates`, not a fraction of max
-
-
-@dataclass(slots=True)
-class Workload:
-    """The generated events, as the bytes every configuration reads."""
-
-    backlog: list[tuple[bytes, bytes]]
-    live: list[tuple[bytes, bytes]]
-    with_candidates: float
-    digest: str = field(default="")
-
-
-def generate(plan: Plan) -> Workload:
-    """The run's events, encoded once: the backlog and then the live pool."""
-    total = plan.events + plan.live_pool
-    config = GeneratorConfig(events=total, users=plan.users, seed=plan.seed).anchored_before(
-        time.time()
-    )
-    encoder = Encoder(schemas.CLICK_EVENT)
-    messages: list[tuple[bytes, bytes]] = []
-    candidates = 0
-    for event, _ in ClickstreamGenerator(config):
-        messages.append((event["user_id"].encode(), encoder.encode(event)))
-        candidates += bool(event["candidates"])
-    digest = hashlib.sha256()
-    for key, value in messages:
-        digest.update(key)
-        digest.update(value)
-    workload = Workload(
-        messages[: plan.events], messages[plan.events :], candidates / total, digest.hexdigest()
-    )
-    # The events live until the run ends: out of the collector's sight, so that a full
-    # collection walking them does not pause the probe and add to measured latency.
-    gc.collect()
-    gc.freeze()
-    return workload
-
-
-def distinct_users(workload: Workload, users: int) -> Iterator[tuple[bytes, bytes]]:
-    """`users` events, one per distinct user: the backlog's events with fresh user ids."""
-    decoder, encoder = Decoder(schemas.CLICK_EVENT), Encoder(schemas.CLICK_EVENT)
-    templates = [decoder.decode(value) for _, value in workload.backlog[:10_000]]
-    for i in range(users):
-        event = dict(templates[i % len(templates)])
-        event["user_id"] = f"rss-user-{i:08d}"
-        event["event_id"] = f"rss-event-{i:08d}"
-        yield event["user_id"].encode(), encoder.encode(event)
 
 
 class Bench:
@@ -375,7 +219,7 @@ class Bench:
                             f"on {settings.topics.fraud_scores} in {wait_s:.0f} s"
                         )
                     latencies, to_output = probe.split_between(started_ms, ended_ms)
-                    point = _latency(fraction, rate, sent, seconds, latencies, to_output, meter)
+                    point = latency_of(fraction, rate, sent, seconds, latencies, to_output, meter)
                     point.fixed = fixed
                     results.append(point)
                     self.say(
@@ -548,7 +392,7 @@ class Bench:
                 if time.monotonic() >= deadline:
                     self.say(f"  {topic}: not all committed in {timeout_s:.0f} s; going on")
                     return
-                _check_alive(procs)
+                check_alive(procs)
                 time.sleep(0.05)
         finally:
             consumer.close()
@@ -558,7 +402,7 @@ class Bench:
     ) -> None:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            _check_alive(procs)
+            check_alive(procs)
             try:
                 described = self._admin.describe_consumer_groups([group])[group].result()
             except KafkaException:
@@ -571,318 +415,6 @@ class Bench:
                     return
             time.sleep(0.3)
         raise TimeoutError(f"group {group} did not get {members} members in 180s")
-
-
-# --- measurement ------------------------------------------------------------------------
-
-
-class CpuMeter:
-    """CPU seconds of a set of processes, the broker and this process over a window."""
-
-    def __init__(self, pids: Sequence[int], broker: psutil.Process | None) -> None:
-        """Start measuring now."""
-        self._procs = [psutil.Process(pid) for pid in pids]
-        self._broker = broker
-        self._self = psutil.Process()
-        self._start = time.monotonic()
-        self._cpu = self._sample()
-
-    def _sample(self) -> tuple[float, float, float]:
-        def cpu(proc: psutil.Process | None) -> float:
-            if proc is None:
-                return 0.0
-            try:
-                times = proc.cpu_times()
-            except psutil.Error:
-                return 0.0
-            return float(times.user + times.system)
-
-        return sum(cpu(p) for p in self._procs), cpu(self._broker), cpu(self._self)
-
-    def stop(self) -> None:
-        """End the window."""
-        end = self._sample()
-        self._seconds = max(time.monotonic() - self._start, 1e-9)
-        self._delta = tuple(b - a for a, b in zip(self._cpu, end, strict=True))
-
-    def percent(self) -> float:
-        """CPU of the measured processes, percent of one core (two busy cores: 200)."""
-        return 100 * self._delta[0] / self._seconds
-
-    def broker_percent(self) -> float:
-        """CPU of the broker over the window."""
-        return 100 * self._delta[1] / self._seconds
-
-    def self_percent(self) -> float:
-        """CPU of the bench process (producer and probe) over the window."""
-        return 100 * self._delta[2] / self._seconds
-
-
-@dataclass(slots=True)
-class Window:
-    """Arrival times of outputs; the steady rate between the 10th and 95th percentile."""
-
-    arrivals: np.ndarray
-    meter: CpuMeter | None
-
-    @property
-    def count(self) -> int:
-        """Outputs read."""
-        return len(self.arrivals)
-
-    @property
-    def seconds(self) -> float:
-        """Length of the measured window."""
-        lo, hi = self._bounds()
-        return float(self.arrivals[hi] - self.arrivals[lo]) if hi > lo else 0.0
-
-    def _bounds(self) -> tuple[int, int]:
-        n = len(self.arrivals)
-        return int(n * 0.10), max(int(n * 0.95) - 1, 0)
-
-    def rate(self) -> float:
-        """Outputs per second in the window."""
-        lo, hi = self._bounds()
-        seconds = self.seconds
-        return (hi - lo) / seconds if seconds > 0 else 0.0
-
-
-def ingest_times(values: list[bytes], decoder: Decoder) -> list[float]:
-    """The `ingest_time` of each framed FraudScore in `values`: walked to by a kernel, or
-    decoded (`decoder`) where the walk fails. fastavro took 10 µs a record, which at half
-    the bench's maximum rate was a third of a core of the two the measured pipeline and
-    the broker share; the walk and the join are under 1 µs.
-    """
-    buffer, starts, _ = join(values)
-    found = np.empty(len(values), dtype=np.int64)
-    walked = np.empty(len(values), dtype=np.bool_)
-    _ingest_times(buffer, starts, found, walked)
-    times = found.astype(np.float64)
-    for i in np.flatnonzero(~walked).tolist():
-        times[i] = float(decoder.decode(values[i])["ingest_time"])
-    return times.tolist()
-
-
-@kernel
-def _skip_string(buf: np.ndarray, pos: int, end: int) -> int:
-    """The position after the string at `pos`, or a negative one."""
-    length, pos = varint(buf, pos, end)
-    if pos < 0 or length < 0 or pos + length > end:
-        return -1
-    return int(pos + length)
-
-
-@kernel
-def _ingest_times(buf: np.ndarray, starts: np.ndarray, out: np.ndarray, ok: np.ndarray) -> None:
-    """Into `out`, each record's `ingest_time`; `ok` is False where it is not a FraudScore
-    of the schema the pipeline writes (schemas/fraud_score.avsc): event_id, user_id (strings),
-    event_time (long), score (double), decision (enum), reasons (array of {string, double}),
-    model_name, model_version (strings), then ingest_time (long).
-    """
-    for i in range(len(starts) - 1):
-        ok[i] = False
-        pos, end = starts[i] + 5, starts[i + 1]  # after the magic byte and the schema id
-        if pos > end or buf[starts[i]] != 0:
-            continue
-        pos = _skip_string(buf, pos, end)
-        if pos >= 0:
-            pos = _skip_string(buf, pos, end)
-        if pos >= 0:
-            _, pos = varint(buf, pos, end)  # event_time
-        if pos >= 0:
-            pos = pos + 8 if pos + 8 <= end else -1  # score
-        if pos >= 0:
-            _, pos = varint(buf, pos, end)  # decision
-        while pos >= 0:  # reasons: blocks of items, ended by a zero count
-            count, pos = varint(buf, pos, end)
-            if pos < 0 or count == 0:
-                break
-            if count < 0:  # a negative count is followed by the block's size in bytes
-                count = -count
-                _, pos = varint(buf, pos, end)
-            for _ in range(count):
-                if pos >= 0:
-                    pos = _skip_string(buf, pos, end)
-                if pos >= 0:
-                    pos = pos + 8 if pos + 8 <= end else -1
-        if pos >= 0:
-            pos = _skip_string(buf, pos, end)
-        if pos >= 0:
-            pos = _skip_string(buf, pos, end)
-        if pos >= 0:
-            out[i], pos = varint(buf, pos, end)
-            ok[i] = pos >= 0
-
-
-class Probe:
-    """A read_committed consumer of one output topic, assigned every partition from the start.
-
-    Untimed, it counts arrivals; timed, a thread records (read time, input timestamp,
-    output timestamp) for each, the input timestamp being the FraudScore's `ingest_time` or,
-    for the ceiling's mirrored bytes, the Kafka timestamp it copied.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        topic: str,
-        timed: bool,
-        ceiling: bool = False,
-        split: bool = False,
-    ):
-        """Read `topic` on the broker of `settings`; with `split`, the outputs' own Kafka
-        timestamps say when they were produced.
-        """
-        self._consumer = Consumer(
-            settings.kafka.client_config()
-            | {
-                "group.id": f"probe-{time.monotonic_ns()}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                # At most one fetch per 5 ms, as the pipeline's consumer fetches: with the
-                # default 1 byte a probe of a steady stream fetches once per round trip.
-                "fetch.wait.max.ms": 5,
-                "fetch.min.bytes": 65_536,
-            }
-        )
-        self._topic = topic
-        partitions = topic_partitions(self._consumer, topic, timeout_s=30)
-        self._consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        self._ceiling = ceiling
-        self._split = split
-        self._decoder = Decoder(schemas.FRAUD_SCORE)
-        self._read: list[float] = []
-        self._ingest: list[float] = []
-        self._produced: list[float] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if timed:
-            self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
-            self._thread.start()
-
-    def count_until(
-        self,
-        expected: int,
-        max_s: float,
-        procs: Sequence[subprocess.Popen[bytes]],
-        broker: psutil.Process | None,
-        start_timeout_s: float = 180,
-    ) -> Window:
-        """Read until `expected` outputs arrived, or `max_s` after the first one; CPU of
-        `procs` and `broker` is metered from the first output on.
-        """
-        arrivals: list[float] = []
-        meter: CpuMeter | None = None
-        deadline = time.monotonic() + start_timeout_s
-        while len(arrivals) < expected and time.monotonic() < deadline:
-            messages = self._consumer.consume(1000, 0.005)
-            now = time.monotonic()
-            good = sum(1 for m in messages if m.error() is None)
-            if good and not arrivals:
-                meter = CpuMeter([proc.pid for proc in procs], broker)
-                deadline = now + max_s
-            arrivals.extend([now] * good)
-            if not good:
-                _check_alive(procs)
-        if meter is not None:
-            meter.stop()
-        if not arrivals:
-            raise TimeoutError(
-                f"no output on {self._topic} in {start_timeout_s:.0f}s "
-                f"({expected} expected); see the configuration's logs"
-            )
-        return Window(np.asarray(arrivals[:expected]), meter)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            # consume() returns early only with a full batch: the timeout bounds the error.
-            messages = self._consumer.consume(10_000, 0.001)
-            now_ms = time.time() * 1000
-            messages = [message for message in messages if message.error() is None]
-            timestamps = [float(message.timestamp()[1]) for message in messages]
-            if self._ceiling:  # it copied its input's
-                ingest = timestamps
-            else:
-                values = [cast(bytes, message.value()) for message in messages]
-                ingest = ingest_times(values, self._decoder)
-            produced = timestamps if self._split else [math.nan] * len(messages)
-            read = [now_ms] * len(messages)
-            if read:
-                with self._lock:
-                    self._read.extend(read)
-                    self._ingest.extend(ingest)
-                    self._produced.extend(produced)
-
-    def wait_for(
-        self,
-        start_ms: float,
-        end_ms: float,
-        count: int,
-        timeout_s: float,
-        procs: Sequence[subprocess.Popen[bytes]],
-    ) -> int:
-        """Wait until `count` outputs of inputs produced in [start_ms, end_ms] were read,
-        checking that the processes live; return the number read, short after `timeout_s`.
-        """
-        deadline = time.monotonic() + timeout_s
-        while (received := len(self.latencies_between(start_ms, end_ms))) < count:
-            if time.monotonic() >= deadline:
-                break
-            _check_alive(procs)
-            time.sleep(0.05)
-        return received
-
-    def latencies_between(self, start_ms: float, end_ms: float) -> np.ndarray:
-        """Latency (ms) of outputs whose input was produced in [start_ms, end_ms]."""
-        return self.split_between(start_ms, end_ms)[0]
-
-    def split_between(self, start_ms: float, end_ms: float) -> tuple[np.ndarray, np.ndarray]:
-        """For outputs whose input was produced in [start_ms, end_ms]: their latency (ms),
-        and its part up to the output's own Kafka timestamp.
-        """
-        with self._lock:
-            read = np.asarray(self._read)
-            ingest = np.asarray(self._ingest)
-            produced = np.asarray(self._produced)
-        chosen = (ingest >= start_ms) & (ingest <= end_ms)
-        return read[chosen] - ingest[chosen], produced[chosen] - ingest[chosen]
-
-    def close(self) -> None:
-        """Stop reading."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        self._consumer.close()
-
-
-def _latency(
-    fraction: float,
-    rate: float,
-    sent: int,
-    seconds: float,
-    latencies: np.ndarray,
-    to_output: np.ndarray,
-    meter: CpuMeter,
-) -> Latency:
-    def pct(q: float, values: np.ndarray = latencies) -> float:
-        return round(float(np.percentile(values, q)), 2) if len(values) else float("nan")
-
-    return Latency(
-        fraction=fraction,
-        offered_eps=round(rate, 1),
-        achieved_eps=round(sent / max(seconds, 1e-9), 1),
-        events=sent,
-        received=len(latencies),
-        p50_ms=pct(50),
-        p95_ms=pct(95),
-        p99_ms=pct(99),
-        max_ms=round(float(latencies.max()), 2) if len(latencies) else float("nan"),
-        p99_to_output_ms=pct(99, to_output),
-        cpu_percent=round(meter.percent(), 1),
-        broker_cpu_percent=round(meter.broker_percent(), 1),
-        bench_cpu_percent=round(meter.self_percent(), 1),
-    )
 
 
 def offer(
@@ -928,12 +460,6 @@ def produce_all(
 def _cycle(messages: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
     while True:
         yield from messages
-
-
-def _check_alive(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is not None:
-            raise RuntimeError(f"a bench process exited early with {proc.returncode}; see logs")
 
 
 def _stop_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -984,32 +510,3 @@ def ensure_peer_venv(say: Callable[[str], None]) -> Path:
     subprocess.run([*pip, *PEER_REQUIREMENTS], check=True)
     stamp.write_text(wanted)
     return PEER_VENV
-
-
-def machine() -> dict[str, Any]:
-    """Where the run happened: cores, CPU model, memory and versions."""
-    model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import confluent_kafka
-
-    versions = {
-        name: metadata.version(name)
-        for name in ("confluent-kafka", "fastavro", "onnxruntime", "torch", "numpy")
-    }
-    versions["librdkafka"] = confluent_kafka.libversion()[0]
-    versions["quixstreams"] = PEER_REQUIREMENTS[0].split("==")[1]
-    kafka_jar = next((ROOT / "var" / "kafka" / "libs").glob("kafka_*.jar"), None)
-    versions["kafka"] = kafka_jar.stem.split("-", 1)[1] if kafka_jar else "unknown"
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-    }
