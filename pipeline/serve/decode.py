@@ -26,7 +26,7 @@ from confluent_kafka import Message
 
 import schemas
 from pipeline.serve.events import STRING_FIELDS, validate
-from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.kernel import Bools, Bytes, Float64s, Int8s, Int64s, inline_kernel, kernel
 from pipeline.serve.records import (
     AMOUNT,
     BILLING_COUNTRY,
@@ -130,7 +130,7 @@ _EVENT_TYPES = len(EVENT_TYPE_SYMBOLS)
 _PAYMENT_METHODS = len(PAYMENT_METHOD_SYMBOLS)
 
 
-def _rejected(positions: np.ndarray, row: int, kind: str, detail: str) -> Rejected:
+def _rejected(positions: Int64s, row: int, kind: str, detail: str) -> Rejected:
     return Rejected(row, int(positions[row, 0]), int(positions[row, 1]), kind, detail)
 
 
@@ -172,7 +172,7 @@ class BatchDecoder:
         self,
         values: list[bytes | None],
         keys: list[bytes | None],
-        positions: np.ndarray,
+        positions: Int64s,
         now_ms: int,
     ) -> tuple[EventColumns, list[Rejected]]:
         """`decode` of values and keys whose (partition, offset, timestamp) rows are
@@ -235,9 +235,9 @@ class BatchDecoder:
         self,
         values: list[bytes | None],
         keys: list[bytes | None],
-        positions: np.ndarray,
+        positions: Int64s,
         now_ms: int,
-        reader_ids: np.ndarray,
+        reader_ids: Int64s,
     ) -> EventColumns:
         n = len(values)
         buffer, starts, _ = join(values)
@@ -299,7 +299,7 @@ class BatchDecoder:
 
 
 @inline_kernel
-def varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
+def varint(buf: Bytes, pos: int, end: int) -> tuple[int, int]:
     if pos >= end:
         return 0, -TRUNCATED
     first = np.int64(buf[pos])
@@ -325,7 +325,7 @@ def varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
 
 
 @kernel
-def _utf8_chars(buf: np.ndarray, start: int, end: int) -> int:
+def _utf8_chars(buf: Bytes, start: int, end: int) -> int:
     """Code points in buf[start:end], or -1 if it is not strict UTF-8 (as Python decodes:
     no overlongs, no surrogates, nothing above U+10FFFF).
     """
@@ -373,9 +373,7 @@ def _utf8_chars(buf: np.ndarray, start: int, end: int) -> int:
 
 
 @kernel
-def _string(
-    buf: np.ndarray, pos: int, end: int, spans: np.ndarray, field: int, chars: np.ndarray
-) -> int:
+def _string(buf: Bytes, pos: int, end: int, spans: Int64s, field: int, chars: Int64s) -> int:
     """Read a string into span `field` of `spans` (one row's); its code points go to
     `chars[field]`.
     """
@@ -396,7 +394,7 @@ def _string(
 
 
 @inline_kernel
-def _branch(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
+def _branch(buf: Bytes, pos: int, end: int) -> tuple[int, int]:
     """A ["null", T] union's branch: 0 null, 1 the value."""
     index, pos = varint(buf, pos, end)
     if pos < 0:
@@ -407,7 +405,7 @@ def _branch(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
 
 
 @inline_kernel
-def _double(buf: np.ndarray, pos: int, end: int, scratch: np.ndarray) -> tuple[float, int]:
+def _double(buf: Bytes, pos: int, end: int, scratch: Bytes) -> tuple[float, int]:
     if end - pos < 8:
         return 0.0, -TRUNCATED
     for k in range(8):
@@ -417,23 +415,23 @@ def _double(buf: np.ndarray, pos: int, end: int, scratch: np.ndarray) -> tuple[f
 
 @kernel
 def _decode_rows(
-    buf: np.ndarray,
-    starts: np.ndarray,
-    keys: np.ndarray,
-    key_starts: np.ndarray,
-    key_null: np.ndarray,
-    reader_ids: np.ndarray,
-    bounds: np.ndarray,
-    window: np.ndarray,
-    status: np.ndarray,
-    spans: np.ndarray,
-    longs: np.ndarray,
-    reals: np.ndarray,
-    present: np.ndarray,
-    candidates: np.ndarray,
-    candidate_start: np.ndarray,
-    scratch: np.ndarray,
-    chars: np.ndarray,
+    buf: Bytes,
+    starts: Int64s,
+    keys: Bytes,
+    key_starts: Int64s,
+    key_null: Bools,
+    reader_ids: Int64s,
+    bounds: Int64s,
+    window: Float64s,
+    status: Int8s,
+    spans: Int64s,
+    longs: Int64s,
+    reals: Float64s,
+    present: Bools,
+    candidates: Int64s,
+    candidate_start: Int64s,
+    scratch: Bytes,
+    chars: Int64s,
 ) -> None:
     """Decode and validate every row; see the module docstring. `scratch` (8 bytes) and
     `chars` (one per string field) are its working space.
@@ -465,19 +463,19 @@ def _decode_rows(
 
 @kernel
 def _row(
-    buf: np.ndarray,
+    buf: Bytes,
     start: int,
     end: int,
-    reader_ids: np.ndarray,
-    bounds: np.ndarray,
-    spans: np.ndarray,
-    longs: np.ndarray,
-    reals: np.ndarray,
-    present: np.ndarray,
-    candidates: np.ndarray,
+    reader_ids: Int64s,
+    bounds: Int64s,
+    spans: Int64s,
+    longs: Int64s,
+    reals: Float64s,
+    present: Bools,
+    candidates: Int64s,
     n_candidates: int,
-    scratch: np.ndarray,
-    chars: np.ndarray,
+    scratch: Bytes,
+    chars: Int64s,
 ) -> int:
     """Decode one row into its slices of the columns; the candidate count after it, or
     -status.
@@ -608,17 +606,17 @@ def _row(
 
 @kernel
 def _validate(
-    key: np.ndarray,
+    key: Bytes,
     key_null: bool,
-    buf: np.ndarray,
-    bounds: np.ndarray,
-    window: np.ndarray,
-    spans: np.ndarray,
-    longs: np.ndarray,
-    reals: np.ndarray,
-    present: np.ndarray,
+    buf: Bytes,
+    bounds: Int64s,
+    window: Float64s,
+    spans: Int64s,
+    longs: Int64s,
+    reals: Float64s,
+    present: Bools,
     n_candidates: int,
-    chars: np.ndarray,
+    chars: Int64s,
 ) -> int:
     """OK, or the status of the first rule one decoded row breaks."""
     if key_null or len(key) == 0:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import schemas
-from pipeline.serve.kernel import kernel
+from pipeline.serve.kernel import Bytes, Float32s, Float64s, Int64s, kernel
 from pipeline.serve.records import EVENT_ID, TIME, USER_ID, EventColumns, Scored, ShadowScored
 from pipeline.serve.score import REASON_NAMES
 from schemas.catalog import Catalog, StaticCatalog
@@ -133,7 +133,7 @@ def _allocate(bound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @kernel
-def _long(out: np.ndarray, at: int, value: int) -> int:
+def _long(out: Bytes, at: int, value: int) -> int:
     n = np.uint64((value << 1) ^ (value >> 63))
     while n > 0x7F:
         out[at] = np.uint8((n & np.uint64(0x7F)) | np.uint64(0x80))
@@ -144,7 +144,7 @@ def _long(out: np.ndarray, at: int, value: int) -> int:
 
 
 @kernel
-def _copy(out: np.ndarray, at: int, source: np.ndarray, start: int, length: int) -> int:
+def _copy(out: Bytes, at: int, source: np.ndarray, start: int, length: int) -> int:
     at = _long(out, at, length)
     for k in range(length):  # a loop: numba's slice copy may allocate, which a kernel cannot
         out[at + k] = source[start + k]
@@ -152,7 +152,7 @@ def _copy(out: np.ndarray, at: int, source: np.ndarray, start: int, length: int)
 
 
 @kernel
-def _double(out: np.ndarray, at: int, value: float, scratch: np.ndarray) -> int:
+def _double(out: Bytes, at: int, value: float, scratch: Float64s) -> int:
     scratch[0] = value
     raw = scratch.view(np.uint8)
     for k in range(8):  # a loop, as in `_copy`
@@ -161,9 +161,7 @@ def _double(out: np.ndarray, at: int, value: float, scratch: np.ndarray) -> int:
 
 
 @kernel
-def _head(
-    out: np.ndarray, at: int, header: np.ndarray, buf: np.ndarray, spans: np.ndarray, time: int
-) -> int:
+def _head(out: Bytes, at: int, header: Bytes, buf: Bytes, spans: Int64s, time: int) -> int:
     """The wire header, then the fields both records start with: event_id, user_id (copied
     from the input's spans) and event_time.
     """
@@ -176,9 +174,7 @@ def _head(
 
 
 @kernel
-def _tail(
-    out: np.ndarray, at: int, model: np.ndarray, name_length: int, ingest: int, scored: int
-) -> int:
+def _tail(out: Bytes, at: int, model: Bytes, name_length: int, ingest: int, scored: int) -> int:
     """The fields both records end with: model name and version, ingest and scored time."""
     at = _copy(out, at, model, 0, name_length)
     at = _copy(out, at, model, name_length, len(model) - name_length)
@@ -188,25 +184,25 @@ def _tail(
 
 @kernel
 def _fraud_scores(
-    out: np.ndarray,
-    starts: np.ndarray,
-    header: np.ndarray,
-    buf: np.ndarray,
-    spans: np.ndarray,
-    longs: np.ndarray,
-    ingest_time: np.ndarray,
-    rows: np.ndarray,
-    score: np.ndarray,
-    decision: np.ndarray,
-    reasons: np.ndarray,
-    contributions: np.ndarray,
-    reason_count: np.ndarray,
-    names: np.ndarray,
-    name_starts: np.ndarray,
-    model: np.ndarray,
+    out: Bytes,
+    starts: Int64s,
+    header: Bytes,
+    buf: Bytes,
+    spans: Int64s,
+    longs: Int64s,
+    ingest_time: Int64s,
+    rows: Int64s,
+    score: Float32s,
+    decision: Int64s,
+    reasons: Int64s,
+    contributions: Float32s,
+    reason_count: Int64s,
+    names: Bytes,
+    name_starts: Int64s,
+    model: Bytes,
     name_length: int,
     scored_time: int,
-    scratch: np.ndarray,
+    scratch: Float64s,
 ) -> None:
     at = 0
     for i in range(len(rows)):
@@ -229,21 +225,21 @@ def _fraud_scores(
 
 @kernel
 def _recommendations(
-    out: np.ndarray,
-    starts: np.ndarray,
-    header: np.ndarray,
-    buf: np.ndarray,
-    spans: np.ndarray,
-    longs: np.ndarray,
-    ingest_time: np.ndarray,
-    rows: np.ndarray,
-    items: np.ndarray,
-    item_scores: np.ndarray,
-    item_count: np.ndarray,
-    model: np.ndarray,
+    out: Bytes,
+    starts: Int64s,
+    header: Bytes,
+    buf: Bytes,
+    spans: Int64s,
+    longs: Int64s,
+    ingest_time: Int64s,
+    rows: Int64s,
+    items: Int64s,
+    item_scores: Float32s,
+    item_count: Int64s,
+    model: Bytes,
     name_length: int,
     scored_time: int,
-    scratch: np.ndarray,
+    scratch: Float64s,
 ) -> None:
     at = 0
     for i in range(len(rows)):

@@ -148,11 +148,11 @@ class DeadLetter(TypedDict):
 class ShadowScored:
     """A challenger's fraud scores of the same rows as its Scored, as columns."""
 
-    score: np.ndarray  # float32 (n,)
-    decision: np.ndarray  # int64 (n,): what it would have decided, recorded only
-    reasons: np.ndarray  # int64 (n, top_reasons)
-    contributions: np.ndarray  # float32 (n, top_reasons)
-    reason_count: np.ndarray  # int64 (n,)
+    score: Float32s  # (n,)
+    decision: Int64s  # (n,): what it would have decided, recorded only
+    reasons: Int64s  # (n, top_reasons)
+    contributions: Float32s  # (n, top_reasons)
+    reason_count: Int64s  # (n,)
     fraud_model: tuple[str, str]
 
 
@@ -160,23 +160,23 @@ class ShadowScored:
 class Scored:
     """A batch's scores as columns, ready to encode (`encode.OutputEncoder`)."""
 
-    rows: np.ndarray  # int64 (n,): the scored events' rows in their EventColumns
-    score: np.ndarray  # float32 (n,)
-    decision: np.ndarray  # int64 (n,): index into DECISIONS
-    reasons: np.ndarray  # int64 (n, top_reasons): index into REASON_NAMES
-    contributions: np.ndarray  # float32 (n, top_reasons), largest first
-    reason_count: np.ndarray  # int64 (n,): the leading reasons that are positive
+    rows: Int64s  # (n,): the scored events' rows in their EventColumns
+    score: Float32s  # (n,)
+    decision: Int64s  # (n,): index into DECISIONS
+    reasons: Int64s  # (n, top_reasons): index into REASON_NAMES
+    contributions: Float32s  # (n, top_reasons), largest first
+    reason_count: Int64s  # (n,): the leading reasons that are positive
     fraud_model: tuple[str, str]  # name, version
-    ranked: np.ndarray  # int64 (m,): which of `rows` have a recommendation
-    items: np.ndarray  # int64 (m, top_k): item ids, best first
-    item_scores: np.ndarray  # float32 (m, top_k)
-    item_count: np.ndarray  # int64 (m,)
+    ranked: Int64s  # (m,): which of `rows` have a recommendation
+    items: Int64s  # (m, top_k): item ids, best first
+    item_scores: Float32s  # (m, top_k)
+    item_count: Int64s  # (m,)
     ranking_model: tuple[str, str]
     scored_time: int  # epoch milliseconds
     shadow: ShadowScored | None = None
 
 
-def join(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def join(values: Sequence[bytes | None]) -> tuple[Bytes, Int64s, Bools]:
     """`values` as one uint8 buffer, an int64 offsets array (n + 1) and a null mask."""
     if None in values:  # rare (tombstones, keyless messages): the mask costs a pass
         null = np.fromiter((value is None for value in values), dtype=np.bool_, count=len(values))

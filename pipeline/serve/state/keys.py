@@ -28,7 +28,7 @@ import secrets
 
 import numpy as np
 
-from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.kernel import Bools, Bytes, Int32s, Int64s, UInt64s, inline_kernel, kernel
 from pipeline.serve.records import join
 from pipeline.serve.state.layout import Columns
 from pipeline.serve.state.pseudonym import siphash
@@ -126,7 +126,7 @@ class KeyIndex:
         self.meta[GARBAGE] = 0
         self.arena = arena
 
-    def release(self, slots: np.ndarray) -> None:
+    def release(self, slots: Int64s) -> None:
         """Put `slots`, removed, on the free stack."""
         top = int(self.meta[FREE])
         self.free[top : top + len(slots)] = slots
@@ -137,7 +137,7 @@ class KeyIndex:
         start, length = columns.key[slot, START : LENGTH + 1].tolist()
         return self.arena[start : start + length].tobytes()
 
-    def gather(self, slots: np.ndarray, columns: Columns) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, slots: Int64s, columns: Columns) -> tuple[Bytes, Int64s]:
         """The keys of held `slots` joined, and their offsets (len + 1)."""
         starts = np.zeros(len(slots) + 1, dtype=np.int64)
         np.cumsum(columns.key[slots, LENGTH], out=starts[1:])
@@ -145,7 +145,7 @@ class KeyIndex:
         _gather(slots, columns.key, self.arena, out, starts)
         return out, starts
 
-    def keys(self, slots: np.ndarray, columns: Columns) -> list[bytes]:
+    def keys(self, slots: Int64s, columns: Columns) -> list[bytes]:
         """The keys of held `slots`, in order, as bytes (a changelog record's key)."""
         out, starts = self.gather(slots, columns)
         data = out.tobytes()
@@ -153,7 +153,7 @@ class KeyIndex:
         return [data[bounds[i] : bounds[i + 1]] for i in range(len(slots))]
 
 
-def spans(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def spans(keys: list[bytes]) -> tuple[Bytes, Int64s, Int64s]:
     """`keys` joined as `decode.join` joins a batch's values: the buffer, then each key's
     start and length in it, as the kernels take them.
     """
@@ -165,21 +165,19 @@ def spans(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @inline_kernel
-def hash_key(
-    secret: np.ndarray, buf: np.ndarray, start: int, length: int, partition: int
-) -> np.uint64:
+def hash_key(secret: UInt64s, buf: Bytes, start: int, length: int, partition: int) -> np.uint64:
     """The hash of (partition, key) under the index's `secret`."""
     return siphash(secret, buf, start, length) ^ (np.uint64(partition) * _GOLDEN)
 
 
 @inline_kernel
 def _find(
-    table: np.ndarray,
-    key: np.ndarray,
-    arena: np.ndarray,
+    table: Int64s,
+    key: Int64s,
+    arena: Bytes,
     h: np.uint64,
     partition: int,
-    buf: np.ndarray,
+    buf: Bytes,
     start: int,
     length: int,
 ) -> int:
@@ -207,15 +205,15 @@ def _find(
 
 @kernel
 def lookup(
-    partitions: np.ndarray,
-    buf: np.ndarray,
-    starts: np.ndarray,
-    lengths: np.ndarray,
-    out: np.ndarray,
-    secret: np.ndarray,
-    table: np.ndarray,
-    key: np.ndarray,
-    arena: np.ndarray,
+    partitions: Int64s,
+    buf: Bytes,
+    starts: Int64s,
+    lengths: Int64s,
+    out: Int64s,
+    secret: UInt64s,
+    table: Int64s,
+    key: Int64s,
+    arena: Bytes,
 ) -> None:
     """The slot of each (partition, key) into `out`, EMPTY for a key not held."""
     for i in range(len(partitions)):
@@ -228,23 +226,23 @@ def lookup(
 @kernel
 def find_or_add(
     first: int,
-    partitions: np.ndarray,
-    buf: np.ndarray,
-    starts: np.ndarray,
-    lengths: np.ndarray,
-    out: np.ndarray,
+    partitions: Int64s,
+    buf: Bytes,
+    starts: Int64s,
+    lengths: Int64s,
+    out: Int64s,
     pend: bool,
-    secret: np.ndarray,
-    table: np.ndarray,
-    key_hash: np.ndarray,
-    key: np.ndarray,
-    parts: np.ndarray,
-    held: np.ndarray,
-    pending: np.ndarray,
-    arena: np.ndarray,
-    free: np.ndarray,
-    meta: np.ndarray,
-    counts: np.ndarray,
+    secret: UInt64s,
+    table: Int64s,
+    key_hash: UInt64s,
+    key: Int64s,
+    parts: Int32s,
+    held: Bools,
+    pending: Bools,
+    arena: Bytes,
+    free: Int64s,
+    meta: Int64s,
+    counts: Int64s,
 ) -> int:
     """The slot of each (partition, key) from row `first` on into `out`, giving a key not
     held a slot (marked `pending` when `pend`). Returns the row it stopped at: the number of
@@ -286,13 +284,13 @@ def find_or_add(
 
 @kernel
 def remove(
-    slots: np.ndarray,
-    table: np.ndarray,
-    key_hash: np.ndarray,
-    key: np.ndarray,
-    held: np.ndarray,
-    meta: np.ndarray,
-    counts: np.ndarray,
+    slots: Int64s,
+    table: Int64s,
+    key_hash: UInt64s,
+    key: Int64s,
+    held: Bools,
+    meta: Int64s,
+    counts: Int64s,
 ) -> None:
     """Take held `slots` out of the table (the caller frees them, `KeyIndex.release`); a
     slot not held, or named twice, is left alone.
@@ -325,7 +323,7 @@ def remove(
 
 
 @kernel
-def _rehash(table: np.ndarray, key_hash: np.ndarray, held: np.ndarray, unused: int) -> None:
+def _rehash(table: Int64s, key_hash: UInt64s, held: Bools, unused: int) -> None:
     mask = np.uint64(len(table) - 1)
     for s in range(unused):
         if held[s]:
@@ -338,10 +336,10 @@ def _rehash(table: np.ndarray, key_hash: np.ndarray, held: np.ndarray, unused: i
 
 @kernel
 def _compact(
-    old: np.ndarray,
-    new: np.ndarray,
-    key: np.ndarray,
-    held: np.ndarray,
+    old: Bytes,
+    new: Bytes,
+    key: Int64s,
+    held: Bools,
     unused: int,
 ) -> int:
     top = 0
@@ -357,11 +355,11 @@ def _compact(
 
 @kernel
 def _gather(
-    slots: np.ndarray,
-    key: np.ndarray,
-    arena: np.ndarray,
-    out: np.ndarray,
-    starts: np.ndarray,
+    slots: Int64s,
+    key: Int64s,
+    arena: Bytes,
+    out: Bytes,
+    starts: Int64s,
 ) -> None:
     for i in range(len(slots)):
         s = slots[i]
