@@ -154,13 +154,23 @@ _LEADER_MOVING = (
     KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError.UNKNOWN_TOPIC_OR_PART,
 )
+# The leader's broker went away mid-request (killed, stopped, restarting): another replica
+# leads once the controller fences it. `streamscore chaos` found _DESTROY_BROKER ("Broker
+# handle destroyed without termination") stopping instances that started meanwhile.
+_BROKER_GONE = (
+    KafkaError._DESTROY_BROKER,
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TIMED_OUT,
+    KafkaError.REQUEST_TIMED_OUT,
+)
 
 
 def watermarks(
     consumer: Consumer, topic: str, partition: int, timeout_s: float = 10
 ) -> tuple[int, int]:
     """The (low, high) watermarks of one partition, asked again while its leadership is
-    still settling, until `timeout_s`.
+    still settling or its leader's broker has gone, until `timeout_s`.
 
     The metadata can name a leader before that broker answers ListOffsets for it: right
     after the forget topic was created, `make test` once got NOT_LEADER_FOR_PARTITION here
@@ -175,7 +185,9 @@ def watermarks(
             )
             return int(low), int(high)
         except KafkaException as exc:
-            if kafka_error(exc).code() not in _LEADER_MOVING or time.monotonic() >= deadline:
+            code = kafka_error(exc).code()
+            settling = code in _LEADER_MOVING or code in _BROKER_GONE
+            if not settling or time.monotonic() >= deadline:
                 raise
             time.sleep(0.05)
 
