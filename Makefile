@@ -10,7 +10,9 @@ SOAK_MINUTES ?= 30
 SOAK_RATE ?= 5000
 SOAK_USERS ?= 50000
 CHAOS_SEED ?= 1
-CHAOS_RUNS ?= 5
+CHAOS_RUNS ?= 1
+CHAOS_EVENTS ?= 600000
+CHAOS_RATE ?= 1000
 
 .PHONY: setup kafka-jars kafka-up kafka-down registry-app registry-up registry-down promtool models demo demo-drift bench soak chaos lint typecheck test clean
 
@@ -72,10 +74,12 @@ bench: kafka-up models
 soak: kafka-up models
 	$(BIN)/streamscore soak --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE) --users $(SOAK_USERS)
 
-# Seeded broker and instance faults on a 3-node cluster of its own (about 4 minutes a run):
-# every event scored exactly once, no instance hung or exited (var/chaos/<run>/summary.json).
+# Seeded faults of every kind drawn over ten minutes on a 3-node cluster of its own, three
+# instances: every event scored exactly once with the features of a fault-free replay, no
+# instance hung or exited (var/chaos/<run>/summary.json and timeline.png).
 chaos: kafka-jars models
-	$(BIN)/streamscore chaos --seed $(CHAOS_SEED) --runs $(CHAOS_RUNS)
+	$(BIN)/streamscore chaos --seed $(CHAOS_SEED) --runs $(CHAOS_RUNS) \
+		--events $(CHAOS_EVENTS) --rate $(CHAOS_RATE)
 
 lint: setup
 	$(BIN)/ruff check pipeline engines schemas tests deploy

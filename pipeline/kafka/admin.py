@@ -5,6 +5,7 @@ connection settings and explicit names, and know nothing of the application's to
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -148,11 +149,15 @@ def _incomplete(found: TopicMetadata | None, expected: int | None) -> str | None
     return None
 
 
-# A partition whose leadership is still settling: a new topic, a broker restart.
+# A partition whose leadership is still settling: a new topic, a broker restart; or one the
+# client's metadata does not hold yet (the local codes: a new client whose bootstrap or
+# leader is down).
 _LEADER_MOVING = (
     KafkaError.NOT_LEADER_FOR_PARTITION,
     KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._UNKNOWN_TOPIC,
 )
 # The leader's broker went away mid-request (killed, stopped, restarting): another replica
 # leads once the controller fences it. `streamscore chaos` found _DESTROY_BROKER ("Broker
@@ -164,6 +169,7 @@ _BROKER_GONE = (
     KafkaError._TIMED_OUT,
     KafkaError.REQUEST_TIMED_OUT,
 )
+_TRY_S = 5.0  # the longest one ListOffsets try waits
 
 
 def watermarks(
@@ -178,7 +184,9 @@ def watermarks(
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        remaining = max(deadline - time.monotonic(), 0.1)
+        # A try at most `_TRY_S`: one asks the leader the client's metadata names, and a
+        # dead one holds it to its timeout; the next try asks the leader elected since.
+        remaining = min(max(deadline - time.monotonic(), 0.1), _TRY_S)
         try:
             low, high = consumer.get_watermark_offsets(
                 TopicPartition(topic, partition), timeout=remaining
@@ -189,6 +197,9 @@ def watermarks(
             settling = code in _LEADER_MOVING or code in _BROKER_GONE
             if not settling or time.monotonic() >= deadline:
                 raise
+            # Ask for fresh metadata: a client that knows a dead leader asks it again.
+            with contextlib.suppress(KafkaException):
+                consumer.list_topics(topic, timeout=min(_TRY_S, remaining))
             time.sleep(0.05)
 
 

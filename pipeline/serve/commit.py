@@ -731,6 +731,8 @@ def open_checkpoint(
     # (fencing across restarts comes from the group generation, KIP-447).
     instance = settings.consumer.instance_id or uuid.uuid4().hex[:12]
     transactional_id = f"{settings.consumer.group_id}.{topics.input}.{instance}"
+    # Which transaction coordinator serves it follows from the id (an SRE, the chaos run).
+    log.info("transactional_id", transactional_id=transactional_id)
     return ExactlyOnce(
         consumer,
         lambda: make_producer(transactional_id),

@@ -183,19 +183,24 @@ def test_a_partition_end_asked_while_its_leader_dies_is_asked_again_until_a_new_
 ):
     # Found by `streamscore chaos` (seed 1): instances that started while a node was down
     # or stopped exited 1 at start, the forget tailer's end offset (ListOffsets) refused
-    # with "Broker handle destroyed without termination" (_DESTROY_BROKER), which was not
-    # asked again. With RF 3 another replica leads within the controller's session
-    # timeout, inside the call's 30 s.
+    # with "Broker handle destroyed without termination" (_DESTROY_BROKER), or by a client
+    # whose metadata did not hold the partition yet (_UNKNOWN_PARTITION), neither asked
+    # again. With RF 3 another replica leads within the controller's session timeout,
+    # inside the call's 30 s.
     topic = cluster_settings.topics.forget
-    consumer = Consumer(cluster_settings.kafka.client_config() | {"group.id": "watermarks"})
+    config = cluster_settings.kafka.client_config() | {"group.id": "watermarks"}
+    connected = Consumer(config)
     admin = AdminClient(cluster_settings.kafka.client_config())
     try:
-        assert watermarks(consumer, topic, 0, timeout_s=30) == (0, 0)  # connected to it
+        assert watermarks(connected, topic, 0, timeout_s=30) == (0, 0)
         leader = admin.list_topics(topic, timeout=30).topics[topic].partitions[0].leader
         kafka_cluster.node(leader).signal(signal.SIGKILL)
+        fresh = Consumer(config)  # a process starting now
         try:
-            assert watermarks(consumer, topic, 0, timeout_s=30) == (0, 0)
+            assert watermarks(fresh, topic, 0, timeout_s=30) == (0, 0)
+            assert watermarks(connected, topic, 0, timeout_s=30) == (0, 0)
         finally:
+            fresh.close()
             kafka_cluster.up()  # restarts the killed node, waits until it registered
     finally:
-        consumer.close()
+        connected.close()
