@@ -16,7 +16,15 @@ import numpy as np
 
 import schemas
 from pipeline.serve.kernel import Bytes, Float32s, Float64s, Int64s, kernel
-from pipeline.serve.records import EVENT_ID, TIME, USER_ID, EventColumns, Scored, ShadowScored
+from pipeline.serve.records import (
+    EVENT_ID,
+    TIME,
+    USER_ID,
+    EventArrays,
+    EventColumns,
+    Scored,
+    ShadowScored,
+)
 from pipeline.serve.score import REASON_NAMES
 from schemas.catalog import Catalog, StaticCatalog
 from schemas.codec import MAGIC_BYTE
@@ -77,7 +85,7 @@ class OutputEncoder:
         recommendations, recommendation_starts = _allocate(bound)
         _recommendations(
             recommendations, recommendation_starts, self._recommendation_header,
-            columns.buffer, spans, columns.longs, columns.ingest_time, ranked_rows,
+            columns.arrays(), ranked_rows,
             scored.items, scored.item_scores, scored.item_count, name, len(rank_name),
             scored.scored_time, np.empty(1, dtype=np.float64),
         )  # fmt: skip
@@ -113,9 +121,8 @@ class OutputEncoder:
         )
         out, starts = _allocate(bound)
         _fraud_scores(
-            out, starts, self._fraud_header, columns.buffer, spans, columns.longs,
-            columns.ingest_time, rows, fraud.score, fraud.decision, fraud.reasons,
-            fraud.contributions, fraud.reason_count, _REASONS, _REASON_STARTS, name,
+            out, starts, self._fraud_header, columns.arrays(), rows, fraud.score, fraud.decision,
+            fraud.reasons, fraud.contributions, fraud.reason_count, _REASONS, _REASON_STARTS, name,
             len(fraud_name), scored.scored_time, np.empty(1, dtype=np.float64),
         )  # fmt: skip
         return out[: starts[-1]].tobytes(), starts.tolist()
@@ -187,10 +194,7 @@ def _fraud_scores(
     out: Bytes,
     starts: Int64s,
     header: Bytes,
-    buf: Bytes,
-    spans: Int64s,
-    longs: Int64s,
-    ingest_time: Int64s,
+    events: EventArrays,
     rows: Int64s,
     score: Float32s,
     decision: Int64s,
@@ -204,6 +208,7 @@ def _fraud_scores(
     scored_time: int,
     scratch: Float64s,
 ) -> None:
+    buf, spans, longs, ingest_time = events.buffer, events.spans, events.longs, events.ingest_time
     at = 0
     for i in range(len(rows)):
         row = rows[i]
@@ -228,10 +233,7 @@ def _recommendations(
     out: Bytes,
     starts: Int64s,
     header: Bytes,
-    buf: Bytes,
-    spans: Int64s,
-    longs: Int64s,
-    ingest_time: Int64s,
+    events: EventArrays,
     rows: Int64s,
     items: Int64s,
     item_scores: Float32s,
@@ -241,6 +243,7 @@ def _recommendations(
     scored_time: int,
     scratch: Float64s,
 ) -> None:
+    buf, spans, longs, ingest_time = events.buffer, events.spans, events.longs, events.ingest_time
     at = 0
     for i in range(len(rows)):
         row = rows[i]

@@ -24,7 +24,7 @@ from numba import njit
 
 from engines.base import Engine, EngineError
 from engines.vocabulary import FIRST_ID, OOV, PAD
-from pipeline.serve.kernel import inline_kernel, kernel
+from pipeline.serve.kernel import Float32s, Int64s, inline_kernel, kernel
 from pipeline.serve.records import EventColumns, FeatureBatch, Scored, ShadowScored
 from pipeline.serve.spec import FRAUD_CATEGORICAL, FRAUD_NUMERIC, feature_hash
 from pipeline.settings import DecisionSettings, RankingSettings
@@ -408,20 +408,20 @@ def _embedding_row(item: int, vocabulary: int) -> int:
 
 @kernel
 def _ranking_inputs(
-    starts: np.ndarray,
-    rows: np.ndarray,
-    ranked: np.ndarray,
-    chunks: np.ndarray,
-    candidates: np.ndarray,
-    history_items: np.ndarray,
-    history_categories: np.ndarray,
+    starts: Int64s,
+    rows: Int64s,
+    ranked: Int64s,
+    chunks: Int64s,
+    candidates: Int64s,
+    history_items: Int64s,
+    history_categories: Int64s,
     item_vocabulary: int,
     category_vocabulary: int,
-    owners: np.ndarray,
-    first: np.ndarray,
-    out_items: np.ndarray,
-    out_categories: np.ndarray,
-    out_candidates: np.ndarray,
+    owners: Int64s,
+    first: Int64s,
+    out_items: Int64s,
+    out_categories: Int64s,
+    out_candidates: Int64s,
 ) -> None:
     """The ranking model's input rows: `chunks[e]` rows for ranked event e (a list longer
     than the model's slots is split), each with the event's history and the next slots'
@@ -456,16 +456,16 @@ def _ranking_inputs(
 
 @kernel
 def _top_items(
-    starts: np.ndarray,
-    rows: np.ndarray,
-    ranked: np.ndarray,
-    owners: np.ndarray,
-    first: np.ndarray,
-    scores: np.ndarray,
-    candidates: np.ndarray,
-    items: np.ndarray,
-    item_scores: np.ndarray,
-    item_count: np.ndarray,
+    starts: Int64s,
+    rows: Int64s,
+    ranked: Int64s,
+    owners: Int64s,
+    first: Int64s,
+    scores: Float32s,
+    candidates: Int64s,
+    items: Int64s,
+    item_scores: Float32s,
+    item_count: Int64s,
 ) -> None:
     """Per ranked event, the `items.shape[1]` best of its candidates by the scores of its
     ranking rows, best first: what a stable descending sort of each list keeps (NaN last),
