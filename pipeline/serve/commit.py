@@ -73,6 +73,12 @@ from schemas.errors import StreamscoreError
 log = get_logger()
 # How much longer than the bound the loop waits for a commit thread before abandoning it.
 ABANDON_GRACE_S = 5.0
+# Bounded tries of a process's first init_transactions while its error is retriable. At
+# start the id's previous transaction (a killed instance's, under static membership) is
+# aborted first, which waits for every partition it touched to have a leader: the chaos
+# run saw CONCURRENT_TRANSACTIONS for over 30 s while a node was down, and exit 3 each
+# time. A replacement mid-run still gets one try: its failure is issue #48's stall.
+STARTUP_TRIES = 3
 # At-least-once queues a sealed stretch's changelog records this many a tick: at 133,000
 # events/s (the bench's events, one process) a stretch's 7,643 went out over eight loop
 # iterations, 0.7-3.8 ms each, where one iteration had spent 4-11 ms on them all.
@@ -460,7 +466,7 @@ class ExactlyOnce:
         self._pending: Future[None] | None = None  # the commit under way, if any
         self._closed = False
         self.progress = Progress()
-        self._producer, self.sink = self._start()
+        self._producer, self.sink = self._start(tries=STARTUP_TRIES)
 
     def closing(self) -> bool:
         """True once per `interval_ms` (every batch at 0): the batch being prepared closes
@@ -592,13 +598,21 @@ class ExactlyOnce:
         if self._closed:
             raise Rewind("the exactly-once checkpoint is closed: nothing more commits")
 
-    def _start(self) -> tuple[Producer, Sink]:
+    def _start(self, tries: int = 1) -> tuple[Producer, Sink]:
         """A new producer, initialised for the transactional id (fencing the old one and
-        aborting its open transaction); TransactionsFailed if that fails within the bound.
+        aborting its open transaction); TransactionsFailed if that fails within the bound,
+        `tries` times while its error is retriable.
         """
         producer = self._make_producer()
         try:
-            transactional_call(producer.init_transactions, bound_s=self._bound_s)
+            for attempt in range(1, tries + 1):
+                try:
+                    transactional_call(producer.init_transactions, bound_s=self._bound_s)
+                    break
+                except KafkaException as exc:
+                    if attempt == tries or not kafka_error(exc).retriable():
+                        raise
+                    log.warning("transactions_init_retried", reason=kafka_error(exc).str())
         except KafkaException as exc:
             with contextlib.suppress(KafkaException, RuntimeError):
                 producer.close()

@@ -854,6 +854,37 @@ def test_a_producer_that_cannot_be_initialised_stops_exactly_once(monkeypatch):
     checkpoint.close()
 
 
+class InitRefused(InitFails):
+    """Refuses init_transactions `refusals` times (the predecessor's abort under way)."""
+
+    def __init__(self, refusals):
+        super().__init__()
+        self.refusals = refusals
+
+    def init_transactions(self, timeout):
+        if self.refusals == 0:
+            self.calls.append("init")
+            return
+        self.refusals -= 1
+        super().init_transactions(timeout)
+
+
+def test_a_starting_process_tries_its_first_init_again_while_it_is_refused(monkeypatch):
+    # The chaos run: a restarted instance's init_transactions was refused
+    # (CONCURRENT_TRANSACTIONS) for over 30 s while its predecessor's transaction was
+    # aborted across a node fault, and it exited 3. At start it tries the bound again.
+    monkeypatch.setattr(commit.time, "sleep", lambda _: None)
+    refused = InitRefused(refusals=commit.STARTUP_TRIES - 1)
+    checkpoint = ExactlyOnce(FakeConsumer(), lambda: refused, FakeSink, list, 0, 0.0)
+    assert refused.calls.count("init") == commit.STARTUP_TRIES
+    checkpoint.begin_batch()
+    checkpoint.close()
+    never = InitRefused(refusals=10**6)
+    with pytest.raises(commit.TransactionsFailed, match="transaction_call_timeout_ms"):
+        ExactlyOnce(FakeConsumer(), lambda: never, FakeSink, list, 0, 0.0)
+    assert never.calls.count("init") == commit.STARTUP_TRIES and never.calls[-1] == "closed"
+
+
 def test_progress_stalls_only_while_processed_input_waits_for_a_commit(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(commit.time, "monotonic", lambda: now[0])
