@@ -305,6 +305,7 @@ class Chaos:
         self._nodes: dict[str, int] = {}  # node slot -> node id, fixed when first faulted
         self._faulted: set[int] = set()  # nodes down or stopped now
         self._open: dict[str, int] = {}  # slot -> index in `applied` of its open fault
+        self._noted: set[int] = set()  # pids of the lives in `unplanned_exits`
         self._rng = random.Random(plan.seed * 7919)
 
     def start_instance(self, index: int) -> None:
@@ -324,27 +325,28 @@ class Chaos:
         self.instances[index] = RunningPipeline(settings, directory)
 
     def _note_exit(self, index: int) -> None:
-        """Record instance `index` if it exited on its own (a kill -9 shows as -9)."""
-        code = self.instances[index].process.poll()
-        if code is not None and code != -signal.SIGKILL:
+        """Record instance `index`'s life if it exited on its own (a kill -9 shows as -9),
+        once a life.
+        """
+        process = self.instances[index].process
+        code = process.poll()
+        if code is not None and code != -signal.SIGKILL and process.pid not in self._noted:
+            self._noted.add(process.pid)
             self.unplanned_exits.append(f"instance {index}: {code}")
 
     def check_alive(self) -> None:
         """Record every instance that exited on its own, and leave it be (the verdict says)."""
         for index, instance in self.instances.items():
-            code = instance.process.poll()
-            if code is not None and code != -signal.SIGKILL and code != 0:
-                entry = f"instance {index}: {code}"
-                if entry not in self.unplanned_exits:
-                    self.unplanned_exits.append(entry)
+            if instance.process.poll() != 0:  # a clean exit is the one a SIGTERM asks for
+                self._note_exit(index)
 
-    def wait_ready(self, timeout_s: float, indices: list[int] | None = None) -> None:
+    def wait_ready(self, timeout_s: float) -> None:
         """Until every instance's /readyz answers 200 (engines loaded, group joined)."""
         deadline = time.monotonic() + timeout_s
-        for index in indices if indices is not None else list(self.instances):
+        for index, instance in self.instances.items():
             url = f"http://127.0.0.1:{self.ports[index]}/readyz"
             while not http_ok(url):
-                self.instances[index].check_running()
+                instance.check_running()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"instance {index} not ready in {timeout_s:.0f} s")
                 time.sleep(0.5)
