@@ -57,6 +57,10 @@ class Watermarks:
     def __init__(self, *answers):
         self.answers = list(answers)
         self.asked = 0
+        self.refreshed = 0  # metadata requests between tries
+
+    def list_topics(self, topic, timeout):
+        self.refreshed += 1
 
     def get_watermark_offsets(self, partition, timeout):
         answer = self.answers[min(self.asked, len(self.answers) - 1)]
@@ -71,7 +75,21 @@ def test_watermarks_are_asked_again_while_a_leader_settles():
         KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, (3, 42)
     )
     assert watermarks(settling, "t", 0, timeout_s=5) == (3, 42)
-    assert settling.asked == 3
+    assert settling.asked == 3 and settling.refreshed == 2
+
+
+def test_watermarks_are_asked_again_while_the_leaders_broker_is_gone():
+    # The chaos run: a process starting while a node was down (tests/integration/
+    # test_cluster.py reproduces it on the cluster).
+    gone = Watermarks(
+        KafkaError._DESTROY_BROKER,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        (0, 7),
+    )
+    assert watermarks(gone, "t", 0, timeout_s=5) == (0, 7)
+    assert gone.asked == 5
 
 
 def test_watermarks_raise_other_errors_and_a_leader_that_never_settles():
